@@ -1,0 +1,35 @@
+"""switchagg: SwitchML-style in-network aggregation, emulated, for comparing integer gradient schemes.
+
+Start here: `switchagg.SwitchClient` all-reduces int32 arrays through an emulated switch
+(`switch-emulator`). The wire format is `switchagg.packet`, the control messages
+`switchagg.protocol`, the errors `switchagg.errors`. Heavier parts (scalers, collectives, the DDP
+hook, GPU kernels) are imported on first use, so the switch and CPU-only workers never load torch or
+cupy unless they need them.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from switchagg.errors import JobAborted, JoinRejected, ProtocolError, SwitchError, SwitchTimeout
+
+__version__ = "0.1.0"
+
+# Public names served lazily: name -> module that defines it.
+_LAZY = {
+    "SwitchClient": "switchagg.client",
+    "ClientConfig": "switchagg.client",
+    "ClientStats": "switchagg.client",
+}
+
+__all__ = ["SwitchError", "SwitchTimeout", "JoinRejected", "JobAborted", "ProtocolError",
+           *_LAZY]
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'switchagg' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

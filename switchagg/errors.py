@@ -1,0 +1,51 @@
+"""Typed errors, chosen by what the caller does next.
+
+Every error raised by switchagg to a user is a `SwitchError`. The subclass says what to do:
+
+- `SwitchTimeout`: nothing arrived in time; check that the switch and every worker run (retry may help).
+- `JoinRejected`: the switch refused the JOIN; fix the job parameters (the message names the field).
+- `JobAborted`: the job is gone (a worker died or left, or the switch restarted); start the job again.
+- `ProtocolError`: bytes or fields that break the wire contract; a bug or a version mismatch.
+
+Errors carry their context as attributes (job, rank, field, value) as well as in the message, so
+callers can act on them without parsing text. This module imports nothing: the switch uses it too.
+"""
+
+from __future__ import annotations
+
+__all__ = ["SwitchError", "SwitchTimeout", "JoinRejected", "JobAborted", "ProtocolError"]
+
+
+class SwitchError(Exception):
+    """Base class of every error switchagg raises on purpose.
+
+    Attributes:
+        job: the job name, where known.
+        rank: the worker rank the error concerns, where known.
+        field: the offending field, for validation errors.
+        value: the offending value, for validation errors.
+    """
+
+    def __init__(self, message: str, *, job: str | None = None, rank: int | None = None,
+                 field: str | None = None, value: object = None) -> None:
+        super().__init__(message)
+        self.job = job
+        self.rank = rank
+        self.field = field
+        self.value = value
+
+
+class SwitchTimeout(SwitchError, TimeoutError):
+    """A wait ran out: the switch or some worker did not answer in time."""
+
+
+class JoinRejected(SwitchError):
+    """The switch refused to admit this worker to the job."""
+
+
+class JobAborted(SwitchError):
+    """The job was aborted (a worker died or left, the switch restarted or shut down)."""
+
+
+class ProtocolError(SwitchError, ValueError):
+    """Bytes or fields that break the wire contract (DESIGN.md §4)."""

@@ -1,0 +1,208 @@
+"""The wire format: one packet layout, defined once, used by the switch and every worker.
+
+What it owns: the byte layout of a packet (a 16-byte header and k int32 values, little-endian,
+DESIGN.md §4), bursts of packets back to back in one ZeroMQ frame, and the vectorized checks a
+received burst must pass. What it must never do: I/O, or any aggregation rule (that is the switch's
+dataplane). How it works: a burst is a numpy structured array of `packet_dtype(k)`. Parsing a frame
+is one `np.frombuffer` call (zero-copy); validating it is a handful of vectorized comparisons that
+return a mask of good packets and a count per reason, so a malformed packet is counted and dropped,
+never an exception.
+
+    header (16 B): magic u8 | version u8 | kind u8 | flags u8 | job u16 | worker u16 |
+                   pool_index u16 (bit 15 = version, bits 0..14 = slot) | exponent i8 |
+                   reserved u8 | chunk u32
+    payload:       k x int32
+"""
+
+from __future__ import annotations
+
+import functools
+from enum import IntEnum
+
+import numpy as np
+
+__all__ = [
+    "MAGIC", "PROTOCOL_VERSION", "Kind", "FLAG_WRAPPED", "HEADER_BYTES", "DEFAULT_K", "VALID_K",
+    "MIN_K", "MAX_K", "VERSION_BIT", "SLOT_MASK", "MAX_SLOTS", "MAX_WORKERS", "MAX_BURST_BYTES",
+    "HEADER_DTYPE", "packet_dtype", "packet_bytes", "check_k", "pool_index", "slot_of",
+    "version_of", "parse_burst", "empty_burst", "make_burst", "validate_burst", "BAD_REASONS",
+]
+
+#: First byte of every packet. Anything else is not ours (or is misaligned) and is dropped.
+MAGIC = 0x5A
+#: Bumped on any incompatible change of this layout.
+PROTOCOL_VERSION = 1
+
+
+class Kind(IntEnum):
+    """What a packet is for; the switch accepts only DATA from workers."""
+
+    DATA = 1         # worker -> switch: a contribution to (version, slot)
+    RESULT = 2       # switch -> every worker of the job: the completed slot (multicast)
+    RESULT_RETX = 3  # switch -> one worker: the shadow copy, answering a retransmission
+
+
+#: flags bit 0: some addition into this slot wrapped around int32 (telemetry the emulator adds).
+FLAG_WRAPPED = 0x01
+
+HEADER_BYTES = 16
+#: 64 int32 = 256 B of payload: what one Tofino pipeline pass aggregates (switchml.md §1.2).
+DEFAULT_K = 64
+#: k is a power of two; 1024 (4 KiB) bounds a packet well below a burst, 8 keeps headers <= 1/3.
+MIN_K, MAX_K = 8, 1024
+VALID_K = tuple(1 << e for e in range(3, 11))
+
+#: pool_index bit 15 selects the shadow-copy set (SwitchML's "ver"); bits 0..14 are the slot.
+VERSION_BIT = 0x8000
+SLOT_MASK = 0x7FFF
+#: 15 bits of slot index. A Tofino holds 8192 slot pairs (switchml.md §2.6); the emulator allows more.
+MAX_SLOTS = SLOT_MASK + 1
+#: Ranks are u16 on the wire; the emulator's seen bitmaps bound a job to this many workers
+#: (SwitchML's Tofino program: 32; the emulator must serve at least 64).
+MAX_WORKERS = 256
+#: Largest data frame the switch accepts: 16 MiB holds 4096 packets of k = 1024. Larger bursts gain
+#: nothing (measured-limits.md §4: the per-message cost is amortized from about 256 KiB up).
+MAX_BURST_BYTES = 16 << 20
+
+HEADER_DTYPE = np.dtype([
+    ("magic", "u1"), ("version", "u1"), ("kind", "u1"), ("flags", "u1"),
+    ("job", "<u2"), ("worker", "<u2"), ("pool_index", "<u2"),
+    ("exponent", "i1"), ("reserved", "u1"), ("chunk", "<u4"),
+])
+assert HEADER_DTYPE.itemsize == HEADER_BYTES
+
+#: Reasons a received packet is dropped, in the order they are checked (a packet counts once,
+#: under its first failing reason). "truncated" counts a trailing partial packet in a frame.
+BAD_REASONS = ("truncated", "bad_magic", "bad_version", "bad_kind", "bad_reserved", "bad_job",
+               "bad_worker", "bad_slot")
+
+
+def check_k(k: int) -> int:
+    """Return k if it is a valid packet size, else raise ValueError naming the valid ones."""
+    if not isinstance(k, (int, np.integer)) or int(k) not in VALID_K:
+        raise ValueError(f"k={k!r} is not a valid packet size; choose one of {VALID_K}")
+    return int(k)
+
+
+@functools.cache
+def packet_dtype(k: int = DEFAULT_K) -> np.dtype:
+    """The structured dtype of one packet with k int32 values (header fields, then `values`)."""
+    check_k(k)
+    return np.dtype(HEADER_DTYPE.descr + [("values", "<i4", (k,))])
+
+
+def packet_bytes(k: int = DEFAULT_K) -> int:
+    """Size in bytes of one packet with k values."""
+    return HEADER_BYTES + 4 * check_k(k)
+
+
+def pool_index(slot: np.ndarray | int, version: np.ndarray | int) -> np.ndarray | int:
+    """Pack (slot, version) into the u16 pool_index field."""
+    if isinstance(slot, np.ndarray) or isinstance(version, np.ndarray):
+        return (np.asarray(version, np.uint16) << np.uint16(15)) | np.asarray(slot, np.uint16)
+    return (int(version) << 15) | int(slot)
+
+
+def slot_of(pool: np.ndarray | int) -> np.ndarray | int:
+    """Slot index (bits 0..14) of a pool_index."""
+    return pool & SLOT_MASK
+
+
+def version_of(pool: np.ndarray | int) -> np.ndarray | int:
+    """Shadow-copy set (bit 15) of a pool_index, as 0 or 1."""
+    return pool >> 15
+
+
+def empty_burst(n: int, k: int = DEFAULT_K) -> np.ndarray:
+    """A zeroed burst of n packets with the constant header fields filled in."""
+    burst = np.zeros(n, packet_dtype(k))
+    burst["magic"] = MAGIC
+    burst["version"] = PROTOCOL_VERSION
+    return burst
+
+
+def make_burst(kind: Kind, job: int, worker: int, slots: np.ndarray, versions: np.ndarray,
+               chunks: np.ndarray, values: np.ndarray, exponents: np.ndarray | int = 0,
+               k: int | None = None) -> np.ndarray:
+    """Build a burst from column arrays (one entry per packet).
+
+    Args:
+        kind: packet kind for every packet of the burst.
+        job, worker: header fields shared by the burst.
+        slots, versions, chunks: per-packet header fields.
+        values: (n, k) int32 payloads.
+        exponents: per-packet int8 block exponents (or one for all).
+        k: packet size; defaults to values.shape[1].
+
+    Returns:
+        A new structured array of `packet_dtype(k)`; send it with `burst.data` (no copy).
+    """
+    values = np.asarray(values)
+    k = values.shape[1] if k is None else k
+    burst = empty_burst(len(slots), k)
+    burst["kind"] = kind
+    burst["job"] = job
+    burst["worker"] = worker
+    burst["pool_index"] = pool_index(np.asarray(slots), np.asarray(versions))
+    burst["chunk"] = chunks
+    burst["exponent"] = exponents
+    burst["values"] = values
+    return burst
+
+
+def parse_burst(frame: bytes | memoryview | bytearray, k: int = DEFAULT_K) -> tuple[np.ndarray, int]:
+    """View a received frame as a burst of packets, without copying.
+
+    Args:
+        frame: the raw bytes of one data frame (any buffer; a zmq.Frame's `.buffer` works).
+        k: the job's packet size.
+
+    Returns:
+        (packets, trailing): a read-only structured array over the whole packets in the frame, and the
+        number of bytes left over after them (non-zero means the burst was truncated or padded; the
+        caller counts it as one "truncated" packet).
+    """
+    view = memoryview(frame).cast("B")
+    size = packet_bytes(k)
+    whole = len(view) // size
+    return np.frombuffer(view, packet_dtype(k), count=whole), len(view) - whole * size
+
+
+def validate_burst(packets: np.ndarray, *, kind: Kind, job: int, worker: int | None,
+                   slots: int) -> tuple[np.ndarray, dict[str, int]]:
+    """Check every packet of a burst against the wire contract, vectorized.
+
+    Args:
+        packets: a burst from `parse_burst`.
+        kind: the only kind accepted here (DATA at the switch, RESULT/RESULT_RETX at a worker is
+            checked by the caller with `kind=Kind.RESULT`, which also admits RESULT_RETX).
+        job: the job id the sender belongs to.
+        worker: the rank the sender joined as (None: any rank is accepted, as on the worker side).
+        slots: the job's number of slots; pool slots must be below it.
+
+    Returns:
+        (ok, counts): a boolean mask of packets that pass, and for each reason in `BAD_REASONS`
+        that occurred, how many packets failed first on it.
+    """
+    checks = [
+        ("bad_magic", packets["magic"] != MAGIC),
+        ("bad_version", packets["version"] != PROTOCOL_VERSION),
+        ("bad_kind", (packets["kind"] != kind) & ~((kind == Kind.RESULT)
+                                                   & (packets["kind"] == Kind.RESULT_RETX))),
+        ("bad_reserved", packets["reserved"] != 0),
+        ("bad_job", packets["job"] != job),
+        ("bad_worker", packets["worker"] != worker) if worker is not None else None,
+        ("bad_slot", (packets["pool_index"] & SLOT_MASK) >= slots),
+    ]
+    ok = np.ones(len(packets), bool)
+    counts: dict[str, int] = {}
+    for entry in checks:
+        if entry is None:
+            continue
+        reason, bad = entry
+        first_fail = bad & ok
+        n_bad = int(np.count_nonzero(first_fail))
+        if n_bad:
+            counts[reason] = n_bad
+            ok &= ~bad
+    return ok, counts

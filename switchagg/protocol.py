@@ -1,0 +1,325 @@
+"""Control messages and ZeroMQ framing, shared by the switch and the workers.
+
+What it owns: the control plane's messages (JOIN, JOIN_OK, READY, LEAVE, HEARTBEAT, HEARTBEAT_ACK,
+STATS, STATS_REPLY, QUERY, QUERY_REPLY, ERROR, ABORT), their encoding, and the two-frame layout of
+every ZeroMQ message. What it must never do: I/O, or decide anything (the switch's control plane and
+the client decide). How it works: every message on the worker's DEALER socket is two frames,
+`[FRAME_DATA, burst]` or `[FRAME_CONTROL, json]` (the switch's ROUTER prepends the peer identity).
+Control messages are frozen dataclasses validated when built, so a message that exists is valid;
+`decode_control` turns a peer's bytes into one or raises `ProtocolError` naming the field.
+
+Exchange (DESIGN.md §4):
+    worker                                switch
+    JOIN(job, world_size, k, slots, ...) ->
+                                        <- JOIN_OK(job_id, rank, ...) | ERROR(field, reason)
+                                        <- READY(job_id)               once all world_size joined
+    DATA bursts                         <-> RESULT / RESULT_RETX bursts
+    HEARTBEAT (every heartbeat_interval) -> HEARTBEAT_ACK
+    QUERY(slots)                        <- QUERY_REPLY(missing ranks per slot)
+    STATS                               <- STATS_REPLY(counters)
+    LEAVE                               ->
+                                        <- ABORT(reason, rank)         a worker died / the switch stops
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from switchagg.errors import ProtocolError
+from switchagg.packet import MAX_SLOTS, MAX_WORKERS, VALID_K
+
+__all__ = [
+    "FRAME_DATA", "FRAME_CONTROL", "MAX_CONTROL_BYTES", "MAX_NAME_LEN", "ControlMessage", "Join",
+    "JoinOk", "Ready", "Leave", "Heartbeat", "HeartbeatAck", "StatsRequest", "StatsReply", "Query",
+    "QueryReply", "Error", "Abort", "encode_control", "decode_control", "MESSAGE_TYPES",
+]
+
+#: Leading frame of a data message (a burst of packets follows).
+FRAME_DATA = b"D"
+#: Leading frame of a control message (one JSON object follows).
+FRAME_CONTROL = b"C"
+#: Control messages are tiny; anything larger is garbage or abuse (a QUERY of 1024 slots fits).
+MAX_CONTROL_BYTES = 64 * 1024
+#: Job names and tokens are identifiers, not documents.
+MAX_NAME_LEN = 128
+#: A QUERY asks about at most this many slots (the client names the stuck ones).
+MAX_QUERY_SLOTS = 1024
+
+
+def _check(cls_name: str, name: str, value: Any, kind: type | tuple, lo: Any = None,
+           hi: Any = None, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    ok_type = isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool)
+    if not ok_type:
+        raise ProtocolError(f"{cls_name}.{name}={value!r}: expected {getattr(kind, '__name__', kind)}",
+                            field=name, value=value)
+    if isinstance(value, str):
+        if len(value) > MAX_NAME_LEN:
+            raise ProtocolError(f"{cls_name}.{name} is {len(value)} characters; at most "
+                                f"{MAX_NAME_LEN} allowed", field=name, value=value[:32])
+        return
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ProtocolError(f"{cls_name}.{name}={value!r} is outside [{lo}, {hi}]",
+                            field=name, value=value)
+
+
+@dataclass(frozen=True, slots=True)
+class ControlMessage:
+    """Base of every control message; subclasses validate their fields when built."""
+
+    TYPE: ClassVar[str] = ""
+
+    def validate(self) -> None:  # pragma: no cover - every subclass overrides
+        raise NotImplementedError
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+
+@dataclass(frozen=True, slots=True)
+class Join(ControlMessage):
+    """Ask to join `job` (created by the first JOIN; later ones must agree with it)."""
+
+    TYPE: ClassVar[str] = "JOIN"
+    job: str
+    world_size: int
+    k: int
+    slots: int
+    token: str = ""
+    rank: int | None = None
+
+    def validate(self) -> None:
+        n = "JOIN"
+        _check(n, "job", self.job, str)
+        if not self.job:
+            raise ProtocolError("JOIN.job is empty; name the job", field="job", value=self.job)
+        _check(n, "world_size", self.world_size, int, 1, MAX_WORKERS)
+        _check(n, "k", self.k, int)
+        if self.k not in VALID_K:
+            raise ProtocolError(f"JOIN.k={self.k} is not one of {VALID_K}", field="k", value=self.k)
+        _check(n, "slots", self.slots, int, 1, MAX_SLOTS)
+        _check(n, "token", self.token, str)
+        _check(n, "rank", self.rank, int, 0, self.world_size - 1, optional=True)
+
+
+@dataclass(frozen=True, slots=True)
+class JoinOk(ControlMessage):
+    """Admitted: the job's id on the wire, this worker's rank, and the switch's liveness rules."""
+
+    TYPE: ClassVar[str] = "JOIN_OK"
+    job: str
+    job_id: int
+    rank: int
+    world_size: int
+    k: int
+    slots: int
+    heartbeat_interval: float
+    liveness_timeout: float
+
+    def validate(self) -> None:
+        n = "JOIN_OK"
+        _check(n, "job", self.job, str)
+        _check(n, "job_id", self.job_id, int, 0, 0xFFFF)
+        _check(n, "world_size", self.world_size, int, 1, MAX_WORKERS)
+        _check(n, "rank", self.rank, int, 0, self.world_size - 1)
+        _check(n, "k", self.k, int, min(VALID_K), max(VALID_K))
+        _check(n, "slots", self.slots, int, 1, MAX_SLOTS)
+        _check(n, "heartbeat_interval", self.heartbeat_interval, (int, float), 0.001, 3600)
+        _check(n, "liveness_timeout", self.liveness_timeout, (int, float), 0.001, 3600)
+
+
+@dataclass(frozen=True, slots=True)
+class Ready(ControlMessage):
+    """Every worker of the job has joined; data may flow."""
+
+    TYPE: ClassVar[str] = "READY"
+    job_id: int
+
+    def validate(self) -> None:
+        _check("READY", "job_id", self.job_id, int, 0, 0xFFFF)
+
+
+@dataclass(frozen=True, slots=True)
+class Leave(ControlMessage):
+    """This worker is done with the job (reason non-empty: it is failing, abort the job)."""
+
+    TYPE: ClassVar[str] = "LEAVE"
+    job_id: int
+    rank: int
+    reason: str = ""
+
+    def validate(self) -> None:
+        _check("LEAVE", "job_id", self.job_id, int, 0, 0xFFFF)
+        _check("LEAVE", "rank", self.rank, int, 0, MAX_WORKERS - 1)
+        _check("LEAVE", "reason", self.reason, str)
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat(ControlMessage):
+    """I am alive (sent every heartbeat_interval, data or not)."""
+
+    TYPE: ClassVar[str] = "HEARTBEAT"
+    job_id: int
+    rank: int
+
+    def validate(self) -> None:
+        _check("HEARTBEAT", "job_id", self.job_id, int, 0, 0xFFFF)
+        _check("HEARTBEAT", "rank", self.rank, int, 0, MAX_WORKERS - 1)
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatAck(ControlMessage):
+    """The switch is alive (lets a worker notice a dead switch while it waits)."""
+
+    TYPE: ClassVar[str] = "HEARTBEAT_ACK"
+    job_id: int
+
+    def validate(self) -> None:
+        _check("HEARTBEAT_ACK", "job_id", self.job_id, int, 0, 0xFFFF)
+
+
+@dataclass(frozen=True, slots=True)
+class StatsRequest(ControlMessage):
+    """Ask for counters: of one job (job_id), or of the whole switch (None)."""
+
+    TYPE: ClassVar[str] = "STATS"
+    job_id: int | None = None
+
+    def validate(self) -> None:
+        _check("STATS", "job_id", self.job_id, int, 0, 0xFFFF, optional=True)
+
+
+@dataclass(frozen=True, slots=True)
+class StatsReply(ControlMessage):
+    """Counters by name (per job under "jobs", switch-wide at top level)."""
+
+    TYPE: ClassVar[str] = "STATS_REPLY"
+    stats: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        _check("STATS_REPLY", "stats", self.stats, dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Query(ControlMessage):
+    """Which workers has the switch not heard from on these (version, slot) pairs?"""
+
+    TYPE: ClassVar[str] = "QUERY"
+    job_id: int
+    slots: list = field(default_factory=list)
+    versions: list = field(default_factory=list)
+
+    def validate(self) -> None:
+        _check("QUERY", "job_id", self.job_id, int, 0, 0xFFFF)
+        _check("QUERY", "slots", self.slots, list)
+        _check("QUERY", "versions", self.versions, list)
+        if len(self.slots) > MAX_QUERY_SLOTS or len(self.slots) != len(self.versions):
+            raise ProtocolError(f"QUERY names {len(self.slots)} slots and {len(self.versions)} "
+                                f"versions; they must match and be at most {MAX_QUERY_SLOTS}",
+                                field="slots", value=len(self.slots))
+        for s in self.slots:
+            _check("QUERY", "slots", s, int, 0, MAX_SLOTS - 1)
+        for v in self.versions:
+            _check("QUERY", "versions", v, int, 0, 1)
+
+
+@dataclass(frozen=True, slots=True)
+class QueryReply(ControlMessage):
+    """For each queried slot, the ranks whose contribution the switch has not seen."""
+
+    TYPE: ClassVar[str] = "QUERY_REPLY"
+    job_id: int
+    missing: list = field(default_factory=list)   # one list of ranks per queried slot
+    departed: list = field(default_factory=list)  # ranks that left the job
+
+    def validate(self) -> None:
+        _check("QUERY_REPLY", "job_id", self.job_id, int, 0, 0xFFFF)
+        _check("QUERY_REPLY", "missing", self.missing, list)
+        _check("QUERY_REPLY", "departed", self.departed, list)
+
+
+@dataclass(frozen=True, slots=True)
+class Error(ControlMessage):
+    """A control message was refused; `field` names the culprit, `message` says what to do."""
+
+    TYPE: ClassVar[str] = "ERROR"
+    code: str
+    message: str
+    field: str | None = None
+    value: Any = None
+
+    def validate(self) -> None:
+        _check("ERROR", "code", self.code, str)
+        if not isinstance(self.message, str):
+            raise ProtocolError("ERROR.message must be a string", field="message")
+        _check("ERROR", "field", self.field, str, optional=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Abort(ControlMessage):
+    """The job is over for everyone: `rank` (if any) is the worker that caused it, `reason` why."""
+
+    TYPE: ClassVar[str] = "ABORT"
+    job_id: int
+    reason: str
+    rank: int | None = None
+
+    def validate(self) -> None:
+        _check("ABORT", "job_id", self.job_id, int, 0, 0xFFFF)
+        if not isinstance(self.reason, str):
+            raise ProtocolError("ABORT.reason must be a string", field="reason")
+        _check("ABORT", "rank", self.rank, int, 0, MAX_WORKERS - 1, optional=True)
+
+
+#: Message classes by their wire name; an unknown name is a ProtocolError listing these.
+MESSAGE_TYPES: dict[str, type[ControlMessage]] = {
+    cls.TYPE: cls for cls in (Join, JoinOk, Ready, Leave, Heartbeat, HeartbeatAck, StatsRequest,
+                              StatsReply, Query, QueryReply, Error, Abort)
+}
+
+
+def encode_control(message: ControlMessage) -> bytes:
+    """Serialize a control message to its JSON frame."""
+    body = {"type": message.TYPE}
+    body.update({f.name: getattr(message, f.name) for f in dataclasses.fields(message)})
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def decode_control(frame: bytes | memoryview) -> ControlMessage:
+    """Parse and validate a peer's control frame.
+
+    Raises:
+        ProtocolError: not JSON, not an object, unknown type, missing/unknown/invalid field; the
+            error's `field` names the culprit.
+    """
+    if len(frame) > MAX_CONTROL_BYTES:
+        raise ProtocolError(f"control message of {len(frame)} bytes exceeds {MAX_CONTROL_BYTES}",
+                            field="length", value=len(frame))
+    try:
+        body = json.loads(bytes(frame))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"control message is not JSON: {exc}", field="body") from None
+    if not isinstance(body, dict):
+        raise ProtocolError("control message must be a JSON object", field="body")
+    name = body.pop("type", None)
+    cls = MESSAGE_TYPES.get(name) if isinstance(name, str) else None
+    if cls is None:
+        raise ProtocolError(f"unknown control message type {name!r}; valid: {sorted(MESSAGE_TYPES)}",
+                            field="type", value=name)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(body) - known
+    if unknown:
+        name0 = sorted(unknown)[0]
+        raise ProtocolError(f"{cls.TYPE} has unknown field {name0!r}", field=name0)
+    try:
+        return cls(**body)
+    except TypeError as exc:  # a required field is missing
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.name not in body and f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING]
+        raise ProtocolError(f"{cls.TYPE} is missing field(s) {missing}: {exc}",
+                            field=missing[0] if missing else None) from None

@@ -1,0 +1,1 @@
+"""Programs that run on worker nodes: the training harness, the comparison job, the benchmark."""
