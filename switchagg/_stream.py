@@ -1,0 +1,422 @@
+"""The worker's side of the aggregation protocol, as a machine with no I/O.
+
+What it owns: turning all-reduce calls into a stream of DATA packets and RESULT packets back into
+sums (DESIGN.md §3-5): the packetizer, the self-clocked window over the slot pool, retransmission
+with an RTT estimate, and reassembly. What it must never do: open a socket, read a clock, sleep or
+start a thread. Like h11's `Connection`, bytes go in (`receive`), the caller passes the time, and
+what comes back says what to send (`transmit`) and when the machine next needs to be woken
+(`next_deadline`). `switchagg.client` wraps it in a ZeroMQ engine thread; tests join it to the
+switch's dataplane in memory (tests/fakelink.py).
+
+How it works:
+- Chunks. A call of `numel` int32 is ceil(numel / k) chunks of k values (the last one zero-padded).
+  A global chunk counter g runs on across calls: chunk g uses slot g mod s, version (g div s) mod 2,
+  header `chunk` = g mod 2^32. So versions keep alternating between calls, as SwitchML's pool-index
+  shift does, and a late result of an earlier call can never be taken for one of this call.
+- Window (self-clocking). Chunk g + s is sent only after the result of chunk g arrived, i.e. only
+  into a free slot. Chunks are first sent in order; a burst of up to B packets leaves once B slots
+  in a row are free (or all that is left of the queued calls fits), so bursts stay large.
+- Buffers. Packets live in a ring of s preallocated packets; chunk g's packet is ring[g mod s]. A
+  burst is a contiguous slice of the ring, built by column assignment plus one payload write by
+  the caller's `fill`, and sent without copying. The protocol proves the buffer is free again: the
+  ring entry is rewritten only for chunk g + s, after chunk g's result came back, and that result
+  exists only once the switch received our packet. Retransmissions are copies (fancy indexing),
+  so a queued retransmission can never see a rewritten entry.
+- Reception. A RESULT/RESULT_RETX burst is validated (`packet.validate_burst`), and each packet is
+  matched to the chunk outstanding on its slot (same version and chunk number); anything else is
+  a late duplicate and is counted and ignored. Matched values are scattered into the call's
+  (chunks, k) output with one copy (one slice copy when, as usual, the chunks are consecutive).
+- Loss recovery. Every outstanding chunk has a send time. A chunk unanswered for RTO is resent as
+  the identical packet (same slot, version, payload). RTO follows TCP (RFC 6298): srtt/rttvar from
+  one sample per received burst (its slowest packet), samples of retransmitted chunks ignored
+  (Karn's rule), clamped to [rto_min, rto_max], doubled on every timeout until a fresh sample.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field, fields
+from typing import Protocol
+
+import numpy as np
+
+from switchagg.packet import (
+    Kind, SLOT_MASK, VERSION_BIT, empty_burst, parse_burst, validate_burst,
+)
+
+__all__ = ["FillFn", "RtoEstimator", "StreamCall", "StreamCounters", "StreamMachine", "array_fill"]
+
+_CHUNK_MOD = 1 << 32
+
+
+class FillFn(Protocol):
+    """Writes the payload of chunks [first, stop) of a call just before they are first sent.
+
+    Args:
+        first, stop: chunk range, relative to the call.
+        returned_exponents: (stop - first,) int8; entry j is the max exponent the switch returned
+            for chunk first + j - s of this call (0 where first + j < s).
+        values_out: (stop - first, k) int32 to fill (padding of the last chunk included).
+        exponents_out: (stop - first,) int8 block exponents to put in those packets.
+    """
+
+    def __call__(self, first: int, stop: int, returned_exponents: np.ndarray,
+                 values_out: np.ndarray, exponents_out: np.ndarray) -> None: ...
+
+
+def array_fill(values: np.ndarray, k: int) -> FillFn:
+    """The fill of a plain all-reduce: copy the int32 array in, zero the padding, exponent 0.
+
+    Args:
+        values: 1-D int32 array (not modified).
+        k: values per packet.
+    """
+    numel = len(values)
+
+    def fill(first: int, stop: int, returned_exponents: np.ndarray, values_out: np.ndarray,
+             exponents_out: np.ndarray) -> None:
+        lo, hi = first * k, min(stop * k, numel)
+        whole = (hi - lo) // k
+        if whole:
+            values_out[:whole] = values[lo:lo + whole * k].reshape(whole, k)
+        if whole < stop - first:  # the call's last, partial chunk
+            tail = hi - lo - whole * k
+            values_out[whole, :tail] = values[lo + whole * k:hi]
+            values_out[whole, tail:] = 0
+        exponents_out[:] = 0
+
+    return fill
+
+
+@dataclass
+class StreamCounters:
+    """What the machine counts (the client adds control-plane counters to these)."""
+
+    calls: int = 0                  # calls submitted
+    chunks_sent: int = 0            # chunks sent for the first time
+    packets_sent: int = 0           # packets sent, retransmissions included
+    bursts_sent: int = 0            # data frames sent
+    bytes_sent: int = 0             # bytes of data frames sent
+    retransmitted: int = 0          # packets resent after a timeout
+    timeouts: int = 0               # RTO expiries (each resends every expired chunk)
+    packets_received: int = 0       # packets in received data frames (valid or not)
+    bursts_received: int = 0        # data frames received
+    bytes_received: int = 0         # bytes of data frames received
+    results: int = 0                # results accepted (each completes one chunk)
+    duplicates_ignored: int = 0     # valid results for no outstanding chunk (late or repeated)
+    wrapped: int = 0                # accepted results whose sum wrapped int32 at the switch
+    malformed: dict = field(default_factory=dict)  # dropped packets, by `packet.BAD_REASONS`
+
+    def as_dict(self) -> dict:
+        return {f.name: (dict(getattr(self, f.name)) if f.name == "malformed"
+                         else getattr(self, f.name)) for f in fields(self)}
+
+
+class RtoEstimator:
+    """TCP's retransmission timer (RFC 6298) with Karn's rule left to the caller.
+
+    Args:
+        initial: RTO before the first sample, seconds.
+        minimum, maximum: bounds of the RTO, seconds.
+    """
+
+    def __init__(self, initial: float, minimum: float, maximum: float) -> None:
+        self.minimum, self.maximum = minimum, maximum
+        self.srtt: float | None = None
+        self.rttvar = 0.0
+        self.rto = min(max(initial, minimum), maximum)
+
+    def sample(self, rtt: float) -> None:
+        """Fold in one round-trip time of a chunk that was sent once (Karn's rule)."""
+        if self.srtt is None:
+            self.srtt, self.rttvar = rtt, rtt / 2
+        else:
+            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt)
+            self.srtt = 0.875 * self.srtt + 0.125 * rtt
+        self.rto = min(max(self.srtt + 4 * self.rttvar, self.minimum), self.maximum)
+
+    def backoff(self) -> None:
+        """A timeout fired: double the RTO (kept until the next fresh sample)."""
+        self.rto = min(2 * self.rto, self.maximum)
+
+
+class StreamCall:
+    """One all-reduce in flight: its chunk range, its fill, and its output.
+
+    Attributes:
+        first_chunk: global index of the call's chunk 0.
+        numel, nchunks: length of the vector, and in chunks.
+        sums: (nchunks, k) int32 output; `result()` views its first numel values.
+        exponents: (nchunks,) int8 max exponent the switch returned per chunk.
+        sent, done: chunks first-sent, and chunks whose result arrived.
+    """
+
+    __slots__ = ("first_chunk", "numel", "nchunks", "fill", "sums", "exponents", "sent", "done",
+                 "token")
+
+    def __init__(self, first_chunk: int, numel: int, k: int, fill: FillFn, token: object) -> None:
+        self.first_chunk = first_chunk
+        self.numel = numel
+        self.nchunks = -(-numel // k)
+        self.fill = fill
+        self.sums = np.empty((self.nchunks, k), np.int32)
+        self.exponents = np.zeros(self.nchunks, np.int8)
+        self.sent = 0
+        self.done = 0
+        self.token = token  # the caller's handle (the client keeps its Future here)
+
+    @property
+    def complete(self) -> bool:
+        return self.done == self.nchunks
+
+    def result(self) -> np.ndarray:
+        """The int32 sums, numel long (a view of `sums`, no copy)."""
+        return self.sums.reshape(-1)[:self.numel]
+
+
+class StreamMachine:
+    """The sans-IO worker protocol: calls in, bursts out, results in, sums out.
+
+    Args:
+        job_id, rank: header fields from JOIN_OK.
+        k, slots: packet size and pool size of the job.
+        burst: packets per data frame, at most `slots`.
+        rto_initial, rto_min, rto_max: retransmission timer, seconds (see `RtoEstimator`).
+    """
+
+    def __init__(self, *, job_id: int, rank: int, k: int, slots: int, burst: int,
+                 rto_initial: float = 0.2, rto_min: float = 0.02, rto_max: float = 2.0) -> None:
+        if not 1 <= burst <= slots:
+            raise ValueError(f"burst={burst} must be in [1, slots={slots}]")
+        self.job_id, self.rank, self.k, self.slots, self.burst = job_id, rank, k, slots, burst
+        self.rto = RtoEstimator(rto_initial, rto_min, rto_max)
+        self.counters = StreamCounters()
+        self._ring = empty_burst(slots, k)
+        self._ring["kind"] = Kind.DATA
+        self._ring["job"] = job_id
+        self._ring["worker"] = rank
+        self._ring_values = self._ring["values"]
+        self._packet_bytes = self._ring.dtype.itemsize
+        # Per slot: is a chunk outstanding, which one (global g), when last sent, resent yet.
+        self._busy = np.zeros(slots, bool)
+        self._chunk = np.full(slots, -1, np.int64)
+        self._sent_at = np.zeros(slots, np.float64)
+        self._resent = np.zeros(slots, bool)
+        self._outstanding = 0
+        self._next_chunk = 0            # global index of the next chunk to first-send
+        self._calls: deque[StreamCall] = deque()   # submitted, not yet complete, in chunk order
+        self._queued_chunks = 0         # chunks of submitted calls not yet first-sent
+        self.last_progress = 0.0        # time of the last accepted result (or of going busy)
+
+    # ---- calls -------------------------------------------------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        """Is any call in progress?"""
+        return bool(self._calls)
+
+    def submit(self, numel: int, fill: FillFn, now: float, token: object = None) -> StreamCall:
+        """Queue an all-reduce of `numel` values; chunks go out from the next `transmit`.
+
+        Returns:
+            The call; it is complete at once when numel == 0.
+        """
+        if numel < 0:
+            raise ValueError(f"numel={numel} must be >= 0")
+        call = StreamCall(self._next_chunk + self._queued_chunks, numel, self.k, fill, token)
+        self.counters.calls += 1
+        if call.nchunks:
+            if not self._calls:
+                self.last_progress = now
+            self._calls.append(call)
+            self._queued_chunks += call.nchunks
+        return call
+
+    def abandon(self) -> list[StreamCall]:
+        """Drop every call (the job is over); returns them so the caller can fail them."""
+        calls = list(self._calls)
+        self._calls.clear()
+        self._queued_chunks = 0
+        self._busy[:] = False
+        self._outstanding = 0
+        return calls
+
+    # ---- sending -----------------------------------------------------------------------------
+
+    def transmit(self, now: float) -> list[np.ndarray]:
+        """What to send now: retransmissions that fell due, then new chunks the window admits.
+
+        Returns:
+            Bursts (structured arrays of `packet_dtype(k)`); send each as one data frame. New
+            chunks' bursts are views of the ring (send without copying).
+        """
+        out = self._retransmit(now)
+        while self._queued_chunks:
+            n, cap = self._sendable()
+            if n < cap:  # wait for a full burst's worth of free slots (results are on their way)
+                break
+            out.append(self._first_send(n, now))
+        for b in out:
+            self.counters.bursts_sent += 1
+            self.counters.packets_sent += len(b)
+            self.counters.bytes_sent += b.nbytes
+        return out
+
+    def _sendable(self) -> tuple[int, int]:
+        """(free slots in a row from the next chunk's, the most one burst may take from there).
+
+        The cap is the burst size, cut at the end of the ring (a burst is one contiguous slice)
+        and at the end of the queued work.
+        """
+        start = self._next_chunk % self.slots
+        cap = min(self.burst, self.slots - start, self._queued_chunks)
+        busy = self._busy[start:start + cap]
+        hit = int(busy.argmax())
+        return (hit if busy[hit] else cap), cap
+
+    def _first_send(self, n: int, now: float) -> np.ndarray:
+        g0 = self._next_chunk
+        start = g0 % self.slots
+        ring = self._ring[start:start + n]
+        slot_ids = np.arange(start, start + n)
+        g = np.arange(g0, g0 + n, dtype=np.int64)
+        ring["pool_index"] = slot_ids | (((g // self.slots) & 1) << 15)
+        ring["chunk"] = g % _CHUNK_MOD
+        # Fill call by call (a burst may span the end of one call and the start of the next).
+        values = self._ring_values[start:start + n]
+        done = 0
+        for call in self._calls:
+            if done == n:
+                break
+            if call.sent == call.nchunks:
+                continue
+            m = min(n - done, call.nchunks - call.sent)
+            first = call.sent
+            returned = np.zeros(m, np.int8)
+            lo = max(first - self.slots, 0)
+            hi = first + m - self.slots
+            if hi > lo:
+                returned[m - (hi - lo):] = call.exponents[lo:hi]
+            exps = np.zeros(m, np.int8)
+            call.fill(first, first + m, returned, values[done:done + m], exps)
+            ring["exponent"][done:done + m] = exps
+            call.sent += m
+            done += m
+        self._busy[start:start + n] = True
+        self._chunk[start:start + n] = g
+        self._sent_at[start:start + n] = now
+        self._resent[start:start + n] = False
+        self._outstanding += n
+        self._next_chunk += n
+        self._queued_chunks -= n
+        self.counters.chunks_sent += n
+        return ring
+
+    def _retransmit(self, now: float) -> list[np.ndarray]:
+        if not self._outstanding:
+            return []
+        due = np.flatnonzero(self._busy & (self._sent_at + self.rto.rto <= now))
+        if not len(due):
+            return []
+        self.counters.timeouts += 1
+        self.counters.retransmitted += len(due)
+        self.rto.backoff()
+        due = due[np.argsort(self._chunk[due], kind="stable")]
+        self._sent_at[due] = now
+        self._resent[due] = True
+        return [self._ring[due[i:i + self.burst]] for i in range(0, len(due), self.burst)]
+
+    def next_deadline(self) -> float | None:
+        """When `transmit` next has something to do without new input (None: nothing pending)."""
+        if not self._outstanding:
+            return None
+        return float(self._sent_at[self._busy].min()) + self.rto.rto
+
+    # ---- receiving ---------------------------------------------------------------------------
+
+    def receive(self, frame, now: float) -> list[StreamCall]:
+        """Take one received data frame (a burst of RESULT/RESULT_RETX packets).
+
+        Args:
+            frame: the frame's bytes (any buffer).
+            now: the current time, seconds.
+
+        Returns:
+            Calls that this frame completed, in order.
+        """
+        c = self.counters
+        packets, trailing = parse_burst(frame, self.k)
+        c.bursts_received += 1
+        c.bytes_received += len(memoryview(frame).cast("B"))
+        c.packets_received += len(packets) + (1 if trailing else 0)
+        if trailing:
+            c.malformed["truncated"] = c.malformed.get("truncated", 0) + 1
+        if not len(packets):
+            return []
+        ok, bad = validate_burst(packets, kind=Kind.RESULT, job=self.job_id, worker=None,
+                                 slots=self.slots)
+        for reason, n in bad.items():
+            c.malformed[reason] = c.malformed.get(reason, 0) + n
+        pool = packets["pool_index"]
+        slot = (pool & SLOT_MASK).astype(np.intp)
+        if bad:
+            slot = np.where(ok, slot, 0)
+        g = self._chunk[slot]
+        match = (ok & self._busy[slot] & (packets["chunk"] == (g % _CHUNK_MOD))
+                 & (((pool & VERSION_BIT) != 0) == (((g // self.slots) & 1) == 1)))
+        idx = np.flatnonzero(match)
+        if len(idx) > 1:  # the same result twice in one burst (a duplicated packet): keep one
+            _, first = np.unique(slot[idx], return_index=True)
+            if len(first) < len(idx):
+                idx = idx[np.sort(first)]
+        c.duplicates_ignored += int(np.count_nonzero(ok)) - len(idx)
+        if not len(idx):
+            return []
+        s_idx, g_idx = slot[idx], g[idx]
+        fresh = ~self._resent[s_idx]
+        if fresh.any():  # Karn: only chunks sent once give a sample; the burst's slowest one
+            self.rto.sample(now - float(self._sent_at[s_idx[fresh]].min()))
+        self._busy[s_idx] = False
+        self._outstanding -= len(idx)
+        c.results += len(idx)
+        c.wrapped += int(np.count_nonzero(packets["flags"][idx] & 1))
+        self.last_progress = now
+        self._scatter(packets, idx, g_idx)
+        completed = []
+        while self._calls and self._calls[0].complete:
+            completed.append(self._calls.popleft())
+        return completed
+
+    def _scatter(self, packets: np.ndarray, idx: np.ndarray, g_idx: np.ndarray) -> None:
+        """Write accepted results into their calls' outputs (one copy per call touched)."""
+        for call in self._calls:
+            lo = call.first_chunk
+            hi = lo + call.nchunks
+            sel = (g_idx >= lo) & (g_idx < hi)
+            if not sel.any():
+                if lo > g_idx.max():
+                    break
+                continue
+            rel = g_idx[sel] - lo
+            pidx = idx[sel]
+            n = len(rel)
+            if (n == pidx[-1] - pidx[0] + 1 and n == rel[-1] - rel[0] + 1
+                    and (n == 1 or bool((np.diff(rel) == 1).all()))):
+                # The usual case: consecutive chunks in consecutive packets -> slice copies.
+                p0, r0 = int(pidx[0]), int(rel[0])
+                call.sums[r0:r0 + n] = packets["values"][p0:p0 + n]
+                call.exponents[r0:r0 + n] = packets["exponent"][p0:p0 + n]
+            else:
+                call.sums[rel] = packets["values"][pidx]
+                call.exponents[rel] = packets["exponent"][pidx]
+            call.done += n
+
+    # ---- diagnosis ---------------------------------------------------------------------------
+
+    def stuck(self, limit: int = 16) -> tuple[list[int], list[int], int]:
+        """The oldest outstanding chunks' (slots, versions) and how many are outstanding."""
+        busy = np.flatnonzero(self._busy)
+        oldest = busy[np.argsort(self._chunk[busy], kind="stable")[:limit]]
+        versions = (self._chunk[oldest] // self.slots) & 1
+        return oldest.tolist(), versions.tolist(), int(len(busy))
+

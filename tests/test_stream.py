@@ -1,0 +1,258 @@
+"""The sans-IO client machine (switchagg._stream), joined to the switch's dataplane in memory."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fakelink import JOB_ID, FakeNetwork, dataplane_factories
+from switchagg._stream import RtoEstimator, StreamMachine, array_fill
+from switchagg.packet import MAGIC, Kind, empty_burst, make_burst, packet_bytes
+
+K, S, B = 8, 16, 4
+LENGTHS = [0, 1, K - 1, K, K + 1, S * K, 3 * S * K + 5]
+DATAPLANES = dataplane_factories()
+LOSSY = dict(drop=0.1, duplicate=0.05, reorder=0.1)
+
+
+def wrapping_sum(inputs: list[np.ndarray]) -> np.ndarray:
+    """The int32 sum with two's-complement wrap-around, computed exactly in int64."""
+    total = np.zeros(len(inputs[0]), np.int64)
+    for x in inputs:
+        total += x
+    return total.astype(np.int32)  # truncation to the low 32 bits = wrap-around
+
+
+def extreme_inputs(rng: np.random.Generator, n: int, numel: int) -> list[np.ndarray]:
+    """Values all over the int32 range, with runs at the limits, so the sums wrap."""
+    out = []
+    for _ in range(n):
+        x = rng.integers(-2**31, 2**31, numel, dtype=np.int64).astype(np.int32)
+        x[::3] = np.iinfo(np.int32).max
+        x[1::5] = np.iinfo(np.int32).min
+        out.append(x)
+    return out
+
+
+@pytest.mark.parametrize("dataplane", sorted(DATAPLANES))
+@pytest.mark.parametrize("impaired", [False, True], ids=["clean", "lossy"])
+@pytest.mark.parametrize("numel", LENGTHS)
+def test_allreduce_is_exact_wrapping_sum(dataplane, impaired, numel):
+    net = FakeNetwork(3, k=K, slots=S, burst=B, dataplane=DATAPLANES[dataplane], seed=numel,
+                      **(LOSSY if impaired else {}))
+    inputs = extreme_inputs(np.random.default_rng(numel), 3, numel)
+    copies = [x.copy() for x in inputs]
+    results = net.allreduce(inputs)
+    expected = wrapping_sum(inputs)
+    for r in results:
+        assert r.dtype == np.int32 and r.shape == (numel,)
+        np.testing.assert_array_equal(r, expected)
+    for x, c in zip(inputs, copies):
+        np.testing.assert_array_equal(x, c)  # inputs are not modified
+
+
+@pytest.mark.parametrize("dataplane", sorted(DATAPLANES))
+def test_many_calls_under_loss_stay_exact_and_recover(dataplane):
+    net = FakeNetwork(4, k=K, slots=S, burst=B, dataplane=DATAPLANES[dataplane], seed=1, **LOSSY)
+    rng = np.random.default_rng(2)
+    for numel in rng.integers(0, 3 * S * K, 40):
+        inputs = extreme_inputs(rng, 4, int(numel))
+        for r in net.allreduce(inputs):
+            np.testing.assert_array_equal(r, wrapping_sum(inputs))
+    totals = [c.counters for c in net.clients]
+    assert sum(c.retransmitted for c in totals) > 0
+    assert sum(c.timeouts for c in totals) > 0
+    assert sum(c.duplicates_ignored for c in totals) > 0  # duplicated or re-answered results
+    assert all(c.malformed == {} for c in totals)
+    assert net.switch.counters.retransmissions_answered > 0
+
+
+def test_calls_queued_back_to_back_share_bursts_and_stay_exact():
+    net = FakeNetwork(2, k=K, slots=S, burst=B, seed=3, drop=0.05)
+    rng = np.random.default_rng(3)
+    sizes = [5, 0, K * 3 + 1, 1, S * K * 2, 7]
+    inputs = [[rng.integers(-9, 9, n).astype(np.int32) for n in sizes] for _ in range(2)]
+    calls = [[c.submit(len(x), array_fill(x, K), net.now) for x in xs]
+             for c, xs in zip(net.clients, inputs)]
+    net.run([call for per_rank in calls for call in per_rank])
+    for i, n in enumerate(sizes):
+        expected = inputs[0][i] + inputs[1][i]
+        for rank in range(2):
+            np.testing.assert_array_equal(calls[rank][i].result(), expected)
+
+
+def test_chunk_counter_runs_on_so_versions_alternate_across_calls():
+    net = FakeNetwork(2, k=K, slots=S, burst=B, seed=4)
+    seen = []
+    post = net._post
+
+    def spy(direction, rank, packets):
+        if direction == "up" and rank == 0:
+            seen.append(packets[["pool_index", "chunk"]].copy())
+        post(direction, rank, packets)
+
+    net._post = spy
+    numel = (S + 3) * K  # 19 chunks per call: not a multiple of s
+    for _ in range(3):
+        net.allreduce([np.ones(numel, np.int32)] * 2)
+    headers = np.concatenate(seen)
+    chunk, pool = headers["chunk"].astype(np.int64), headers["pool_index"].astype(np.int64)
+    assert sorted(set(chunk)) == list(range(3 * (S + 3)))  # one counter across the calls
+    np.testing.assert_array_equal(pool & 0x7FFF, chunk % S)
+    np.testing.assert_array_equal(pool >> 15, (chunk // S) % 2)
+    # The second call starts on slot 3 with version 1: it continues where the first ended.
+    first_of_second = headers[chunk == S + 3]["pool_index"][0]
+    assert (first_of_second & 0x7FFF, first_of_second >> 15) == (3, 1)
+
+
+def test_window_never_exceeds_slots_and_waits_for_the_result_of_chunk_minus_s():
+    m = StreamMachine(job_id=JOB_ID, rank=0, k=K, slots=S, burst=B)
+    call = m.submit(5 * S * K, array_fill(np.arange(5 * S * K, dtype=np.int32), K), 0.0)
+    bursts = m.transmit(0.0)
+    assert sum(len(b) for b in bursts) == S and all(len(b) == B for b in bursts)
+    assert m.transmit(0.001) == []  # window full: nothing until a result frees a slot
+    # Results for chunks 1..4 (slot 0's chunk 0 still out) free no slot *in order*: still nothing.
+    res = make_burst(Kind.RESULT, JOB_ID, 1, np.arange(1, 5), np.zeros(4), np.arange(1, 5),
+                     np.zeros((4, K), np.int32))
+    m.receive(res.tobytes(), 0.002)
+    assert m.transmit(0.002) == []
+    res0 = make_burst(Kind.RESULT, JOB_ID, 1, [0], [0], [0], np.zeros((1, K), np.int32))
+    m.receive(res0.tobytes(), 0.003)
+    (burst,) = m.transmit(0.003)  # slots 0..4 free -> one full burst of chunks 16..19
+    np.testing.assert_array_equal(burst["chunk"], np.arange(S, S + B))
+    np.testing.assert_array_equal(burst["pool_index"], 0x8000 | np.arange(B))
+    assert call.done == 5
+
+
+def test_late_duplicates_and_results_of_other_chunks_are_ignored():
+    m = StreamMachine(job_id=JOB_ID, rank=0, k=K, slots=S, burst=B)
+    call = m.submit(2 * K, array_fill(np.zeros(2 * K, np.int32), K), 0.0)
+    m.transmit(0.0)
+    res = make_burst(Kind.RESULT, JOB_ID, 1, [0, 0, 1], [0, 0, 0], [0, 0, 1],
+                     np.full((3, K), 5, np.int32))
+    assert m.receive(res.tobytes(), 0.01) == [call]  # a duplicate within the frame is dropped
+    assert m.counters.duplicates_ignored == 1
+    m.receive(res.tobytes(), 0.02)  # the whole frame again, after completion
+    assert m.counters.duplicates_ignored == 4 and m.counters.results == 2
+    # A result naming the right slot but another chunk (an older call's) is not taken either.
+    m.submit(K, array_fill(np.zeros(K, np.int32), K), 0.03)
+    m.transmit(0.03)  # chunk 2 on slot 2
+    stale = make_burst(Kind.RESULT, JOB_ID, 1, [2], [1], [2 + S], np.ones((1, K), np.int32))
+    m.receive(stale.tobytes(), 0.04)
+    assert m.counters.duplicates_ignored == 5 and m.busy
+    np.testing.assert_array_equal(call.result(), np.full(2 * K, 5))
+
+
+def test_malformed_frames_are_counted_never_raised():
+    m = StreamMachine(job_id=JOB_ID, rank=0, k=K, slots=S, burst=B)
+    m.submit(K, array_fill(np.zeros(K, np.int32), K), 0.0)
+    m.transmit(0.0)
+    good = make_burst(Kind.RESULT, JOB_ID, 1, [0], [0], [0], np.ones((1, K), np.int32))
+    bad = np.concatenate([good] * 6)
+    bad["magic"][0] = MAGIC ^ 1
+    bad["kind"][1] = Kind.DATA
+    bad["job"][2] = JOB_ID + 1
+    bad["pool_index"][3] = S
+    bad["reserved"][4] = 1
+    m.receive(bad.tobytes() + b"xyz", 0.01)  # five bad packets, one good, a truncated tail
+    assert m.counters.malformed == {"truncated": 1, "bad_magic": 1, "bad_kind": 1, "bad_job": 1,
+                                    "bad_slot": 1, "bad_reserved": 1}
+    assert m.counters.results == 1 and not m.busy
+    m.receive(b"", 0.02)
+    m.receive(b"\x00" * (packet_bytes(K) - 1), 0.02)
+    assert m.counters.malformed["truncated"] == 2
+
+
+def test_timeout_resends_identical_packets_with_exponential_backoff():
+    m = StreamMachine(job_id=JOB_ID, rank=0, k=K, slots=S, burst=B, rto_initial=0.1,
+                      rto_min=0.05, rto_max=0.4)
+    x = np.arange(3 * K, dtype=np.int32)
+    m.submit(len(x), array_fill(x, K), 0.0)
+    (first,) = m.transmit(0.0)
+    first = first.copy()
+    assert m.next_deadline() == pytest.approx(0.1)
+    assert m.transmit(0.099) == []
+    now, rtos = 0.1, []
+    for _ in range(4):
+        (again,) = m.transmit(now)
+        assert again.tobytes() == first.tobytes()  # same slot, version, chunk, payload
+        rtos.append(m.rto.rto)
+        now = m.next_deadline()
+    assert rtos == [0.2, 0.4, 0.4, 0.4]  # doubled, capped at rto_max
+    assert m.counters.timeouts == 4 and m.counters.retransmitted == 12
+    # Karn's rule: the answer to a retransmitted chunk gives no RTT sample.
+    res = make_burst(Kind.RESULT, JOB_ID, 1, [0, 1, 2], [0] * 3, [0, 1, 2],
+                     np.zeros((3, K), np.int32))
+    m.receive(res.tobytes(), now + 0.01)
+    assert m.rto.srtt is None and m.rto.rto == 0.4
+
+
+def test_rto_estimator_follows_rfc6298():
+    est = RtoEstimator(initial=1.0, minimum=0.01, maximum=10.0)
+    est.sample(0.1)
+    assert (est.srtt, est.rttvar) == pytest.approx((0.1, 0.05))
+    assert est.rto == pytest.approx(0.1 + 4 * 0.05)
+    est.sample(0.2)
+    assert est.rttvar == pytest.approx(0.75 * 0.05 + 0.25 * 0.1)
+    assert est.srtt == pytest.approx(0.875 * 0.1 + 0.125 * 0.2)
+    for _ in range(50):
+        est.sample(0.0001)
+    assert est.rto == 0.01  # clamped at the minimum
+    est.backoff()
+    assert est.rto == 0.02
+
+
+def test_rtt_is_sampled_from_results_of_chunks_sent_once():
+    m = StreamMachine(job_id=JOB_ID, rank=0, k=K, slots=S, burst=B)
+    m.submit(K, array_fill(np.zeros(K, np.int32), K), 1.0)
+    m.transmit(1.0)
+    res = make_burst(Kind.RESULT, JOB_ID, 1, [0], [0], [0], np.zeros((1, K), np.int32))
+    m.receive(res.tobytes(), 1.03)
+    assert m.rto.srtt == pytest.approx(0.03)
+
+
+@pytest.mark.parametrize("dataplane", sorted(DATAPLANES))
+def test_fill_path_returns_max_exponents_and_feeds_them_back_s_chunks_later(dataplane):
+    n, numel = 3, (2 * S + 5) * K
+    nchunks = -(-numel // K)
+    rng = np.random.default_rng(5)
+    exps = rng.integers(-20, 20, (n, nchunks)).astype(np.int8)
+    values = rng.integers(-1000, 1000, (n, numel)).astype(np.int32)
+    fed_back = [np.full(nchunks, 99, np.int8) for _ in range(n)]
+
+    def make_fill(rank):
+        def fill(first, stop, returned, values_out, exponents_out):
+            fed_back[rank][first:stop] = returned
+            array_fill(values[rank], K)(first, stop, returned, values_out, exponents_out)
+            exponents_out[:] = exps[rank, first:stop]
+        return fill
+
+    net = FakeNetwork(n, k=K, slots=S, burst=B, dataplane=DATAPLANES[dataplane], seed=6, **LOSSY)
+    net.allreduce(values[:, :1])  # start the stream mid-pool: chunk numbers do not begin at 0
+    calls = net.allreduce_stream(numel, [make_fill(r) for r in range(n)])
+    expected_max = exps.max(axis=0)
+    for rank, call in enumerate(calls):
+        np.testing.assert_array_equal(call.result(), values.sum(axis=0).astype(np.int32))
+        np.testing.assert_array_equal(call.exponents, expected_max)
+        np.testing.assert_array_equal(fed_back[rank][:S], 0)
+        np.testing.assert_array_equal(fed_back[rank][S:], expected_max[:-S])
+
+
+def test_abandon_drops_calls_and_frees_the_window():
+    m = StreamMachine(job_id=JOB_ID, rank=0, k=K, slots=S, burst=B)
+    call = m.submit(4 * S * K, array_fill(np.zeros(4 * S * K, np.int32), K), 0.0)
+    m.transmit(0.0)
+    slots, versions, outstanding = m.stuck(limit=3)
+    assert (slots, versions, outstanding) == ([0, 1, 2], [0, 0, 0], S)
+    assert m.abandon() == [call]
+    assert not m.busy and m.next_deadline() is None and m.transmit(1.0) == []
+
+
+def test_bursts_are_views_of_the_preallocated_ring():
+    m = StreamMachine(job_id=JOB_ID, rank=3, k=K, slots=S, burst=B)
+    m.submit(S * K, array_fill(np.ones(S * K, np.int32), K), 0.0)
+    bursts = m.transmit(0.0)
+    assert all(b.base is not None and b.flags.c_contiguous for b in bursts)
+    assert {int(b["worker"][0]) for b in bursts} == {3}
+    assert all((b["kind"] == Kind.DATA).all() and (b["job"] == JOB_ID).all() for b in bursts)
+    assert empty_burst(1, K).dtype == bursts[0].dtype
