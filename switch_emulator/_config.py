@@ -1,0 +1,159 @@
+"""The switch's settings: one frozen dataclass, each option documented once.
+
+What it owns: every knob of the `switch-emulator` process, its default, its unit and its valid range,
+and the text that `switch-emulator --help` shows (the CLI builds its parser from these fields, so the
+documentation cannot drift from the code). What it must never do: read the environment, open sockets
+or log anything but adjustments it made. How it works: each field carries `metadata` with `help`
+(meaning and unit) and `example`; `validate()` (also run on construction, so a config that exists is
+valid) raises `ConfigError` naming the field and the value, as SwitchML's `Config::Validate()` does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from switchagg.packet import MAX_SLOTS
+
+__all__ = ["SwitchConfig", "ConfigError", "DATAPLANE_CHOICES", "LOG_LEVELS", "MAX_POOL_SLOTS"]
+
+#: `fast`: the vectorized dataplane (switch_emulator.dataplane); `golden`: the per-packet reference.
+DATAPLANE_CHOICES = ("fast", "golden")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+#: The pool is host memory (2 x slots x k int32 per job), not SRAM; 1 Mi slots of k = 64 would be
+#: 512 MiB if one job took it all, a sane ceiling for an emulator on one host.
+MAX_POOL_SLOTS = 1 << 20
+
+
+class ConfigError(ValueError):
+    """A setting is out of range; `field` and `value` name it."""
+
+    def __init__(self, message: str, *, field: str, value: Any) -> None:
+        super().__init__(message)
+        self.field = field
+        self.value = value
+
+
+def _opt(default: Any, help: str, example: str) -> Any:
+    return field(default=default, metadata={"help": help, "example": example})
+
+
+@dataclass(frozen=True)
+class SwitchConfig:
+    """Settings of one switch process (`switch-emulator --help` prints the same text)."""
+
+    bind: str = _opt(
+        "tcp://127.0.0.1:5555",
+        "ZeroMQ endpoint the switch's ROUTER socket binds; tcp:// or ipc://. Loopback by default; on a "
+        "cluster bind the interface the workers reach.",
+        "tcp://10.0.0.5:5555, ipc:///tmp/switch.sock")
+    slots: int = _opt(
+        65536,
+        "Total aggregation slots of the switch, shared by all jobs. Each job's JOIN asks for its own "
+        "number of slots and is refused while the pool cannot hold it (a Tofino holds 8192 per job).",
+        "65536")
+    dataplane: str = _opt(
+        "fast",
+        "Aggregation engine: 'fast' (vectorized) or 'golden' (per-packet reference model, slow; for "
+        "debugging the fast one).",
+        "golden")
+    liveness_timeout: float = _opt(
+        3.0,
+        "Seconds a joined worker may stay silent (no data, no heartbeat) before its job is aborted "
+        "for everyone. Sent to workers in JOIN_OK.",
+        "10")
+    heartbeat_interval: float = _opt(
+        0.5,
+        "Seconds between a worker's heartbeats (sent to workers in JOIN_OK; must be below "
+        "liveness_timeout).",
+        "1.0")
+    drop_ingress: float = _opt(
+        0.0,
+        "Probability that a data packet from a worker is dropped on its way into the switch.",
+        "0.01")
+    drop_egress: float = _opt(
+        0.0,
+        "Probability that a result packet is dropped on its way to each worker (drawn per worker).",
+        "0.01")
+    duplicate: float = _opt(
+        0.0,
+        "Probability that a packet is delivered twice (each direction).",
+        "0.001")
+    reorder: float = _opt(
+        0.0,
+        "Probability that a packet is held back and delivered after the next burst of its flow "
+        "(each direction).",
+        "0.01")
+    seed: int = _opt(
+        0,
+        "Seed of the loss-injection random generator (same seed and traffic: same losses).",
+        "42")
+    stats_interval: float = _opt(
+        10.0,
+        "Seconds between counter lines in the log (0 disables; counters are always logged at exit).",
+        "60")
+    log_level: str = _opt("INFO", "Logging level: DEBUG, INFO, WARNING or ERROR.", "DEBUG")
+    hwm: int = _opt(
+        100_000,
+        "ZeroMQ send and receive high-water mark, in messages per peer; bursts beyond it wait. High, "
+        "so results are never dropped silently by ZeroMQ.",
+        "100000")
+    linger: float = _opt(
+        0.5,
+        "Seconds the socket may spend at shutdown flushing the ABORTs to workers.",
+        "1.0")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field.
+
+        Raises:
+            ConfigError: a field is out of range; the message names the field, value and range.
+        """
+        def bad(name: str, why: str) -> ConfigError:
+            value = getattr(self, name)
+            return ConfigError(f"SwitchConfig.{name}={value!r}: {why}", field=name, value=value)
+
+        if not isinstance(self.bind, str) or not self.bind.startswith(("tcp://", "ipc://", "inproc://")):
+            raise bad("bind", "expected a tcp://HOST:PORT or ipc://PATH endpoint")
+        if not isinstance(self.slots, int) or not 1 <= self.slots <= MAX_POOL_SLOTS:
+            raise bad("slots", f"expected an integer in [1, {MAX_POOL_SLOTS}] "
+                               f"(one job may use at most {MAX_SLOTS})")
+        if self.dataplane not in DATAPLANE_CHOICES:
+            raise bad("dataplane", f"expected one of {DATAPLANE_CHOICES}")
+        for name in ("liveness_timeout", "heartbeat_interval"):
+            if not 0.001 <= getattr(self, name) <= 3600:
+                raise bad(name, "expected seconds in [0.001, 3600]")
+        if self.heartbeat_interval >= self.liveness_timeout:
+            raise bad("heartbeat_interval", f"must be below liveness_timeout={self.liveness_timeout} "
+                                            "(a live worker would be declared dead)")
+        for name in ("drop_ingress", "drop_egress"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise bad(name, "expected a probability in [0, 1) (1 would drop everything)")
+        for name in ("duplicate", "reorder"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise bad(name, "expected a probability in [0, 1]")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise bad("seed", "expected a non-negative integer")
+        if self.stats_interval < 0:
+            raise bad("stats_interval", "expected seconds >= 0 (0 disables periodic stats)")
+        if str(self.log_level).upper() not in LOG_LEVELS:
+            raise bad("log_level", f"expected one of {LOG_LEVELS}")
+        if not isinstance(self.hwm, int) or self.hwm < 1:
+            raise bad("hwm", "expected a positive number of messages")
+        if not 0.0 <= self.linger <= 60:
+            raise bad("linger", "expected seconds in [0, 60]")
+
+    @property
+    def loss_enabled(self) -> bool:
+        """Whether any loss, duplication or reordering is injected."""
+        return any((self.drop_ingress, self.drop_egress, self.duplicate, self.reorder))
+
+    @classmethod
+    def describe(cls, name: str) -> str:
+        """Help text of one field: meaning and unit, default and an example (used by the CLI)."""
+        f = next(f for f in dataclasses.fields(cls) if f.name == name)
+        return f"{f.metadata['help']} Default: {f.default}. Example: {f.metadata['example']}."

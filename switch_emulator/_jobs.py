@@ -1,0 +1,658 @@
+"""The switch's control plane: jobs, ranks, slot partitions, liveness and each job's lifecycle.
+
+What it owns: which connection (ZeroMQ identity) is which rank of which job; admitting JOINs; the
+switch-wide slot pool and each job's partition of it; job ids; who is alive; when a job is RUNNING,
+DONE or ABORTED; the counters behind STATS. What it must never do: touch a socket, read a clock or
+sleep. Like h11's `Connection`, messages and the time (`now`, in seconds) go in, and what comes back
+is a list of `(identity, ControlMessage)` replies for the caller to send, so every rule below is
+tested without ZeroMQ.
+
+Rules (the contract with `switchagg.client`):
+  JOIN   The first JOIN for a job name creates the job: a u16 job id, and `slots` taken from the pool
+         (ERROR pool_exhausted while it cannot hold them). Later JOINs must agree on world_size, k,
+         slots (ERROR mismatch, naming the field and both values) and token (ERROR bad_token, values
+         not echoed). rank=None takes the lowest free rank; a taken rank is ERROR rank_taken, a full
+         job ERROR job_full. The reply is JOIN_OK; when the last rank joins, every worker gets READY.
+         The same connection repeating its JOIN (its JOIN_OK was lost) gets the same JOIN_OK again
+         (and READY if the job runs); the same connection joining something else is ERROR
+         already_joined (one connection, one job, one rank).
+  DATA   is accepted only from a joined connection of a RUNNING job, as the rank it joined with.
+         Otherwise the sender gets at most one refusal per `refusal_interval` (ERROR not_joined,
+         not_ready or departed, or the job's ABORT again).
+  LIVENESS  Any message from a worker refreshes it. A worker (JOINING or RUNNING, not departed)
+         silent for more than `liveness_timeout` aborts its job.
+  LEAVE  With an empty reason the worker is done: it gets no more results, the others keep being
+         served (retransmissions included); when every rank has left, the job is DONE and freed.
+         Before READY, a graceful LEAVE just frees the rank. With a reason, the job is aborted.
+  ABORT  Every remaining worker gets ABORT(job_id, reason, rank-that-caused-it); the slots and job id
+         return to the pool; later messages from the job's connections get ABORT again ("job
+         aborted: ...; re-join").
+  Malformed control (ProtocolError) is ERROR malformed naming the field, counted, never a crash.
+
+Lifecycle as data (`TRANSITIONS`, as h11's `EVENT_TRIGGERED_TRANSITIONS`): JOINING -> RUNNING ->
+DONE / ABORTED; a job's state only moves forward, and an event missing from the table raises one
+`LifecycleError` naming event, state and job (a bug in this module, never a peer's fault).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from enum import Enum
+from typing import Any, NamedTuple, Protocol
+
+import numpy as np
+
+from switch_emulator._loss import LossInjector
+from switchagg.errors import ProtocolError, SwitchError
+from switchagg.protocol import (Abort, ControlMessage, Error, Heartbeat, HeartbeatAck, Join, JoinOk,
+                                Leave, Query, QueryReply, Ready, StatsReply, StatsRequest,
+                                decode_control)
+
+__all__ = ["JobState", "JobEvent", "TRANSITIONS", "LifecycleError", "ErrorCode", "SlotPool", "Member",
+           "JobCounters", "Job", "ControlPlane", "Admission", "Reply", "Dataplane"]
+
+log = logging.getLogger("switch_emulator.jobs")
+
+#: What the control plane asks the caller to send: (peer identity, message).
+Reply = tuple[bytes, ControlMessage]
+
+#: Refusals of data (ERROR or a repeated ABORT) go to one peer at most this often, in seconds:
+#: a worker streams thousands of bursts per second, and one answer is enough to stop it.
+REFUSAL_INTERVAL_S = 1.0
+#: Aborted connections remembered for "job aborted: ...; re-join" answers (oldest forgotten first).
+MAX_TOMBSTONES = 4096
+#: Peers remembered by the refusal rate limiter before it starts over.
+MAX_RATE_LIMITED_PEERS = 65536
+
+
+class Dataplane(Protocol):
+    """What the control plane needs of a dataplane (see switch_emulator._golden.GoldenDataplane)."""
+
+    counters: Any
+
+    def receive(self, packets: np.ndarray, worker: int) -> Any: ...
+
+    def missing_workers(self, version: int, slot: int) -> list[int]: ...
+
+
+class JobState(str, Enum):
+    JOINING = "JOINING"   # created by its first JOIN; waiting for every rank
+    RUNNING = "RUNNING"   # every rank joined (READY sent); data flows
+    DONE = "DONE"         # every rank left gracefully; freed
+    ABORTED = "ABORTED"   # a worker died, failed, or the switch stopped; freed
+
+
+class JobEvent(str, Enum):
+    JOIN = "join"
+    ALL_JOINED = "all_joined"
+    LEAVE = "leave"
+    ALL_LEFT = "all_left"
+    ABORT = "abort"
+
+
+S, E = JobState, JobEvent
+#: state -> event -> next state. DONE and ABORTED are final: no event leaves them.
+TRANSITIONS: dict[JobState, dict[JobEvent, JobState]] = {
+    S.JOINING: {E.JOIN: S.JOINING, E.ALL_JOINED: S.RUNNING, E.LEAVE: S.JOINING,
+                E.ALL_LEFT: S.DONE, E.ABORT: S.ABORTED},
+    S.RUNNING: {E.LEAVE: S.RUNNING, E.ALL_LEFT: S.DONE, E.ABORT: S.ABORTED},
+    S.DONE: {},
+    S.ABORTED: {},
+}
+del S, E
+
+
+class LifecycleError(SwitchError, RuntimeError):
+    """An event the job's current state does not allow (a control-plane bug, not a peer's fault).
+
+    Attributes:
+        event, state: the refused event and the state it was refused in; `job` is the job name.
+    """
+
+    def __init__(self, event: JobEvent, state: JobState, job: str) -> None:
+        allowed = sorted(e.value for e in TRANSITIONS[state]) or ["none: the state is final"]
+        super().__init__(f"job {job!r}: event {event.value!r} is illegal in state {state.value} "
+                         f"(allowed: {', '.join(allowed)})", job=job)
+        self.event = event
+        self.state = state
+
+
+class ErrorCode:
+    """Values of ERROR.code the switch sends (the client decides what to raise from them)."""
+
+    MALFORMED = "malformed"            # the control message broke the protocol; `field` says where
+    UNEXPECTED = "unexpected"          # a message only the switch sends (JOIN_OK, READY, ...)
+    MISMATCH = "mismatch"              # JOIN disagrees with the job on world_size, k or slots
+    BAD_TOKEN = "bad_token"            # JOIN's token differs from the job's
+    RANK_TAKEN = "rank_taken"          # JOIN asked for a rank another connection holds
+    JOB_FULL = "job_full"              # JOIN to a job whose ranks are all taken
+    POOL_EXHAUSTED = "pool_exhausted"  # the switch's free slots cannot hold the new job
+    NO_JOB_IDS = "no_job_ids"          # 65536 jobs at once
+    ALREADY_JOINED = "already_joined"  # this connection is already a member of another job/rank
+    NOT_JOINED = "not_joined"          # data or control from a connection that never joined
+    WRONG_MEMBER = "wrong_member"      # job_id/rank differ from those this connection joined with
+    NOT_READY = "not_ready"            # data before READY
+    DEPARTED = "departed"              # data after this worker's graceful LEAVE
+    UNKNOWN_JOB = "unknown_job"        # STATS for a job id that does not exist
+
+    #: Codes that answer a JOIN: the worker was not admitted (switchagg raises JoinRejected).
+    JOIN_REJECTIONS = frozenset({"mismatch", "bad_token", "rank_taken", "job_full",
+                                 "pool_exhausted", "no_job_ids", "already_joined"})
+
+
+class SlotPool:
+    """The switch's slots, handed out to jobs as disjoint contiguous ranges (first fit).
+
+    Args:
+        total: number of slots of the switch.
+    """
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self._free: list[tuple[int, int]] = [(0, total)]  # sorted (start, length), never adjacent
+
+    @property
+    def free(self) -> int:
+        return sum(length for _, length in self._free)
+
+    @property
+    def largest_free(self) -> int:
+        return max((length for _, length in self._free), default=0)
+
+    def allocate(self, n: int) -> int | None:
+        """Take n contiguous slots; return the first one, or None if no free range is that large."""
+        for i, (start, length) in enumerate(self._free):
+            if length >= n:
+                if length == n:
+                    del self._free[i]
+                else:
+                    self._free[i] = (start + n, length - n)
+                return start
+        return None
+
+    def release(self, start: int, n: int) -> None:
+        """Give back a range from `allocate`, merging it with free neighbours."""
+        self._free.append((start, n))
+        self._free.sort()
+        merged: list[tuple[int, int]] = []
+        for s, length in self._free:
+            if merged and merged[-1][0] + merged[-1][1] == s:
+                merged[-1] = (merged[-1][0], merged[-1][1] + length)
+            else:
+                merged.append((s, length))
+        self._free = merged
+
+
+@dataclass
+class Member:
+    """One rank of a job, and the connection that holds it."""
+
+    identity: bytes
+    rank: int
+    last_seen: float
+    departed: bool = False
+
+
+@dataclass
+class JobCounters:
+    """What the switch front counts per job (the dataplane counts the rest)."""
+
+    packets_in: int = 0     # packets received in data frames from the job's workers, valid or not
+    packets_out: int = 0    # result packets sent (a multicast to n workers counts n times)
+    bursts_in: int = 0
+    bursts_out: int = 0
+    send_failures: int = 0  # results ZeroMQ could not queue (peer gone or its queue full)
+    malformed: dict[str, int] = field(default_factory=dict)  # dropped packets by reason
+
+    def count_malformed(self, counts: dict[str, int]) -> None:
+        for reason, n in counts.items():
+            self.malformed[reason] = self.malformed.get(reason, 0) + n
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: (dict(getattr(self, f.name)) if f.name == "malformed"
+                         else getattr(self, f.name)) for f in fields(self)}
+
+
+class Job:
+    """One job: its parameters, members, lifecycle state, dataplane and counters."""
+
+    def __init__(self, name: str, job_id: int, world_size: int, k: int, slots: int, token: str,
+                 slot_base: int, dataplane: Dataplane, ingress: LossInjector | None,
+                 egress: LossInjector | None, now: float) -> None:
+        self.name = name
+        self.job_id = job_id
+        self.world_size = world_size
+        self.k = k
+        self.slots = slots
+        self.token = token
+        self.slot_base = slot_base        # this job's partition of the pool: [base, base + slots)
+        self.dataplane = dataplane
+        self.ingress = ingress            # loss injection worker -> switch (None: lossless)
+        self.egress = egress              # loss injection switch -> each worker
+        self.state = JobState.JOINING
+        self.members: dict[int, Member] = {}
+        self.counters = JobCounters()
+        self.created_at = now
+        self.reason = ""                  # why it was aborted
+        self._receivers: list[Member] | None = None
+
+    def transition(self, event: JobEvent) -> JobState:
+        """Apply a lifecycle event.
+
+        Raises:
+            LifecycleError: the event is illegal in the current state (a bug in the caller).
+        """
+        try:
+            self.state = TRANSITIONS[self.state][event]
+        except KeyError:
+            raise LifecycleError(event, self.state, self.name) from None
+        return self.state
+
+    def receivers(self) -> list[Member]:
+        """Members that receive results: joined and not departed (cached; membership is rare)."""
+        if self._receivers is None:
+            self._receivers = [m for _, m in sorted(self.members.items()) if not m.departed]
+        return self._receivers
+
+    def membership_changed(self) -> None:
+        self._receivers = None
+
+    def free_rank(self) -> int | None:
+        return next((r for r in range(self.world_size) if r not in self.members), None)
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "name": self.name, "job_id": self.job_id, "state": self.state.value,
+            "world_size": self.world_size, "k": self.k, "slots": self.slots,
+            "slot_base": self.slot_base, "joined": len(self.members),
+            "departed": sorted(r for r, m in self.members.items() if m.departed),
+        }
+        out.update(self.counters.as_dict())
+        out.update(self.dataplane.counters.as_dict())
+        for key in ("injected_drops", "injected_duplicates", "injected_reorders"):
+            out[key] = sum(inj.counters()[key] for inj in (self.ingress, self.egress)
+                           if inj is not None)
+        return out
+
+
+class Admission(NamedTuple):
+    """Whether a data frame may enter the dataplane: `job` and `rank` if so, else `replies`."""
+
+    job: Job | None
+    rank: int
+    replies: list[Reply]
+
+
+def _json_safe(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    return repr(value)[:64] if not isinstance(value, str) else value[:64]
+
+
+class ControlPlane:
+    """Jobs and their members, driven by control messages and the time.
+
+    Args:
+        total_slots: the switch's slot pool, shared by every job.
+        heartbeat_interval, liveness_timeout: seconds; told to workers in JOIN_OK, and the second
+            one enforced by `check_liveness`.
+        dataplane_factory: `(world_size, slots, k) -> dataplane` for each new job.
+        loss_factory: `job_id -> (ingress, egress)` loss injectors for a new job, or None (lossless).
+        refusal_interval: seconds between two refusals of data sent to one peer.
+    """
+
+    def __init__(self, total_slots: int, heartbeat_interval: float, liveness_timeout: float,
+                 dataplane_factory: Callable[[int, int, int], Dataplane],
+                 loss_factory: Callable[[int], tuple[LossInjector | None, LossInjector | None]]
+                 | None = None, refusal_interval: float = REFUSAL_INTERVAL_S) -> None:
+        self.pool = SlotPool(total_slots)
+        self.heartbeat_interval = heartbeat_interval
+        self.liveness_timeout = liveness_timeout
+        self.dataplane_factory = dataplane_factory
+        self.loss_factory = loss_factory
+        self.refusal_interval = refusal_interval
+        self.jobs: dict[int, Job] = {}
+        self.by_name: dict[str, Job] = {}
+        self.members: dict[bytes, tuple[Job, Member]] = {}
+        self.tombstones: OrderedDict[bytes, Abort] = OrderedDict()
+        self._last_refusal: dict[bytes, float] = {}
+        self._next_job_id = 0
+        self.counters: dict[str, Any] = {
+            "malformed": {}, "unknown_sender": 0, "control_errors": 0, "send_failures": 0,
+            "peers_gone": 0, "joins": 0, "jobs_created": 0, "jobs_done": 0, "jobs_aborted": 0,
+        }
+
+    # ----------------------------------------------------------------------------- entry points
+
+    def on_control(self, identity: bytes, frame: bytes | memoryview, now: float) -> list[Reply]:
+        """Handle one control frame from `identity`.
+
+        Returns:
+            The replies to send. A malformed frame yields ERROR(malformed, field); never raises.
+        """
+        try:
+            message = decode_control(frame)
+        except ProtocolError as exc:
+            self._touch(identity, now)
+            self.count_malformed(f"control:{exc.field or 'body'}")
+            return [self._error(identity, ErrorCode.MALFORMED, str(exc), exc.field, exc.value)]
+        return self.on_message(identity, message, now)
+
+    def on_message(self, identity: bytes, message: ControlMessage, now: float) -> list[Reply]:
+        """Handle one decoded control message from `identity` (see the module's rules)."""
+        if isinstance(message, Join):
+            return self._join(identity, message, now)
+        if isinstance(message, StatsRequest):
+            self._touch(identity, now)
+            return self._stats(identity, message)
+        if isinstance(message, (Heartbeat, Leave, Query)):
+            found = self._membership(identity, message.job_id, getattr(message, "rank", None), now,
+                                     quiet_if_aborted=isinstance(message, Leave))
+            if not isinstance(found, tuple):
+                return found
+            job, member = found
+            if isinstance(message, Heartbeat):
+                return [(identity, HeartbeatAck(job.job_id))]
+            if isinstance(message, Leave):
+                return self._leave(job, member, message.reason)
+            return self._query(identity, job, message)
+        self._touch(identity, now)
+        return [self._error(identity, ErrorCode.UNEXPECTED,
+                            f"{message.TYPE} is sent by the switch, not to it", "type", message.TYPE)]
+
+    def admit_data(self, identity: bytes, now: float) -> Admission:
+        """Decide whether a data frame from `identity` enters the dataplane (and refresh liveness)."""
+        found = self.members.get(identity)
+        if found is not None:
+            job, member = found
+            member.last_seen = now
+            if job.state is JobState.RUNNING and not member.departed:
+                return Admission(job, member.rank, [])
+            if member.departed:
+                code, text = ErrorCode.DEPARTED, (f"rank {member.rank} left job {job.name!r}; its "
+                                                  "data is dropped (JOIN again to rejoin a new job)")
+            else:
+                code, text = ErrorCode.NOT_READY, (f"job {job.name!r} has {len(job.members)} of "
+                                                   f"{job.world_size} workers; wait for READY "
+                                                   "before sending data")
+            job.counters.count_malformed({code: 1})
+            return Admission(None, member.rank, self._refuse(identity, now, code, text))
+        tomb = self.tombstones.get(identity)
+        if tomb is not None:
+            self.count_malformed("data_after_abort")
+            return Admission(None, -1, [(identity, tomb)] if self._may_refuse(identity, now) else [])
+        self.counters["unknown_sender"] += 1
+        return Admission(None, -1, self._refuse(
+            identity, now, ErrorCode.NOT_JOINED,
+            "this connection has not joined a job; send JOIN and wait for READY before data"))
+
+    def check_liveness(self, now: float) -> list[Reply]:
+        """Abort every job with a member silent for more than `liveness_timeout` seconds."""
+        replies: list[Reply] = []
+        for job in list(self.jobs.values()):
+            for member in list(job.members.values()):
+                silent = now - member.last_seen
+                if not member.departed and silent > self.liveness_timeout:
+                    replies += self.abort(job, f"rank {member.rank} of job {job.name!r} was silent "
+                                               f"for {silent:.2f} s (liveness timeout "
+                                               f"{self.liveness_timeout:g} s)", member.rank)
+                    break
+        return replies
+
+    def peer_gone(self, identity: bytes) -> list[Reply]:
+        """A send to `identity` found no such peer: its connection closed. Abort its job."""
+        found = self.members.get(identity)
+        self.counters["peers_gone"] += 1
+        if found is None or found[1].departed:
+            return []
+        job, member = found
+        return self.abort(job, f"rank {member.rank} of job {job.name!r} disconnected", member.rank,
+                          exclude=identity)
+
+    def shutdown(self, reason: str = "switch shutting down") -> list[Reply]:
+        """Abort every job (the switch is stopping); return the ABORTs to send."""
+        replies: list[Reply] = []
+        for job in list(self.jobs.values()):
+            replies += self.abort(job, reason, None)
+        return replies
+
+    def abort(self, job: Job, reason: str, rank: int | None, exclude: bytes | None = None
+              ) -> list[Reply]:
+        """Abort `job` for every remaining worker (but `exclude`) and free its resources."""
+        job.transition(JobEvent.ABORT)
+        job.reason = reason
+        log.warning("job %r (id %d) aborted: %s", job.name, job.job_id, reason)
+        message = Abort(job.job_id, reason, rank)
+        replies = [(m.identity, message) for m in job.receivers() if m.identity != exclude]
+        later = Abort(job.job_id, f"job aborted: {reason}; re-join", rank)
+        for member in job.members.values():
+            self.tombstones[member.identity] = later
+            self.tombstones.move_to_end(member.identity)
+        while len(self.tombstones) > MAX_TOMBSTONES:
+            self.tombstones.popitem(last=False)
+        self.counters["jobs_aborted"] += 1
+        self._release(job)
+        return replies
+
+    def count_malformed(self, reason: str, n: int = 1) -> None:
+        """Count a message no job can be blamed for (bad frames, malformed control)."""
+        malformed = self.counters["malformed"]
+        malformed[reason] = malformed.get(reason, 0) + n
+
+    def refuse(self, identity: bytes, now: float, code: str, text: str,
+               field_name: str | None = None) -> list[Reply]:
+        """An ERROR for `identity`, unless it got a refusal less than `refusal_interval` ago."""
+        return self._refuse(identity, now, code, text, field_name)
+
+    def stats(self, job_id: int | None = None) -> dict[str, Any]:
+        """Switch-wide counters at the top level, per-job ones under "jobs" (keyed by str(job_id))."""
+        out = {key: (dict(v) if isinstance(v, dict) else v) for key, v in self.counters.items()}
+        out.update(jobs_active=len(self.jobs), slots_total=self.pool.total,
+                   slots_free=self.pool.free)
+        chosen = self.jobs.values() if job_id is None else [self.jobs[job_id]]
+        out["jobs"] = {str(job.job_id): job.stats() for job in chosen}
+        return out
+
+    # ----------------------------------------------------------------------------- JOIN
+
+    def _join(self, identity: bytes, msg: Join, now: float) -> list[Reply]:
+        self.counters["joins"] += 1
+        self.tombstones.pop(identity, None)
+        current = self.members.get(identity)
+        if current is not None:
+            job, member = current
+            member.last_seen = now
+            same = (job.name == msg.job and msg.rank in (None, member.rank)
+                    and (msg.world_size, msg.k, msg.slots) == (job.world_size, job.k, job.slots)
+                    and hmac.compare_digest(msg.token, job.token))
+            if not same:
+                return [self._error(identity, ErrorCode.ALREADY_JOINED,
+                                    f"this connection already joined job {job.name!r} as rank "
+                                    f"{member.rank}; use one connection per job and rank (or LEAVE "
+                                    "first)", "job", msg.job)]
+            # The JOIN_OK was lost (or the worker is impatient): the same answer again.
+            replies = [(identity, self._join_ok(job, member.rank))]
+            if job.state is JobState.RUNNING:
+                replies.append((identity, Ready(job.job_id)))
+            return replies
+
+        job = self.by_name.get(msg.job)
+        if job is None:
+            created = self._create(identity, msg, now)
+            if not isinstance(created, Job):
+                return created
+            job = created
+        else:
+            for name in ("world_size", "k", "slots"):
+                ours, theirs = getattr(job, name), getattr(msg, name)
+                if ours != theirs:
+                    return [self._error(identity, ErrorCode.MISMATCH,
+                                        f"JOIN.{name}={theirs} disagrees with job {msg.job!r}, "
+                                        f"created with {name}={ours}; every worker of a job must "
+                                        f"use the same {name}", name, theirs)]
+            if not hmac.compare_digest(msg.token, job.token):
+                return [self._error(identity, ErrorCode.BAD_TOKEN,
+                                    f"JOIN.token does not match the token of job {msg.job!r}; "
+                                    "use the job's token", "token")]
+        if len(job.members) >= job.world_size:
+            return [self._error(identity, ErrorCode.JOB_FULL,
+                                f"job {job.name!r} already has all {job.world_size} workers; "
+                                "check world_size or wait for the job to end", "job", msg.job)]
+        rank = job.free_rank() if msg.rank is None else msg.rank
+        if rank in job.members:
+            return [self._error(identity, ErrorCode.RANK_TAKEN,
+                                f"rank {rank} of job {job.name!r} is held by another connection; "
+                                f"choose a free rank or omit rank", "rank", rank)]
+        member = Member(identity, rank, now)
+        job.members[rank] = member
+        job.membership_changed()
+        self.members[identity] = (job, member)
+        job.transition(JobEvent.JOIN)
+        replies: list[Reply] = [(identity, self._join_ok(job, rank))]
+        log.info("job %r (id %d): rank %d joined (%d of %d)", job.name, job.job_id, rank,
+                 len(job.members), job.world_size)
+        if len(job.members) == job.world_size:
+            job.transition(JobEvent.ALL_JOINED)
+            log.info("job %r (id %d) is running with %d workers", job.name, job.job_id,
+                     job.world_size)
+            ready = Ready(job.job_id)
+            replies += [(m.identity, ready) for m in job.receivers()]
+        return replies
+
+    def _create(self, identity: bytes, msg: Join, now: float) -> Job | list[Reply]:
+        job_id = self._allocate_job_id()
+        if job_id is None:
+            return [self._error(identity, ErrorCode.NO_JOB_IDS,
+                                "the switch runs 65536 jobs already; wait for one to end", "job")]
+        base = self.pool.allocate(msg.slots)
+        if base is None:
+            return [self._error(identity, ErrorCode.POOL_EXHAUSTED,
+                                f"job {msg.job!r} asks for {msg.slots} slots but the switch has "
+                                f"{self.pool.free} of {self.pool.total} free (largest free range "
+                                f"{self.pool.largest_free}); ask for fewer slots, wait for a job to "
+                                "end, or start the switch with a larger --slots", "slots",
+                                msg.slots)]
+        ingress, egress = self.loss_factory(job_id) if self.loss_factory else (None, None)
+        job = Job(msg.job, job_id, msg.world_size, msg.k, msg.slots, msg.token, base,
+                  self.dataplane_factory(msg.world_size, msg.slots, msg.k), ingress, egress, now)
+        self.jobs[job_id] = job
+        self.by_name[msg.job] = job
+        self.counters["jobs_created"] += 1
+        log.info("job %r created: id %d, %d workers, k=%d, slots [%d, %d)", msg.job, job_id,
+                 msg.world_size, msg.k, base, base + msg.slots)
+        return job
+
+    def _allocate_job_id(self) -> int | None:
+        # Round robin, so a freed id is reused as late as possible (stale packets of an old job
+        # are then rejected as bad_job rather than counted into a new one).
+        for offset in range(1 << 16):
+            job_id = (self._next_job_id + offset) & 0xFFFF
+            if job_id not in self.jobs:
+                self._next_job_id = (job_id + 1) & 0xFFFF
+                return job_id
+        return None
+
+    def _join_ok(self, job: Job, rank: int) -> JoinOk:
+        return JoinOk(job.name, job.job_id, rank, job.world_size, job.k, job.slots,
+                      self.heartbeat_interval, self.liveness_timeout)
+
+    # ----------------------------------------------------------------------------- LEAVE, QUERY, STATS
+
+    def _leave(self, job: Job, member: Member, reason: str) -> list[Reply]:
+        if reason:
+            return self.abort(job, f"rank {member.rank} of job {job.name!r} left: {reason}",
+                              member.rank, exclude=member.identity)
+        if member.departed:
+            return []  # a repeated LEAVE
+        if job.state is JobState.JOINING:
+            # Before READY no slot holds its data: the rank is simply free again.
+            del job.members[member.rank]
+            del self.members[member.identity]
+        else:
+            member.departed = True
+        job.membership_changed()
+        job.transition(JobEvent.LEAVE)
+        log.info("job %r (id %d): rank %d left", job.name, job.job_id, member.rank)
+        if all(m.departed for m in job.members.values()):
+            job.transition(JobEvent.ALL_LEFT)
+            self.counters["jobs_done"] += 1
+            log.info("job %r (id %d) is done", job.name, job.job_id)
+            self._release(job)
+        return []
+
+    def _query(self, identity: bytes, job: Job, msg: Query) -> list[Reply]:
+        bad = [s for s in msg.slots if s >= job.slots]
+        if bad:
+            return [self._error(identity, ErrorCode.MALFORMED,
+                                f"QUERY names slot {bad[0]}; job {job.name!r} has slots "
+                                f"0..{job.slots - 1}", "slots", bad[0])]
+        missing = [job.dataplane.missing_workers(v, s) for s, v in zip(msg.slots, msg.versions)]
+        departed = sorted(r for r, m in job.members.items() if m.departed)
+        return [(identity, QueryReply(job.job_id, missing, departed))]
+
+    def _stats(self, identity: bytes, msg: StatsRequest) -> list[Reply]:
+        if msg.job_id is not None and msg.job_id not in self.jobs:
+            return [self._error(identity, ErrorCode.UNKNOWN_JOB,
+                                f"no job has id {msg.job_id}; omit job_id for every job",
+                                "job_id", msg.job_id)]
+        return [(identity, StatsReply(self.stats(msg.job_id)))]
+
+    # ----------------------------------------------------------------------------- helpers
+
+    def _membership(self, identity: bytes, job_id: int, rank: int | None, now: float,
+                    quiet_if_aborted: bool = False) -> tuple[Job, Member] | list[Reply]:
+        found = self.members.get(identity)
+        if found is not None:
+            job, member = found
+            member.last_seen = now
+            if job_id != job.job_id or (rank is not None and rank != member.rank):
+                return [self._error(identity, ErrorCode.WRONG_MEMBER,
+                                    f"this connection joined job {job.name!r} (id {job.job_id}) as "
+                                    f"rank {member.rank}, not job_id={job_id} rank={rank}",
+                                    "job_id" if job_id != job.job_id else "rank",
+                                    job_id if job_id != job.job_id else rank)]
+            return job, member
+        tomb = self.tombstones.get(identity)
+        if tomb is not None:
+            return [] if quiet_if_aborted else [(identity, tomb)]
+        self.counters["unknown_sender"] += 1
+        return [self._error(identity, ErrorCode.NOT_JOINED,
+                            "this connection has not joined a job; send JOIN first", "job_id",
+                            job_id)]
+
+    def _touch(self, identity: bytes, now: float) -> None:
+        found = self.members.get(identity)
+        if found is not None:
+            found[1].last_seen = now
+
+    def _release(self, job: Job) -> None:
+        for member in job.members.values():
+            self.members.pop(member.identity, None)
+        self.jobs.pop(job.job_id, None)
+        if self.by_name.get(job.name) is job:
+            del self.by_name[job.name]
+        self.pool.release(job.slot_base, job.slots)
+
+    def _error(self, identity: bytes, code: str, text: str, field_name: str | None = None,
+               value: Any = None) -> Reply:
+        self.counters["control_errors"] += 1
+        return identity, Error(code, text, field_name, _json_safe(value))
+
+    def _may_refuse(self, identity: bytes, now: float) -> bool:
+        last = self._last_refusal.get(identity)
+        if last is not None and now - last < self.refusal_interval:
+            return False
+        if len(self._last_refusal) >= MAX_RATE_LIMITED_PEERS:
+            self._last_refusal.clear()
+        self._last_refusal[identity] = now
+        return True
+
+    def _refuse(self, identity: bytes, now: float, code: str, text: str,
+                field_name: str | None = None) -> list[Reply]:
+        if not self._may_refuse(identity, now):
+            return []
+        return [self._error(identity, code, text, field_name)]
