@@ -1,0 +1,269 @@
+"""The CPU quantization kernels: every rule of `switchagg.kernels`, on each CPU backend.
+
+Each test runs once per CPU backend (numpy, the oracle; numba, the fused default) through the public
+interface, and the bit-for-bit comparison of numba with numpy is at the end.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import pytest
+import torch
+
+import switchagg.kernels as K
+from switchagg.kernels import INT32_MAX, INT32_MIN
+
+CPU_BACKENDS = ["numpy"]
+
+
+@pytest.fixture(params=CPU_BACKENDS)
+def backend(request, monkeypatch):
+    """Route the public interface to one CPU backend for the test."""
+    module = importlib.import_module(f"switchagg.kernels._{request.param}")
+    monkeypatch.setattr(K, "_cpu_backend", module)
+    return request.param
+
+
+def _q(x, scale=1.0, **kw):
+    return K.quantize(np.asarray(x, dtype=np.float32), scale, **kw)
+
+
+# --- randomized rounding ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("t", [0.3, -0.3, 2.75, -1.5, 1e-3, -7.123, 0.5])
+def test_random_rounding_is_unbiased_with_variance_at_most_a_quarter(backend, t):
+    n = 40_000  # independent draws: one per element index
+    r = _q(np.full(n, t), seed=7, rank=1, step=3).values.astype(np.float64)
+    t32 = float(np.float32(t))
+    lo = np.floor(t32)
+    assert set(np.unique(r)) <= {lo, lo + 1}  # only the two neighbours
+    p = t32 - lo
+    sigma = np.sqrt(p * (1 - p) / n)
+    assert abs(r.mean() - t32) < 5 * sigma + 1e-9
+    assert r.var() <= 0.25 + 5 * 0.25 / np.sqrt(n)
+    assert abs(r.var() - p * (1 - p)) < 0.01
+
+
+def test_random_rounding_of_integers_is_exact(backend):
+    x = np.array([0, 1, -1, 5, -1024, 2**23, -(2**24)], dtype=np.float32)
+    assert (_q(x, seed=3).values == x.astype(np.int32)).all()
+
+
+def test_random_rounding_is_reproducible_and_keyed(backend):
+    x = np.random.default_rng(0).normal(size=1000).astype(np.float32)
+    a = _q(x, 3.0, seed=1, rank=2, step=3).values
+    assert (a == _q(x, 3.0, seed=1, rank=2, step=3).values).all()
+    for kw in (dict(seed=2, rank=2, step=3), dict(seed=1, rank=3, step=3), dict(seed=1, rank=2, step=4)):
+        assert (a != _q(x, 3.0, **kw).values).any()
+
+
+@pytest.mark.parametrize("rounding", ["random", "deterministic"])
+def test_quantize_pieces_equal_whole(backend, rounding):
+    x = np.random.default_rng(1).normal(scale=10, size=1000).astype(np.float32)
+    whole = _q(x, 1.7, rounding=rounding, seed=5, offset=13).values
+    cuts = [0, 1, 3, 64, 65, 500, 1000]
+    parts = [_q(x[a:b], 1.7, rounding=rounding, seed=5, offset=13 + a).values for a, b in zip(cuts, cuts[1:])]
+    assert (np.concatenate(parts) == whole).all()
+
+
+# --- deterministic rounding ------------------------------------------------------------------------
+
+def test_deterministic_rounding_is_round_half_to_even(backend):
+    x = [0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 2.4999998, 0.49999997, -3.5000002, 1e9 + 0.5]
+    got = _q(x, rounding="deterministic").values
+    assert got.tolist() == [0, 2, 2, 0, -2, -2, 2, 0, -4, int(np.float32(1e9 + 0.5))]
+
+
+def test_scale_is_applied_as_one_float32_multiply(backend):
+    x = np.random.default_rng(2).normal(size=4096).astype(np.float32)
+    scale = 1234.567  # not representable: rounded to float32 first
+    t = x * np.float32(scale)
+    assert (_q(x, scale, rounding="deterministic").values == np.rint(t).astype(np.int32)).all()
+
+
+# --- clipping --------------------------------------------------------------------------------------
+
+def test_clipping_at_the_exact_edges_is_counted(backend):
+    x = [-10.0, 10.0, 10.4, -10.4, 10.6, -10.6, 11, -11, 1e30, -1e30]
+    res = _q(x, rounding="deterministic", lo=-10, hi=10)
+    assert res.values.tolist() == [-10, 10, 10, -10, 10, -10, 10, -10, 10, -10]
+    assert res.clipped == 6
+
+
+def test_clipping_at_the_int32_edges(backend):
+    x = np.array([-(2.0**31), 2.0**31, 2.0**31 - 128, -(2.0**31) - 256, 3e9], dtype=np.float32)
+    res = _q(x, rounding="deterministic")
+    assert res.values.tolist() == [INT32_MIN, INT32_MAX, 2**31 - 128, INT32_MIN, INT32_MAX]
+    assert res.clipped == 3
+    res = _q(x, seed=1)  # integers: random rounding agrees
+    assert res.values.tolist() == [INT32_MIN, INT32_MAX, 2**31 - 128, INT32_MIN, INT32_MAX]
+    assert res.clipped == 3
+
+
+def test_random_rounding_above_the_edge_is_counted(backend):
+    res = _q(np.full(1000, 10.5), seed=9, lo=-10, hi=10)
+    assert (res.values == 10).all()
+    assert 400 < res.clipped < 600  # half the draws round up to 11 and are clipped
+
+
+def test_non_finite_inputs_clip_and_count(backend):
+    res = _q([np.inf, -np.inf, np.nan, 1.0], seed=1, lo=-5, hi=5)
+    assert res.values.tolist() == [5, -5, 0, 1] and res.clipped == 3
+    res = _q([np.nan], rounding="deterministic", lo=3, hi=5)
+    assert res.values.tolist() == [3] and res.clipped == 1
+
+
+# --- per-block scale, out, input kinds ------------------------------------------------------------
+
+@pytest.mark.parametrize("rounding", ["random", "deterministic"])
+def test_per_block_scale_equals_scalar_scale_per_block(backend, rounding):
+    x = np.random.default_rng(3).normal(size=200).astype(np.float32)
+    scales = np.array([1.0, 1000.0, 3.25, 2.0**-10], dtype=np.float32)
+    got = _q(x, scales, block=64, rounding=rounding, seed=4).values
+    for b, s in enumerate(scales):
+        part = _q(x[64 * b:64 * (b + 1)], float(s), rounding=rounding, seed=4, offset=64 * b).values
+        assert (got[64 * b:64 * (b + 1)] == part).all()
+
+
+def test_quantize_writes_into_out(backend):
+    x = np.arange(10, dtype=np.float32)
+    out = np.full(10, -1, dtype=np.int32)
+    res = K.quantize(x, 2.0, rounding="deterministic", out=out)
+    assert res.values is out and out.tolist() == list(range(0, 20, 2))
+
+
+def test_quantize_accepts_other_float_dtypes(backend):
+    x = np.random.default_rng(4).normal(size=300)
+    for dtype in (np.float64, np.float16):
+        a = K.quantize(x.astype(dtype), 100.0, seed=2).values
+        assert (a == _q(x.astype(dtype).astype(np.float32), 100.0, seed=2).values).all()
+
+
+def test_quantize_torch_tensors_round_trip_as_torch(backend):
+    x = torch.randn(257)
+    res = K.quantize(x, 50.0, seed=3, rank=1)
+    assert isinstance(res.values, torch.Tensor) and res.values.dtype == torch.int32
+    assert (res.values.numpy() == _q(x.numpy(), 50.0, seed=3, rank=1).values).all()
+    xb = x.to(torch.bfloat16)
+    vb = K.quantize(xb, 50.0, seed=3).values
+    assert (vb.numpy() == _q(xb.float().numpy(), 50.0, seed=3).values).all()
+
+
+# --- dequantize ------------------------------------------------------------------------------------
+
+def test_dequantize_is_float64_division_rounded_once(backend):
+    s = np.random.default_rng(5).integers(INT32_MIN, INT32_MAX, size=1000, endpoint=True).astype(np.int32)
+    d = 3 * 0.1234567891
+    expected = (s.astype(np.float64) / d).astype(np.float32)
+    assert (K.dequantize(s, d) == expected).all()
+    out = np.empty(1000, np.float32)
+    assert K.dequantize(s, d, out=out) is out and (out == expected).all()
+    divs = np.array([0.5, 3.0, 7.1, 1e-6])
+    per_block = (s.astype(np.float64) / np.repeat(divs, 256)[:1000]).astype(np.float32)
+    assert (K.dequantize(s, divs, block=256) == per_block).all()
+
+
+def test_dequantize_add_updates_in_place(backend):
+    rng = np.random.default_rng(6)
+    q = rng.integers(-1000, 1000, size=500).astype(np.int32)
+    h = rng.normal(size=500).astype(np.float32)
+    expected = h + (q.astype(np.float64) / 0.37).astype(np.float32)
+    assert K.dequantize_add(q, 0.37, h) is h
+    assert (h == expected).all()
+    ht = torch.zeros(500)
+    K.dequantize_add(torch.from_numpy(q), 2.0, ht)
+    assert (ht.numpy() == q / 2.0).all()
+
+
+def test_quantize_dequantize_round_trip_error_is_below_one_step(backend):
+    x = np.random.default_rng(7).normal(size=10_000).astype(np.float32)
+    alpha = 2.0**12
+    back = K.dequantize(_q(x, alpha, seed=1).values, alpha)
+    assert np.abs(back - x).max() <= 1.0 / alpha
+
+
+# --- block max and exponents -----------------------------------------------------------------------
+
+def test_block_max_abs_matches_numpy(backend):
+    x = np.random.default_rng(8).normal(size=1000).astype(np.float32)
+    got = K.block_max_abs(x, 64)
+    padded = np.zeros(16 * 64, np.float32)
+    padded[:1000] = np.abs(x)
+    assert got.dtype == np.float32 and (got == padded.reshape(16, 64).max(axis=1)).all()
+
+
+def test_block_max_abs_propagates_nan_and_ignores_signed_zero(backend):
+    x = np.array([1.0, np.nan, -3.0, -0.0, -0.0, 0.0, -np.inf, 2.0], dtype=np.float32)
+    got = K.block_max_abs(x, 3)
+    assert np.isnan(got[0]) and got[1] == 0.0 and not np.signbit(got[1]) and got[2] == np.inf
+
+
+def test_block_exponents_follow_frexp(backend):
+    rng = np.random.default_rng(9)
+    x = (rng.normal(size=64 * 200) * 2.0 ** rng.integers(-140, 120, size=64 * 200)).astype(np.float32)
+    got = K.block_exponents(x, 64)
+    m = np.abs(x).reshape(200, 64).max(axis=1)
+    e = np.clip(np.frexp(m)[1], -127, 127)
+    assert got.dtype == np.int8 and (got == e).all()
+
+
+def test_block_exponents_edges(backend):
+    tiny = np.float32(2.0**-149)  # smallest subnormal: frexp exponent -148, clamped
+    big_sub = np.nextafter(np.float32(2.0**-126), np.float32(0))  # largest subnormal: exponent -126
+    cases = [0.0, -0.0, tiny, big_sub, 2.0**-126, 0.75, 1.0, -1.0, 2.0**126, np.finfo(np.float32).max]
+    got = K.block_exponents(np.array(cases, dtype=np.float32), 1)
+    assert got.tolist() == [-128, -128, -127, -126, -125, 0, 1, 1, 127, 127]
+    assert K.block_exponents(np.zeros(130, np.float32), 64).tolist() == [-128] * 3
+
+
+def test_block_exponents_reject_non_finite(backend):
+    with pytest.raises(ValueError, match="block 1 "):
+        K.block_exponents(np.array([1, 2, np.inf, 3], np.float32), 2)
+    with pytest.raises(ValueError, match="inf or NaN"):
+        K.block_exponents(np.array([np.nan], np.float32), 4)
+
+
+# --- exact squared norm ----------------------------------------------------------------------------
+
+def test_int_squared_norm_is_exact_at_int32_extremes(backend):
+    v = np.array([INT32_MIN] * 1000 + [INT32_MAX] * 1000 + [-1, 0, 1, 46341], dtype=np.int32)
+    assert K.int_squared_norm(v) == sum(int(a) ** 2 for a in v.tolist())
+    assert K.int_squared_norm(np.zeros(0, np.int32)) == 0
+
+
+def test_int_squared_norm_random(backend):
+    v = np.random.default_rng(10).integers(INT32_MIN, INT32_MAX, size=5000, endpoint=True).astype(np.int32)
+    assert K.int_squared_norm(torch.from_numpy(v)) == sum(int(a) ** 2 for a in v.tolist())
+
+
+# --- argument errors -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(rounding="stochastic"), "rounding"),
+    (dict(lo=5, hi=4), "lo=5"),
+    (dict(hi=2**31), "hi=2147483648"),
+    (dict(seed=-1), "seed"),
+    (dict(offset=-1), "offset"),
+    (dict(out=np.zeros(3, np.int64)), "out must be"),
+    (dict(out=np.zeros(2, np.int32)), "length 3"),
+])
+def test_quantize_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        K.quantize(np.zeros(3, np.float32), 1.0, **kwargs)
+
+
+def test_quantize_rejects_bad_inputs():
+    with pytest.raises(ValueError, match="1-D"):
+        K.quantize(np.zeros((2, 2), np.float32), 1.0)
+    with pytest.raises(TypeError, match="float32"):
+        K.quantize(np.zeros(3, np.int32), 1.0)
+    with pytest.raises(ValueError, match="one value per block"):
+        K.quantize(np.zeros(130, np.float32), np.ones(2, np.float32), block=64)
+    with pytest.raises(ValueError, match="not finite"):
+        K.quantize(np.zeros(3, np.float32), 1e39)
+    with pytest.raises(ValueError, match="nonzero"):
+        K.dequantize(np.zeros(3, np.int32), 0.0)
+    with pytest.raises(TypeError, match="int32"):
+        K.dequantize(np.zeros(3, np.int64), 1.0)
