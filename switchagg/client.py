@@ -1,0 +1,627 @@
+"""The worker's switch client: `SwitchClient`, a ZeroMQ engine thread around the sans-IO stream.
+
+What it owns: one connection to the switch for one job (DESIGN.md §4, §8): JOIN and READY, data
+bursts out and results in, heartbeats, liveness, abort, and the typed errors a user sees. What it
+must never do: decide protocol rules (that is `switchagg._stream`, which it drives), touch its
+socket from more than one thread, or wait without a bound.
+
+How it works: the constructor starts one engine thread that owns the DEALER socket. User threads
+never touch that socket: a call puts a request on a FIFO queue and wakes the engine through an
+inproc PAIR socket (guarded by a lock: several user threads may call at once). The engine polls
+both sockets with a timeout set by the next timer (retransmission, heartbeat, liveness, progress),
+feeds data frames to the `StreamMachine`, sends what it returns (new chunks zero-copy from its
+ring, which the protocol proves free for reuse), and completes `concurrent.futures.Future`s. The
+blocking calls are the async ones plus a bounded wait.
+
+Failure handling, all ending in a `SwitchError` on every pending and later call:
+- ABORT from the switch (a worker died or left): `JobAborted` naming the worker and why.
+- Silence (no result, no HEARTBEAT_ACK) for the switch's liveness_timeout while work is pending:
+  `SwitchTimeout` (the switch is gone).
+- No progress for `ClientConfig.op_timeout`: one QUERY asks the switch which workers it misses on
+  the stuck slots; `SwitchTimeout` names them. The client then LEAVEs with a reason so the job is
+  aborted for the others too instead of leaving them to time out.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import logging
+import queue
+import threading
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+import numpy as np
+import zmq
+
+from switchagg._stream import FillFn, StreamCall, StreamMachine, array_fill
+from switchagg.errors import JobAborted, JoinRejected, ProtocolError, SwitchError, SwitchTimeout
+from switchagg.packet import DEFAULT_K, MAX_BURST_BYTES, MAX_SLOTS, VALID_K, packet_bytes
+from switchagg.protocol import (
+    FRAME_CONTROL, FRAME_DATA, Abort, ControlMessage, Error, Heartbeat, HeartbeatAck, Join,
+    JoinOk, Leave, Query, QueryReply, Ready, StatsReply, StatsRequest, decode_control,
+    encode_control,
+)
+
+__all__ = ["ClientConfig", "ClientStats", "SwitchClient"]
+
+log = logging.getLogger(__name__)
+
+_CLIENT_IDS = itertools.count()
+#: How long a blocking call sleeps between checks that the engine thread is still alive.
+_WAIT_SLICE = 1.0
+#: At most this many stuck slots are named in a QUERY (and in the error message).
+_QUERY_SLOTS = 16
+#: Messages drained from the data socket per loop turn, so timers and requests still get a turn.
+_DRAIN = 64
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """How a worker talks to the switch. Every default lives here; `validate()` checks them all.
+
+    Attributes:
+        k: int32 values per packet; one of packet.VALID_K. Default 64 (256 B, a Tofino's packet).
+            Fixed per job: every worker must agree. Example: `ClientConfig(k=256)`.
+        slots: slot pool size s asked for at JOIN, <= packet.MAX_SLOTS; the switch may grant fewer
+            (JOIN_OK says). At most s chunks are in flight. Default 8192 (as on a Tofino).
+            Example: `slots=2048` for a small test job.
+        burst: packets per ZeroMQ data frame, <= slots (cut to the granted slots). Default 1024
+            (about 272 KiB at k=64: large frames amortize ZeroMQ's ~80 us per message,
+            measured-limits.md §4). Example: `burst=4096`.
+        join_timeout: seconds to wait for JOIN_OK, and again for READY (every worker joined).
+            Default 30. Example: `join_timeout=5` in tests.
+        op_timeout: seconds an all-reduce may go without any result before it fails with
+            SwitchTimeout naming the stuck slots and missing workers. Default 60 (a slow peer
+            still computing its gradient is not an error). Example: `op_timeout=10`.
+        query_timeout: seconds to wait for the switch's answer to that QUERY. Default 1.
+        rto_initial: retransmission timeout before the first RTT sample, seconds. Default 0.2.
+        rto_min: lower bound of the retransmission timeout, seconds. Default 0.05 (below it, a
+            busy 2-core host causes spurious resends of whole windows). Example: `rto_min=0.01`.
+        rto_max: upper bound of the (exponentially backed-off) timeout, seconds. Default 2.
+        leave_linger: seconds close() lets the LEAVE message flush before dropping it. Default 1.
+    """
+
+    k: int = DEFAULT_K
+    slots: int = 8192
+    burst: int = 1024
+    join_timeout: float = 30.0
+    op_timeout: float = 60.0
+    query_timeout: float = 1.0
+    rto_initial: float = 0.2
+    rto_min: float = 0.05
+    rto_max: float = 2.0
+    leave_linger: float = 1.0
+
+    def validate(self) -> ClientConfig:
+        """Check every field; returns self.
+
+        Raises:
+            ValueError: naming the field and its value.
+        """
+        def bad(name: str, why: str) -> ValueError:
+            return ValueError(f"ClientConfig.{name}={getattr(self, name)!r}: {why}")
+
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type == "int" and (not isinstance(value, int) or isinstance(value, bool)):
+                raise bad(f.name, "expected an int")
+            if f.type == "float" and (not isinstance(value, (int, float)) or value <= 0):
+                raise bad(f.name, "expected a positive number of seconds")
+        if self.k not in VALID_K:
+            raise bad("k", f"choose one of {VALID_K}")
+        if not 1 <= self.slots <= MAX_SLOTS:
+            raise bad("slots", f"must be in [1, {MAX_SLOTS}]")
+        if not 1 <= self.burst <= self.slots:
+            raise bad("burst", f"must be in [1, slots={self.slots}]")
+        if self.burst * packet_bytes(self.k) > MAX_BURST_BYTES:
+            raise bad("burst", f"{self.burst} packets of k={self.k} exceed the switch's "
+                               f"{MAX_BURST_BYTES} byte frame limit")
+        if not self.rto_min <= self.rto_max:
+            raise bad("rto_min", f"must not exceed rto_max={self.rto_max}")
+        return self
+
+
+@dataclass(frozen=True)
+class ClientStats:
+    """A snapshot of one client's counters (see `switchagg._stream.StreamCounters` for data ones).
+
+    Attributes beyond the stream's: calls_completed/calls_failed, heartbeats_sent,
+    control_sent/control_received, control_malformed (undecodable control frames),
+    send_dropped (bursts refused by a full send queue: recovered as losses), srtt and rto
+    (seconds; srtt None before the first sample).
+    """
+
+    calls: int
+    calls_completed: int
+    calls_failed: int
+    chunks_sent: int
+    packets_sent: int
+    bursts_sent: int
+    bytes_sent: int
+    retransmitted: int
+    timeouts: int
+    packets_received: int
+    bursts_received: int
+    bytes_received: int
+    results: int
+    duplicates_ignored: int
+    wrapped: int
+    malformed: dict
+    heartbeats_sent: int
+    control_sent: int
+    control_received: int
+    control_malformed: int
+    send_dropped: int
+    srtt: float | None
+    rto: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _Broken(Exception):
+    """Internal: the engine must stop; carries the error every pending call gets."""
+
+    def __init__(self, error: SwitchError, leave_reason: str = "") -> None:
+        super().__init__(str(error))
+        self.error, self.leave_reason = error, leave_reason
+
+
+class SwitchClient:
+    """One worker's membership in one job on an emulated switch.
+
+    Args:
+        address: the switch's ZeroMQ endpoint, e.g. "tcp://127.0.0.1:5555".
+        job: the job's name; the first JOIN creates it, later ones must agree with it.
+        world_size: number of workers in the job.
+        rank: this worker's rank, or None to let the switch pick a free one.
+        config: a `ClientConfig` (defaults if None).
+        token: shared secret the job was created with ("" for none).
+        timeout: if given, overrides config.join_timeout and config.op_timeout (seconds).
+
+    Raises:
+        JoinRejected: the switch refused the JOIN (the error's `field` names the culprit).
+        SwitchTimeout: no JOIN_OK, or not every worker joined, within join_timeout.
+
+    Use as a context manager; `allreduce` blocks, `allreduce_async` returns a Future. Calls are
+    served in the order they were made, by all threads together.
+    """
+
+    def __init__(self, address: str, job: str, world_size: int, rank: int | None = None, *,
+                 config: ClientConfig | None = None, token: str = "",
+                 timeout: float | None = None) -> None:
+        config = config or ClientConfig()
+        if timeout is not None:
+            config = replace(config, join_timeout=timeout, op_timeout=timeout)
+        self.config = config.validate()
+        self.address, self.job = address, job
+        self.world_size = world_size
+        self.rank: int = -1
+        self.job_id: int = -1
+        self.k, self.slots = config.k, config.slots
+        self._join_msg = Join(job, world_size, config.k, config.slots, token, rank)
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()
+        self._closed = False
+        self._error: SwitchError | None = None
+        self._machine: StreamMachine | None = None
+        self._ctl = dict(calls_completed=0, calls_failed=0, heartbeats_sent=0, control_sent=0,
+                         control_received=0, control_malformed=0, send_dropped=0)
+        self._ctx = zmq.Context()
+        wake = f"inproc://switchagg-client-{next(_CLIENT_IDS)}"
+        self._wake_rx = self._ctx.socket(zmq.PAIR)
+        self._wake_rx.bind(wake)
+        self._wake_tx = self._ctx.socket(zmq.PAIR)
+        self._wake_tx.connect(wake)
+        self._wake_lock = threading.Lock()
+        self._joined: concurrent.futures.Future = concurrent.futures.Future()
+        self._thread = threading.Thread(target=self._engine, name=f"switchagg-client-{job}",
+                                        daemon=True)
+        self._thread.start()
+        try:
+            self._joined.result(timeout=2 * config.join_timeout + 10)
+        except concurrent.futures.TimeoutError:
+            self._shutdown()
+            raise SwitchTimeout(f"joining job {job!r} at {address} took over "
+                                f"{2 * config.join_timeout + 10:.0f}s", job=job) from None
+        except BaseException:
+            self._shutdown()
+            raise
+
+    # ---- public API --------------------------------------------------------------------------
+
+    def __enter__(self) -> SwitchClient:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # Leaving because of an error aborts the job for everyone at once, rather than by timeout.
+        self.close(reason=f"worker {self.rank} failed: {exc!r}" if exc is not None else "")
+
+    def allreduce(self, values: np.ndarray) -> np.ndarray:
+        """Sum `values` over every worker of the job, exactly (int32, wrapping like the hardware).
+
+        Args:
+            values: 1-D np.ndarray of int32, any length (not modified).
+
+        Returns:
+            A new int32 array of the same length: the element-wise sum.
+
+        Raises:
+            TypeError / ValueError: values is not a 1-D int32 ndarray.
+            JobAborted, SwitchTimeout: the job or the switch failed (see the class docstring).
+        """
+        return self._wait(self.allreduce_async(values))
+
+    def allreduce_async(self, values: np.ndarray) -> concurrent.futures.Future:
+        """Like `allreduce`, returning a Future of the sum. Do not modify `values` until it is done."""
+        if not isinstance(values, np.ndarray):
+            raise TypeError(f"allreduce takes a 1-D numpy int32 array, got {type(values).__name__}; "
+                            f"pass np.asarray(x, dtype=np.int32)")
+        if values.dtype != np.int32:
+            raise TypeError(f"allreduce takes int32 values, got dtype {values.dtype}; quantize "
+                            f"first, or pass x.astype(np.int32) if the values fit")
+        if values.ndim != 1:
+            raise ValueError(f"allreduce takes a 1-D array, got shape {values.shape}; pass "
+                             f"x.reshape(-1) and reshape the result")
+        return self._submit(len(values), array_fill(values, self.k), stream=False)
+
+    def allreduce_stream(self, numel: int, fill: FillFn) -> tuple[np.ndarray, np.ndarray]:
+        """All-reduce a vector that `fill` writes chunk by chunk, with a block exponent per packet.
+
+        Args:
+            numel: length of the vector.
+            fill: `fill(first, stop, returned_exponents, values_out, exponents_out)`, called just
+                before chunks [first, stop) are first sent (see `switchagg._stream.FillFn`);
+                returned_exponents[j] is the max exponent returned for chunk first + j - slots.
+
+        Returns:
+            (sums, exponents): the int32 sums (numel long) and the int8 max exponent per chunk.
+        """
+        return self._wait(self.allreduce_stream_async(numel, fill))
+
+    def allreduce_stream_async(self, numel: int, fill: FillFn) -> concurrent.futures.Future:
+        """Like `allreduce_stream`, returning a Future of (sums, exponents)."""
+        if not isinstance(numel, (int, np.integer)) or numel < 0:
+            raise ValueError(f"numel={numel!r}: pass the vector's length, an int >= 0")
+        if not callable(fill):
+            raise TypeError("fill must be callable as fill(first, stop, returned_exponents, "
+                            "values_out, exponents_out)")
+        return self._submit(int(numel), fill, stream=True)
+
+    def stats(self) -> ClientStats:
+        """A snapshot of the counters (safe from any thread)."""
+        m = self._machine
+        data: dict[str, Any] = {f.name: 0 for f in fields(ClientStats)}
+        data.update(malformed={}, srtt=None, rto=0.0)
+        if m is not None:
+            data.update((k, v) for k, v in m.counters.as_dict().items() if k in data)
+            data.update(srtt=m.rto.srtt, rto=m.rto.rto)
+        data.update(self._ctl)
+        return ClientStats(**data)
+
+    def close(self, reason: str = "") -> None:
+        """LEAVE the job (a non-empty reason aborts it for every worker), stop, log the stats."""
+        if self._closed:
+            return
+        self._closed = True
+        self._requests.put(("close", reason))
+        self._wake()
+        self._shutdown()
+        log.info("switch client rank %d of job %r closed: %s", self.rank, self.job,
+                 self.stats().as_dict())
+
+    # ---- user-thread side --------------------------------------------------------------------
+
+    def _submit(self, numel: int, fill: FillFn, stream: bool) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        if self._closed:
+            raise JobAborted(f"this SwitchClient (rank {self.rank} of job {self.job!r}) is closed; "
+                             f"open a new one", job=self.job, rank=self.rank)
+        if self._error is not None:
+            future.set_exception(self._error)
+            return future
+        self._requests.put(("call", numel, fill, stream, future))
+        self._wake()
+        return future
+
+    def _wake(self) -> None:
+        with self._wake_lock:
+            try:
+                self._wake_tx.send(b"", zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass  # the engine is gone or already has wake-ups queued; it drains requests anyway
+
+    def _wait(self, future: concurrent.futures.Future):
+        while True:
+            done, _ = concurrent.futures.wait([future], timeout=_WAIT_SLICE)
+            if done:
+                return future.result()
+            if not self._thread.is_alive():
+                raise SwitchError(f"the client engine of rank {self.rank} stopped with this call "
+                                  f"pending (see the log)", job=self.job, rank=self.rank)
+
+    def _shutdown(self) -> None:
+        self._thread.join(timeout=self.config.leave_linger + 5)
+        with self._wake_lock:
+            self._wake_tx.close(linger=0)
+        if not self._thread.is_alive():
+            self._wake_rx.close(linger=0)
+            self._ctx.term()
+
+    # ---- engine thread -----------------------------------------------------------------------
+
+    def _engine(self) -> None:
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, int(self.config.leave_linger * 1000))
+        sock.setsockopt(zmq.SNDHWM, 10_000)
+        sock.setsockopt(zmq.RCVHWM, 10_000)
+        sock.connect(self.address)
+        self._sock = sock
+        try:
+            try:
+                self._join()
+            except SwitchError as exc:
+                self._joined.set_exception(exc)
+                return
+            self._joined.set_result(None)
+            self._run()
+        except BaseException as exc:  # a bug: fail every call rather than leave them hanging
+            log.exception("switch client engine crashed")
+            self._fail_all(SwitchError(f"the switch client engine crashed: {exc!r}",
+                                       job=self.job, rank=self.rank))
+            if not self._joined.done():
+                self._joined.set_exception(exc)
+        finally:
+            sock.close()
+            self._wake_rx.close(linger=0)
+
+    def _send_control(self, message: ControlMessage) -> None:
+        self._sock.send_multipart([FRAME_CONTROL, encode_control(message)])
+        self._ctl["control_sent"] += 1
+
+    def _recv_control(self, deadline: float) -> ControlMessage | None:
+        """The next control message before `deadline` (data frames are ignored; joining only)."""
+        while (left := deadline - time.monotonic()) > 0:
+            if not self._sock.poll(max(1, int(left * 1000))):
+                continue
+            frames = self._sock.recv_multipart()
+            if len(frames) == 2 and frames[0] == FRAME_CONTROL:
+                message = self._decode(frames[1])
+                if message is not None:
+                    return message
+        return None
+
+    def _decode(self, frame) -> ControlMessage | None:
+        self._ctl["control_received"] += 1
+        try:
+            return decode_control(frame)
+        except ProtocolError as exc:
+            self._ctl["control_malformed"] += 1
+            log.warning("dropped a malformed control message from the switch: %s", exc)
+            return None
+
+    def _join(self) -> None:
+        cfg, addr = self.config, self.address
+        self._send_control(self._join_msg)
+        deadline = time.monotonic() + cfg.join_timeout
+        while True:
+            msg = self._recv_control(deadline)
+            if msg is None:
+                raise SwitchTimeout(f"no answer from switch at {addr} within {cfg.join_timeout}s; "
+                                    f"is `switch-emulator --bind {addr}` running?", job=self.job)
+            if isinstance(msg, Error):
+                raise JoinRejected(f"switch at {addr} refused to join job {self.job!r}: "
+                                   f"{msg.message} ({msg.code}"
+                                   + (f", field {msg.field}={msg.value!r})" if msg.field else ")"),
+                                   job=self.job, field=msg.field, value=msg.value)
+            if isinstance(msg, JoinOk):
+                break
+        self.rank, self.job_id = msg.rank, msg.job_id
+        self.k, self.slots, self.world_size = msg.k, msg.slots, msg.world_size
+        self._hb_interval, self._liveness = msg.heartbeat_interval, msg.liveness_timeout
+        burst = min(cfg.burst, msg.slots)
+        if burst != cfg.burst:
+            log.info("switch granted %d slots; bursts cut from %d to %d packets", msg.slots,
+                     cfg.burst, burst)
+        self._machine = StreamMachine(job_id=msg.job_id, rank=msg.rank, k=msg.k, slots=msg.slots,
+                                      burst=burst, rto_initial=cfg.rto_initial,
+                                      rto_min=cfg.rto_min, rto_max=cfg.rto_max)
+        # Wait for READY, heartbeating so that the switch does not count us dead meanwhile.
+        deadline = time.monotonic() + cfg.join_timeout
+        while time.monotonic() < deadline:
+            self._send_control(Heartbeat(self.job_id, self.rank))
+            self._ctl["heartbeats_sent"] += 1
+            msg = self._recv_control(min(deadline, time.monotonic() + self._hb_interval))
+            if isinstance(msg, Ready):
+                return
+            if isinstance(msg, Abort):
+                raise JobAborted(self._abort_text(msg), job=self.job, rank=msg.rank)
+            if isinstance(msg, Error):
+                raise JoinRejected(f"switch at {addr} dropped rank {self.rank} of job "
+                                   f"{self.job!r} while waiting for the others: {msg.message}",
+                                   job=self.job, field=msg.field, value=msg.value)
+        joined = self._joined_count()
+        who = (f"only {joined} of {self.world_size} workers" if joined is not None
+               else f"not all {self.world_size} workers")
+        raise SwitchTimeout(f"{who} joined job {self.job!r} at {addr} within {cfg.join_timeout}s; "
+                            f"start the missing workers (or check their --job and --world-size)",
+                            job=self.job, rank=self.rank)
+
+    def _joined_count(self) -> int | None:
+        """Ask the switch how many workers joined (best effort, for the error message)."""
+        self._send_control(StatsRequest(self.job_id))
+        deadline = time.monotonic() + self.config.query_timeout
+        while (msg := self._recv_control(deadline)) is not None:
+            if isinstance(msg, StatsReply):
+                job = msg.stats.get("jobs", {}).get(str(self.job_id), {})
+                joined = job.get("joined")
+                return joined if isinstance(joined, int) else None
+        return None
+
+    def _abort_text(self, msg: Abort) -> str:
+        who = f" because of worker {msg.rank}" if msg.rank is not None else ""
+        return (f"job {self.job!r} was aborted by the switch{who}: {msg.reason}; "
+                f"restart the job")
+
+    def _run(self) -> None:
+        m = self._machine
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        poller.register(self._wake_rx, zmq.POLLIN)
+        now = time.monotonic()
+        self._last_heard = now
+        next_heartbeat = now + self._hb_interval
+        query_deadline: float | None = None
+        query_sent = 0.0
+        query_text = ""
+        while True:
+            timers = [next_heartbeat]
+            if m.busy:
+                quiet = max(self._last_heard, m.last_progress)
+                timers += [quiet + self._liveness, m.last_progress + self.config.op_timeout]
+                if (d := m.next_deadline()) is not None:
+                    timers.append(d)
+                if query_deadline is not None:
+                    timers.append(query_deadline)
+            wait_ms = max(0, int((min(timers) - time.monotonic()) * 1000) + 1)
+            events = dict(poller.poll(wait_ms))
+            try:
+                if self._wake_rx in events:
+                    while self._wake_rx.poll(0):
+                        self._wake_rx.recv()
+                    if self._take_requests():
+                        return
+                if self._sock in events:
+                    reply = self._receive()
+                    if isinstance(reply, QueryReply) and query_deadline is not None:
+                        raise _Broken(SwitchTimeout(query_text + self._query_text(reply),
+                                                    job=self.job, rank=self.rank),
+                                      leave_reason=query_text)
+                now = time.monotonic()
+                if now >= next_heartbeat and self._error is None:
+                    self._send_control(Heartbeat(self.job_id, self.rank))
+                    self._ctl["heartbeats_sent"] += 1
+                    next_heartbeat = now + self._hb_interval
+                if m.busy:
+                    silent = now - max(self._last_heard, m.last_progress)
+                    if silent > self._liveness:
+                        raise _Broken(SwitchTimeout(
+                            f"switch at {self.address} sent nothing (no result, no heartbeat "
+                            f"ack) for {silent:.1f}s while an all-reduce of job {self.job!r} was "
+                            f"pending; is it still running?", job=self.job, rank=self.rank))
+                    if query_deadline is not None and m.last_progress > query_sent:
+                        query_deadline = None  # progress resumed while the QUERY was out
+                    if query_deadline is None and now - m.last_progress > self.config.op_timeout:
+                        slots, versions, n = m.stuck(_QUERY_SLOTS)
+                        query_text = (f"all-reduce of job {self.job!r} (rank {self.rank}) made no "
+                                      f"progress for {now - m.last_progress:.1f}s: {n} chunks "
+                                      f"outstanding, oldest on slots {slots}")
+                        self._send_control(Query(self.job_id, slots, versions))
+                        query_deadline, query_sent = now + self.config.query_timeout, now
+                    elif query_deadline is not None and now > query_deadline:
+                        raise _Broken(SwitchTimeout(query_text + "; the switch did not say which "
+                                                    "workers it misses", job=self.job,
+                                                    rank=self.rank), leave_reason=query_text)
+                else:
+                    query_deadline = None
+                self._send_bursts(m.transmit(now))
+            except _Broken as broken:
+                self._fail_all(broken.error)
+                if broken.leave_reason:
+                    self._send_control(Leave(self.job_id, self.rank, broken.leave_reason))
+            except Exception as exc:  # a user fill() raised: this stream cannot go on
+                error = JobAborted(f"rank {self.rank} stopped job {self.job!r}: a fill function "
+                                   f"raised {exc!r}", job=self.job, rank=self.rank)
+                error.__cause__ = exc
+                self._fail_all(error)
+                self._send_control(Leave(self.job_id, self.rank, str(error)))
+
+    def _query_text(self, reply: QueryReply) -> str:
+        missing = sorted({r for ranks in reply.missing if isinstance(ranks, list) for r in ranks})
+        text = f"; the switch misses worker(s) {missing} on them"
+        if reply.departed:
+            text += f" (departed: {reply.departed})"
+        return text + "; check that every worker calls allreduce with the same sizes"
+
+    def _take_requests(self) -> bool:
+        """Serve queued requests in order; True if the engine must stop."""
+        m = self._machine
+        while True:
+            try:
+                request = self._requests.get_nowait()
+            except queue.Empty:
+                return False
+            if request[0] == "close":
+                self._fail_all(JobAborted(f"SwitchClient of rank {self.rank} closed with this "
+                                          f"all-reduce pending", job=self.job, rank=self.rank))
+                self._send_control(Leave(self.job_id, self.rank, request[1]))
+                return True
+            _, numel, fill, stream, future = request
+            if not future.set_running_or_notify_cancel():
+                continue
+            if self._error is not None:
+                self._ctl["calls_failed"] += 1
+                future.set_exception(self._error)
+                continue
+            call = m.submit(numel, fill, time.monotonic(), token=(future, stream))
+            if call.complete:  # numel == 0
+                self._complete(call)
+
+    def _complete(self, call: StreamCall) -> None:
+        future, stream = call.token
+        self._ctl["calls_completed"] += 1
+        future.set_result((call.result(), call.exponents) if stream else call.result())
+
+    def _receive(self) -> ControlMessage | None:
+        """Drain the data socket; returns the last QUERY_REPLY seen, if any."""
+        m, sock, found = self._machine, self._sock, None
+        for _ in range(_DRAIN):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            self._last_heard = time.monotonic()
+            if len(frames) != 2:
+                self._ctl["control_malformed"] += 1
+                continue
+            kind = frames[0].bytes
+            if kind == FRAME_DATA:
+                for call in m.receive(frames[1].buffer, self._last_heard):
+                    self._complete(call)
+            elif kind == FRAME_CONTROL:
+                msg = self._decode(frames[1].bytes)
+                if isinstance(msg, Abort):
+                    raise _Broken(JobAborted(self._abort_text(msg), job=self.job, rank=msg.rank))
+                if isinstance(msg, QueryReply):
+                    found = msg
+                elif isinstance(msg, Error) and self._error is None:
+                    log.warning("switch at %s: %s (%s)", self.address, msg.message, msg.code)
+                elif not isinstance(msg, (HeartbeatAck, StatsReply, Ready, JoinOk, type(None))):
+                    log.debug("ignored %s from the switch", type(msg).__name__)
+            else:
+                self._ctl["control_malformed"] += 1
+        return found
+
+    def _send_bursts(self, bursts: list[np.ndarray]) -> None:
+        for burst in bursts:
+            try:
+                # copy=False: a ring slice is rewritten only after its result came back (the
+                # switch got it); retransmissions are fresh copies.
+                self._sock.send_multipart([FRAME_DATA, burst.view(np.uint8)], zmq.NOBLOCK,
+                                          copy=False)
+            except zmq.Again:
+                self._ctl["send_dropped"] += 1  # like a lost frame: the RTO resends it
+
+    def _fail_all(self, error: SwitchError) -> None:
+        """Fail every pending and queued call, and every later one, with `error`."""
+        if self._error is None:
+            self._error = error
+        if self._machine is not None:
+            for call in self._machine.abandon():
+                self._ctl["calls_failed"] += 1
+                future, _ = call.token
+                if not future.done():
+                    future.set_exception(error)
+        # Calls still queued fail as `_take_requests` reaches them (self._error is set).
