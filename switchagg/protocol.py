@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -62,6 +63,10 @@ def _check(cls_name: str, name: str, value: Any, kind: type | tuple, lo: Any = N
             raise ProtocolError(f"{cls_name}.{name} is {len(value)} characters; at most "
                                 f"{MAX_NAME_LEN} allowed", field=name, value=value[:32])
         return
+    # NaN compares False with everything, so it would pass any bound (json.loads accepts NaN).
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ProtocolError(f"{cls_name}.{name}={value!r} is not a finite number",
+                            field=name, value=value)
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         raise ProtocolError(f"{cls_name}.{name}={value!r} is outside [{lo}, {hi}]",
                             field=name, value=value)
