@@ -96,8 +96,9 @@ class SwitchConfig:
     log_level: str = _opt("INFO", "Logging level: DEBUG, INFO, WARNING or ERROR.", "DEBUG")
     hwm: int = _opt(
         100_000,
-        "ZeroMQ send and receive high-water mark, in messages per peer; bursts beyond it wait. High, "
-        "so results are never dropped silently by ZeroMQ.",
+        "ZeroMQ send and receive high-water mark, in messages per peer. A result burst for a worker "
+        "whose queue is full is dropped and counted (send_failures); the worker's retransmission "
+        "recovers it.",
         "100000")
     linger: float = _opt(
         0.5,

@@ -1,0 +1,104 @@
+"""`switch-emulator`: run the emulated switch until SIGINT or SIGTERM.
+
+The options are the fields of `SwitchConfig` (their help text is the fields' documentation), plus
+`--drop P`, shorthand for `--drop-ingress P --drop-egress P`. On SIGINT/SIGTERM every worker of every
+job gets ABORT("switch shutting down"), the counters are logged, and the process exits 0; it exits 2
+on a bad option or an endpoint it cannot bind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import signal
+import sys
+import threading
+
+import zmq
+
+from switch_emulator._config import DATAPLANE_CHOICES, LOG_LEVELS, ConfigError, SwitchConfig
+
+__all__ = ["build_parser", "config_from_args", "main"]
+
+log = logging.getLogger("switch_emulator")
+
+_EPILOG = """\
+examples:
+  switch-emulator                                        # loopback, port 5555
+  switch-emulator --bind tcp://10.0.0.5:5555 --slots 16384
+  switch-emulator --drop 0.01 --reorder 0.001 --seed 7    # exercise the workers' recovery paths
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser, one option per `SwitchConfig` field."""
+    parser = argparse.ArgumentParser(
+        prog="switch-emulator", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Emulated SwitchML-style aggregation switch: workers JOIN a job, stream int32 "
+                    "packets, and receive the per-slot sums (DESIGN.md §4-5).", epilog=_EPILOG)
+    for f in dataclasses.fields(SwitchConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kwargs = dict(default=None, help=SwitchConfig.describe(f.name), dest=f.name)
+        if f.name == "dataplane":
+            kwargs["choices"] = DATAPLANE_CHOICES
+        elif f.name == "log_level":
+            kwargs["choices"] = LOG_LEVELS
+            kwargs["type"] = str.upper
+        else:
+            kwargs["type"] = type(f.default)
+            kwargs["metavar"] = {int: "N", float: "X", str: "ENDPOINT"}[type(f.default)]
+        parser.add_argument(flag, **kwargs)
+        if f.name == "drop_egress":
+            parser.add_argument("--drop", type=float, default=None, metavar="P",
+                                help="Shorthand: set both --drop-ingress and --drop-egress to P "
+                                     "(the specific options win).")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> SwitchConfig:
+    """Build the config from parsed options (unset ones keep their defaults).
+
+    Raises:
+        ConfigError: an option is out of range.
+    """
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(SwitchConfig)
+              if getattr(args, f.name) is not None}
+    if args.drop is not None:
+        values.setdefault("drop_ingress", args.drop)
+        values.setdefault("drop_egress", args.drop)
+    return SwitchConfig(**values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the switch; returns the process exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        parser.error(f"--{exc.field.replace('_', '-')}: {exc}")
+    logging.basicConfig(level=getattr(logging, config.log_level),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from switch_emulator.server import SwitchServer  # after logging is set, so binding is logged
+
+    server = SwitchServer(config)
+    try:
+        server.bind()
+    except zmq.ZMQError as exc:
+        log.error("cannot bind %s: %s (is another switch running there?)", config.bind, exc)
+        server.context.term()
+        return 2
+    stop = threading.Event()
+
+    def request_stop(signum: int, _frame: object) -> None:
+        log.info("received %s: shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    return server.run(stop)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

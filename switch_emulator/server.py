@@ -1,0 +1,294 @@
+"""The switch's ZeroMQ front: one ROUTER socket, a thin loop, and the per-burst data path.
+
+What it owns: the socket, the clock, the loss injectors' generator, the periodic work (liveness,
+stats, releasing held-back packets) and shutdown. What it must never do: decide anything about jobs
+(that is `_jobs.ControlPlane`) or slots (the dataplane), or touch packets one at a time in Python.
+
+How it works: every message is `[identity, FRAME_DATA | FRAME_CONTROL, body]` (protocol.py). The
+loop polls for at most `POLL_MS`, then drains what is queued. Control frames go to the control plane
+and its replies are sent. A data frame is, per burst and never per packet:
+  1. admitted by the control plane for the job and rank THIS connection joined with (else at most
+     one refusal per second to the sender);
+  2. parsed without copying (`recv(copy=False)` then `parse_burst`) and validated vectorized against
+     that job and rank: a spoofed rank, another job, a bad slot are dropped and counted by reason;
+  3. passed through ingress loss injection, then `dataplane.receive` once;
+  4. its completed slots are sent to every receiving worker of the job, one send per worker of the
+     same buffer without copying (with egress loss, each worker gets its own subset), and the
+     retransmission answers to the sender alone.
+Sends use ROUTER_MANDATORY and never block: a vanished peer raises EHOSTUNREACH, which aborts its
+job at once (the others learn why instead of waiting for the liveness timeout); a full queue drops
+the burst and counts it (the worker's retransmission recovers, as after a loss).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import numpy as np
+import zmq
+
+from switch_emulator._config import SwitchConfig
+from switch_emulator._jobs import ControlPlane, Job, Reply
+from switch_emulator._loss import LossInjector, LossRates
+from switchagg.packet import MAX_BURST_BYTES, Kind, parse_burst, validate_burst
+from switchagg.protocol import FRAME_CONTROL, FRAME_DATA, Abort, encode_control
+
+__all__ = ["SwitchServer", "dataplane_factory", "POLL_MS"]
+
+log = logging.getLogger("switch_emulator.server")
+
+#: Longest the loop sleeps in poll: bounds how late a stop request, a liveness check or a held-back
+#: packet is handled (STYLE.md: at most ~100 ms).
+POLL_MS = 100
+#: Messages handled between two looks at the clock-driven work, so a flood cannot starve liveness.
+MAX_BATCH = 256
+#: Liveness is checked this often (seconds); a silent worker is noticed within timeout + this.
+LIVENESS_CHECK_S = 0.1
+
+
+def dataplane_factory(name: str) -> Callable[[int, int, int], object]:
+    """`(world_size, slots, k) -> dataplane` for the dataplane called `name` ("fast" or "golden")."""
+    from switch_emulator.dataplane import make_dataplane
+
+    make_dataplane(name, 1, 1, 8)  # fail now, with the valid names, not at the first JOIN
+    return lambda world_size, slots, k: make_dataplane(name, world_size, slots, k)
+
+
+def _loss_factory(config: SwitchConfig) -> Callable[[int], tuple[LossInjector | None, ...]] | None:
+    if not config.loss_enabled:
+        return None
+    ingress = LossRates(config.drop_ingress, config.duplicate, config.reorder)
+    egress = LossRates(config.drop_egress, config.duplicate, config.reorder)
+
+    def make(job_id: int) -> tuple[LossInjector | None, LossInjector | None]:
+        # One stream per (seed, job, direction): a job's losses do not depend on other jobs' traffic.
+        return (LossInjector(ingress, np.random.default_rng([config.seed, job_id, 0])),
+                LossInjector(egress, np.random.default_rng([config.seed, job_id, 1])))
+    return make
+
+
+class SwitchServer:
+    """The switch process's loop around one ROUTER socket.
+
+    Args:
+        config: validated settings.
+        context: a ZeroMQ context to use (default: a private one, terminated by `close`).
+        clock: seconds, monotonic (injectable for tests).
+
+    Use `bind()` then `run(stop)`; `run` returns 0 after a clean shutdown.
+    """
+
+    def __init__(self, config: SwitchConfig, context: zmq.Context | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.clock = clock
+        self._own_context = context is None
+        self.context = context or zmq.Context()
+        self.control = ControlPlane(config.slots, config.heartbeat_interval,
+                                    config.liveness_timeout, dataplane_factory(config.dataplane),
+                                    _loss_factory(config))
+        self.socket: zmq.Socket | None = None
+        self.endpoint = ""
+
+    def bind(self) -> str:
+        """Create and bind the ROUTER; return the bound endpoint (a tcp port of 0 or * is resolved).
+
+        Raises:
+            zmq.ZMQError: the endpoint cannot be bound (in use, bad interface).
+        """
+        sock = self.context.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.SNDHWM, self.config.hwm)
+        sock.setsockopt(zmq.RCVHWM, self.config.hwm)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.LINGER, int(self.config.linger * 1000))
+        try:
+            sock.bind(self.config.bind)
+        except zmq.ZMQError:
+            sock.close(linger=0)
+            raise
+        self.socket = sock
+        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        log.info("switch listening on %s (%d slots, dataplane %s, liveness %.3g s)", self.endpoint,
+                 self.config.slots, self.config.dataplane, self.config.liveness_timeout)
+        return self.endpoint
+
+    def run(self, stop: threading.Event) -> int:
+        """Serve until `stop` is set; then ABORT every job, log the counters, close. Returns 0."""
+        if self.socket is None:
+            self.bind()
+        sock = self.socket
+        now = self.clock()
+        next_liveness = now + LIVENESS_CHECK_S
+        interval = self.config.stats_interval
+        next_stats = now + interval if interval else float("inf")
+        try:
+            while not stop.is_set():
+                if sock.poll(POLL_MS, zmq.POLLIN):
+                    for _ in range(MAX_BATCH):
+                        try:
+                            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self._dispatch(frames, self.clock())
+                else:
+                    self._release_held()
+                now = self.clock()
+                if now >= next_liveness:
+                    self._send_replies(self.control.check_liveness(now))
+                    next_liveness = now + LIVENESS_CHECK_S
+                if now >= next_stats:
+                    self._log_stats()
+                    next_stats = now + interval
+        finally:
+            self.close()
+        return 0
+
+    def close(self) -> None:
+        """ABORT every job ("switch shutting down"), log the counters, close the socket."""
+        if self.socket is None:
+            return
+        self._send_replies(self.control.shutdown("switch shutting down"))
+        self._log_stats()
+        self.socket.close(linger=int(self.config.linger * 1000))
+        self.socket = None
+        if self._own_context:
+            self.context.term()
+        log.info("switch stopped")
+
+    # ------------------------------------------------------------------------------- dispatch
+
+    def _dispatch(self, frames: list[zmq.Frame], now: float) -> None:
+        identity = frames[0].bytes
+        if len(frames) != 3:
+            self.control.count_malformed("frames")
+            self._send_replies(self.control.refuse(
+                identity, now, "malformed", f"expected 2 frames [type, body], got "
+                f"{len(frames) - 1}", "frames"))
+            return
+        kind = frames[1].bytes
+        if kind == FRAME_DATA:
+            self._on_data(identity, frames[2], now)
+        elif kind == FRAME_CONTROL:
+            self._send_replies(self.control.on_control(identity, frames[2].buffer, now))
+        else:
+            self.control.count_malformed("frame_type")
+            self._send_replies(self.control.refuse(
+                identity, now, "malformed", f"first frame must be {FRAME_DATA!r} or "
+                f"{FRAME_CONTROL!r}, got {kind[:8]!r}", "frames"))
+
+    def _on_data(self, identity: bytes, frame: zmq.Frame, now: float) -> None:
+        admitted = self.control.admit_data(identity, now)
+        if admitted.job is None:
+            self._send_replies(admitted.replies)
+            return
+        job, rank = admitted.job, admitted.rank
+        counters = job.counters
+        counters.bursts_in += 1
+        buffer = frame.buffer
+        if buffer.nbytes > MAX_BURST_BYTES:
+            counters.count_malformed({"oversized": 1})
+            return
+        packets, trailing = parse_burst(buffer, job.k)
+        counters.packets_in += len(packets)
+        if trailing:
+            counters.count_malformed({"truncated": 1})
+        ok, bad = validate_burst(packets, kind=Kind.DATA, job=job.job_id, worker=rank,
+                                 slots=job.slots)
+        if bad:
+            counters.count_malformed(bad)
+            packets = packets[ok]
+        if job.ingress is not None:
+            packets = job.ingress.apply(packets, rank)
+        self._deliver(job, rank, identity, packets)
+
+    def _deliver(self, job: Job, rank: int, identity: bytes, packets: np.ndarray) -> None:
+        if not len(packets):
+            return
+        out = job.dataplane.receive(packets, rank)
+        if len(out.multicast):
+            for member in job.receivers():
+                self._send_results(job, member.rank, member.identity, out.multicast)
+                if job.job_id not in self.control.jobs:  # a peer was gone: the job is aborted
+                    return
+        if len(out.unicast):
+            self._send_results(job, rank, identity, out.unicast)
+
+    def _send_results(self, job: Job, rank: int, identity: bytes, results: np.ndarray) -> None:
+        if job.egress is not None:
+            results = job.egress.apply(results, rank)
+            if not len(results):
+                return
+        try:
+            self.socket.send_multipart([identity, FRAME_DATA, results], zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as exc:
+            job.counters.send_failures += 1
+            self._send_failed(identity, exc)
+            return
+        job.counters.bursts_out += 1
+        job.counters.packets_out += len(results)
+
+    def _release_held(self) -> None:
+        """The link is quiet: deliver packets the loss injectors held back (reordering)."""
+        for job in list(self.control.jobs.values()):
+            for inj, ingress in ((job.ingress, True), (job.egress, False)):
+                if inj is None:
+                    continue
+                for rank in inj.held_flows():
+                    held = inj.release(rank)
+                    member = job.members.get(rank)
+                    if held is None or member is None or member.departed:
+                        continue
+                    if ingress:
+                        self._deliver(job, rank, member.identity, held)
+                    else:
+                        self._send_raw(member.identity, held, job)
+                    if job.job_id not in self.control.jobs:  # a send found a peer gone
+                        break
+
+    def _send_raw(self, identity: bytes, results: np.ndarray, job: Job) -> None:
+        try:
+            self.socket.send_multipart([identity, FRAME_DATA, results], zmq.NOBLOCK, copy=False)
+            job.counters.bursts_out += 1
+            job.counters.packets_out += len(results)
+        except zmq.ZMQError as exc:
+            job.counters.send_failures += 1
+            self._send_failed(identity, exc)
+
+    # ------------------------------------------------------------------------------- control out
+
+    def _send_replies(self, replies: list[Reply]) -> None:
+        encoded: dict[int, bytes] = {}  # one READY/ABORT object goes to many workers
+        gone: list[bytes] = []
+        for identity, message in replies:
+            body = encoded.get(id(message))
+            if body is None:
+                body = encoded[id(message)] = encode_control(message)
+            try:
+                self.socket.send_multipart([identity, FRAME_CONTROL, body], zmq.NOBLOCK)
+            except zmq.ZMQError as exc:
+                self.control.counters["send_failures"] += 1
+                # An ABORT to a peer that is gone needs no further action.
+                if exc.errno == errno.EHOSTUNREACH and not isinstance(message, Abort):
+                    gone.append(identity)
+        for identity in gone:
+            self._send_replies(self.control.peer_gone(identity))
+
+    def _send_failed(self, identity: bytes, exc: zmq.ZMQError) -> None:
+        self.control.counters["send_failures"] += 1
+        if exc.errno == errno.EHOSTUNREACH:
+            log.info("peer %s is gone", identity.hex())
+            self._send_replies(self.control.peer_gone(identity))
+        else:
+            log.debug("send to %s failed: %s", identity.hex(), exc)
+
+    def _log_stats(self) -> None:
+        stats = self.control.stats()
+        jobs = stats.pop("jobs")
+        log.info("switch counters: %s", json.dumps(stats, sort_keys=True))
+        for job in jobs.values():
+            log.info("job %s counters: %s", job["name"], json.dumps(job, sort_keys=True))
