@@ -1,0 +1,239 @@
+"""One worker's training loop: local forward/backward, the method's reduce, the optimizer step.
+
+What it owns: running one method on one task for one worker, from a fresh model to a summary, and
+the per-step and per-evaluation records (JSON-able dicts) that the comparison plots and tables are
+made from. What it must never do: communicate except through `method.reduce` (the method owns
+compression and its collective), or make anything depend on wall-clock time except the timings it
+reports.
+
+How it works, per step (the walk of DESIGN.md §3, seen from the worker):
+  1. forward/backward on the local batch (plus the task's per-worker gradient clip)   -> t_compute
+  2. `method.reduce(grads, step=, lr=)` returns the averaged gradients and a
+     `StepTelemetry` (integer range, clipping, wraps, bytes, packets, rounds, and the
+     quantize / communicate / decode time split)
+  3. the averaged gradients replace .grad and the optimizer steps (momentum and weight
+     decay after the reduce, the SGD/PowerSGD baselines' placement)
+Every worker applies the same averaged gradient to the same initial weights, so replicas stay equal;
+the summary carries a digest of the parameters so a caller can check that they did.
+
+Reproducibility: one seed fixes everything that is random. The initial weights come from
+`derive_seed(seed, "init")` (the same on every rank), dropout from `(seed, "dropout", rank)`, the data
+order of each epoch from `(seed, "data", rank, epoch)`, and the method's rounding from the seed the
+caller gave `make_method`. Same seed, same numbers (timings aside).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from workers.data import derive_seed, generator_for
+from workers.tasks.base import Task
+
+__all__ = ["TrainConfig", "train", "telemetry_dict", "params_digest"]
+
+#: Called with each record (a JSON-able dict): kind "step" (every worker) or "eval" (rank 0).
+Sink = Callable[[dict[str, Any]], None]
+#: Called on rank 0 after each step with (steps done, total steps, last loss).
+Progress = Callable[[int, int, float], None]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What to run; None takes the task's preset.
+
+    Attributes:
+        epochs: passes over each shard.
+        batch_size: examples per worker per step (0: the whole shard).
+        lr: initial learning rate (the task's schedule scales it).
+        max_steps: stop after this many steps (for quick runs and tests).
+        eval_every: evaluate every this many epochs (always after the last step).
+        seed: the one seed (see the module notes).
+    """
+
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    max_steps: int | None = None
+    eval_every: int | None = None
+    seed: int = 0
+
+
+def telemetry_dict(telemetry: Any) -> dict[str, Any]:
+    """A method's StepTelemetry (dataclass or object with `as_dict`) as a plain dict."""
+    if hasattr(telemetry, "as_dict"):
+        return dict(telemetry.as_dict())
+    if isinstance(telemetry, dict):
+        return dict(telemetry)
+    return dict(vars(telemetry))
+
+
+def params_digest(model: torch.nn.Module) -> str:
+    """A short hash of the trainable parameters' bytes (equal replicas have equal digests)."""
+    h = hashlib.sha256()
+    for p in model.parameters():
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _sync(device: torch.device) -> None:
+    # CUDA kernels are asynchronous: without this the compute time would leak into the reduce's.
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train(task: Task, method: Any, *, rank: int, world_size: int, config: TrainConfig,
+          sink: Sink | None = None, progress: Progress | None = None) -> dict[str, Any]:
+    """Train a fresh model of `task` with `method` as worker `rank`; every rank calls this together.
+
+    Args:
+        task: the task (this worker's own instance).
+        method: a `switchagg.methods` Method bound to this worker's collective; `method.name` is
+            used in the records.
+        rank, world_size: this worker and the group size.
+        config: epochs, batch size, lr, seed (None fields take the task's preset).
+        sink: receives every step and evaluation record.
+        progress: rank 0's progress callback.
+
+    Returns:
+        A summary dict: steps, wall_s, the last evaluation (rank 0; empty elsewhere), training loss,
+        cumulative wire cost, integer extremes and time split (see `_Totals.summary`).
+
+    Raises:
+        Whatever the method raises (SwitchError subclasses from the transport), unchanged.
+    """
+    preset = task.preset
+    epochs = config.epochs if config.epochs is not None else preset.epochs
+    batch_size = config.batch_size if config.batch_size is not None else preset.batch_size
+    base_lr = config.lr if config.lr is not None else preset.lr
+    eval_every = max(1, config.eval_every or preset.eval_every)
+    name = getattr(method, "name", type(method).__name__)
+
+    torch.manual_seed(derive_seed(config.seed, "init"))
+    model = task.build_model()
+    model.train()
+    torch.manual_seed(derive_seed(config.seed, "dropout", rank))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(task.param_groups(model, preset.weight_decay), lr=base_lr,
+                                momentum=preset.momentum, nesterov=preset.nesterov and preset.momentum > 0)
+    shard = task.shard(rank, world_size, batch_size)
+    per_epoch = shard.steps_per_epoch
+    total = epochs * per_epoch
+    if config.max_steps is not None:
+        total = min(total, config.max_steps)
+
+    totals = _Totals()
+    emit = sink or (lambda record: None)
+    last_eval: dict[str, float] = {}
+    step = 0
+    start = time.perf_counter()
+    for epoch in range(epochs):
+        if step >= total:
+            break
+        carry = None
+        epoch_losses: list[float] = []
+        for batch in shard.batches(epoch, generator_for(config.seed, "data", rank, epoch)):
+            if step >= total:
+                break
+            lr = preset.lr_at(epoch + (step - epoch * per_epoch) / per_epoch, base_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            t0 = time.perf_counter()
+            # 1. local forward/backward
+            optimizer.zero_grad(set_to_none=False)
+            loss, carry = task.loss(model, batch, carry)
+            loss.backward()
+            if preset.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, preset.grad_clip)
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            _sync(task.device)
+            t1 = time.perf_counter()
+            # 2. the method: compress, communicate, decode
+            averaged, telemetry = method.reduce(grads, step=step, lr=lr)
+            _sync(task.device)
+            t2 = time.perf_counter()
+            # 3. the optimizer applies the average
+            with torch.no_grad():
+                for p, g in zip(params, averaged):
+                    if p.grad is None:  # a parameter this batch did not reach
+                        p.grad = g.view_as(p).clone()
+                    else:
+                        p.grad.copy_(g.view_as(p))
+            optimizer.step()
+            _sync(task.device)
+            t3 = time.perf_counter()
+
+            loss_value = float(loss.detach())
+            epoch_losses.append(loss_value)
+            tel = telemetry_dict(telemetry)
+            totals.add(tel, t1 - t0, t2 - t1, t3 - t2)
+            record = {"kind": "step", "method": name, "rank": rank, "step": step, "epoch": epoch,
+                      "loss": loss_value, "lr": lr, "t_compute": t1 - t0, "t_reduce": t2 - t1,
+                      "t_update": t3 - t2, "bytes_sent_cum": totals.bytes_sent}
+            record.update({k: v for k, v in tel.items() if k not in ("method", "step")})
+            emit(record)
+            step += 1
+            if progress is not None and rank == 0:
+                progress(step, total, loss_value)
+
+        finished = step >= total or epoch == epochs - 1
+        totals.last_epoch_loss = sum(epoch_losses) / max(1, len(epoch_losses))
+        if rank == 0 and ((epoch + 1) % eval_every == 0 or finished):
+            last_eval = task.evaluate(model)
+            emit({"kind": "eval", "method": name, "rank": rank, "step": step, "epoch": epoch + 1,
+                  "bytes_sent_cum": totals.bytes_sent, **last_eval})
+    wall = time.perf_counter() - start
+    return totals.summary(name=name, rank=rank, steps=step, wall_s=wall, evaluation=last_eval,
+                          digest=params_digest(model))
+
+
+class _Totals:
+    """Running sums and extremes of the per-step records of one run."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.bytes_sent = self.bytes_received = self.packets = self.rounds = self.wraps = 0
+        self.clipped = self.numel = 0
+        self.max_abs_sum = self.max_abs_q = self.sum_bits = 0
+        self.t = {"compute": 0.0, "quantize": 0.0, "communicate": 0.0, "decode": 0.0,
+                  "reduce": 0.0, "update": 0.0}
+        self.last_epoch_loss = math.nan
+
+    def add(self, tel: dict[str, Any], t_compute: float, t_reduce: float, t_update: float) -> None:
+        self.steps += 1
+        self.bytes_sent += int(tel.get("bytes_sent", 0))
+        self.bytes_received += int(tel.get("bytes_received", 0))
+        self.packets += int(tel.get("packets_sent", 0))
+        self.rounds += int(tel.get("rounds", 0))
+        self.wraps += int(tel.get("wraps", 0))
+        self.clipped += int(tel.get("clipped", 0))
+        self.numel += int(tel.get("numel", 0))
+        self.max_abs_sum = max(self.max_abs_sum, int(tel.get("max_abs_sum", 0)))
+        self.max_abs_q = max(self.max_abs_q, int(tel.get("max_abs_q", 0)))
+        self.sum_bits = max(self.sum_bits, int(tel.get("sum_bits", 0)))
+        for key in ("quantize", "communicate", "decode"):
+            self.t[key] += float(tel.get(f"t_{key}", 0.0))
+        self.t["compute"] += t_compute
+        self.t["reduce"] += t_reduce
+        self.t["update"] += t_update
+
+    def summary(self, *, name: str, rank: int, steps: int, wall_s: float,
+                evaluation: dict[str, float], digest: str) -> dict[str, Any]:
+        n = max(1, self.steps)
+        return {
+            "method": name, "rank": rank, "steps": steps, "wall_s": wall_s,
+            "evaluation": evaluation, "final_train_loss": self.last_epoch_loss,
+            "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received,
+            "packets": self.packets, "rounds_per_step": self.rounds / n, "wraps": self.wraps,
+            "clip_fraction": self.clipped / self.numel if self.numel else 0.0,
+            "max_abs_sum": self.max_abs_sum, "max_abs_q": self.max_abs_q,
+            "bits_needed": self.sum_bits,
+            "time_per_step": {k: v / n for k, v in self.t.items()},
+            "params_digest": digest,
+        }
