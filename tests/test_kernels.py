@@ -15,7 +15,7 @@ import torch
 import switchagg.kernels as K
 from switchagg.kernels import INT32_MAX, INT32_MIN
 
-CPU_BACKENDS = ["numpy"]
+CPU_BACKENDS = ["numpy", "numba"]
 
 
 @pytest.fixture(params=CPU_BACKENDS)
@@ -267,3 +267,47 @@ def test_quantize_rejects_bad_inputs():
         K.dequantize(np.zeros(3, np.int32), 0.0)
     with pytest.raises(TypeError, match="int32"):
         K.dequantize(np.zeros(3, np.int64), 1.0)
+
+
+# --- numba against the numpy oracle, bit for bit ---------------------------------------------------
+
+def _random_floats(rng, n, dtype):
+    """Gradient-like values over many magnitudes, with exact ties, integers and signed zeros mixed in."""
+    span = 10 if dtype == np.float16 else 30  # float16 overflows at 65504
+    x = rng.normal(size=n) * 2.0 ** rng.integers(-span, span, size=n)
+    x[rng.random(n) < 0.05] = rng.integers(-100, 100, size=1)[0] + 0.5
+    x[rng.random(n) < 0.02] = -0.0
+    return x.astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("rounding", ["random", "deterministic"])
+def test_numba_matches_numpy_bit_for_bit(monkeypatch, dtype, rounding):
+    from switchagg.kernels import _numba, _numpy
+    rng = np.random.default_rng(hash((np.dtype(dtype).name, rounding)) % 2**32)
+    for trial in range(4):
+        n = int(rng.integers(1, 70_000))
+        x = _random_floats(rng, n, dtype)
+        block = int(rng.choice([16, 64, 1000]))
+        scale = (2.0 ** rng.uniform(-5, 25, size=-(-n // block))).astype(np.float32) if trial % 2 else 3.3e4
+        kw = dict(rounding=rounding, seed=int(rng.integers(0, 2**64, dtype=np.uint64)),
+                  rank=int(rng.integers(0, 2**32)), step=int(rng.integers(0, 2**32)),
+                  offset=int(rng.integers(0, 2**40)), block=block, lo=-(2**20), hi=2**20 + 3)
+        results = {}
+        for module in (_numpy, _numba):
+            monkeypatch.setattr(K, "_cpu_backend", module)
+            results[module] = K.quantize(x, scale, **kw)
+        assert results[_numpy].clipped == results[_numba].clipped
+        assert (results[_numpy].values == results[_numba].values).all()
+        s = results[_numpy].values
+        for module in (_numpy, _numba):
+            monkeypatch.setattr(K, "_cpu_backend", module)
+            acc = x.astype(np.float32)
+            K.dequantize_add(s, 7.77, acc)
+            results[module] = (K.dequantize(s, scale, block=block), K.block_max_abs(x, block),
+                               K.block_exponents(x, block), K.int_squared_norm(s), acc)
+        for a, b in zip(results[_numpy], results[_numba]):
+            if isinstance(a, int):
+                assert a == b
+            else:
+                assert a.dtype == b.dtype and np.array_equal(a.view(np.uint8), b.view(np.uint8))
