@@ -1,0 +1,216 @@
+"""The collective interface every gradient-reduction method is written against (DESIGN.md §7).
+
+What it owns: the handful of operations a method may ask of "the other workers" (exact wrapping int32
+SUM, the SwitchML exponent look-ahead, MAX, fp32 SUM, all-gather) and the accounting of what each
+call cost (bytes, packets, rounds, wraps). What it must never do: scale, round or decode anything; a
+collective moves integers and floats, the methods in `switchagg._methods` decide what they mean.
+
+How it works: a concrete collective implements five primitives (`_sum_int`, `_max`, `_sum_float`,
+`_gather`, and optionally `_sum_int_stream`) and adds what each call cost to `self.stats` (a
+`CommStats`). The public methods check arguments, count the round and delegate. Only the switch has
+a native exponent look-ahead; everywhere else `allreduce_int_stream` is emulated exactly as two rounds:
+one MAX all-reduce of the int8 block exponents, then the integer SUM (so the heuristic's extra
+round is counted on every collective, as it costs one on a real switch).
+
+Integer semantics (the contract all three implementations keep, and tests check): the SUM of int32
+arrays wraps around modulo 2^32 exactly like the switch's two's-complement adders; a call whose
+exact sum leaves the int32 range still returns the wrapped value and counts the packets it wrapped
+in `stats.wraps`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from switchagg.packet import DEFAULT_K, HEADER_BYTES, check_k
+
+__all__ = ["Collective", "CommStats", "EncodeFn", "wrap_int32", "packets_for", "wire_bytes"]
+
+_INT32_MIN, _INT32_MAX = -(1 << 31), (1 << 31) - 1
+
+#: encode(first, stop, max_exponents) -> int32 payload of chunks [first, stop), shape
+#: ((stop - first) * k,) or (stop - first, k); max_exponents[j] is the MAX over workers of the
+#: block exponent of chunk first + j.
+EncodeFn = Callable[[int, int, np.ndarray], np.ndarray]
+
+
+@dataclass
+class CommStats:
+    """Cumulative cost of one worker's collective calls. Subtract two snapshots for one step.
+
+    Attributes:
+        calls: collective calls made.
+        rounds: communication rounds (a stream all-reduce is two: exponents, then values).
+        bytes_sent, bytes_received: bytes this worker put on / took off the wire (headers included
+            where the collective is packetized; see each implementation).
+        packets_sent, packets_received: packets of DESIGN.md §4 (0 for torch.distributed, which does
+            not packetize).
+        wraps: packets (k-element chunks) whose int32 sum wrapped around.
+    """
+
+    calls: int = 0
+    rounds: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    packets_sent: int = 0
+    packets_received: int = 0
+    wraps: int = 0
+
+    def snapshot(self) -> "CommStats":
+        return dataclasses.replace(self)
+
+    def since(self, before: "CommStats") -> "CommStats":
+        """The cost accumulated since `before` (a snapshot of this object)."""
+        return CommStats(**{f.name: getattr(self, f.name) - getattr(before, f.name)
+                            for f in dataclasses.fields(self)})
+
+
+def wrap_int32(exact: np.ndarray) -> np.ndarray:
+    """Two's-complement wrap of exact integer sums (int64) into int32, as the switch's adders do."""
+    # int64 -> uint32 keeps the low 32 bits (modular, well defined); the view reinterprets them.
+    return np.asarray(exact, dtype=np.int64).astype(np.uint32).view(np.int32)
+
+
+def packets_for(numel: int, k: int) -> int:
+    """Packets of k values needed for numel values (the last one zero-padded)."""
+    return -(-numel // k)
+
+
+def wire_bytes(packets: int, k: int) -> int:
+    """Bytes on the wire for that many packets of DESIGN.md §4 (16-byte header + k int32)."""
+    return packets * (HEADER_BYTES + 4 * k)
+
+
+def chunks_wrapped(partial_sums: np.ndarray, k: int) -> int:
+    """How many k-element chunks saw an int32 overflow in any partial sum (rows: prefixes)."""
+    bad = (partial_sums < _INT32_MIN) | (partial_sums > _INT32_MAX)
+    bad = bad.reshape(-1, bad.shape[-1]).any(axis=0)
+    numel = bad.size
+    pad = packets_for(numel, k) * k - numel
+    return int(np.pad(bad, (0, pad)).reshape(-1, k).any(axis=1).sum()) if numel else 0
+
+
+class Collective(ABC):
+    """One worker's view of the group. Every method here is collective: all ranks call it, in order.
+
+    Attributes:
+        rank, world_size: this worker and the group size.
+        kind: "local", "torch" or "switch".
+        k: values per packet, used for packet accounting and the exponent look-ahead.
+        stats: cumulative `CommStats`.
+    """
+
+    kind: str = "abstract"
+
+    def __init__(self, rank: int, world_size: int, *, k: int = DEFAULT_K) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
+        self.rank = rank
+        self.world_size = world_size
+        self.k = check_k(k)
+        self.stats = CommStats()
+
+    # -- public API ---------------------------------------------------------------------------
+
+    def allreduce_int(self, values: np.ndarray) -> np.ndarray:
+        """Exact, wrapping int32 SUM over all workers.
+
+        Args:
+            values: 1-D int32 array, the same length on every worker (not modified).
+        Returns:
+            a new 1-D int32 array, the two's-complement wrapped sum.
+        Raises:
+            TypeError: values are not int32. SwitchTimeout / JobAborted: from the transport.
+        """
+        values = _as_1d(values, np.int32, "allreduce_int")
+        self.stats.calls += 1
+        self.stats.rounds += 1
+        return self._sum_int(values)
+
+    def allreduce_int_stream(self, exponents: np.ndarray, encode: EncodeFn) -> tuple[np.ndarray, np.ndarray]:
+        """Integer SUM of a payload whose chunk c is encoded knowing the MAX exponent of chunk c.
+
+        This is SwitchML's look-ahead: the block exponents travel ahead of the values, the switch
+        keeps their max per slot, and each chunk is scaled with the max before it is sent.
+
+        Args:
+            exponents: 1-D int8, this worker's block exponent of each chunk of k values.
+            encode: see `EncodeFn`; called once or more with consecutive chunk ranges.
+        Returns:
+            (sums, max_exponents): int32 (chunks * k,) wrapped sum, int8 (chunks,) max exponents.
+        """
+        exponents = _as_1d(exponents, np.int8, "allreduce_int_stream")
+        self.stats.calls += 1
+        return self._sum_int_stream(exponents, encode)
+
+    def allreduce_max(self, values: np.ndarray) -> np.ndarray:
+        """Elementwise MAX over all workers (any numeric dtype, kept)."""
+        values = np.ascontiguousarray(values).reshape(-1)
+        self.stats.calls += 1
+        self.stats.rounds += 1
+        return self._max(values)
+
+    def allreduce_float(self, values: np.ndarray) -> np.ndarray:
+        """fp32 SUM over all workers (the full-precision SGD baseline). Order of additions: the
+        transport's; results may differ in the last bit between collectives."""
+        values = _as_1d(values, np.float32, "allreduce_float")
+        self.stats.calls += 1
+        self.stats.rounds += 1
+        return self._sum_float(values)
+
+    def allgather(self, values: np.ndarray) -> list[np.ndarray]:
+        """Every worker's 1-D array (lengths may differ; dtype must match), indexed by rank."""
+        values = np.ascontiguousarray(values).reshape(-1)
+        self.stats.calls += 1
+        self.stats.rounds += 1
+        return self._gather(values)
+
+    def close(self) -> None:
+        """Release transport resources (default: none)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- what an implementation provides --------------------------------------------------------
+
+    @abstractmethod
+    def _sum_int(self, values: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    @abstractmethod
+    def _max(self, values: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    @abstractmethod
+    def _sum_float(self, values: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    @abstractmethod
+    def _gather(self, values: np.ndarray) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    def _sum_int_stream(self, exponents: np.ndarray, encode: EncodeFn) -> tuple[np.ndarray, np.ndarray]:
+        """Emulation for collectives without an exponent register: MAX round, then SUM round."""
+        self.stats.rounds += 2
+        max_exp = self._max(exponents)
+        payload = np.ascontiguousarray(encode(0, len(exponents), max_exp), dtype=np.int32).reshape(-1)
+        if payload.size != len(exponents) * self.k:
+            raise ValueError(f"encode returned {payload.size} values for {len(exponents)} chunks "
+                             f"of k={self.k}; it must return chunks * k")
+        return self._sum_int(payload), max_exp
+
+
+def _as_1d(values: np.ndarray, dtype, op: str) -> np.ndarray:
+    values = np.asarray(values)
+    if values.dtype != dtype:
+        raise TypeError(f"{op} takes {np.dtype(dtype).name} arrays, got {values.dtype}; "
+                        f"convert explicitly (the collective never casts silently)")
+    return np.ascontiguousarray(values).reshape(-1)

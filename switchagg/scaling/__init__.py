@@ -1,0 +1,15 @@
+"""Scaling rules: how a float gradient's scale is chosen before rounding (DESIGN.md §6).
+
+- `AlphaScaler`: IntSGD's floatless alpha (Algorithms 1 and 2), `switchagg.scaling.intsgd`.
+- `block_scales`, `global_scale`: SwitchML's heuristic and its global variant, `.heuristic`.
+- `clip_bounds`: the integer budget, `.budget`.
+
+Pure math: no I/O, no rounding, no communication.
+"""
+
+from switchagg.scaling.budget import VALID_BITS, clip_bounds, max_magnitude
+from switchagg.scaling.heuristic import block_scales, global_exponent, global_scale
+from switchagg.scaling.intsgd import ALPHA_MAX, AlphaScaler
+
+__all__ = ["AlphaScaler", "ALPHA_MAX", "VALID_BITS", "clip_bounds", "max_magnitude",
+           "block_scales", "global_exponent", "global_scale"]
