@@ -285,6 +285,18 @@ def test_server_loss_injection_duplicates_reach_the_dataplane(ctx, switch):
     assert job["retransmissions_answered"] == 4 and job["injected_duplicates"] == 4 + 8
 
 
+def test_server_reordered_packets_released_when_the_link_is_quiet(ctx, switch):
+    endpoint = switch(reorder=1.0)    # every packet held back, both directions
+    w = RawWorker(ctx, endpoint)
+    w.join("late", 1)
+    w.control(Ready)
+    w.send_burst(np.arange(5), np.arange(5 * K, dtype=np.int32).reshape(5, K))
+    got = w.results(timeout=2.0)      # held at ingress, then at egress, released on idle ticks
+    assert sorted(got["chunk"].tolist()) == list(range(5))
+    assert got["values"][np.argsort(got["chunk"])].ravel().tolist() == list(range(5 * K))
+    assert w.stats()["jobs"][str(w.job_id)]["injected_reorders"] == 10
+
+
 def test_server_sigterm_aborts_workers_and_exits_zero(ctx, spawn):
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     proc = spawn([PYTHON, "-m", "switch_emulator", "--bind", endpoint, "--stats-interval", "0",
