@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +38,10 @@ from workers.data import derive_seed, generator_for
 from workers.tasks.base import Task
 
 __all__ = ["TrainConfig", "train", "telemetry_dict", "params_digest"]
+
+#: Serializes seeding + building when several workers share a process (threads); dropout still
+#: draws from the global generator, so threaded runs are reproducible only without dropout.
+_INIT_LOCK = threading.Lock()
 
 #: Called with each record (a JSON-able dict): kind "step" (every worker) or "eval" (rank 0).
 Sink = Callable[[dict[str, Any]], None]
@@ -115,10 +120,11 @@ def train(task: Task, method: Any, *, rank: int, world_size: int, config: TrainC
     eval_every = max(1, config.eval_every or preset.eval_every)
     name = getattr(method, "name", type(method).__name__)
 
-    torch.manual_seed(derive_seed(config.seed, "init"))
-    model = task.build_model()
-    model.train()
-    torch.manual_seed(derive_seed(config.seed, "dropout", rank))
+    with _INIT_LOCK:  # torch's global generator: threads (LocalCollective workers) take turns
+        torch.manual_seed(derive_seed(config.seed, "init"))
+        model = task.build_model()
+        model.train()
+        torch.manual_seed(derive_seed(config.seed, "dropout", rank))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(task.param_groups(model, preset.weight_decay), lr=base_lr,
                                 momentum=preset.momentum, nesterov=preset.nesterov and preset.momentum > 0)
@@ -131,6 +137,7 @@ def train(task: Task, method: Any, *, rank: int, world_size: int, config: TrainC
     totals = _Totals()
     emit = sink or (lambda record: None)
     last_eval: dict[str, float] = {}
+    diverged: str | None = None
     step = 0
     start = time.perf_counter()
     for epoch in range(epochs):
@@ -155,7 +162,16 @@ def train(task: Task, method: Any, *, rank: int, world_size: int, config: TrainC
             _sync(task.device)
             t1 = time.perf_counter()
             # 2. the method: compress, communicate, decode
-            averaged, telemetry = method.reduce(grads, step=step, lr=lr)
+            try:
+                averaged, telemetry = method.reduce(grads, step=step, lr=lr)
+            except Exception as exc:
+                # A NaN/Inf gradient (the method refuses it before sending anything). When the
+                # weights themselves blew up every replica sees it at the same step, so all ranks
+                # stop together; the run is reported as diverged rather than as a crash.
+                if type(exc).__name__ != "NonFiniteGradient":
+                    raise
+                diverged = str(exc)
+                break
             _sync(task.device)
             t2 = time.perf_counter()
             # 3. the optimizer applies the average
@@ -182,15 +198,19 @@ def train(task: Task, method: Any, *, rank: int, world_size: int, config: TrainC
             if progress is not None and rank == 0:
                 progress(step, total, loss_value)
 
-        finished = step >= total or epoch == epochs - 1
+        finished = step >= total or epoch == epochs - 1 or diverged is not None
         totals.last_epoch_loss = sum(epoch_losses) / max(1, len(epoch_losses))
         if rank == 0 and ((epoch + 1) % eval_every == 0 or finished):
             last_eval = task.evaluate(model)
             emit({"kind": "eval", "method": name, "rank": rank, "step": step, "epoch": epoch + 1,
                   "bytes_sent_cum": totals.bytes_sent, **last_eval})
+        if diverged is not None:
+            break
     wall = time.perf_counter() - start
-    return totals.summary(name=name, rank=rank, steps=step, wall_s=wall, evaluation=last_eval,
-                          digest=params_digest(model))
+    summary = totals.summary(name=name, rank=rank, steps=step, wall_s=wall, evaluation=last_eval,
+                             digest=params_digest(model))
+    summary["diverged"] = diverged
+    return summary
 
 
 class _Totals:

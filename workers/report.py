@@ -1,0 +1,228 @@
+"""What a comparison shows: per-method results merged over workers, the table, results.json, plots.
+
+What it owns: turning the workers' per-method summaries (workers/train.py) and the rank-0 metric
+records (JSON lines) into the three outputs of `switchagg compare`: a text table, `results.json`
+and PNG plots. What it must never do: run training or talk to workers; it reads what they wrote.
+
+How it works: `merge_ranks` folds the N workers' summaries of one method into one entry. Sums over
+workers where the quantity is per worker and additive (bytes and packets on the wire: `bytes_sent`
+is the total all workers put on the wire, `bytes_sent_per_worker` the mean); maxima where every
+worker sees the same sum (max |sum|, bits needed, wraps); the evaluation is rank 0's (all replicas
+hold the same weights, which `replicas_agree` checks). Plots use matplotlib's Agg backend (no
+display needed), one figure per file:
+  loss_vs_step.png, loss_vs_bytes.png, <metric>_vs_step.png, <metric>_vs_bytes.png,
+  int_magnitude_vs_step.png (max |sum| and max |Q_i| on a log scale, with the int8/int16/int32
+  limits drawn), and for logreg also dist2_vs_bytes.png (||x - x*||^2).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable
+from typing import Any
+
+__all__ = ["merge_ranks", "format_table", "write_results", "read_jsonl", "plot_all", "PLOT_FILES"]
+
+#: Plots every comparison writes ("{metric}" is the task's headline metric).
+PLOT_FILES = ("loss_vs_step.png", "loss_vs_bytes.png", "{metric}_vs_step.png",
+              "{metric}_vs_bytes.png", "int_magnitude_vs_step.png")
+
+
+def merge_ranks(summaries: list[dict[str, Any]], metric: str) -> dict[str, Any]:
+    """One results.json entry from every worker's `train()` summary of one method.
+
+    Args:
+        summaries: one per rank (any order).
+        metric: the task's headline evaluation key.
+
+    Returns:
+        The entry: final_loss, final_accuracy (None where the task has none), final_metric, steps,
+        wall_s, bytes_sent (all workers), bytes_sent_per_worker, packets, rounds_per_step,
+        max_abs_sum, max_abs_q, bits_needed, clip_fraction, wraps, time_per_step (mean over
+        workers), final_train_loss, replicas_agree, evaluation (rank 0's full dict).
+    """
+    by_rank = sorted(summaries, key=lambda s: s["rank"])
+    head = by_rank[0]
+    ev = head.get("evaluation") or {}
+    n = len(by_rank)
+    times = {k: sum(s["time_per_step"][k] for s in by_rank) / n for k in head["time_per_step"]}
+    bytes_total = sum(int(s["bytes_sent"]) for s in by_rank)
+    return {
+        "final_loss": ev.get("loss"),
+        "final_accuracy": ev.get("accuracy"),
+        "final_metric": ev.get(metric),
+        "metric": metric,
+        "steps": head["steps"],
+        "workers": n,
+        "wall_s": max(float(s["wall_s"]) for s in by_rank),
+        "bytes_sent": bytes_total,
+        "bytes_sent_per_worker": bytes_total / n,
+        "packets": sum(int(s["packets"]) for s in by_rank),
+        "rounds_per_step": head["rounds_per_step"],
+        "max_abs_sum": max(int(s["max_abs_sum"]) for s in by_rank),
+        "max_abs_q": max(int(s["max_abs_q"]) for s in by_rank),
+        "bits_needed": max(int(s["bits_needed"]) for s in by_rank),
+        "clip_fraction": sum(float(s["clip_fraction"]) for s in by_rank) / n,
+        "wraps": max(int(s["wraps"]) for s in by_rank),
+        "time_per_step": times,
+        "final_train_loss": head.get("final_train_loss"),
+        "replicas_agree": len({s["params_digest"] for s in by_rank}) == 1,
+        "evaluation": ev,
+    }
+
+
+def _fmt(value: Any, spec: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return format(value, spec)
+
+
+def format_table(methods: dict[str, dict[str, Any]], metric: str = "accuracy") -> str:
+    """The summary table, one row per method (fixed-width text).
+
+    Columns: final test loss and headline metric, wall time, ms per step split into compute /
+    quantize / communicate / decode, MB sent per worker, packets per worker per step, rounds per
+    step, max |sum|, bits the sum needed, clip %, wraps.
+    """
+    pct = metric == "accuracy"
+    header = ["method", "loss", "acc %" if pct else metric[:10], "wall s", "ms/step",
+              "compute", "quant", "comm", "decode", "MB/wkr", "pkt/step", "rounds", "max|sum|",
+              "bits", "clip %", "wraps", "agree"]
+    rows = [header]
+    for name, m in methods.items():
+        t = m["time_per_step"]
+        workers = max(1, int(m.get("workers", 1)))
+        step_ms = 1e3 * sum(t.get(k, 0.0) for k in ("compute", "reduce", "update"))
+        value = m["final_metric"]
+        rows.append([
+            name, _fmt(m["final_loss"], ".4f"),
+            _fmt(100 * value if (pct and value is not None) else value, ".2f" if pct else ".4g"),
+            _fmt(m["wall_s"], ".1f"), _fmt(step_ms, ".2f"),
+            _fmt(1e3 * t.get("compute", 0.0), ".2f"), _fmt(1e3 * t.get("quantize", 0.0), ".2f"),
+            _fmt(1e3 * t.get("communicate", 0.0), ".2f"), _fmt(1e3 * t.get("decode", 0.0), ".2f"),
+            _fmt(m["bytes_sent_per_worker"] / 1e6, ".2f"),
+            _fmt(m["packets"] / workers / max(1, m["steps"]), ".0f"),
+            _fmt(m["rounds_per_step"], ".1f"), str(m["max_abs_sum"]), str(m["bits_needed"]),
+            _fmt(100 * m["clip_fraction"], ".2f"), str(m["wraps"]),
+            "yes" if m["replicas_agree"] else "NO",
+        ])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def write_results(path: str, config: dict[str, Any], methods: dict[str, dict[str, Any]]) -> None:
+    """Write results.json: {"config": ..., "methods": {NAME: entry}} (NaN written as null)."""
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+    with open(path, "w") as f:
+        json.dump(clean({"config": config, "methods": methods}), f, indent=2, sort_keys=False)
+        f.write("\n")
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+    """Records of a JSON-lines file (a missing file reads as no records)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _smooth(values: list[float], beta: float = 0.9) -> list[float]:
+    # Per-step losses of one worker's mini-batch are noisy; an EMA shows the trend.
+    out, acc = [], None
+    for v in values:
+        acc = v if acc is None else beta * acc + (1 - beta) * v
+        out.append(acc)
+    return out
+
+
+def plot_all(out_dir: str, records: dict[str, Iterable[dict[str, Any]]], metric: str,
+             *, log_metric: bool = False) -> list[str]:
+    """Write the comparison's PNG plots.
+
+    Args:
+        out_dir: where to write.
+        records: method -> rank 0's step and eval records (workers/train.py).
+        metric: the task's headline evaluation key.
+        log_metric: plot the metric on a log scale (suboptimality, distances).
+
+    Returns:
+        The paths written.
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = {}
+    for name, recs in records.items():
+        recs = list(recs)
+        steps = [r for r in recs if r["kind"] == "step"]
+        evals = [r for r in recs if r["kind"] == "eval"]
+        series[name] = (steps, evals)
+    written = []
+
+    def save(fig, name: str) -> None:
+        path = os.path.join(out_dir, name)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+    def line_plot(filename: str, ylabel: str, x_of, y_of, which: int, *, logy=False, xlabel: str):
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for name, pair in series.items():
+            recs = pair[which]
+            ys = [y_of(r) for r in recs]
+            if which == 0 and ylabel.startswith("train loss"):
+                ys = _smooth(ys)
+            ax.plot([x_of(r) for r in recs], ys, label=name, marker="o" if which == 1 else None,
+                    markersize=3)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        if logy:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        save(fig, filename)
+
+    mb = lambda r: r["bytes_sent_cum"] / 1e6  # noqa: E731 (a tiny accessor)
+    line_plot("loss_vs_step.png", "train loss (rank 0, EMA 0.9)", lambda r: r["step"],
+              lambda r: r["loss"], 0, xlabel="step")
+    line_plot("loss_vs_bytes.png", "train loss (rank 0, EMA 0.9)", mb, lambda r: r["loss"], 0,
+              xlabel="MB sent per worker")
+    line_plot(f"{metric}_vs_step.png", f"test {metric}", lambda r: r["step"], lambda r: r[metric], 1,
+              logy=log_metric, xlabel="step")
+    line_plot(f"{metric}_vs_bytes.png", f"test {metric}", mb, lambda r: r[metric], 1,
+              logy=log_metric, xlabel="MB sent per worker")
+    if any("dist2" in r for _, evals in series.values() for r in evals):
+        line_plot("dist2_vs_bytes.png", "||x - x*||^2", mb, lambda r: r.get("dist2", math.nan), 1,
+                  logy=True, xlabel="MB sent per worker")
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name, (steps, _) in series.items():
+        sums = [max(1, int(r.get("max_abs_sum", 0))) for r in steps]
+        if any(int(r.get("max_abs_sum", 0)) for r in steps):
+            line = ax.plot([r["step"] for r in steps], sums, label=f"{name} max|sum|")[0]
+            ax.plot([r["step"] for r in steps], [max(1, int(r.get("max_abs_q", 0))) for r in steps],
+                    linestyle=":", color=line.get_color(), label=f"{name} max|Q_i|")
+    for bits in (8, 16, 32):
+        ax.axhline(2 ** (bits - 1) - 1, color="grey", linewidth=0.8, linestyle="--")
+        ax.text(0, 2 ** (bits - 1) * 1.15, f"int{bits}", color="grey", fontsize=7)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("integer magnitude")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    save(fig, "int_magnitude_vs_step.png")
+    return written

@@ -1,0 +1,264 @@
+"""`switchagg worker`: one training worker, for docker compose, torchrun, a cluster, or `compare`.
+
+What it owns: one worker process's life: who it is (rank, world size, from torchrun's environment
+or flags, or assigned by the switch), its collectives (torch.distributed for `sgd`, the switch for
+the integer methods), and running the chosen methods one after the other on fresh models, writing
+per-step metrics and a summary per method. What it must never do: start a switch or other workers
+(that is `switchagg compare`, or compose), or wait without a bound.
+
+How it works:
+- Identity: `--rank/--world-size/--master-addr/--master-port`, defaulting to RANK, WORLD_SIZE,
+  MASTER_ADDR, MASTER_PORT as torchrun sets them. Without a rank, the switch assigns one at JOIN
+  (only for integer methods through the switch: torch.distributed needs a rank up front).
+- Collectives: torch.distributed (gloo on CPU, nccl on CUDA) is initialized once, only if a method
+  needs fp32 sums (`sgd`) or no `--switch` was given. Each integer method gets its own switch job
+  (`<job>-<method>`), so methods never share slots or counters.
+- Outputs (with `--out DIR`): `metrics/<method>.rank<r>.jsonl` (every step; rank 0 also the
+  evaluations) and `summaries/<method>.rank<r>.json`.
+- With `--events`, one JSON line per event goes to stdout, prefixed by `EVENT_PREFIX`: start,
+  progress (rank 0, at most ~5 per second), done (with the summary), error (with the traceback).
+  `switchagg compare` reads them; anything else on stdout is ignored by it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+from typing import Any
+
+__all__ = ["EVENT_PREFIX", "configure", "main", "add_training_options", "training_config",
+           "run_methods", "collective_kind", "method_names"]
+
+log = logging.getLogger("switchagg.worker")
+
+#: Marks event lines on a worker's stdout (everything else there is ordinary output).
+EVENT_PREFIX = "@@switchagg-event "
+
+
+def add_training_options(parser: argparse.ArgumentParser) -> None:
+    """Options shared by `compare` and `worker`: task, methods, training overrides, integers."""
+    g = parser.add_argument_group("training")
+    g.add_argument("--task", default="digits",
+                   help="digits (default, bundled), logreg, cifar10-resnet18, wikitext2-lstm")
+    g.add_argument("--data", default=None, help="local data file/folder for the task")
+    g.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="task option, repeatable (e.g. --opt hidden=(64,) --opt lam=1e-3)")
+    g.add_argument("--methods", default=None,
+                   help="comma-separated methods (default: all of switchagg.methods.METHODS)")
+    g.add_argument("--epochs", type=int, default=None, help="epochs (default: the task's preset)")
+    g.add_argument("--max-steps", type=int, default=None, help="stop each method after N steps")
+    g.add_argument("--batch-size", type=int, default=None, help="examples per worker per step")
+    g.add_argument("--lr", type=float, default=None, help="initial learning rate")
+    g.add_argument("--eval-every", type=int, default=None, help="evaluate every N epochs")
+    g.add_argument("--seed", type=int, default=0, help="fixes data order, init and rounding")
+    g.add_argument("--bits", type=int, default=32, choices=(8, 16, 32),
+                   help="integer budget per sum (workers clip to fit)")
+    g.add_argument("--k", type=int, default=64, help="int32 values per packet")
+    g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    g.add_argument("--timeout", type=float, default=120.0,
+                   help="seconds any collective may wait before failing")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Options of `switchagg worker`."""
+    add_training_options(parser)
+    g = parser.add_argument_group("identity and transport")
+    g.add_argument("--rank", type=int, default=_env_int("RANK"), help="this worker (default $RANK)")
+    g.add_argument("--world-size", type=int, default=_env_int("WORLD_SIZE"),
+                   help="number of workers (default $WORLD_SIZE)")
+    g.add_argument("--master-addr", default=os.environ.get("MASTER_ADDR"),
+                   help="torch.distributed rendezvous host (default $MASTER_ADDR)")
+    g.add_argument("--master-port", type=int, default=_env_int("MASTER_PORT"),
+                   help="torch.distributed rendezvous port (default $MASTER_PORT)")
+    g.add_argument("--switch", default=os.environ.get("SWITCHAGG_SWITCH"),
+                   help="switch address tcp://HOST:PORT (default $SWITCHAGG_SWITCH)")
+    g.add_argument("--job", default="switchagg", help="job name prefix at the switch")
+    g.add_argument("--out", default=None, help="folder for metrics and summaries")
+    g.add_argument("--events", action="store_true", help="print JSON event lines (for compare)")
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value not in (None, "") else None
+
+
+def training_config(args: argparse.Namespace):
+    """The TrainConfig the options describe."""
+    from workers.train import TrainConfig
+    return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                       max_steps=args.max_steps, eval_every=args.eval_every, seed=args.seed)
+
+
+def method_names(spec: str | None) -> list[str]:
+    """Resolve a comma-separated method list against the registry.
+
+    Raises:
+        ValueError: naming an unknown method and listing the valid ones.
+    """
+    from switchagg.methods import METHODS
+    if not spec:
+        return list(METHODS)
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    return names
+
+
+class _Emitter:
+    """Event lines on stdout (for compare) and the per-method output files."""
+
+    def __init__(self, enabled: bool, rank: int) -> None:
+        self.enabled, self.rank = enabled, rank
+        self._last_progress = 0.0
+
+    def __call__(self, event: str, **fields: Any) -> None:
+        if self.enabled:
+            sys.stdout.write(EVENT_PREFIX + json.dumps({"event": event, "rank": self.rank, **fields},
+                                                       default=str) + "\n")
+            sys.stdout.flush()
+
+    def progress(self, method: str, step: int, total: int, loss: float) -> None:
+        now = time.monotonic()
+        if step == total or now - self._last_progress >= 0.2:
+            self._last_progress = now
+            self(event="progress", method=method, step=step, total=total, loss=loss)
+
+
+def collective_kind(name: str) -> str:
+    """What the named method needs of its collective ("float" or "int").
+
+    The registry holds factories, not classes, so build the method once on a one-worker in-process
+    collective (cheap, no I/O) and ask it.
+    """
+    from switchagg.collectives import LocalGroup
+    from switchagg.methods import make_method
+    return make_method(name, LocalGroup(1).member(0)).collective_kind
+
+
+def _open_collective(kind: str, args: argparse.Namespace, rank: int | None, world_size: int,
+                     method: str):
+    """The collective a method of `kind` ("int" or "float") runs on."""
+    from switchagg.collectives import SwitchCollective, TorchCollective
+    if kind == "int" and args.switch:
+        return SwitchCollective(args.switch, f"{args.job}-{method}", world_size, rank=rank, k=args.k)
+    return TorchCollective(device=args.device if args.device.startswith("cuda") else "cpu", k=args.k)
+
+
+def run_methods(args: argparse.Namespace, names: list[str], emit: "_Emitter | _Tracked") -> dict[str, dict]:
+    """Run each method in turn on a fresh model; returns method -> this worker's summary."""
+    import torch.distributed as dist
+
+    from switchagg.methods import make_method
+    from workers.tasks import make_task, parse_options
+    from workers.train import train
+
+    config = training_config(args)
+    task = make_task(args.task, data=args.data, device=args.device, **parse_options(args.opt))
+    needs_torch = not args.switch or any(collective_kind(n) == "float" for n in names)
+    if needs_torch:
+        if args.rank is None or args.world_size is None or not args.master_addr or not args.master_port:
+            raise ValueError("torch.distributed (for sgd, or without --switch) needs --rank, "
+                             "--world-size, --master-addr and --master-port (or RANK, WORLD_SIZE, "
+                             "MASTER_ADDR, MASTER_PORT as torchrun sets them)")
+        backend = "nccl" if args.device.startswith("cuda") else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://{args.master_addr}:{args.master_port}",
+                                rank=args.rank, world_size=args.world_size,
+                                timeout=datetime.timedelta(seconds=args.timeout))
+    if args.world_size is None:
+        raise ValueError("the world size is unknown: pass --world-size or set WORLD_SIZE")
+    results: dict[str, dict] = {}
+    try:
+        for name in names:
+            kind = collective_kind(name)
+            collective = _open_collective(kind, args, args.rank, args.world_size, name)
+            rank = collective.rank
+            emit.rank = rank
+            emit("start", method=name)
+            try:
+                method = make_method(name, collective, seed=args.seed, bits=args.bits)
+                metrics_file = None
+                if args.out:
+                    os.makedirs(os.path.join(args.out, "metrics"), exist_ok=True)
+                    metrics_file = open(os.path.join(args.out, "metrics", f"{name}.rank{rank}.jsonl"), "w")
+
+                def sink(record: dict, _f=metrics_file) -> None:
+                    if _f is not None:
+                        _f.write(json.dumps(record) + "\n")
+
+                try:
+                    summary = train(task, method, rank=rank, world_size=args.world_size, config=config,
+                                    sink=sink, progress=lambda s, t, lo: emit.progress(name, s, t, lo))
+                finally:
+                    if metrics_file is not None:
+                        metrics_file.close()
+            finally:
+                collective.close()
+            summary["collective"] = getattr(collective, "kind", kind)
+            results[name] = summary
+            if args.out:
+                os.makedirs(os.path.join(args.out, "summaries"), exist_ok=True)
+                with open(os.path.join(args.out, "summaries", f"{name}.rank{rank}.json"), "w") as f:
+                    json.dump(summary, f, indent=1)
+            emit("done", method=name, summary=summary)
+            log.info("rank %d %s: %d steps in %.1f s", rank, name, summary["steps"], summary["wall_s"])
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return results
+
+
+def main(args: argparse.Namespace) -> int:
+    """Entry point of `switchagg worker`; returns the exit status (0 ok, 1 failed, 2 bad usage)."""
+    import torch
+    # Workers share the cores with each other and the switch; one thread each avoids
+    # oversubscription, and keeps CPU arithmetic in a fixed order (reproducible numbers).
+    torch.set_num_threads(1)
+    emit = _Emitter(args.events, args.rank if args.rank is not None else -1)
+    current = {"method": None}
+    try:
+        names = method_names(args.methods)
+    except ValueError as exc:
+        log.error("%s", exc)
+        emit("error", method=None, error="ValueError", message=str(exc), traceback="")
+        return 2
+    try:
+        run_methods(args, names, _Tracked(emit, current))
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # report, then fail: compare turns this into a clear error
+        log.error("rank %s, method %s failed: %s: %s", emit.rank, current["method"],
+                  type(exc).__name__, exc)
+        emit("error", method=current["method"], error=type(exc).__name__, message=str(exc),
+             traceback=traceback.format_exc())
+        return 1
+    return 0
+
+
+class _Tracked:
+    """An emitter that remembers which method is running (for error reports)."""
+
+    def __init__(self, emit: _Emitter, current: dict) -> None:
+        self._emit, self._current = emit, current
+
+    @property
+    def rank(self) -> int:
+        return self._emit.rank
+
+    @rank.setter
+    def rank(self, value: int) -> None:
+        self._emit.rank = value
+
+    def __call__(self, event: str, **fields: Any) -> None:
+        if event == "start":
+            self._current["method"] = fields.get("method")
+        self._emit(event, **fields)
+
+    def progress(self, method: str, step: int, total: int, loss: float) -> None:
+        self._emit.progress(method, step, total, loss)
