@@ -1,13 +1,14 @@
 """The fast dataplane: SwitchML's aggregation rules applied to a whole burst at once, in numpy.
 
-What it owns: the same slot pool and the same rules as the golden model (`_golden.py`, DESIGN.md §5),
-with state as arrays, so that one `receive()` of a 1024-packet burst costs a few dozen numpy calls
-instead of a thousand Python iterations. What it must never do: differ from the golden model. For any
-sequence of bursts, `receive()` returns byte-identical RESULT and RESULT_RETX bursts and leaves equal
-counters; the property tests in tests/test_dataplane.py hold it to that. Like the golden model it does
-no I/O, reads no clock and trusts its input to be validated (`switchagg.packet.validate_burst`).
+What it owns: the same slot pool and the same rules as the golden model (`_golden.py`, DESIGN.md
+§5), with state as arrays, so that one `receive()` of a 1024-packet burst costs a few dozen numpy
+calls instead of a thousand Python iterations. What it must never do: differ from the golden model.
+For any sequence of bursts, `receive()` returns byte-identical RESULT and RESULT_RETX bursts and
+leaves equal counters; the property tests in tests/test_dataplane.py hold it to that. Like the
+golden model it does no I/O, reads no clock and trusts its input to be validated
+(`switchagg.packet.validate_burst`).
 
-State, indexed by the flat slot id f = version * slots + slot (so one fancy index reaches both sets):
+State, indexed by the flat slot id f = version * slots + slot (one fancy index reaches both sets):
     values    (2s, k) int32   the running sum, or the shadow copy once complete
     seen      (n, 2s) bool    seen[w, f]: worker w contributed to the round on f (one plane per
                               worker: a burst comes from one worker, so each stage reads one plane)
@@ -20,7 +21,8 @@ The rules, in the order of SwitchML's Algorithm 3, each one a private function b
      set their bit in their version's set and clear it in the other version's set.
   2. worker count (`_worker_count`): a complete slot that gets a new contribution starts a new round
      (count 0); the contribution with count 0 is the first; count += 1; count == n completes it.
-  3. exponent max (`_exponent_max`): the first contribution writes its exponent, later ones keep the max.
+  3. exponent max (`_exponent_max`): the first contribution writes its exponent; later ones keep
+     the max.
   4. write or add (`_write_or_add`): the first contribution writes its values; later ones add with
      int32 wrap-around. numpy's int32 add already wraps (two's complement, like the switch's bit<32>
      adder); an element wrapped iff both operands have the same sign and the sum has the other one,
@@ -30,26 +32,26 @@ The rules, in the order of SwitchML's Algorithm 3, each one a private function b
      copy; a retransmission to a slot still in progress is dropped.
 
 Theory of operation. Within one burst every packet comes from the same worker, and every state cell
-belongs to one slot (both versions of slot i interact: rule 1 clears the other version's bit). So two
-packets to different slots commute, and only packets to the same slot must be applied in input order.
-`receive()` therefore ranks each packet by how many earlier packets of the burst address its slot and
-applies the rank-0 packets (all distinct slots) as one vectorized step, then the rank-1 packets, and so
-on. This needs as many steps as the most repeated slot has packets, never more than cutting the burst
-into consecutive runs of distinct slots would, and usually far fewer (duplicates scattered through a
-burst cost one extra step in all, not one each). A well-behaved worker never repeats a slot within a
-burst (it holds at most one chunk per slot in flight), so the common case is exactly one step. The
-outputs of the steps are merged back into input order. Each result is gathered from the state in the
-step that produces it (a later step may start a new round on the same slot) into newly allocated
-arrays, because the caller sends them without copying while the state moves on.
+belongs to one slot (both versions of slot i interact: rule 1 clears the other version's bit). So
+two packets to different slots commute, and only packets to the same slot must be applied in input
+order. `receive()` therefore ranks each packet by how many earlier packets of the burst address its
+slot and applies the rank-0 packets (all distinct slots) as one vectorized step, then the rank-1
+packets, and so on. This needs as many steps as the most repeated slot has packets, never more than
+cutting the burst into consecutive runs of distinct slots would, and usually far fewer (duplicates
+scattered through a burst cost one extra step in all, not one each). A well-behaved worker never
+repeats a slot within a burst (it holds at most one chunk per slot in flight), so the common case is
+exactly one step. The outputs of the steps are merged back into input order. Each result is gathered
+from the state in the step that produces it (a later step may start a new round on the same slot)
+into newly allocated arrays, because the caller sends them without copying while the state moves on.
 
 Performance (the project's 2-vCPU VM, n = 4, k = 64; `python -m switch_emulator.dataplane --bench`):
 a 1024-packet burst takes about 0.2 ms, a 4096-packet one about 0.65 ms. Most of the rest is numpy
 call overhead (about 70 us per step) and page faults: large temporaries are faulted in on every
 burst, so stages 4 and 5 gather through reusable scratch buffers and move records with `take`.
 
-Warning: the cost is per step, not per packet. A burst that repeats one slot B times takes B steps of
-tiny arrays (about 0.1 ms each, twice the golden model's per-packet cost); only a broken or hostile
-worker sends that, and it slows its own job's switch thread, no more.
+Warning: the cost is per step, not per packet. A burst that repeats one slot B times takes B steps
+of tiny arrays (about 0.1 ms each, twice the golden model's per-packet cost). Only a broken or
+hostile worker sends that; it holds up the switch's loop for that long, and the results stay exact.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ __all__ = ["FastDataplane"]
 
 
 class FastDataplane:
-    """One job's slot pool, updated a burst at a time (vectorized; same semantics as GoldenDataplane).
+    """One job's slot pool, updated a burst at a time (vectorized; the golden model's semantics).
 
     Args:
         world_size: number of workers n (1..MAX_WORKERS); a slot completes with n contributions.
@@ -102,14 +104,16 @@ class FastDataplane:
         """Apply a burst of valid DATA packets from `worker`, as if one packet at a time.
 
         Args:
-            packets: structured array of `packet_dtype(k)`, already validated (kind, job, rank, slot).
+            packets: structured array of `packet_dtype(k)`, validated (kind, job, rank, slot).
             worker: the sender's rank.
 
         Returns:
-            The packets to multicast and to unicast back to `worker`, each in input order, in new arrays.
+            The packets to multicast and to unicast back to `worker`, each in input order, in new
+            arrays.
 
         Raises:
-            ValueError: the burst has another dtype or `worker` is not a rank of the job (caller bugs).
+            ValueError: the burst has another dtype, or `worker` is not a rank of the job (both
+                are bugs of the caller).
         """
         if packets.dtype != self.dtype:
             raise ValueError(f"burst dtype {packets.dtype} is not packet_dtype({self.k})")

@@ -50,7 +50,8 @@ def make_dataplane(name: str, world_size: int, slots: int, k: int):
     try:
         cls = DATAPLANES[name]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown dataplane {name!r}; choose one of {sorted(DATAPLANES)}") from None
+        raise ValueError(f"unknown dataplane {name!r}; choose one of {sorted(DATAPLANES)}"
+                         ) from None
     return cls(world_size, slots, k)
 
 
@@ -74,7 +75,8 @@ def bench(name: str, world_size: int, burst: int, k: int, slots: int, seconds: f
     dataplane = make_dataplane(name, world_size, slots, k)
     values = rng.integers(-1000, 1000, (burst, k), dtype=np.int32)
     times, sizes, elapsed, chunk = [], [], 0.0, 0
-    # Steady state: the first pass over the pool pays its page faults (lazily zeroed pages), untimed.
+    # Steady state: the first pass over the pool pays its page faults (lazily zeroed pages),
+    # untimed.
     warmup = -(-2 * slots // burst)
     while elapsed < seconds or not times or warmup > 0:
         chunks = np.arange(chunk, chunk + burst)

@@ -1,7 +1,9 @@
-"""Tests of the switch dataplanes: every rule of DESIGN.md §5 by hand, then golden == fast on random runs.
+"""Tests of the switch dataplanes: every rule of DESIGN.md §5 by hand, then golden == fast on
+random runs.
 
 Semantic tests run over both dataplanes (the `make` fixture), as msgpack runs its suite over both of
-its implementations; the property tests feed the same bursts to both and demand byte-identical output.
+its implementations; the property tests feed the same bursts to both and demand byte-identical
+output.
 """
 
 from __future__ import annotations
@@ -280,9 +282,10 @@ def assert_same(golden, fast, packets, worker):
 class ProtocolRun:
     """n self-clocked workers reducing `chunks` chunks through one dataplane pair, with faults.
 
-    A worker sends chunk c only after it holds the result of chunk c - s; it retransmits chunks whose
-    result it lacks. The link loses packets both ways, duplicates and reorders them, all drawn from a
-    seeded generator. Every result a worker accepts is checked against the exact wrapping sum.
+    A worker sends chunk c only after it holds the result of chunk c - s; it retransmits chunks
+    whose result it lacks. The link loses packets both ways, duplicates and reorders them, all drawn
+    from a seeded generator. Every result a worker accepts is checked against the exact wrapping
+    sum.
     """
 
     def __init__(self, dataplanes, n, s, k, chunks, rng, drop=0.1, dup=0.1, reorder=0.3,

@@ -2,12 +2,12 @@
 
 Invariant: any packet is accepted or counted as bad, never an exception. For every frame,
     accepted + sum(bad counts) == whole packets + (1 if a partial packet trails)
-and the dataplane sees exactly the accepted packets (its packets_in counter says so), and everything it
-sends back is itself a valid RESULT or RESULT_RETX packet of the job.
+and the dataplane sees exactly the accepted packets (its packets_in counter says so), and everything
+it sends back is itself a valid RESULT or RESULT_RETX packet of the job.
 
-Frames come from four generators: random bytes, random headers behind a valid magic byte, bit flips of
-valid bursts, and valid bursts cut short. Over 100k packets go through the fast dataplane; a smaller
-sample goes through the golden model as well, which must answer byte for byte the same.
+Frames come from four generators: random bytes, random headers behind a valid magic byte, bit flips
+of valid bursts, and valid bursts cut short. Over 100k packets go through the fast dataplane; a
+smaller sample goes through the golden model as well, which must answer byte for byte the same.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def test_receive_path_accepts_or_counts_every_packet(k):
 
 def test_receive_path_golden_and_fast_agree_under_fuzz():
     rng = np.random.default_rng(1)
-    dataplanes = [make_dataplane("golden", WORLD, SLOTS, 8), make_dataplane("fast", WORLD, SLOTS, 8)]
+    dataplanes = [make_dataplane(name, WORLD, SLOTS, 8) for name in ("golden", "fast")]
     packets = 0
     while packets < 5_000:
         for generate in (bit_flips, random_headers, truncated):

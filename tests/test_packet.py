@@ -1,5 +1,5 @@
-"""Tests of the wire format (switchagg/packet.py): layout, round trips, zero-copy parsing, every limit
-at its edge, and the vectorized validation's count per reason."""
+"""Tests of the wire format (switchagg/packet.py): layout, round trips, zero-copy parsing, every
+limit at its edge, and the vectorized validation's count per reason."""
 
 from __future__ import annotations
 
@@ -36,8 +36,8 @@ def validate(packets, **kw):
 
 
 def test_packet_dtype_matches_the_documented_byte_layout():
-    burst = make_burst(Kind.RESULT, 0x1234, 0x0506, [0x0789], [1], [0xA1B2C3D4], [[1, -1] + [0] * 6],
-                       [-3])
+    burst = make_burst(Kind.RESULT, 0x1234, 0x0506, [0x0789], [1], [0xA1B2C3D4],
+                       [[1, -1] + [0] * 6], [-3])
     burst["flags"] = FLAG_WRAPPED
     header = struct.pack("<BBBBHHHbBI", MAGIC, PROTOCOL_VERSION, Kind.RESULT, FLAG_WRAPPED, 0x1234,
                          0x0506, VERSION_BIT | 0x0789, -3, 0, 0xA1B2C3D4)

@@ -1,5 +1,6 @@
-"""Tests of the control messages (switchagg/protocol.py): round trips, every field's type and bounds,
-and every way a peer's frame can be malformed, each raising a ProtocolError that names the field."""
+"""Tests of the control messages (switchagg/protocol.py): round trips, every field's type and
+bounds, and every way a peer's frame can be malformed, each raising a ProtocolError that names the
+field."""
 
 from __future__ import annotations
 
@@ -89,7 +90,8 @@ def _join_ok(**kw):
 
 # (type, valid body, field, accepted values, rejected values)
 BOUNDS = [
-    ("JOIN", _join(), "world_size", [1, MAX_WORKERS], [0, MAX_WORKERS + 1, -1, True, 4.0, "4", None]),
+    ("JOIN", _join(), "world_size", [1, MAX_WORKERS],
+     [0, MAX_WORKERS + 1, -1, True, 4.0, "4", None]),
     ("JOIN", _join(), "k", list(VALID_K), [4, 9, 48, 2048, True, 64.0, None]),
     ("JOIN", _join(), "slots", [1, MAX_SLOTS], [0, MAX_SLOTS + 1, False, 16.0, [16]]),
     ("JOIN", _join(), "rank", [None, 0, 3], [-1, 4, True, 1.5, "0"]),
