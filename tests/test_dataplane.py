@@ -347,7 +347,7 @@ def test_receive_golden_equals_fast_on_protocol_runs(n, s, k, chunks, burst_max,
                                                      seed):
     run = ProtocolRun(pair(n, s, k), n, s, k, chunks, np.random.default_rng(seed), drop=drop,
                       dup=dup, wide=wide)
-    for _ in range(60):
+    for _ in range(40):
         run.step(burst_max)
 
 
