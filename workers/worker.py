@@ -60,6 +60,8 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--bits", type=int, default=32, choices=(8, 16, 32),
                    help="integer budget per sum (workers clip to fit)")
     g.add_argument("--k", type=int, default=64, help="int32 values per packet")
+    g.add_argument("--slots", type=int, default=8192,
+                   help="switch slot pool size (the switch may grant fewer to a job)")
     g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     g.add_argument("--timeout", type=float, default=120.0,
                    help="seconds any collective may wait before failing")
@@ -147,7 +149,21 @@ def _open_collective(kind: str, args: argparse.Namespace, rank: int | None, worl
     """The collective a method of `kind` ("int" or "float") runs on."""
     from switchagg.collectives import SwitchCollective, TorchCollective
     if kind == "int" and args.switch:
-        return SwitchCollective(args.switch, f"{args.job}-{method}", world_size, rank=rank, k=args.k)
+        from switchagg.client import ClientConfig, SwitchClient
+        from switchagg.errors import JoinRejected
+        config = ClientConfig(k=args.k, slots=args.slots, burst=min(ClientConfig.burst, args.slots))
+        deadline = time.monotonic() + args.timeout
+        while True:
+            try:
+                client = SwitchClient(args.switch, f"{args.job}-{method}", world_size, rank=rank,
+                                      config=config, timeout=args.timeout)
+                return SwitchCollective(client, owns_client=True)
+            except JoinRejected as exc:
+                # The previous method's job frees its slots only when its last worker leaves;
+                # a fast worker may get here first. Anything else rejected is final.
+                if exc.field != "slots" or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
     return TorchCollective(device=args.device if args.device.startswith("cuda") else "cpu", k=args.k)
 
 

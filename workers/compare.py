@@ -1,0 +1,387 @@
+"""`switchagg compare`: train with N workers through the emulated switch, once per method; compare.
+
+What it owns: the whole local experiment: a switch process and N worker processes on loopback, a
+progress bar per method, the summary table, and with `--out DIR` results.json, per-step metrics
+(JSON lines) and PNG plots. What it must never do: train or reduce anything itself (the workers
+do, workers/worker.py), leave a process behind, or wait without a bound.
+
+How it works:
+1. Start `python -m switch_emulator` on a free 127.0.0.1 port (slots, loss injection and seed
+   passed through) and wait until it accepts connections.
+2. Start N `switchagg worker --events` processes once; each runs every method in turn on a fresh
+   model (importing torch costs ~2 s a process, so workers are not respawned per method). `sgd`
+   goes through torch.distributed gloo (nccl on CUDA), the integer methods through the switch, one
+   switch job per method.
+3. Read the workers' event lines (one reader thread per worker feeding one queue): rank 0's
+   progress drives the bars; every rank's "done" carries its summary. A worker that reports an
+   error, exits early, or goes silent for --timeout seconds ends the run with an error naming the
+   rank and the method (and the tail of its log); the switch dying does too.
+4. Merge the ranks' summaries per method (workers/report.py), print the table, write the files.
+Teardown always runs (success, failure, Ctrl-C): workers get SIGTERM then SIGKILL, the switch
+SIGTERM (it aborts its jobs and exits) then SIGKILL. Children run in their own sessions, so a
+Ctrl-C reaches only this process, which then tears them down in order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import queue
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Any
+
+from workers.worker import EVENT_PREFIX, add_training_options
+
+__all__ = ["configure", "main", "CompareError", "run_compare"]
+
+log = logging.getLogger("switchagg.compare")
+
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class CompareError(RuntimeError):
+    """The comparison could not finish: a worker or the switch failed (the message says which)."""
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Options of `switchagg compare`."""
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = ("examples:\n"
+                     "  switchagg compare                                   # digits, 4 workers, all methods\n"
+                     "  switchagg compare --methods sgd,intsgd-random --workers 2 --out runs/a\n"
+                     "  switchagg compare --task logreg --epochs 200 --out runs/logreg\n"
+                     "  switchagg compare --drop 0.01 --bits 8              # loss and an int8 budget\n"
+                     "  switchagg compare --task cifar10-resnet18 --data ~/cifar-10-batches-py --device cuda")
+    add_training_options(parser)
+    g = parser.add_argument_group("comparison")
+    g.add_argument("--workers", type=int, default=4, help="number of worker processes (default 4)")
+    g.add_argument("--out", default=None, help="write results.json, metrics/ and plots here")
+    g.add_argument("--drop", type=float, default=None, help="switch: drop probability (in and out)")
+    g.add_argument("--duplicate", type=float, default=None, help="switch: duplication probability")
+    g.add_argument("--reorder", type=float, default=None, help="switch: reordering probability")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    # Children import this very checkout, installed or not.
+    env["PYTHONPATH"] = _REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    # One compute thread each: N workers and the switch share the cores.
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("MKL_NUM_THREADS", "1")
+    return env
+
+
+def _tail(path: str, lines: int = 15) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+class _Children:
+    """The processes this run started, and their orderly (or forced) end."""
+
+    def __init__(self) -> None:
+        self.switch: subprocess.Popen | None = None
+        self.workers: list[subprocess.Popen] = []
+        self._files: list[Any] = []
+
+    def start(self, argv: list[str], log_path: str, *, pipe_stdout: bool) -> subprocess.Popen:
+        log_file = open(log_path, "w")
+        self._files.append(log_file)
+        return subprocess.Popen(argv, env=_child_env(), cwd=os.getcwd(), start_new_session=True,
+                                stdin=subprocess.DEVNULL, stderr=log_file,
+                                stdout=subprocess.PIPE if pipe_stdout else log_file, text=True,
+                                bufsize=1)
+
+    def stop(self, grace: float = 5.0) -> None:
+        procs = [p for p in self.workers if p is not None]
+        for group in (procs, [self.switch] if self.switch else []):
+            for p in group:
+                if p.poll() is None:
+                    _signal(p, signal.SIGTERM)
+            deadline = time.monotonic() + grace
+            for p in group:
+                try:
+                    p.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    _signal(p, signal.SIGKILL)
+                    p.wait(timeout=5)
+        for f in self._files:
+            f.close()
+
+
+def _signal(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)   # the child's own session: reaches anything it started too
+    except ProcessLookupError:
+        pass
+
+
+def _wait_listening(port: int, proc: subprocess.Popen, log_path: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise CompareError(f"the switch exited with status {proc.returncode} before listening:\n"
+                               f"{_tail(log_path)}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise CompareError(f"the switch did not listen on 127.0.0.1:{port} within {timeout:.0f} s; "
+                       f"see {log_path}")
+
+
+def _reader(rank: int, proc: subprocess.Popen, events: queue.Queue, log_path: str) -> None:
+    """Forward a worker's event lines to the queue; other stdout lines go to its log."""
+    with open(log_path + ".stdout", "w") as other:
+        for line in proc.stdout:
+            if line.startswith(EVENT_PREFIX):
+                try:
+                    events.put((rank, json.loads(line[len(EVENT_PREFIX):])))
+                except json.JSONDecodeError:
+                    other.write(line)
+            else:
+                other.write(line)
+    events.put((rank, {"event": "eof"}))
+
+
+def _worker_argv(args: argparse.Namespace, rank: int, switch: str, master_port: int,
+                 out_dir: str, job: str) -> list[str]:
+    argv = [sys.executable, "-m", "workers.cli", "--log-level", logging.getLevelName(log.getEffectiveLevel()),
+            "worker", "--events", "--rank", str(rank), "--world-size", str(args.workers),
+            "--master-addr", "127.0.0.1", "--master-port", str(master_port), "--switch", switch,
+            "--job", job, "--out", out_dir, "--task", args.task, "--seed", str(args.seed),
+            "--bits", str(args.bits), "--k", str(args.k), "--slots", str(args.slots),
+            "--device", args.device, "--timeout", str(args.timeout), "--methods", ",".join(args.method_list)]
+    for flag in ("data", "epochs", "max_steps", "batch_size", "lr", "eval_every"):
+        value = getattr(args, flag)
+        if value is not None:
+            argv += ["--" + flag.replace("_", "-"), str(value)]
+    for opt in args.opt:
+        argv += ["--opt", opt]
+    return argv
+
+
+def _switch_argv(args: argparse.Namespace, port: int) -> list[str]:
+    argv = [sys.executable, "-m", "switch_emulator", "--bind", f"tcp://127.0.0.1:{port}",
+            # Two jobs' worth: a fast rank joins method m+1's job while a slower one is still
+            # leaving method m's, and the switch holds both pools at that moment.
+            "--slots", str(2 * args.slots), "--seed", str(args.seed)]
+    for flag in ("drop", "duplicate", "reorder"):
+        value = getattr(args, flag)
+        if value is not None:
+            argv += ["--" + flag, str(value)]
+    return argv
+
+
+class _Bars:
+    """One tqdm bar per method, driven by rank 0's progress events."""
+
+    def __init__(self, methods: list[str], enabled: bool) -> None:
+        # Bars redraw in place; on a pipe or a log file they would be noise.
+        self.enabled = enabled and sys.stderr.isatty()
+        self.methods, self.bars = methods, {}
+        self.width = max(len(m) for m in methods)
+
+    def update(self, method: str, step: int, total: int, loss: float) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+        bar = self.bars.get(method)
+        if bar is None:
+            bar = self.bars[method] = tqdm(total=total, desc=method.ljust(self.width), unit="step",
+                                           position=self.methods.index(method), leave=True,
+                                           dynamic_ncols=True, file=sys.stderr)
+        bar.n = step
+        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        bar.refresh()
+
+    def finish(self, method: str) -> None:
+        bar = self.bars.pop(method, None)
+        if bar is not None:
+            bar.close()
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+        self.bars = {}
+
+
+def run_compare(args: argparse.Namespace, out_dir: str) -> dict[str, Any]:
+    """Start the switch and the workers, collect every method's per-rank summaries.
+
+    Returns:
+        method -> list of per-rank summaries (workers/train.py).
+
+    Raises:
+        CompareError: naming the rank and method that failed (or the switch).
+    """
+    logs = os.path.join(out_dir, "logs")
+    os.makedirs(logs, exist_ok=True)
+    children = _Children()
+    events: queue.Queue = queue.Queue()
+    bars = _Bars(args.method_list, enabled=not args.no_progress)
+    try:
+        port, master_port = _free_port(), _free_port()
+        switch_log = os.path.join(logs, "switch.log")
+        children.switch = children.start(_switch_argv(args, port), switch_log, pipe_stdout=False)
+        _wait_listening(port, children.switch, switch_log)
+        address = f"tcp://127.0.0.1:{port}"
+        job = f"compare-{os.getpid()}-{port}"
+        worker_logs = [os.path.join(logs, f"worker{r}.log") for r in range(args.workers)]
+        for r in range(args.workers):
+            proc = children.start(_worker_argv(args, r, address, master_port, out_dir, job),
+                                  worker_logs[r], pipe_stdout=True)
+            children.workers.append(proc)
+            threading.Thread(target=_reader, args=(r, proc, events, worker_logs[r]), daemon=True,
+                             name=f"compare-reader-{r}").start()
+        return _collect(args, children, events, bars, worker_logs, switch_log)
+    finally:
+        bars.close()
+        children.stop()
+
+
+def _collect(args, children: _Children, events: queue.Queue, bars: _Bars, worker_logs: list[str],
+             switch_log: str) -> dict[str, list[dict]]:
+    summaries: dict[str, list[dict]] = {m: [] for m in args.method_list}
+    running: dict[int, str | None] = {r: None for r in range(args.workers)}
+    finished: set[int] = set()
+    last_event = time.monotonic()
+
+    def fail(rank: int, why: str) -> CompareError:
+        method = running.get(rank)
+        return CompareError(f"worker rank {rank} failed while running method "
+                            f"{method or '(before the first method)'}: {why}\n"
+                            f"--- {worker_logs[rank]} (tail) ---\n{_tail(worker_logs[rank])}")
+
+    while len(finished) < args.workers:
+        try:
+            rank, ev = events.get(timeout=0.5)
+        except queue.Empty:
+            if children.switch.poll() is not None:
+                raise CompareError(f"the switch exited with status {children.switch.returncode}:\n"
+                                   f"{_tail(switch_log)}") from None
+            for r, proc in enumerate(children.workers):
+                if r not in finished and proc.poll() is not None and proc.returncode != 0:
+                    raise fail(r, f"exit status {proc.returncode}") from None
+            if time.monotonic() - last_event > args.timeout:
+                stuck = {r: m for r, m in running.items() if r not in finished}
+                raise CompareError(f"no progress for {args.timeout:.0f} s (workers and the methods "
+                                   f"they were in: {stuck}); see {os.path.dirname(switch_log)}") from None
+            continue
+        last_event = time.monotonic()
+        kind = ev.get("event")
+        if kind == "start":
+            running[rank] = ev["method"]
+        elif kind == "progress":
+            bars.update(ev["method"], ev["step"], ev["total"], ev["loss"])
+        elif kind == "done":
+            summaries[ev["method"]].append(ev["summary"])
+            if len(summaries[ev["method"]]) == args.workers:
+                bars.finish(ev["method"])
+                head = min(summaries[ev["method"]], key=lambda s: s["rank"])
+                log.info("%s done: %d steps in %.1f s, evaluation %s", ev["method"], head["steps"],
+                         head["wall_s"], head["evaluation"])
+        elif kind == "error":
+            running[rank] = ev.get("method") or running[rank]
+            raise fail(rank, f"{ev.get('error')}: {ev.get('message')}")
+        elif kind == "eof":
+            proc = children.workers[rank]
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                raise fail(rank, "closed its output but did not exit") from None
+            if proc.returncode != 0:
+                raise fail(rank, f"exit status {proc.returncode}")
+            missing = [m for m in args.method_list
+                       if not any(s["rank"] == rank for s in summaries[m])]
+            if missing:
+                raise fail(rank, f"exited without finishing {missing}")
+            finished.add(rank)
+    return summaries
+
+
+def main(args: argparse.Namespace) -> int:
+    """Entry point of `switchagg compare`; returns 0, 1 (a run failed), 2 (bad usage), 130 (Ctrl-C)."""
+    from workers import report
+    from workers.tasks import TASKS, make_task, parse_options
+    from workers.worker import method_names
+
+    try:
+        args.method_list = method_names(args.methods)
+        if args.task not in TASKS:
+            raise ValueError(f"unknown task {args.task!r}; choose one of {', '.join(TASKS)}")
+        if args.workers < 1:
+            raise ValueError(f"--workers must be >= 1, got {args.workers}")
+        task = make_task(args.task, data=args.data, **parse_options(args.opt))
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"switchagg compare: {exc}", file=sys.stderr)
+        return 2
+    out_dir = os.path.abspath(args.out) if args.out else tempfile.mkdtemp(prefix="switchagg-compare-")
+    os.makedirs(out_dir, exist_ok=True)
+    started = time.monotonic()
+    try:
+        summaries = run_compare(args, out_dir)
+    except KeyboardInterrupt:
+        print("\nswitchagg compare: interrupted; switch and workers stopped", file=sys.stderr)
+        return 130
+    except CompareError as exc:
+        print(f"switchagg compare: {exc}", file=sys.stderr)
+        if not args.out:
+            print(f"(logs kept in {out_dir})", file=sys.stderr)
+        return 1
+    methods = {m: report.merge_ranks(s, task.metric) for m, s in summaries.items()}
+    for name, summary in summaries.items():
+        diverged = next((s.get("diverged") for s in summary if s.get("diverged")), None)
+        methods[name]["diverged"] = diverged
+    preset = task.preset
+    config = {
+        **task.describe(), "workers": args.workers, "methods": args.method_list, "seed": args.seed,
+        "epochs": args.epochs if args.epochs is not None else preset.epochs,
+        "batch_size": args.batch_size if args.batch_size is not None else preset.batch_size,
+        "lr": args.lr if args.lr is not None else preset.lr, "max_steps": args.max_steps,
+        "bits": args.bits, "k": args.k, "slots": args.slots, "drop": args.drop,
+        "duplicate": args.duplicate, "reorder": args.reorder, "device": args.device,
+        "wall_s": time.monotonic() - started,
+    }
+    table = report.format_table(methods, task.metric)
+    print(f"\n{args.task}, {args.workers} workers, seed {args.seed}, {args.bits}-bit budget "
+          f"(wall {config['wall_s']:.0f} s)")
+    print(table)
+    for name, m in methods.items():
+        if m["diverged"]:
+            print(f"note: {name} diverged: {m['diverged']}")
+        if not m["replicas_agree"]:
+            print(f"WARNING: {name}: workers' parameters differ at the end (a method bug)")
+    if args.out:
+        report.write_results(os.path.join(out_dir, "results.json"), config, methods)
+        records = {m: report.read_jsonl(os.path.join(out_dir, "metrics", f"{m}.rank0.jsonl"))
+                   for m in args.method_list}
+        plots = report.plot_all(out_dir, records, task.metric,
+                                log_metric=task.metric in ("suboptimality",))
+        with open(os.path.join(out_dir, "table.txt"), "w") as f:
+            f.write(table + "\n")
+        print(f"\nwrote {out_dir}/results.json, table.txt, metrics/*.jsonl and "
+              f"{', '.join(os.path.basename(p) for p in plots)}")
+    else:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    return 0
