@@ -304,6 +304,11 @@ def _repeat_rank(slot: np.ndarray) -> np.ndarray | None:
 
 def _in_order(parts: list[np.ndarray], positions: list[np.ndarray]) -> np.ndarray:
     """Merge the steps' results into input order (scattered into one new array, no temporaries)."""
+    nonempty = [i for i, part in enumerate(parts) if len(part)]
+    if len(nonempty) <= 1:  # typical: later steps only dropped duplicates; already in input order
+        return parts[nonempty[0] if nonempty else 0]
+    parts = [parts[i] for i in nonempty]
+    positions = [positions[i] for i in nonempty]
     sizes = [len(p) for p in parts]
     out = np.empty(sum(sizes), parts[0].dtype)
     where = np.empty(len(out), np.intp)  # where[i]: output index of the i-th result, step by step
