@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from switch_emulator.dataplane import (DATAPLANES, DataplaneCounters, FastDataplane,
                                        GoldenDataplane, make_dataplane)
-from switchagg.packet import FLAG_WRAPPED, Kind, make_burst, packet_dtype
+from switchagg.packet import FLAG_WRAPPED, Kind, make_burst, packet_dtype, parse_burst
 
 K = 8
 INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
@@ -192,6 +192,16 @@ def test_receive_results_are_new_arrays(make):
     contribute_all(dp, 0, 1), contribute_all(dp, 0, 0)  # new rounds rewrite slot 0's state
     dp.receive(data(0, [0, 1], values=np.full((2, K), 99)), 0)
     assert out.multicast.tobytes() == before
+
+
+def test_receive_takes_a_read_only_frame_view(make):
+    dp = make(1, 4)
+    frame = data(0, [3, 1]).tobytes()
+    packets, _ = parse_burst(frame, K)
+    assert not packets.flags.writeable
+    out = dp.receive(packets, 0)
+    assert out.multicast["chunk"].tolist() == [0, 1] and out.multicast.flags.writeable
+    assert not np.shares_memory(out.multicast, packets)
 
 
 def test_receive_empty_burst(make):
