@@ -7,10 +7,14 @@ What it must never do: differ from `_numpy` by a single bit (tests compare them 
 import numba before a kernel is first used (a worker that never quantizes on CPU pays nothing), or
 use fastmath (it would let LLVM fuse or reorder the float operations that fix the bits).
 
-How it works: the same per-element rules as `_numpy` (read them there). Quantization walks groups
-of four elements, one Philox4x32-10 call per group, so the generator costs a quarter call per
-element; groups are split into chunks across threads with `prange`, each chunk counting its own
-clipped elements. Compiled code is cached by numba (`cache=True`, in `__pycache__`).
+How it works: the same per-element rules as `_numpy` (read them there). Randomized rounding works
+in tiles of 1024 Philox groups (4096 elements), aligned in global element index, one tile per
+`prange` task: (1) the tile's counters go into four word arrays and the ten rounds run over them
+with the counters as the inner loop, which LLVM vectorizes (AVX2 vpmuludq); (2) the words are
+interleaved into element order in an L1-resident buffer; (3) a branch-free loop (selects only, also
+vectorized) scales, rounds and clips each run of constant scale, counting clipped elements. Tiles
+never share output, so threads need no locks. Compiled code is cached by numba (`cache=True`, in
+`__pycache__`, which git ignores).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import numpy as np
 
 __all__ = ["available", "quantize", "dequantize", "block_max_abs", "int_squared_norm"]
 
-_GROUPS_PER_CHUNK = 4096  # 16 Ki elements per thread task: big enough to amortize scheduling
+_TILE_GROUPS = 1024  # Philox groups per thread task: 4096 elements, whose bits (16 KiB) stay in L1
 _SQNORM_CHUNK = 1 << 30   # elements per exact partial sum (see the int64 bound in _numpy)
 
 
@@ -42,112 +46,129 @@ def _kernels():
 
     from switchagg.kernels._philox import PHILOX_M0, PHILOX_M1, PHILOX_W0, PHILOX_W1
 
-    u64 = np.uint64
-    mask, m0, m1, w0, w1, s32 = u64(0xFFFFFFFF), u64(PHILOX_M0), u64(PHILOX_M1), u64(PHILOX_W0), \
-        u64(PHILOX_W1), u64(32)
+    u64, u32 = np.uint64, np.uint32
+    m0, m1, s32 = u64(PHILOX_M0), u64(PHILOX_M1), u64(32)
+    w0, w1 = u32(PHILOX_W0), u32(PHILOX_W1)
     two_m32 = 2.0 ** -32
     jit = functools.partial(njit, cache=True, nogil=True, fastmath=False)
 
     @jit
-    def philox(c0, c1, c2, c3, k0, k1):
-        for _ in range(10):  # the key bump after the last round is never used
-            p0 = c0 * m0
-            p1 = c2 * m1
-            c0, c1, c2, c3 = (p1 >> s32) ^ c1 ^ k0, p1 & mask, (p0 >> s32) ^ c3 ^ k1, p0 & mask
-            k0 = (k0 + w0) & mask
-            k1 = (k1 + w1) & mask
-        return c0, c1, c2, c3
+    def philox_rounds(c0, c1, c2, c3, k0, k1):
+        """Philox4x32-10 in place over arrays of counter words (one lane per counter).
+
+        The round is the inner loop, over independent counters, so LLVM vectorizes it (vpmuludq
+        does four 32 x 32 -> 64 products); a loop over counters with the rounds inside does not.
+        """
+        for _ in range(10):
+            for i in range(c0.size):
+                p0 = u64(c0[i]) * m0
+                p1 = u64(c2[i]) * m1
+                a0 = u32(p1 >> s32) ^ c1[i] ^ k0
+                a2 = u32(p0 >> s32) ^ c3[i] ^ k1
+                c0[i] = a0
+                c1[i] = u32(p1)
+                c2[i] = a2
+                c3[i] = u32(p0)
+            k0 = k0 + w0  # uint32 arithmetic wraps: the Weyl key schedule
+            k1 = k1 + w1
 
     @jit
-    def clip(r, lo, hi):
-        """(int32 value, 1 if clipped) of a float64 integer-valued r; NaN -> clip(0), counted."""
-        if r != r:
-            return np.int32(min(max(0, lo), hi)), 1
-        if r < lo:
-            return np.int32(lo), 1
-        if r > hi:
-            return np.int32(hi), 1
-        return np.int32(r), 0
+    def tile_bits(q0, c2, c3, k0, k1, c, bits):
+        """bits[4 i + w] = word w of Philox(counter (q0 + i, step, rank)), i < TILE_GROUPS."""
+        g = c.shape[1]
+        for i in range(g):
+            q = u64(q0 + i)
+            c[0, i] = u32(q & u64(0xFFFFFFFF))
+            c[1, i] = u32(q >> s32)
+            c[2, i] = c2
+            c[3, i] = c3
+        philox_rounds(c[0], c[1], c[2], c[3], k0, k1)
+        for i in range(g):
+            bits[4 * i] = c[0, i]
+            bits[4 * i + 1] = c[1, i]
+            bits[4 * i + 2] = c[2, i]
+            bits[4 * i + 3] = c[3, i]
 
     @jit
-    def round_random(xj, sj, bits, lo, hi):
-        td = np.float64(np.float32(xj * sj))  # t = fl32(x * scale), exact in float64
-        f = np.floor(td)
-        if np.float64(bits) * two_m32 < td - f:  # inf - inf is NaN: never rounds up
-            f += 1.0
-        return clip(f, lo, hi)
+    def round_random_run(x, s, bits, flo, fhi, fnan, out, ja, jb, shift):
+        """Elements ja .. jb - 1 under one scale, bits of element j at bits[j - shift].
 
-    @jit
-    def scale_of(scales, per_block, block, j):
-        return scales[j // block] if per_block else scales[0]
-
-    @jit
-    def quantize_random_groups(x, scales, per_block, block, k0, k1, c2, c3, first, offset, lo, hi,
-                               out, g_start, g_end):
-        """Groups g_start .. g_end - 1 (of four elements each); returns how many were clipped."""
-        n = x.size
+        Branch-free (selects only), so it vectorizes; returns how many were clipped.
+        """
         clipped = 0
-        for g in range(g_start, g_end):
-            q = u64(first + g)
-            b0, b1, b2, b3 = philox(q & mask, q >> s32, c2, c3, k0, k1)
-            j0 = (first + g) * 4 - offset
-            if j0 >= 0 and j0 + 3 < n:  # a whole group: the common case, no per-word checks
-                v, k = round_random(x[j0], scale_of(scales, per_block, block, j0), b0, lo, hi)
-                out[j0] = v
-                clipped += k
-                v, k = round_random(x[j0 + 1], scale_of(scales, per_block, block, j0 + 1), b1, lo, hi)
-                out[j0 + 1] = v
-                clipped += k
-                v, k = round_random(x[j0 + 2], scale_of(scales, per_block, block, j0 + 2), b2, lo, hi)
-                out[j0 + 2] = v
-                clipped += k
-                v, k = round_random(x[j0 + 3], scale_of(scales, per_block, block, j0 + 3), b3, lo, hi)
-                out[j0 + 3] = v
-                clipped += k
-            else:  # the ragged first or last group of an offset piece
-                for w in range(4):
-                    j = j0 + w
-                    if 0 <= j < n:
-                        bits = b0 if w == 0 else (b1 if w == 1 else (b2 if w == 2 else b3))
-                        v, k = round_random(x[j], scale_of(scales, per_block, block, j), bits, lo, hi)
-                        out[j] = v
-                        clipped += k
+        for j in range(ja, jb):
+            td = np.float64(np.float32(x[j] * s))  # t = fl32(x * scale), exact in float64
+            f = np.floor(td)
+            up = np.float64(bits[j - shift]) * two_m32 < td - f  # inf - inf is NaN: never up
+            f = f + 1.0 if up else f
+            isnan = f != f
+            low = f < flo
+            high = f > fhi
+            r = flo if low else f
+            r = fhi if high else r
+            r = fnan if isnan else r
+            out[j] = np.int32(r)
+            clipped += low | high | isnan
+        return clipped
+
+    @jit
+    def round_nearest_run(x, s, flo, fhi, fnan, out, ja, jb):
+        clipped = 0
+        for j in range(ja, jb):
+            f = np.rint(np.float64(np.float32(x[j] * s)))  # rint of the exact float64 of t
+            isnan = f != f
+            low = f < flo
+            high = f > fhi
+            r = flo if low else f
+            r = fhi if high else r
+            r = fnan if isnan else r
+            out[j] = np.int32(r)
+            clipped += low | high | isnan
         return clipped
 
     @jit(parallel=True)
-    def quantize_random(x, scales, per_block, block, seed, rank, step, offset, lo, hi, out):
+    def quantize_random(x, scales, block, seed, rank, step, offset, lo, hi, out):
+        """Tiles of TILE_GROUPS Philox groups, aligned in global index, one per thread task."""
         n = x.size
-        first = offset // 4
-        ngroups = (offset + n - 1) // 4 - first + 1
-        k0, k1 = u64(seed) & mask, u64(seed) >> s32
-        c2, c3 = u64(step), u64(rank)
-        nchunks = (ngroups + _GROUPS_PER_CHUNK - 1) // _GROUPS_PER_CHUNK
-        counts = np.zeros(nchunks, dtype=np.int64)
-        for c in prange(nchunks):
-            counts[c] = quantize_random_groups(x, scales, per_block, block, k0, k1, c2, c3, first,
-                                               offset, lo, hi, out, c * _GROUPS_PER_CHUNK,
-                                               min(ngroups, (c + 1) * _GROUPS_PER_CHUNK))
+        q_first = offset // 4
+        ntiles = ((offset + n - 1) // 4 - q_first) // _TILE_GROUPS + 1
+        k0, k1 = u32(u64(seed) & u64(0xFFFFFFFF)), u32(u64(seed) >> s32)
+        flo, fhi, fnan = np.float64(lo), np.float64(hi), np.float64(min(max(0, lo), hi))
+        counts = np.zeros(ntiles, dtype=np.int64)
+        for t in prange(ntiles):
+            c = np.empty((4, _TILE_GROUPS), dtype=np.uint32)
+            bits = np.empty(4 * _TILE_GROUPS, dtype=np.uint32)
+            q0 = q_first + t * _TILE_GROUPS
+            tile_bits(q0, u32(step), u32(rank), k0, k1, c, bits)
+            shift = 4 * q0 - offset  # element j's bits are bits[j - shift]
+            ja = max(0, shift)
+            jb = min(n, shift + 4 * _TILE_GROUPS)
+            local = 0
+            while ja < jb:  # runs of constant scale
+                b = ja // block
+                je = min(jb, (b + 1) * block)
+                local += round_random_run(x, scales[b], bits, flo, fhi, fnan, out, ja, je, shift)
+                ja = je
+            counts[t] = local
         return counts.sum()
 
-    @jit
-    def quantize_nearest_range(x, scales, per_block, block, lo, hi, out, j_start, j_end):
-        clipped = 0
-        for j in range(j_start, j_end):
-            t = np.float32(x[j] * scale_of(scales, per_block, block, j))
-            v, k = clip(np.rint(np.float64(t)), lo, hi)  # rint of the exact float64 of t
-            out[j] = v
-            clipped += k
-        return clipped
-
     @jit(parallel=True)
-    def quantize_nearest(x, scales, per_block, block, lo, hi, out):
+    def quantize_nearest(x, scales, block, lo, hi, out):
         n = x.size
-        step = 4 * _GROUPS_PER_CHUNK
-        nchunks = (n + step - 1) // step
-        counts = np.zeros(nchunks, dtype=np.int64)
-        for c in prange(nchunks):
-            counts[c] = quantize_nearest_range(x, scales, per_block, block, lo, hi, out, c * step,
-                                               min(n, (c + 1) * step))
+        tile = 4 * _TILE_GROUPS
+        ntiles = (n + tile - 1) // tile
+        flo, fhi, fnan = np.float64(lo), np.float64(hi), np.float64(min(max(0, lo), hi))
+        counts = np.zeros(ntiles, dtype=np.int64)
+        for t in prange(ntiles):
+            ja = t * tile
+            jb = min(n, ja + tile)
+            local = 0
+            while ja < jb:
+                b = ja // block
+                je = min(jb, (b + 1) * block)
+                local += round_nearest_run(x, scales[b], flo, fhi, fnan, out, ja, je)
+                ja = je
+            counts[t] = local
         return counts.sum()
 
     @jit(parallel=True)
@@ -201,10 +222,12 @@ def quantize(x: np.ndarray, scale, block: int, random: bool, seed: int, rank: in
         return 0
     k = _kernels()
     scales, per_block = _as_array(scale, np.float32)
+    if not per_block:
+        block = x.size  # one run of constant scale
     if random:
-        return int(k["quantize_random"](x, scales, per_block, block, np.uint64(seed), rank, step,
-                                        offset, lo, hi, out))
-    return int(k["quantize_nearest"](x, scales, per_block, block, lo, hi, out))
+        return int(k["quantize_random"](x, scales, block, np.uint64(seed), rank, step, offset, lo,
+                                        hi, out))
+    return int(k["quantize_nearest"](x, scales, block, lo, hi, out))
 
 
 def dequantize(ints: np.ndarray, divisor, block: int, out: np.ndarray, accumulate: bool) -> None:
