@@ -1,0 +1,280 @@
+"""`switchagg bench`: packet-level throughput of the aggregation path, against its two yardsticks.
+
+What it owns: starting, timing and tearing down three local contenders over the same tensor, worker
+count, transport and (for the first two) message sizes and window, and reporting them side by side
+(issue 2 item 7; SwitchML's metric, ATE/s = aggregated tensor elements per second = numel / time of
+one all-reduce):
+  1. the emulated switch (`python -m switch_emulator`) with N `SwitchClient` workers;
+  2. the raw ZeroMQ fan-in/fan-out ceiling: a relay with the switch's socket pattern that sums
+     nothing (workers/_bench_workers.py says exactly what it does);
+  3. torch.distributed gloo `all_reduce(SUM)` of the same int32 tensor among N processes.
+What it must never do: report a figure for a wrong sum (every all-reduce is verified exactly, and a
+mismatch fails the run), leave a child running (every child is torn down on success, failure and
+Ctrl-C), or wait without a bound. It asserts no target; it prints figures.
+
+How it works: each contender is one phase. A phase spawns its children (fresh interpreters, so
+only the gloo workers import torch), which set up and pre-fault everything, then run warm-up and
+timed rounds, each behind a start barrier; a round's time is its slowest worker's, and a phase's
+figure comes from its median round. The targets and the machine's limits are in
+../shared/reference/measured-limits.md (this 2-core box: gloo about 52 M elements/s with 4 ranks,
+a batched Python switch about 50 to 62 M).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import multiprocessing as mp
+import os
+import queue as queue_module
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from typing import Any, Callable
+
+from switchagg.packet import VALID_K, packet_bytes
+from workers import _bench_workers as bw
+
+__all__ = ["BenchError", "configure", "main", "run_bench"]
+
+log = logging.getLogger("switchagg.bench")
+
+#: Seconds a child gets to exit after the phase before it is terminated, then killed.
+_EXIT_GRACE = 3.0
+
+
+class BenchError(RuntimeError):
+    """A phase failed: a child raised, died, got a wrong sum, or the phase ran out of time."""
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """The `switchagg bench` options."""
+    a = parser.add_argument
+    a("--workers", type=int, default=4, help="worker processes N (default 4)")
+    a("--numel", type=int, default=16 << 20, help="int32 elements per all-reduce (default 16Mi "
+                                                  "= 64 MiB)")
+    a("--k", type=int, default=64, choices=VALID_K, help="int32 values per packet (default 64)")
+    a("--slots", type=int, default=8192, help="slot pool per job: the window (default 8192)")
+    a("--burst", type=int, default=1024, help="packets per ZeroMQ message (default 1024)")
+    a("--repeats", type=int, default=5, help="timed all-reduces per contender (default 5)")
+    a("--warmup", type=int, default=1, help="untimed all-reduces first (default 1)")
+    a("--transport", choices=("ipc", "tcp"), default="ipc",
+      help="ipc:// in a temporary folder (default, local runs) or tcp://127.0.0.1")
+    a("--drop", type=float, default=0.0, help="switch drop probability per packet, each way")
+    a("--duplicate", type=float, default=0.0, help="switch duplication probability")
+    a("--reorder", type=float, default=0.0, help="switch reordering probability")
+    a("--seed", type=int, default=0, help="seed of the switch's loss injection")
+    a("--skip-gloo", action="store_true", help="do not measure torch.distributed gloo")
+    a("--skip-zmq", action="store_true", help="do not measure the raw ZeroMQ ceiling")
+    a("--timeout", type=float, default=600.0, help="seconds each contender may take in all")
+    a("--json", action="store_true", help="print one JSON object instead of the table")
+
+
+def _free_tcp() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+def _stop_process(proc: mp.Process) -> None:
+    proc.join(_EXIT_GRACE)
+    if proc.is_alive():
+        proc.terminate()
+        proc.join(_EXIT_GRACE)
+    if proc.is_alive():
+        proc.kill()
+        proc.join(_EXIT_GRACE)
+
+
+def _stop_popen(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)  # the switch ABORTs its jobs and exits 0
+        try:
+            proc.wait(_EXIT_GRACE)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(_EXIT_GRACE)
+
+
+def _phase(name: str, target: Callable, spec: bw.Spec, timeout: float, stack: ExitStack,
+           alive: Callable[[], str | None] = lambda: None) -> list[dict]:
+    """Run N workers of one contender; returns their reports in rank order.
+
+    Args:
+        name: the contender, for messages.
+        target: the worker body (`bw.switch_worker`, ...).
+        spec: the phase's parameters.
+        timeout: seconds for the whole phase.
+        stack: where the children's teardown is registered (it runs whatever happens).
+        alive: returns why a helper process (switch, relay) died, or None while it runs.
+
+    Raises:
+        BenchError: a worker failed, died or the phase ran out of time.
+    """
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(spec.workers), ctx.Queue()
+    procs = [ctx.Process(target=target, args=(spec, r, barrier, results), daemon=True,
+                         name=f"bench-{name}-{r}") for r in range(spec.workers)]
+    for p in procs:
+        stack.callback(_stop_process, p)
+        p.start()
+    reports: dict[int, dict] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(reports) < spec.workers:
+            try:
+                status, rank, body = results.get(timeout=0.5)
+            except queue_module.Empty:
+                dead = [p.name for r, p in enumerate(procs)
+                        if r not in reports and p.exitcode is not None]
+                why = alive()
+                if dead or why:
+                    raise BenchError(f"{name}: {why or ', '.join(dead) + ' exited unreported'}")
+                if time.monotonic() > deadline:
+                    raise BenchError(f"{name}: not done within {timeout:.0f}s (raise --timeout, "
+                                     f"or lower --numel/--repeats)")
+                continue
+            if status != "ok":
+                raise BenchError(f"{name} rank {rank} failed: {body}")
+            reports[rank] = body
+    except BaseException:
+        barrier.abort()  # release ranks still waiting at the start line
+        raise
+    return [reports[r] for r in range(spec.workers)]
+
+
+def _median_round(reports: list[dict]) -> tuple[float, list[float]]:
+    """(median round time, every round's time); a round ends when its slowest worker is done."""
+    rounds = [max(times) for times in zip(*(r["times"] for r in reports))]
+    return statistics.median(rounds), rounds
+
+
+def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    """Measure every contender that is not skipped; returns the figures (the JSON object).
+
+    Raises:
+        BenchError: a contender failed (wrong sum, a child died, out of time).
+        ValueError: an option is out of range.
+    """
+    if args.workers < 1 or args.numel < 1 or args.repeats < 1 or args.warmup < 0:
+        raise ValueError("--workers, --numel and --repeats must be >= 1, --warmup >= 0")
+    if not 1 <= args.burst <= args.slots:
+        raise ValueError(f"--burst {args.burst} must be in [1, --slots {args.slots}]")
+    figures: dict[str, Any] = {
+        "workers": args.workers, "numel": args.numel, "k": args.k, "slots": args.slots,
+        "burst": args.burst, "repeats": args.repeats, "warmup": args.warmup,
+        "transport": args.transport, "drop": args.drop, "duplicate": args.duplicate,
+        "reorder": args.reorder, "cores": os.cpu_count(),
+        "message_bytes": args.burst * packet_bytes(args.k),
+    }
+    make = lambda address: bw.Spec(address, args.workers, args.numel, args.k, args.slots,  # noqa
+                                   args.burst, args.warmup, args.repeats)
+    with ExitStack() as stack:
+        folder = None
+        if args.transport == "ipc":
+            folder = tempfile.mkdtemp(prefix="switchagg-bench-")
+            stack.callback(shutil.rmtree, folder, ignore_errors=True)
+        endpoint = (lambda name: f"ipc://{folder}/{name}") if folder else (lambda _: _free_tcp())
+
+        # 1. The emulated switch.
+        address = endpoint("switch")
+        cmd = [sys.executable, "-m", "switch_emulator", "--bind", address, "--log-level",
+               "WARNING", "--stats-interval", "0", "--slots", str(max(args.slots, 65536)),
+               "--drop", str(args.drop), "--duplicate", str(args.duplicate), "--reorder",
+               str(args.reorder), "--seed", str(args.seed)]
+        switch = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+        stack.callback(_stop_popen, switch)
+        died = lambda: (f"the switch exited with code {switch.returncode}"  # noqa: E731
+                        if switch.poll() is not None else None)
+        reports = _phase("switch", bw.switch_worker, make(address), args.timeout, stack, died)
+        seconds, rounds = _median_round(reports)
+        per_round = lambda key: sum(r[key] for r in reports) / args.repeats  # noqa: E731
+        figures.update(
+            seconds_per_allreduce=seconds, rounds_s=rounds, ate_per_s=args.numel / seconds,
+            packets_per_s=per_round("packets_sent") / seconds,
+            retransmitted=sum(r["retransmitted"] for r in reports),
+            goodput=args.numel * 4 * args.workers / per_round("bytes_sent"))
+        _stop_popen(switch)
+
+        # 2. The raw ZeroMQ ceiling.
+        if not args.skip_zmq:
+            spec = make(endpoint("relay"))
+            ctx = mp.get_context("spawn")
+            ready, stop = ctx.Event(), ctx.Event()
+            relay = ctx.Process(target=bw.relay, args=(spec, ready, stop), daemon=True,
+                                name="bench-relay")
+            stack.callback(_stop_process, relay)
+            stack.callback(stop.set)
+            relay.start()
+            if not ready.wait(60):
+                raise BenchError(f"the relay did not bind {spec.address} within 60 s")
+            reports = _phase("zmq ceiling", bw.relay_worker, spec, args.timeout, stack,
+                             lambda: None if relay.is_alive() else "the relay exited")
+            seconds, rounds = _median_round(reports)
+            figures.update(zmq_ceiling_seconds=seconds, zmq_ceiling_rounds_s=rounds,
+                           zmq_ceiling_ate_per_s=args.numel / seconds)
+            stop.set()
+        # 3. gloo.
+        if not args.skip_gloo:
+            reports = _phase("gloo", bw.gloo_worker, make(_free_tcp()), args.timeout, stack)
+            seconds, rounds = _median_round(reports)
+            figures.update(gloo_seconds=seconds, gloo_rounds_s=rounds,
+                           gloo_ate_per_s=args.numel / seconds)
+    ate = figures["ate_per_s"]
+    figures["ate_vs_gloo"] = ate / figures["gloo_ate_per_s"] if "gloo_ate_per_s" in figures \
+        else None
+    figures["ate_vs_zmq_ceiling"] = (ate / figures["zmq_ceiling_ate_per_s"]
+                                     if "zmq_ceiling_ate_per_s" in figures else None)
+    figures.setdefault("gloo_ate_per_s", None)
+    figures.setdefault("zmq_ceiling_ate_per_s", None)
+    return figures
+
+
+def _table(f: dict[str, Any]) -> str:
+    mib = f["numel"] * 4 / (1 << 20)
+    lines = [
+        f"switchagg bench: {f['workers']} workers, {f['numel']} int32 ({mib:.4g} MiB), "
+        f"k={f['k']}, slots {f['slots']}, burst {f['burst']} ({f['message_bytes'] >> 10} KiB per "
+        f"message), {f['transport']}, {f['cores']} cores, drop {f['drop']} duplicate "
+        f"{f['duplicate']} reorder {f['reorder']}, median of {f['repeats']}",
+        f"{'contender':<34}{'s/all-reduce':>13}{'M elem/s':>10}",
+    ]
+    rows = [("switch (SwitchClient), ATE/s", f.get("seconds_per_allreduce"), f["ate_per_s"]),
+            ("ZeroMQ ceiling (relay, no sum)", f.get("zmq_ceiling_seconds"),
+             f["zmq_ceiling_ate_per_s"]),
+            ("torch.distributed gloo", f.get("gloo_seconds"), f["gloo_ate_per_s"])]
+    for name, seconds, rate in rows:
+        if rate is not None:
+            lines.append(f"{name:<34}{seconds:>13.4f}{rate / 1e6:>10.2f}")
+    lines.append(f"switch: {f['packets_per_s'] / 1e6:.2f} M packets/s in, goodput "
+                 f"{f['goodput']:.3f} (payload / wire bytes), {f['retransmitted']} retransmitted")
+    ratios = [f"ate/gloo = {f['ate_vs_gloo']:.2f}" if f["ate_vs_gloo"] is not None else "",
+              f"ate/zmq ceiling = {f['ate_vs_zmq_ceiling']:.2f}"
+              if f["ate_vs_zmq_ceiling"] is not None else ""]
+    if any(ratios):
+        lines.append("ratios: " + ", ".join(r for r in ratios if r))
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the benchmark; print the table or JSON. Returns 0, 1 on a failed run, 2 on bad options."""
+    try:
+        figures = run_bench(args)
+    except ValueError as exc:
+        print(f"switchagg bench: {exc}", file=sys.stderr)
+        return 2
+    except BenchError as exc:
+        print(f"switchagg bench failed: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("switchagg bench: interrupted; children stopped", file=sys.stderr)
+        return 130
+    print(json.dumps(figures, sort_keys=True) if args.json else _table(figures))
+    return 0
