@@ -40,7 +40,7 @@ from switchagg._stream import FillFn, StreamCall, StreamMachine, array_fill
 from switchagg.errors import JobAborted, JoinRejected, ProtocolError, SwitchError, SwitchTimeout
 from switchagg.packet import DEFAULT_K, MAX_BURST_BYTES, MAX_SLOTS, VALID_K, packet_bytes
 from switchagg.protocol import (
-    FRAME_CONTROL, FRAME_DATA, Abort, ControlMessage, Error, Heartbeat, HeartbeatAck, Join,
+    FRAME_CONTROL, MAX_NAME_LEN, FRAME_DATA, Abort, ControlMessage, Error, Heartbeat, HeartbeatAck, Join,
     JoinOk, Leave, Query, QueryReply, Ready, StatsReply, StatsRequest, decode_control,
     encode_control,
 )
@@ -220,15 +220,16 @@ class SwitchClient:
         self._thread = threading.Thread(target=self._engine, name=f"switchagg-client-{job}",
                                         daemon=True)
         self._thread.start()
-        try:
-            self._joined.result(timeout=2 * config.join_timeout + 10)
-        except concurrent.futures.TimeoutError:
+        # The engine bounds each wait by join_timeout; this bound only catches an engine bug.
+        # (Not future.result(timeout): SwitchTimeout is a TimeoutError and would be confused.)
+        concurrent.futures.wait([self._joined], timeout=2 * config.join_timeout + 10)
+        if not self._joined.done():
             self._shutdown()
             raise SwitchTimeout(f"joining job {job!r} at {address} took over "
-                                f"{2 * config.join_timeout + 10:.0f}s", job=job) from None
-        except BaseException:
+                                f"{2 * config.join_timeout + 10:.0f}s", job=job)
+        if self._joined.exception() is not None:
             self._shutdown()
-            raise
+            raise self._joined.exception()
 
     # ---- public API --------------------------------------------------------------------------
 
@@ -381,6 +382,13 @@ class SwitchClient:
         self._sock.send_multipart([FRAME_CONTROL, encode_control(message)])
         self._ctl["control_sent"] += 1
 
+    def _leave(self, reason: str) -> None:
+        """Send LEAVE; the protocol bounds the reason, so a long one is cut (the log has it all)."""
+        if len(reason) > MAX_NAME_LEN:
+            log.info("leaving job %r: %s", self.job, reason)
+            reason = reason[:MAX_NAME_LEN - 3] + "..."
+        self._send_control(Leave(self.job_id, self.rank, reason))
+
     def _recv_control(self, deadline: float) -> ControlMessage | None:
         """The next control message before `deadline` (data frames are ignored; joining only)."""
         while (left := deadline - time.monotonic()) > 0:
@@ -430,10 +438,13 @@ class SwitchClient:
                                       rto_min=cfg.rto_min, rto_max=cfg.rto_max)
         # Wait for READY, heartbeating so that the switch does not count us dead meanwhile.
         deadline = time.monotonic() + cfg.join_timeout
-        while time.monotonic() < deadline:
-            self._send_control(Heartbeat(self.job_id, self.rank))
-            self._ctl["heartbeats_sent"] += 1
-            msg = self._recv_control(min(deadline, time.monotonic() + self._hb_interval))
+        next_heartbeat = 0.0
+        while (now := time.monotonic()) < deadline:
+            if now >= next_heartbeat:
+                self._send_control(Heartbeat(self.job_id, self.rank))
+                self._ctl["heartbeats_sent"] += 1
+                next_heartbeat = now + self._hb_interval
+            msg = self._recv_control(min(deadline, next_heartbeat))
             if isinstance(msg, Ready):
                 return
             if isinstance(msg, Abort):
@@ -491,8 +502,9 @@ class SwitchClient:
                 if self._wake_rx in events:
                     while self._wake_rx.poll(0):
                         self._wake_rx.recv()
-                    if self._take_requests():
-                        return
+                # Requests are taken every turn, not only on a wake-up: a wake-up is a hint.
+                if self._take_requests():
+                    return
                 if self._sock in events:
                     reply = self._receive()
                     if isinstance(reply, QueryReply) and query_deadline is not None:
@@ -500,9 +512,10 @@ class SwitchClient:
                                                     job=self.job, rank=self.rank),
                                       leave_reason=query_text)
                 now = time.monotonic()
-                if now >= next_heartbeat and self._error is None:
-                    self._send_control(Heartbeat(self.job_id, self.rank))
-                    self._ctl["heartbeats_sent"] += 1
+                if now >= next_heartbeat:
+                    if self._error is None:  # a failed job needs no more heartbeats
+                        self._send_control(Heartbeat(self.job_id, self.rank))
+                        self._ctl["heartbeats_sent"] += 1
                     next_heartbeat = now + self._hb_interval
                 if m.busy:
                     silent = now - max(self._last_heard, m.last_progress)
@@ -526,17 +539,18 @@ class SwitchClient:
                                                     rank=self.rank), leave_reason=query_text)
                 else:
                     query_deadline = None
-                self._send_bursts(m.transmit(now))
+                try:
+                    bursts = m.transmit(now)
+                except Exception as exc:  # a user fill() raised: this stream cannot go on
+                    error = JobAborted(f"rank {self.rank} stopped job {self.job!r}: a fill "
+                                       f"function raised {exc!r}", job=self.job, rank=self.rank)
+                    error.__cause__ = exc
+                    raise _Broken(error, leave_reason=str(error)) from exc
+                self._send_bursts(bursts)
             except _Broken as broken:
                 self._fail_all(broken.error)
                 if broken.leave_reason:
-                    self._send_control(Leave(self.job_id, self.rank, broken.leave_reason))
-            except Exception as exc:  # a user fill() raised: this stream cannot go on
-                error = JobAborted(f"rank {self.rank} stopped job {self.job!r}: a fill function "
-                                   f"raised {exc!r}", job=self.job, rank=self.rank)
-                error.__cause__ = exc
-                self._fail_all(error)
-                self._send_control(Leave(self.job_id, self.rank, str(error)))
+                    self._leave(broken.leave_reason)
 
     def _query_text(self, reply: QueryReply) -> str:
         missing = sorted({r for ranks in reply.missing if isinstance(ranks, list) for r in ranks})
@@ -556,7 +570,7 @@ class SwitchClient:
             if request[0] == "close":
                 self._fail_all(JobAborted(f"SwitchClient of rank {self.rank} closed with this "
                                           f"all-reduce pending", job=self.job, rank=self.rank))
-                self._send_control(Leave(self.job_id, self.rank, request[1]))
+                self._leave(request[1])
                 return True
             _, numel, fill, stream, future = request
             if not future.set_running_or_notify_cancel():
