@@ -53,8 +53,9 @@ def quantize(x: np.ndarray, scale, block: int, random: bool, seed: int, rank: in
         How many elements were clipped (NaN included).
     """
     n = x.size
-    t = np.multiply(x, _per_element(scale, block, n), dtype=np.float32)
-    with np.errstate(invalid="ignore"):  # inf - inf for infinite t: frac NaN, never rounds up
+    # Overflow to inf is a rule, not an accident (inf clips to hi); inf - inf is NaN: never rounds up.
+    with np.errstate(over="ignore", invalid="ignore"):
+        t = np.multiply(x, _per_element(scale, block, n), dtype=np.float32)
         if random:
             td = t.astype(np.float64)
             r = np.floor(td)

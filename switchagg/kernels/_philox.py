@@ -24,14 +24,22 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["PHILOX_M0", "PHILOX_M1", "PHILOX_W0", "PHILOX_W1", "philox4x32_10", "element_bits",
-           "check_stream_ids"]
+__all__ = ["PHILOX_M0", "PHILOX_M1", "PHILOX_W0", "PHILOX_W1", "KNOWN_ANSWERS", "philox4x32_10",
+           "element_bits", "check_stream_ids"]
 
 PHILOX_M0 = 0xD2511F53  #: multiplier of counter word 0 (Random123 PHILOX_M4x32_0)
 PHILOX_M1 = 0xCD9E8D57  #: multiplier of counter word 2 (Random123 PHILOX_M4x32_1)
 PHILOX_W0 = 0x9E3779B9  #: key bump of key word 0 (golden ratio, Random123 PHILOX_W32_0)
 PHILOX_W1 = 0xBB67AE85  #: key bump of key word 1 (sqrt(3) - 1, Random123 PHILOX_W32_1)
 _ROUNDS = 10
+
+#: Random123's published known-answer vectors for philox4x32 R=10 (kat_vectors): counter, key, output.
+KNOWN_ANSWERS = (
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+)
 _MASK32 = np.uint64(0xFFFFFFFF)
 
 
