@@ -9,9 +9,13 @@ duplicate suppression) runs in tests because of this module.
 How it works: `apply(packets, flow)` draws three uniforms per packet from the seeded generator it was
 given (so the same seed and the same traffic give the same losses) and, in one vectorized pass:
   1. drops each packet with probability `drop`;
-  2. of the survivors, holds back each with probability `reorder`: held packets are delivered after
-     the next burst of the same flow (or by `release`, which the switch calls when it is idle), so
-     they arrive later than packets sent after them;
+  2. of the survivors, holds back each with probability `reorder`: held packets are delivered at the
+     head of the next burst of the same flow (or by `release`, which the switch calls when it is
+     idle), so they arrive after the rest of their own burst. Never later than that: a data packet
+     overtaken by the worker's next burst could reach its slot after the worker moved that slot to
+     the other version, and SwitchML's seen bitmap would then take a stale chunk for a new
+     contribution (silently wrong sums). Real SwitchML has the same hazard and rules it out by
+     bounding packet lifetime below a round trip; the emulator bounds it to one burst;
   3. of the rest, duplicates each with probability `duplicate` (the copy follows the burst).
 A flow is any hashable key (the switch uses the worker's rank). Nothing is delivered that was not
 sent, except the duplicates; every held packet is delivered exactly once, unless the flow is
@@ -74,8 +78,9 @@ class LossInjector:
             flow: the burst's flow key; held-back packets wait for the next burst of the same flow.
 
         Returns:
-            The packets to deliver now, in delivery order: survivors of this burst, then duplicates,
-            then the packets this flow held back before. `packets` itself when nothing changed.
+            The packets to deliver now, in delivery order: the packets this flow held back before,
+            then the survivors of this burst, then their duplicates. `packets` itself when nothing
+            changed.
         """
         earlier = self._held.pop(flow, None)
         n = len(packets)
@@ -95,7 +100,7 @@ class LossInjector:
                 parts = [packets[deliver]] + ([packets[dup]] if n_dup else [])
                 packets = np.concatenate(parts) if len(parts) > 1 else parts[0]
         if earlier is not None:
-            packets = np.concatenate([packets, earlier]) if len(packets) else earlier
+            packets = np.concatenate([earlier, packets]) if len(packets) else earlier
         return packets
 
     def release(self, flow: Hashable) -> np.ndarray | None:
