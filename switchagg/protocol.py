@@ -72,6 +72,12 @@ def _check(cls_name: str, name: str, value: Any, kind: type | tuple, lo: Any = N
                             field=name, value=value)
 
 
+def _check_k(cls_name: str, k: Any) -> None:
+    _check(cls_name, "k", k, int)
+    if k not in VALID_K:
+        raise ProtocolError(f"{cls_name}.k={k} is not one of {VALID_K}", field="k", value=k)
+
+
 @dataclass(frozen=True, slots=True)
 class ControlMessage:
     """Base of every control message; subclasses validate their fields when built."""
@@ -103,9 +109,7 @@ class Join(ControlMessage):
         if not self.job:
             raise ProtocolError("JOIN.job is empty; name the job", field="job", value=self.job)
         _check(n, "world_size", self.world_size, int, 1, MAX_WORKERS)
-        _check(n, "k", self.k, int)
-        if self.k not in VALID_K:
-            raise ProtocolError(f"JOIN.k={self.k} is not one of {VALID_K}", field="k", value=self.k)
+        _check_k(n, self.k)
         _check(n, "slots", self.slots, int, 1, MAX_SLOTS)
         _check(n, "token", self.token, str)
         _check(n, "rank", self.rank, int, 0, self.world_size - 1, optional=True)
@@ -131,7 +135,7 @@ class JoinOk(ControlMessage):
         _check(n, "job_id", self.job_id, int, 0, 0xFFFF)
         _check(n, "world_size", self.world_size, int, 1, MAX_WORKERS)
         _check(n, "rank", self.rank, int, 0, self.world_size - 1)
-        _check(n, "k", self.k, int, min(VALID_K), max(VALID_K))
+        _check_k(n, self.k)
         _check(n, "slots", self.slots, int, 1, MAX_SLOTS)
         _check(n, "heartbeat_interval", self.heartbeat_interval, (int, float), 0.001, 3600)
         _check(n, "liveness_timeout", self.liveness_timeout, (int, float), 0.001, 3600)

@@ -98,6 +98,7 @@ BOUNDS = [
     ("JOIN", _join(), "job", ["x", "j" * MAX_NAME_LEN], ["", "j" * (MAX_NAME_LEN + 1), 5, None]),
     ("JOIN", _join(), "token", ["", "t" * MAX_NAME_LEN], ["t" * (MAX_NAME_LEN + 1), 0, None]),
     ("JOIN_OK", _join_ok(), "job_id", [0, 0xFFFF], [-1, 0x10000, True]),
+    ("JOIN_OK", _join_ok(), "k", [8, 64, 1024], [4, 9, 96, 2048, True]),
     ("JOIN_OK", _join_ok(), "rank", [0, 3], [-1, 4, False]),
     ("JOIN_OK", _join_ok(), "heartbeat_interval", [0.001, 1, 3600], [0, 0.0009, 3601, True, "1"]),
     ("JOIN_OK", _join_ok(), "liveness_timeout", [0.001, 3600.0], [0, 1e9, False, None]),
