@@ -311,3 +311,17 @@ def test_numba_matches_numpy_bit_for_bit(monkeypatch, dtype, rounding):
                 assert a == b
             else:
                 assert a.dtype == b.dtype and np.array_equal(a.view(np.uint8), b.view(np.uint8))
+
+
+# --- device selection ------------------------------------------------------------------------------
+
+def test_require_cuda_names_what_is_missing():
+    try:
+        import cupy
+        if cupy.is_available():
+            pytest.skip("a CUDA device is present: nothing is missing")
+    except ImportError:
+        pass
+    with pytest.raises(K.DeviceUnavailable, match="cupy|CUDA driver|CUDA device") as info:
+        K.require_cuda()
+    assert isinstance(info.value, RuntimeError) and "--device cpu" in str(info.value)
