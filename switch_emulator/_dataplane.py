@@ -123,6 +123,9 @@ class FastDataplane:
         pool = packets["pool_index"]
         slot = pool & SLOT_MASK
         flat = (pool >> 15).astype(np.intp) * self.slots + slot
+        run = self._run(packets, flat, worker)
+        if run is not None:  # the common case of the common case: one slice of fresh slots
+            return run
         rank = _repeat_rank(slot)
         if rank is None:  # the common case: every slot once, one vectorized step
             everything = np.arange(len(packets))
@@ -133,6 +136,71 @@ class FastDataplane:
                  for sel in (np.flatnonzero(rank == r) for r in range(int(rank.max()) + 1))]
         return DataplaneOutput(_in_order([s[0] for s in steps], [s[2] for s in steps]),
                                _in_order([s[1] for s in steps], [s[3] for s in steps]))
+
+    def _run(self, packets: np.ndarray, flat: np.ndarray, worker: int) -> DataplaneOutput | None:
+        """Stages 1-5 with slices for a burst of consecutive slots of one version, all new
+        contributions that all write or all add (what a well-behaved worker's burst is); None
+        (nothing changed) for any other burst, which then takes `_step`.
+
+        Same rules as `_step`, without its fancy indexing: on the project's VM it takes a third of
+        the time for a 1024-packet burst (`python -m switch_emulator.dataplane --bench`).
+        """
+        n = len(flat)
+        lo = int(flat[0]) if n else 0
+        hi = lo + n
+        if (n < 2 or int(flat[-1]) != hi - 1 or lo // self.slots != (hi - 1) // self.slots
+                or not (np.diff(flat) == 1).all()):
+            return None
+        seen_w, count = self.seen[worker], self.count[lo:hi]
+        if seen_w[lo:hi].any():  # a retransmission in the burst
+            return None
+        restart = count == self.world_size
+        first = (count == 0) | restart
+        n_first = int(np.count_nonzero(first))
+        if 0 < n_first < n:
+            return None
+        # 1. seen bitmap: set in this version, clear in the other one.
+        other = lo - self.slots if lo >= self.slots else lo + self.slots
+        seen_w[lo:hi] = True
+        seen_w[other:other + n] = False
+        # 2. worker count (a complete slot starts a new round).
+        count[restart] = 0
+        count += 1
+        # 3. exponent max, 4. write or add.
+        exponent, values, incoming = self.exponent[lo:hi], self.values[lo:hi], packets["values"]
+        if n_first:
+            exponent[:] = packets["exponent"]
+            values[:] = incoming
+            self.wrapped[lo:hi] = False
+        else:
+            np.maximum(exponent, packets["exponent"], out=exponent)
+            a, b, total, negative = self._scratch.take(n)
+            np.add(values, incoming, out=total)  # wraps like the switch's adder
+            np.bitwise_xor(values, total, out=a)  # overflow: sign of (a^t) & (b^t), see stage 4
+            np.bitwise_xor(incoming, total, out=b)
+            a &= b
+            wraps = np.less(a, 0, out=negative).any(axis=1)
+            values[:] = total
+            self.wrapped[lo:hi] |= wraps
+            self.counters.wraps += int(np.count_nonzero(wraps))
+        self.counters.contributions += n
+        # 5. multicast what completed (a fresh array: the caller sends it without copying).
+        complete = count == self.world_size
+        n_done = int(np.count_nonzero(complete))
+        self.counters.completions += n_done
+        unicast = np.empty(0, self.dtype)
+        if n_done < n:
+            rows = complete.nonzero()[0]
+            return DataplaneOutput(_results(packets, flat[rows], rows, Kind.RESULT, self), unicast)
+        # The header echo, copied as bytes: a structured array's copy() is 4x slower.
+        out = (packets.view(np.uint8).copy().view(self.dtype) if packets.flags.c_contiguous
+               else packets.copy())
+        out["kind"] = Kind.RESULT
+        out["flags"] = np.where(self.wrapped[lo:hi], FLAG_WRAPPED, 0)
+        out["exponent"] = exponent
+        out["reserved"] = 0
+        out["values"] = values
+        return DataplaneOutput(out, unicast)
 
     def _step(self, packets: np.ndarray, sel: np.ndarray, flat: np.ndarray, worker: int):
         """Apply the packets `packets[sel]`, which address distinct slots (so their order is free).

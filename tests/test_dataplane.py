@@ -388,3 +388,19 @@ def test_receive_protocol_run_yields_exact_sums(n, s, drop, dup):
     assert run.done(), f"not every worker got every chunk: {np.argwhere(~run.got)[:5]}"
     golden, fast = run.dps
     assert golden.counters.completions == fast.counters.completions >= 24
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(1, 4), s=st.integers(2, 16), seed=st.integers(0, 2**32 - 1))
+def test_receive_golden_equals_fast_on_runs_of_consecutive_slots(n, s, seed):
+    """Bursts of consecutive slots (the fast dataplane's slice path), starting anywhere, of any
+    version, some repeated (retransmissions) or skipped (losses), values over the full range."""
+    rng = np.random.default_rng(seed)
+    dps = pair(n, s, K)
+    for _ in range(40):
+        worker, start = int(rng.integers(n)), int(rng.integers(0, 4 * s))
+        chunks = np.arange(start, start + int(rng.integers(1, s + 1)))
+        values = rng.integers(-2**31, 2**31, (len(chunks), K), dtype=np.int64).astype(np.int32)
+        burst = make_burst(Kind.DATA, 0, worker, chunks % s, (chunks // s) % 2, chunks, values,
+                           rng.integers(-8, 8, len(chunks)), k=K)
+        assert_same(*dps, burst, worker)
