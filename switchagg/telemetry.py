@@ -70,7 +70,9 @@ class StepTelemetry:
 
 def bits_needed(lo: int, hi: int) -> int:
     """Bits of a two's-complement integer type that holds every value in [lo, hi]."""
-    return 1 + max(int(hi).bit_length(), (-int(lo) - 1).bit_length(), 0)
+    def need(v: int) -> int:  # v >= 0 needs bit_length + 1; v < 0 needs bit_length of -v - 1, + 1
+        return 1 + (v.bit_length() if v >= 0 else (-v - 1).bit_length())
+    return max(need(int(lo)), need(int(hi)))
 
 
 def int_summary(values: np.ndarray) -> tuple[int, int, float]:

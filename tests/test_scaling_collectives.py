@@ -26,7 +26,10 @@ def local_results(world: int, methods: list[str]) -> list[dict]:
 
 
 def run_workers(spawn, argv_for_rank, world: int, timeout: float) -> list[dict]:
-    procs = [spawn(argv_for_rank(r), stdout=subprocess.PIPE, text=True) for r in range(world)]
+    # The workers use the numpy kernels (no numba compile per process: seconds each on 2 cores);
+    # the in-process reference uses the default backend, so this also checks they agree bit for bit.
+    procs = [spawn(argv_for_rank(r), stdout=subprocess.PIPE, text=True,
+                   env={"SWITCHAGG_CPU_KERNELS": "numpy"}) for r in range(world)]
     results = []
     for p in procs:
         out, _ = p.communicate(timeout=timeout)

@@ -51,6 +51,7 @@ class IntDIANA(IntegerMethod):
         self.scaler: AlphaScaler | None = None
         self.h_local: np.ndarray | None = None   # h_i, this worker's shift (float32)
         self.h_global: np.ndarray | None = None  # h, identical on every worker (float32)
+        self.last_alpha: np.ndarray | None = None
 
     def _reduce_flat(self, x: np.ndarray, layout: Layout, step: int, lr: float,
                      tel: StepTelemetry) -> np.ndarray:
@@ -73,7 +74,7 @@ class IntDIANA(IntegerMethod):
                 self.scaler.observe((lr * lr) * sq, lr)
             return self.h_global.copy()
 
-        alpha = self.scaler.alpha(lr)
+        alpha = self.last_alpha = self.scaler.alpha(lr)
         al = float(alpha[0])
         tel.scaling, tel.alpha, tel.alpha_min, tel.alpha_max = "alpha", al, al, al
         q, clipped = self._quantize(diff, al, rounding=self.rounding, step=step)
