@@ -1,6 +1,6 @@
 """One worker process for tests/test_scaling_collectives.py: every method over torch or the switch.
 
-Usage: python tests/scaling_worker.py torch|switch ADDRESS WORLD RANK
+Usage: python tests/scaling_worker.py torch|switch ADDRESS WORLD RANK [methods|primitives]
 ADDRESS: for torch a tcp://127.0.0.1:PORT rendezvous; for switch the switch's endpoint.
 The last stdout line is JSON {method: [hex float32 bytes of the averaged gradient, per step]}
 (integer methods only over the switch). Inputs come from `scaling_inputs`, so the test can rerun
@@ -42,8 +42,32 @@ def run_methods(collective, methods: list[str]) -> dict:
     return out
 
 
+def primitives(collective) -> dict:
+    """Each collective primitive on inputs that stress it; results as JSON-able lists."""
+    rank, world = collective.rank, collective.world_size
+    rng = np.random.default_rng([9, rank])
+    extremes = np.array([2**31 - 1, -2**31, 1, -1, 0, 2**30] * 7, np.int32)  # 42: 6 chunks of 8
+    out = {"sum_int": collective.allreduce_int(extremes).tolist(),
+           "wraps": collective.stats.wraps,
+           "max_int8": collective.allreduce_max(np.array([rank - 128, 5 * rank, -3], np.int8)).tolist()}
+    exps = rng.integers(-20, 20, 23).astype(np.int8)          # 23 chunks: > SLOTS, pipelined path
+    seen = []
+
+    def encode(first, stop, max_exp):
+        seen.append(max_exp.tolist())
+        return (np.arange(first * K, stop * K) % 1000 * (rank + 1) + max_exp.repeat(K)).astype(np.int32)
+    sums, max_exp = collective.allreduce_int_stream(exps, encode)
+    out.update(stream_sum=sums.tolist(), stream_max=max_exp.tolist(),
+               encode_saw=[e for part in seen for e in part])
+    if collective.kind != "switch":
+        out["sum_float"] = collective.allreduce_float(np.full(5, 0.25 * (rank + 1), np.float32)).tolist()
+        out["gather"] = [a.tolist() for a in collective.allgather(np.arange(rank + 1, dtype=np.int64))]
+    return out
+
+
 def main() -> None:
     kind, address, world, rank = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    what = sys.argv[5] if len(sys.argv) > 5 else "methods"
     if kind == "torch":
         import torch.distributed as dist
         from datetime import timedelta
@@ -51,7 +75,8 @@ def main() -> None:
         dist.init_process_group("gloo", init_method=address, rank=rank, world_size=world,
                                 timeout=timedelta(seconds=30))
         try:
-            result = run_methods(TorchCollective(k=K), ["sgd", *INT_METHODS])
+            c = TorchCollective(k=K)
+            result = primitives(c) if what == "primitives" else run_methods(c, ["sgd", *INT_METHODS])
         finally:
             dist.destroy_process_group()
     else:
@@ -60,7 +85,8 @@ def main() -> None:
         config = ClientConfig(k=K, slots=SLOTS, burst=4, join_timeout=20, op_timeout=20,
                               rto_min=0.01)
         with SwitchClient(address, "scaling", world, rank, config=config) as client:
-            result = run_methods(SwitchCollective(client), INT_METHODS)
+            c = SwitchCollective(client)
+            result = primitives(c) if what == "primitives" else run_methods(c, INT_METHODS)
     print(json.dumps(result), flush=True)
 
 

@@ -171,3 +171,32 @@ def test_non_finite_gradients_are_refused_before_anything_is_sent():
         with pytest.raises(NonFiniteGradient, match="fc.bias"):
             m.reduce([torch.zeros(3), torch.tensor([1.0, float("nan")])], step=0, lr=0.1)
         assert c.stats.calls == 0
+
+
+@pytest.mark.parametrize("name", [m for m in METHODS])
+def test_a_method_restored_from_state_dict_continues_bit_for_bit(name):
+    def inputs(rank, step):
+        g = torch.Generator().manual_seed(100 * rank + step)
+        return [torch.randn(7, 3, generator=g), torch.randn(5, generator=g)]
+
+    def worker(c):
+        a = make_method(name, c, seed=2)
+        for step in range(3):
+            a.reduce(inputs(c.rank, step), step=step, lr=0.1)
+        b = make_method(name, c, seed=2)
+        b.load_state_dict(a.state_dict())
+        outs = [m.reduce(inputs(c.rank, 3), step=3, lr=0.05)[0] for m in (a, b)]
+        return [torch.equal(x, y) for x, y in zip(*outs)]
+    assert all(all(flags) for flags in LocalGroup(2, k=8).run(worker))
+
+
+def test_local_group_reports_a_worker_failure_and_can_run_again():
+    group = LocalGroup(2, k=8, timeout=5)
+
+    def worker(c):
+        if c.rank == 1:
+            raise RuntimeError("boom")
+        c.allreduce_int(np.zeros(3, np.int32))
+    with pytest.raises(RuntimeError, match="boom"):
+        group.run(worker)
+    assert group.run(lambda c: c.allreduce_int(np.ones(2, np.int32)).tolist()) == [[2, 2]] * 2

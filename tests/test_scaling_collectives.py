@@ -13,7 +13,7 @@ import pytest
 from conftest import PYTHON, REPO, free_port
 
 sys.path.insert(0, os.path.join(REPO, "tests"))
-from scaling_worker import INT_METHODS, K, SLOTS, run_methods  # noqa: E402
+from scaling_worker import INT_METHODS, K, SLOTS, primitives, run_methods  # noqa: E402
 
 from switchagg.collectives import LocalGroup  # noqa: E402
 
@@ -70,3 +70,43 @@ def test_integer_methods_identical_over_local_and_the_switch(spawn):
     for rank in range(world):
         for name in INT_METHODS:
             assert remote[rank][name] == local[rank][name], f"{name} differs on rank {rank}"
+
+
+def expected_primitives(world: int) -> list[dict]:
+    return LocalGroup(world, k=K, slots=SLOTS, timeout=20).run(primitives)
+
+
+def test_local_primitives_wrap_count_and_emulate_the_look_ahead():
+    world = 3
+    res = expected_primitives(world)
+    exact = np.array([2**31 - 1, -2**31, 1, -1, 0, 2**30] * 7, np.int64) * world
+    assert res[0]["sum_int"] == exact.astype(np.uint32).view(np.int32).tolist()
+    assert res[0]["wraps"] == 6                                # every chunk holds a wrapping value
+    assert res[0]["max_int8"] == [world - 129, 5 * (world - 1), -3]
+    assert res[0]["encode_saw"] == res[0]["stream_max"]        # encode got the max, in order
+    assert res[0]["sum_float"] == [0.25 * world * (world + 1) / 2] * 5
+    assert res[1]["gather"] == [list(range(r + 1)) for r in range(world)]
+    assert all(r["stream_sum"] == res[0]["stream_sum"] for r in res)
+
+
+@pytest.mark.timeout(60)
+def test_primitives_identical_over_torch_gloo(spawn):
+    world = 3
+    address = f"tcp://127.0.0.1:{free_port()}"
+    remote = run_workers(spawn, lambda r: [PYTHON, WORKER, "torch", address, str(world), str(r),
+                                           "primitives"], world, 50)
+    assert remote == expected_primitives(world)
+
+
+@pytest.mark.timeout(60)
+def test_primitives_identical_over_the_switch(spawn):
+    world = 3
+    address = f"tcp://127.0.0.1:{free_port()}"
+    spawn([PYTHON, "-m", "switch_emulator", "--bind", address, "--log-level", "WARNING"])
+    remote = run_workers(spawn, lambda r: [PYTHON, WORKER, "switch", address, str(world), str(r),
+                                           "primitives"], world, 50)
+    local = expected_primitives(world)
+    for r, l in zip(remote, local):
+        l.pop("sum_float"), l.pop("gather")
+        assert r.pop("wraps") >= 1 and l.pop("wraps") == 6     # the switch flags per slot
+        assert r == l

@@ -79,6 +79,8 @@ class IntSGD(IntegerMethod):
         q = np.empty(x.size, np.int32)
         clipped = 0
         for (a, b), al in zip(spans, alpha):
+            if b == a:
+                continue
             clipped += self._quantize(x[a:b], al, rounding=self.rounding, step=step, offset=a,
                                       out=q[a:b])[1]
         sums = self._sum(q)

@@ -69,6 +69,9 @@ class LocalGroup:
         Raises:
             the first exception a worker raised (others are then aborted), or SwitchTimeout.
         """
+        # A failed run leaves the barriers broken; a new run starts from a clean meeting point.
+        self._arrive.reset()
+        self._leave.reset()
         results: list[Any] = [None] * self.world_size
         errors: list[BaseException | None] = [None] * self.world_size
 
