@@ -240,23 +240,28 @@ class SwitchClient:
         # Leaving because of an error aborts the job for everyone at once, rather than by timeout.
         self.close(reason=f"worker {self.rank} failed: {exc!r}" if exc is not None else "")
 
-    def allreduce(self, values: np.ndarray) -> np.ndarray:
+    def allreduce(self, values: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Sum `values` over every worker of the job, exactly (int32, wrapping like the hardware).
 
         Args:
             values: 1-D np.ndarray of int32, any length (not modified).
+            out: optional array to write the sum into (int32, C-contiguous, values' shape, not
+                overlapping it). Reusing one saves page-faulting a fresh output on every call,
+                which for large vectors costs as much as the transfer.
 
         Returns:
-            A new int32 array of the same length: the element-wise sum.
+            `out`, or a new int32 array of the same length: the element-wise sum.
 
         Raises:
-            TypeError / ValueError: values is not a 1-D int32 ndarray.
+            TypeError / ValueError: values is not a 1-D int32 ndarray, or out does not fit.
             JobAborted, SwitchTimeout: the job or the switch failed (see the class docstring).
         """
-        return self._wait(self.allreduce_async(values))
+        return self._wait(self.allreduce_async(values, out=out))
 
-    def allreduce_async(self, values: np.ndarray) -> concurrent.futures.Future:
-        """Like `allreduce`, returning a Future of the sum. Do not modify `values` until it is done."""
+    def allreduce_async(self, values: np.ndarray,
+                        out: np.ndarray | None = None) -> concurrent.futures.Future:
+        """Like `allreduce`, returning a Future of the sum. Do not modify `values` until it is done,
+        nor read `out` before."""
         if not isinstance(values, np.ndarray):
             raise TypeError(f"allreduce takes a 1-D numpy int32 array, got {type(values).__name__}; "
                             f"pass np.asarray(x, dtype=np.int32)")
@@ -266,7 +271,12 @@ class SwitchClient:
         if values.ndim != 1:
             raise ValueError(f"allreduce takes a 1-D array, got shape {values.shape}; pass "
                              f"x.reshape(-1) and reshape the result")
-        return self._submit(len(values), array_fill(values, self.k), stream=False)
+        if out is not None and (not isinstance(out, np.ndarray) or out.dtype != np.int32
+                                or out.shape != values.shape or not out.flags.c_contiguous
+                                or not out.flags.writeable or np.may_share_memory(out, values)):
+            raise ValueError("out must be a writeable, C-contiguous int32 array of the same shape "
+                             "as values, not overlapping it; allocate np.empty_like(values)")
+        return self._submit(len(values), array_fill(values, self.k), stream=False, out=out)
 
     def allreduce_stream(self, numel: int, fill: FillFn) -> tuple[np.ndarray, np.ndarray]:
         """All-reduce a vector that `fill` writes chunk by chunk, with a block exponent per packet.
@@ -315,7 +325,8 @@ class SwitchClient:
 
     # ---- user-thread side --------------------------------------------------------------------
 
-    def _submit(self, numel: int, fill: FillFn, stream: bool) -> concurrent.futures.Future:
+    def _submit(self, numel: int, fill: FillFn, stream: bool,
+                out: np.ndarray | None = None) -> concurrent.futures.Future:
         future: concurrent.futures.Future = concurrent.futures.Future()
         if self._closed:
             raise JobAborted(f"this SwitchClient (rank {self.rank} of job {self.job!r}) is closed; "
@@ -323,7 +334,7 @@ class SwitchClient:
         if self._error is not None:
             future.set_exception(self._error)
             return future
-        self._requests.put(("call", numel, fill, stream, future))
+        self._requests.put(("call", numel, fill, stream, future, out))
         self._wake()
         return future
 
@@ -572,14 +583,14 @@ class SwitchClient:
                                           f"all-reduce pending", job=self.job, rank=self.rank))
                 self._leave(request[1])
                 return True
-            _, numel, fill, stream, future = request
+            _, numel, fill, stream, future, out = request
             if not future.set_running_or_notify_cancel():
                 continue
             if self._error is not None:
                 self._ctl["calls_failed"] += 1
                 future.set_exception(self._error)
                 continue
-            call = m.submit(numel, fill, time.monotonic(), token=(future, stream))
+            call = m.submit(numel, fill, time.monotonic(), token=(future, stream), out=out)
             if call.complete:  # numel == 0
                 self._complete(call)
 

@@ -256,3 +256,18 @@ def test_bursts_are_views_of_the_preallocated_ring():
     assert {int(b["worker"][0]) for b in bursts} == {3}
     assert all((b["kind"] == Kind.DATA).all() and (b["job"] == JOB_ID).all() for b in bursts)
     assert empty_burst(1, K).dtype == bursts[0].dtype
+
+
+@pytest.mark.parametrize("numel", [0, 1, K - 1, K, K + 1, 10 * K, 10 * K + 3])
+def test_submit_with_out_writes_the_sums_into_it(numel):
+    machine = StreamMachine(job_id=0, rank=0, k=K, slots=8, burst=4)
+    values = np.arange(numel, dtype=np.int32) - 7
+    out = np.full(numel, -1, np.int32)
+    call = machine.submit(numel, array_fill(values, K), 0.0, out=out)
+    while not call.complete:
+        for burst in machine.transmit(1.0):
+            result = burst.copy()
+            result["kind"] = Kind.RESULT
+            machine.receive(result.tobytes(), 1.0)
+    assert call.result() is out
+    assert np.array_equal(out, values)
