@@ -200,12 +200,16 @@ class Collective(ABC):
     def _sum_int_stream(self, exponents: np.ndarray, encode: EncodeFn) -> tuple[np.ndarray, np.ndarray]:
         """Emulation for collectives without an exponent register: MAX round, then SUM round."""
         self.stats.rounds += 2
-        max_exp = self._max(exponents)
+        max_exp = self._exponent_max(exponents)
         payload = np.ascontiguousarray(encode(0, len(exponents), max_exp), dtype=np.int32).reshape(-1)
         if payload.size != len(exponents) * self.k:
             raise ValueError(f"encode returned {payload.size} values for {len(exponents)} chunks "
                              f"of k={self.k}; it must return chunks * k")
         return self._sum_int(payload), max_exp
+
+    def _exponent_max(self, exponents: np.ndarray) -> np.ndarray:
+        """The exponent round of the emulated look-ahead (default: a MAX all-reduce of int8)."""
+        return self._max(exponents)
 
 
 def _as_1d(values: np.ndarray, dtype, op: str) -> np.ndarray:

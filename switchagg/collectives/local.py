@@ -24,7 +24,7 @@ from typing import Any, Callable
 import numpy as np
 
 from switchagg.collectives._base import (
-    Collective, EncodeFn, chunks_wrapped, packets_for, wire_bytes, wrap_int32,
+    Collective, chunks_wrapped, packets_for, wire_bytes, wrap_int32,
 )
 from switchagg.errors import JobAborted, SwitchTimeout
 from switchagg.packet import DEFAULT_K
@@ -186,17 +186,11 @@ class LocalCollective(Collective):
         self._count(values.nbytes)
         return [a.copy() for a in self.group._call(self.rank, "gather", values)]
 
-    def _sum_int_stream(self, exponents: np.ndarray, encode: EncodeFn) -> tuple[np.ndarray, np.ndarray]:
-        # The exponent-only batch: min(slots, chunks) full-size packets, one round.
+    def _exponent_max(self, exponents: np.ndarray) -> np.ndarray:
+        # Costed as the switch's exponent-only batch: min(slots, chunks) full-size packets.
         extra = min(self.group.slots, len(exponents))
-        self.stats.rounds += 2
         self.stats.packets_sent += extra
         self.stats.packets_received += extra
         self.stats.bytes_sent += wire_bytes(extra, self.k)
         self.stats.bytes_received += wire_bytes(extra, self.k)
-        max_exp = self.group._call(self.rank, "max", exponents).copy()
-        payload = np.ascontiguousarray(encode(0, len(exponents), max_exp), dtype=np.int32).reshape(-1)
-        if payload.size != len(exponents) * self.k:
-            raise ValueError(f"encode returned {payload.size} values for {len(exponents)} chunks "
-                             f"of k={self.k}; it must return chunks * k")
-        return self._sum_int(payload), max_exp
+        return self.group._call(self.rank, "max", exponents).copy()

@@ -36,11 +36,13 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["AlphaScaler", "ALPHA_MAX"]
+__all__ = ["AlphaScaler", "ALPHA_MAX", "ALPHA_MIN"]
 
 #: alpha is capped so that it (and n * alpha) stays a finite float32 even when r -> 0 and eps = 0;
 #: at this size every nonzero gradient clips to the budget anyway.
 ALPHA_MAX = float(2.0 ** 100)
+#: ... and floored so that it never rounds to a float32 zero (decoding divides by it).
+ALPHA_MIN = float(2.0 ** -100)
 
 
 class AlphaScaler:
@@ -95,7 +97,7 @@ class AlphaScaler:
             raise RuntimeError("alpha is undefined before the first step; take it with the "
                                "heuristic first-step rule and call observe()")
         a = lr / np.sqrt((2.0 * self.n) * self._r_at(lr) / self.d + self.eps * self.eps)
-        return np.minimum(a, ALPHA_MAX).astype(np.float32).astype(np.float64)
+        return np.clip(a, ALPHA_MIN, ALPHA_MAX).astype(np.float32).astype(np.float64)
 
     def observe(self, step_sq: np.ndarray | float, lr: float) -> None:
         """Feed one step's squared length ||x^{k+1} - x^k||^2 per block (see `step_sq_from_sum`)."""
