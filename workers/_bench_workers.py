@@ -109,19 +109,24 @@ def _verify(result: np.ndarray, expected: np.ndarray, what: str) -> None:
 
 
 def _rounds(spec: Spec, barrier, prepare: Callable[[], None], run: Callable[[], Any],
-            verify: Callable[[Any], None]) -> list[float]:
-    """Steps 2 of the module essay: untimed warm-up rounds, then timed ones; returns the times."""
-    times = []
+            verify: Callable[[Any], None]) -> tuple[list[float], list[float]]:
+    """Step 2 of the module essay: untimed warm-up rounds, then timed ones.
+
+    Returns:
+        (wall seconds, CPU seconds of this process, all its threads) of each timed round.
+    """
+    times, cpu = [], []
     for i in range(spec.warmup + spec.repeats):
         prepare()
         barrier.wait(STEP_TIMEOUT)
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         out = run()
-        elapsed = time.perf_counter() - start
+        elapsed, used = time.perf_counter() - start, time.process_time() - start_cpu
         verify(out)
         if i >= spec.warmup:
             times.append(elapsed)
-    return times
+            cpu.append(used)
+    return times, cpu
 
 
 def _report(queue, rank: int, body: Callable[[], dict]) -> None:
@@ -144,10 +149,14 @@ def switch_worker(spec: Spec, rank: int, barrier, queue) -> None:
         expected = expected_sum(spec.workers, spec.numel)
         config = ClientConfig(k=spec.k, slots=spec.slots, burst=spec.burst,
                               join_timeout=STEP_TIMEOUT, op_timeout=STEP_TIMEOUT)
+        # The sums land in a buffer allocated and page-faulted here, as gloo's land in its tensor.
+        out = np.zeros(spec.numel, np.int32)
+        out.fill(-1)
         with SwitchClient(spec.address, "bench", spec.workers, rank=rank, config=config) as c:
             before = {}
 
             def prepare() -> None:
+                out.fill(0)  # so that a chunk left unwritten cannot pass as the last round's sum
                 before.update(c.stats().as_dict())
 
             counted: list[dict] = []
@@ -159,9 +168,10 @@ def switch_worker(spec: Spec, rank: int, barrier, queue) -> None:
                                 ("packets_sent", "bytes_sent", "retransmitted", "packets_received",
                                  "bytes_received")})
 
-            times = _rounds(spec, barrier, prepare, lambda: c.allreduce(values), verify)
+            times, cpu = _rounds(spec, barrier, prepare, lambda: c.allreduce(values, out=out),
+                                 verify)
         timed = counted[spec.warmup:]
-        return {"times": times, **{key: sum(r[key] for r in timed) for key in timed[0]}}
+        return {"times": times, "cpu": cpu, **{key: sum(r[key] for r in timed) for key in timed[0]}}
 
     _report(queue, rank, body)
 
@@ -268,9 +278,9 @@ def relay_worker(spec: Spec, rank: int, barrier, queue) -> None:
                 if done != len(sizes):
                     raise AssertionError(f"{done} of {len(sizes)} replies")
 
-            times = _rounds(spec, barrier, lambda: None, run, verify)
+            times, cpu = _rounds(spec, barrier, lambda: None, run, verify)
             sock.send_multipart([FRAME_CONTROL, _BYE])
-            return {"times": times, "messages": len(sizes)}
+            return {"times": times, "cpu": cpu, "messages": len(sizes)}
         finally:
             sock.close(linger=500)
             ctx.term()
@@ -300,11 +310,12 @@ def gloo_worker(spec: Spec, rank: int, barrier, queue) -> None:
                 dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
                 return tensor
 
-            times = _rounds(spec, barrier, lambda: tensor.copy_(values), run,
-                            lambda t: _verify(t.numpy(), expected, f"rank {rank}'s gloo all_reduce"))
+            times, cpu = _rounds(spec, barrier, lambda: tensor.copy_(values), run,
+                                 lambda t: _verify(t.numpy(), expected,
+                                                   f"rank {rank}'s gloo all_reduce"))
         finally:
             dist.destroy_process_group()
-        return {"times": times}
+        return {"times": times, "cpu": cpu}
 
     _report(queue, rank, body)
 

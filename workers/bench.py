@@ -83,14 +83,18 @@ def _free_tcp() -> str:
         return f"tcp://127.0.0.1:{s.getsockname()[1]}"
 
 
-def _stop_process(proc: mp.Process) -> None:
-    proc.join(_EXIT_GRACE)
-    if proc.is_alive():
-        proc.terminate()
-        proc.join(_EXIT_GRACE)
-    if proc.is_alive():
-        proc.kill()
-        proc.join(_EXIT_GRACE)
+def _stop_processes(procs: list[mp.Process], grace: float = _EXIT_GRACE) -> None:
+    """Let children exit within `grace` seconds (together), then SIGTERM, then SIGKILL them."""
+    deadline = time.monotonic() + grace
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    for stop in (mp.Process.terminate, mp.Process.kill):
+        alive = [p for p in procs if p.is_alive()]
+        for p in alive:
+            stop(p)
+        deadline = time.monotonic() + _EXIT_GRACE
+        for p in alive:
+            p.join(max(0.0, deadline - time.monotonic()))
 
 
 def _stop_popen(proc: subprocess.Popen) -> None:
@@ -122,8 +126,8 @@ def _phase(name: str, target: Callable, spec: bw.Spec, timeout: float, stack: Ex
     barrier, results = ctx.Barrier(spec.workers), ctx.Queue()
     procs = [ctx.Process(target=target, args=(spec, r, barrier, results), daemon=True,
                          name=f"bench-{name}-{r}") for r in range(spec.workers)]
+    stack.callback(_stop_processes, procs)
     for p in procs:
-        stack.callback(_stop_process, p)
         p.start()
     reports: dict[int, dict] = {}
     deadline = time.monotonic() + timeout
@@ -146,14 +150,29 @@ def _phase(name: str, target: Callable, spec: bw.Spec, timeout: float, stack: Ex
             reports[rank] = body
     except BaseException:
         barrier.abort()  # release ranks still waiting at the start line
+        _stop_processes(procs, grace=0.0)  # no point letting them finish
         raise
     return [reports[r] for r in range(spec.workers)]
 
 
-def _median_round(reports: list[dict]) -> tuple[float, list[float]]:
-    """(median round time, every round's time); a round ends when its slowest worker is done."""
+def _median_round(reports: list[dict]) -> tuple[float, list[float], float]:
+    """(median round time, every round's time, median CPU seconds of all workers in a round).
+
+    A round ends when its slowest worker is done.
+    """
     rounds = [max(times) for times in zip(*(r["times"] for r in reports))]
-    return statistics.median(rounds), rounds
+    cpu = [sum(used) for used in zip(*(r["cpu"] for r in reports))]
+    return statistics.median(rounds), rounds, statistics.median(cpu)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system, all threads) a live process has used so far; 0 if unknown."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
@@ -194,10 +213,13 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         died = lambda: (f"the switch exited with code {switch.returncode}"  # noqa: E731
                         if switch.poll() is not None else None)
         reports = _phase("switch", bw.switch_worker, make(address), args.timeout, stack, died)
-        seconds, rounds = _median_round(reports)
+        rounds_run = args.warmup + args.repeats
+        switch_cpu = _cpu_seconds(switch.pid) / rounds_run  # joining included: an upper bound
+        seconds, rounds, worker_cpu = _median_round(reports)
         per_round = lambda key: sum(r[key] for r in reports) / args.repeats  # noqa: E731
         figures.update(
             seconds_per_allreduce=seconds, rounds_s=rounds, ate_per_s=args.numel / seconds,
+            worker_cpu_s=worker_cpu, switch_cpu_s=switch_cpu,
             packets_per_s=per_round("packets_sent") / seconds,
             retransmitted=sum(r["retransmitted"] for r in reports),
             goodput=args.numel * 4 * args.workers / per_round("bytes_sent"))
@@ -210,22 +232,24 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             ready, stop = ctx.Event(), ctx.Event()
             relay = ctx.Process(target=bw.relay, args=(spec, ready, stop), daemon=True,
                                 name="bench-relay")
-            stack.callback(_stop_process, relay)
+            stack.callback(_stop_processes, [relay])
             stack.callback(stop.set)
             relay.start()
             if not ready.wait(60):
                 raise BenchError(f"the relay did not bind {spec.address} within 60 s")
             reports = _phase("zmq ceiling", bw.relay_worker, spec, args.timeout, stack,
                              lambda: None if relay.is_alive() else "the relay exited")
-            seconds, rounds = _median_round(reports)
+            relay_cpu = _cpu_seconds(relay.pid) / rounds_run
+            seconds, rounds, worker_cpu = _median_round(reports)
             figures.update(zmq_ceiling_seconds=seconds, zmq_ceiling_rounds_s=rounds,
+                           zmq_ceiling_worker_cpu_s=worker_cpu, zmq_ceiling_relay_cpu_s=relay_cpu,
                            zmq_ceiling_ate_per_s=args.numel / seconds)
             stop.set()
         # 3. gloo.
         if not args.skip_gloo:
             reports = _phase("gloo", bw.gloo_worker, make(_free_tcp()), args.timeout, stack)
-            seconds, rounds = _median_round(reports)
-            figures.update(gloo_seconds=seconds, gloo_rounds_s=rounds,
+            seconds, rounds, worker_cpu = _median_round(reports)
+            figures.update(gloo_seconds=seconds, gloo_rounds_s=rounds, gloo_worker_cpu_s=worker_cpu,
                            gloo_ate_per_s=args.numel / seconds)
     ate = figures["ate_per_s"]
     figures["ate_vs_gloo"] = ate / figures["gloo_ate_per_s"] if "gloo_ate_per_s" in figures \
@@ -253,6 +277,13 @@ def _table(f: dict[str, Any]) -> str:
     for name, seconds, rate in rows:
         if rate is not None:
             lines.append(f"{name:<34}{seconds:>13.4f}{rate / 1e6:>10.2f}")
+    cpu = [f"switch {f['switch_cpu_s']:.2f} + workers {f['worker_cpu_s']:.2f}"]
+    if f["zmq_ceiling_ate_per_s"] is not None:
+        cpu.append(f"relay {f['zmq_ceiling_relay_cpu_s']:.2f} + workers "
+                   f"{f['zmq_ceiling_worker_cpu_s']:.2f}")
+    if f["gloo_ate_per_s"] is not None:
+        cpu.append(f"gloo workers {f['gloo_worker_cpu_s']:.2f}")
+    lines.append(f"CPU s per all-reduce ({f['cores']} cores): " + "; ".join(cpu))
     lines.append(f"switch: {f['packets_per_s'] / 1e6:.2f} M packets/s in, goodput "
                  f"{f['goodput']:.3f} (payload / wire bytes), {f['retransmitted']} retransmitted")
     ratios = [f"ate/gloo = {f['ate_vs_gloo']:.2f}" if f["ate_vs_gloo"] is not None else "",
@@ -264,7 +295,7 @@ def _table(f: dict[str, Any]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run the benchmark; print the table or JSON. Returns 0, 1 on a failed run, 2 on bad options."""
+    """Run the benchmark, print the table or JSON; returns 0, 1 (run failed) or 2 (bad options)."""
     try:
         figures = run_bench(args)
     except ValueError as exc:

@@ -1,0 +1,146 @@
+"""`switchagg bench` end to end on tiny setups: JSON schema, exact sums under loss, teardown.
+
+No timing is asserted (figures vary with the machine and its load); the tests check that each
+contender ran, verified its sums, reported sane figures, and that no child outlives the command.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import numpy as np
+import pytest
+
+from conftest import PYTHON
+from workers._bench_workers import _verify, bench_input, expected_sum
+from workers.bench import _median_round
+
+pytestmark = pytest.mark.slow
+
+#: Small enough for a second or two per contender: 2 workers, ~40 packets per all-reduce over a
+#: window of 4 bursts of 8 packets.
+TINY = ["--workers", "2", "--numel", "2500", "--k", "64", "--slots", "32", "--burst", "8",
+        "--repeats", "1", "--warmup", "1", "--timeout", "60"]
+REQUIRED = {
+    "ate_per_s": float, "gloo_ate_per_s": (float, type(None)),
+    "zmq_ceiling_ate_per_s": (float, type(None)), "packets_per_s": float, "workers": int,
+    "numel": int, "k": int, "slots": int, "drop": float, "burst": int, "repeats": int,
+    "cores": int, "transport": str, "ate_vs_gloo": (float, type(None)),
+    "ate_vs_zmq_ceiling": (float, type(None)), "goodput": float, "retransmitted": int,
+}
+
+
+def bench(spawn, *flags: str, timeout: float = 90) -> tuple[int, dict | None, str]:
+    """Run `switchagg bench` in its own process group; (exit code, JSON or None, stderr)."""
+    proc = spawn([PYTHON, "-m", "workers.cli", "--log-level", "WARNING", "bench", *flags],
+                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(timeout=timeout)
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    assert not _group_members(proc.pid), "bench left children running"
+    return proc.returncode, (json.loads(lines[-1]) if lines else None), err
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Live processes in process group `pgid` (spawn starts each command in its own group)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            found.append(int(entry))
+    return found
+
+
+def check_schema(figures: dict, transport: str, gloo: bool, zmq: bool) -> None:
+    for key, kind in REQUIRED.items():
+        assert isinstance(figures.get(key), kind), (key, figures.get(key))
+    assert figures["workers"] == 2 and figures["numel"] == 2500 and figures["k"] == 64
+    assert figures["slots"] == 32 and figures["burst"] == 8 and figures["repeats"] == 1
+    assert figures["transport"] == transport
+    assert figures["ate_per_s"] > 0 and figures["packets_per_s"] > 0
+    assert 0 < figures["goodput"] <= 64 * 4 / (16 + 64 * 4)  # payload / (header + payload)
+    assert (figures["gloo_ate_per_s"] is not None) == gloo
+    assert (figures["zmq_ceiling_ate_per_s"] is not None) == zmq
+    if gloo:
+        assert figures["ate_vs_gloo"] == pytest.approx(figures["ate_per_s"]
+                                                       / figures["gloo_ate_per_s"])
+    if zmq:
+        assert figures["ate_vs_zmq_ceiling"] == pytest.approx(
+            figures["ate_per_s"] / figures["zmq_ceiling_ate_per_s"])
+
+
+@pytest.mark.timeout(120)
+def test_bench_tcp_measures_all_three_contenders(spawn):
+    code, figures, err = bench(spawn, *TINY, "--transport", "tcp", "--json")
+    assert code == 0, err
+    check_schema(figures, "tcp", gloo=True, zmq=True)
+    assert figures["retransmitted"] == 0 and figures["drop"] == 0.0
+
+
+@pytest.mark.timeout(120)
+def test_bench_ipc_prints_the_table_or_json(spawn):
+    code, figures, err = bench(spawn, *TINY, "--transport", "ipc", "--skip-gloo", "--json")
+    assert code == 0, err
+    check_schema(figures, "ipc", gloo=False, zmq=True)
+    proc = spawn([PYTHON, "-m", "workers.cli", "bench", *TINY, "--skip-gloo", "--skip-zmq"],
+                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "ATE/s" in out and "packets/s" in out and "ZeroMQ ceiling" not in out
+
+
+@pytest.mark.timeout(120)
+def test_bench_under_loss_still_verifies_exactly(spawn):
+    # Every all-reduce is compared element by element with the exact sum inside the workers; a
+    # mismatch would exit 1. Retransmissions prove the loss path ran.
+    code, figures, err = bench(spawn, *TINY, "--repeats", "3", "--drop", "0.05", "--duplicate",
+                               "0.05", "--reorder", "0.05", "--seed", "3", "--skip-gloo",
+                               "--skip-zmq", "--json")
+    assert code == 0, err
+    assert figures["drop"] == 0.05 and figures["retransmitted"] > 0
+
+
+@pytest.mark.timeout(60)
+def test_bench_that_runs_out_of_time_fails_and_leaves_no_child(spawn):
+    code, figures, err = bench(spawn, "--workers", "2", "--numel", "50000000", "--timeout", "2",
+                               "--skip-gloo", "--skip-zmq", "--json")
+    assert code == 1 and figures is None
+    assert "not done within 2s" in err
+
+
+@pytest.mark.timeout(60)
+def test_bench_rejects_a_burst_larger_than_the_window(spawn):
+    code, figures, err = bench(spawn, "--slots", "64", "--burst", "128", "--json")
+    assert code == 2 and figures is None and "--burst" in err
+
+
+def test_bench_inputs_span_int32_and_their_sum_wraps():
+    x = [bench_input(r, 4096) for r in range(3)]
+    assert x[0].min() < -2**30 and x[0].max() > 2**30 and not np.array_equal(x[0], x[1])
+    exact = sum(v.astype(np.int64) for v in x)
+    assert np.array_equal(expected_sum(3, 4096), exact.astype(np.int32))  # low 32 bits
+
+
+def test_verify_rejects_a_wrong_sum():
+    good = expected_sum(2, 100)
+    _verify(good.copy(), good, "x")
+    bad = good.copy()
+    bad[37] += 1
+    with pytest.raises(AssertionError, match="1 wrong elements, first at index 37"):
+        _verify(bad, good, "x")
+    with pytest.raises(AssertionError, match="shape"):
+        _verify(good[:-1], good, "x")
+
+
+def test_median_round_takes_each_rounds_slowest_worker():
+    reports = [{"times": [1.0, 5.0, 2.0], "cpu": [0.5, 0.5, 0.5]},
+               {"times": [3.0, 1.0, 2.5], "cpu": [0.25, 0.25, 0.25]}]
+    median, rounds, cpu = _median_round(reports)
+    assert rounds == [3.0, 5.0, 2.5] and median == 3.0 and cpu == 0.75
