@@ -23,7 +23,6 @@ MAX, any collective).
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Callable
 
 from switchagg._methods._base import Method, NonFiniteGradient

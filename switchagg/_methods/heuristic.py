@@ -22,7 +22,7 @@ from switchagg._methods._base import IntegerMethod, Layout
 from switchagg.scaling import block_scales
 from switchagg.telemetry import StepTelemetry
 
-__all__ = ["HeuristicSwitchML", "heuristic_step", "chunked_sq_norm"]
+__all__ = ["HeuristicSwitchML", "heuristic_step", "decode_chunked", "chunked_sq_norm"]
 
 
 def heuristic_step(method: IntegerMethod, x: np.ndarray, step: int, tel: StepTelemetry
