@@ -1,9 +1,10 @@
 """`switch-emulator`: run the emulated switch until SIGINT or SIGTERM.
 
 The options are the fields of `SwitchConfig` (their help text is the fields' documentation), plus
-`--drop P`, shorthand for `--drop-ingress P --drop-egress P`. On SIGINT/SIGTERM every worker of every
-job gets ABORT("switch shutting down"), the counters are logged, and the process exits 0; it exits 2
-on a bad option or an endpoint it cannot bind.
+`--drop P`, shorthand for `--drop-ingress P --drop-egress P`, and `--probe ENDPOINT`, which runs no
+switch but asks one for its counters (switch_emulator/probe.py: a healthcheck). On SIGINT/SIGTERM
+every worker of every job gets ABORT("switch shutting down"), the counters are logged, and the
+process exits 0; it exits 2 on a bad option or an endpoint it cannot bind.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ examples:
   switch-emulator                                        # loopback, port 5555
   switch-emulator --bind tcp://10.0.0.5:5555 --slots 16384
   switch-emulator --drop 0.01 --reorder 0.001 --seed 7    # exercise the workers' recovery paths
+  switch-emulator --probe tcp://127.0.0.1:5555             # healthcheck: exit 0 if a switch answers
 """
 
 
@@ -53,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument("--drop", type=float, default=None, metavar="P",
                                 help="Shorthand: set both --drop-ingress and --drop-egress to P "
                                      "(the specific options win).")
+    parser.add_argument("--probe", default=None, metavar="ENDPOINT",
+                        help="Do not run a switch: ask the one at ENDPOINT for its counters and exit "
+                             "0 if it answers within 2 s, else 1 (a container healthcheck).")
     return parser
 
 
@@ -74,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run the switch; returns the process exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.probe is not None:
+        from switch_emulator import probe
+        return probe.main(args.probe)
     try:
         config = config_from_args(args)
     except ConfigError as exc:
