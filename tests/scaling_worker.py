@@ -59,6 +59,8 @@ def primitives(collective) -> dict:
     sums, max_exp = collective.allreduce_int_stream(exps, encode)
     out.update(stream_sum=sums.tolist(), stream_max=max_exp.tolist(),
                encode_saw=[e for part in seen for e in part])
+    short, _ = collective.allreduce_int_stream(exps[:5], encode)  # <= SLOTS chunks: two calls
+    out["short_stream_sum"] = short.tolist()
     if collective.kind != "switch":
         out["sum_float"] = collective.allreduce_float(np.full(5, 0.25 * (rank + 1), np.float32)).tolist()
         out["gather"] = [a.tolist() for a in collective.allgather(np.arange(rank + 1, dtype=np.int64))]

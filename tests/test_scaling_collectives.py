@@ -60,10 +60,13 @@ def test_methods_identical_over_local_and_torch_gloo(spawn, world):
 
 
 @pytest.mark.timeout(90)
-def test_integer_methods_identical_over_local_and_the_switch(spawn):
+@pytest.mark.parametrize("drop", ["0", "0.02"])
+def test_integer_methods_identical_over_local_and_the_switch(spawn, drop):
+    # With loss, retransmissions must not change a single bit (nor the exponent look-ahead).
     world = 3
     address = f"tcp://127.0.0.1:{free_port()}"
-    spawn([PYTHON, "-m", "switch_emulator", "--bind", address, "--log-level", "WARNING"])
+    spawn([PYTHON, "-m", "switch_emulator", "--bind", address, "--log-level", "WARNING",
+           "--drop", drop, "--seed", "3"])
     remote = run_workers(spawn, lambda r: [PYTHON, WORKER, "switch", address, str(world), str(r)],
                          world, 80)
     local = local_results(world, INT_METHODS)
