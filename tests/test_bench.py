@@ -144,3 +144,10 @@ def test_median_round_takes_each_rounds_slowest_worker():
                {"times": [3.0, 1.0, 2.5], "cpu": [0.25, 0.25, 0.25]}]
     median, rounds, cpu = _median_round(reports)
     assert rounds == [3.0, 5.0, 2.5] and median == 3.0 and cpu == 0.75
+
+
+@pytest.mark.timeout(60)
+def test_bench_quantize_prints_the_kernels_figures(spawn):
+    code, figures, err = bench(spawn, "--quantize", "--numel", "4096", "--repeats", "1", "--json")
+    assert code == 0, err
+    assert figures["device"] == "cpu" and figures["numel"] == 4096 and figures["copy_GBps"] > 0

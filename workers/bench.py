@@ -75,6 +75,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     a("--skip-zmq", action="store_true", help="do not measure the raw ZeroMQ ceiling")
     a("--timeout", type=float, default=600.0, help="seconds each contender may take in all")
     a("--json", action="store_true", help="print one JSON object instead of the table")
+    a("--quantize", action="store_true",
+      help="instead: throughput of the quantization kernels next to copy bandwidth "
+           "(workers/bench_quantize.py; uses --numel, --repeats, --device)")
+    a("--device", choices=("cpu", "cuda"), default="cpu", help="--quantize: where to run")
 
 
 def _free_tcp() -> str:
@@ -296,6 +300,8 @@ def _table(f: dict[str, Any]) -> str:
 
 def main(args: argparse.Namespace) -> int:
     """Run the benchmark, print the table or JSON; returns 0, 1 (run failed) or 2 (bad options)."""
+    if args.quantize:
+        return _quantize(args)
     try:
         figures = run_bench(args)
     except ValueError as exc:
@@ -308,4 +314,21 @@ def main(args: argparse.Namespace) -> int:
         print("switchagg bench: interrupted; children stopped", file=sys.stderr)
         return 130
     print(json.dumps(figures, sort_keys=True) if args.json else _table(figures))
+    return 0
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    """`--quantize`: the kernels' figures from workers/bench_quantize.py, printed as it does."""
+    from switchagg.kernels import DeviceUnavailable
+    from workers import bench_quantize
+
+    try:
+        result = bench_quantize.run_quantize_bench(args.numel, args.device, args.repeats)
+    except DeviceUnavailable as exc:
+        print(f"switchagg bench --quantize: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+    else:
+        bench_quantize._print_table(result)
     return 0
