@@ -245,6 +245,7 @@ def test_int_squared_norm_random(backend):
     (dict(lo=5, hi=4), "lo=5"),
     (dict(hi=2**31), "hi=2147483648"),
     (dict(seed=-1), "seed"),
+    (dict(offset=2**62), "offset"),
     (dict(offset=-1), "offset"),
     (dict(out=np.zeros(3, np.int64)), "out must be"),
     (dict(out=np.zeros(2, np.int32)), "length 3"),

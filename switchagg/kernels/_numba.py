@@ -12,7 +12,8 @@ in tiles of 1024 Philox groups (4096 elements), aligned in global element index,
 `prange` task: (1) the tile's counters go into four word arrays and the ten rounds run over them
 with the counters as the inner loop, which LLVM vectorizes (AVX2 vpmuludq); (2) the words are
 interleaved into element order in an L1-resident buffer; (3) a branch-free loop (selects only, also
-vectorized) scales, rounds and clips each run of constant scale, counting clipped elements. Tiles
+vectorized) scales, rounds and clips the tile, counting clipped elements; per-block scales are
+first spread into a per-element tile buffer, so short blocks (k = 64) cost no extra calls. Tiles
 never share output, so threads need no locks. Compiled code is cached by numba (`cache=True`, in
 `__pycache__`, which git ignores).
 """
@@ -90,15 +91,18 @@ def _kernels():
             bits[4 * i + 3] = c[3, i]
 
     @jit
-    def round_random_run(x, s, bits, flo, fhi, fnan, out):
-        """Quantize x into out under one scale, element i drawing bits[i]; returns clipped count.
+    def round_random_run(x, s, per_element, bits, flo, fhi, fnan, out):
+        """Quantize x into out, element i drawing bits[i]; returns the clipped count.
 
-        Branch-free (selects, min/max) and zero-based over slices, so LLVM vectorizes it: indexing
-        with an offset (bits[j - shift]) makes numba emit negative-index wraparound, 4x slower.
+        The scale is s[i] if per_element else s[0] (a loop-invariant branch LLVM unswitches).
+        Branch-free otherwise (selects, min/max) and zero-based over slices, so LLVM vectorizes it:
+        indexing with an offset (bits[j - shift]) makes numba emit negative-index wraparound, 4x
+        slower.
         """
         clipped = 0
         for i in range(x.size):
-            td = np.float64(np.float32(x[i] * s))  # t = fl32(x * scale), exact in float64
+            sc = s[i] if per_element else s[0]
+            td = np.float64(np.float32(x[i] * sc))  # t = fl32(x * scale), exact in float64
             f = np.floor(td)
             up = np.float64(bits[i]) * two_m32 < td - f  # inf - inf is NaN: never rounds up
             f = f + 1.0 if up else f
@@ -109,18 +113,29 @@ def _kernels():
         return clipped
 
     @jit
-    def round_nearest_run(x, s, flo, fhi, fnan, out):
+    def round_nearest_run(x, s, per_element, flo, fhi, fnan, out):
         clipped = 0
         for i in range(x.size):
-            f = np.rint(np.float64(np.float32(x[i] * s)))  # rint of the exact float64 of t
+            sc = s[i] if per_element else s[0]
+            f = np.rint(np.float64(np.float32(x[i] * sc)))  # rint of the exact float64 of t
             r = min(max(f, flo), fhi)
             isnan = f != f
             clipped += np.int64((f != r) | isnan)
             out[i] = np.int32(fnan if isnan else r)
         return clipped
 
+    @jit
+    def tile_scales(scales, block, ja, jb, sbuf):
+        """sbuf[i] = scale of element ja + i (per-block scales spread over one tile)."""
+        j = ja
+        while j < jb:
+            b = j // block
+            je = min(jb, (b + 1) * block)
+            sbuf[j - ja:je - ja] = scales[b]
+            j = je
+
     @jit(parallel=True)
-    def quantize_random(x, scales, block, seed, rank, step, offset, lo, hi, out):
+    def quantize_random(x, scales, per_block, block, seed, rank, step, offset, lo, hi, out):
         """Tiles of TILE_GROUPS Philox groups, aligned in global index, one per thread task."""
         n = x.size
         q_first = offset // 4
@@ -136,18 +151,18 @@ def _kernels():
             shift = 4 * q0 - offset  # element j's bits are bits[j - shift]
             ja = max(0, shift)
             jb = min(n, shift + 4 * _TILE_GROUPS)
-            local = 0
-            while ja < jb:  # runs of constant scale
-                b = ja // block
-                je = min(jb, (b + 1) * block)
-                local += round_random_run(x[ja:je], scales[b], bits[ja - shift:je - shift], flo, fhi,
-                                          fnan, out[ja:je])
-                ja = je
-            counts[t] = local
+            if ja >= jb:
+                continue
+            s = scales
+            if per_block:
+                s = np.empty(jb - ja, dtype=np.float32)
+                tile_scales(scales, block, ja, jb, s)
+            counts[t] = round_random_run(x[ja:jb], s, per_block, bits[ja - shift:jb - shift], flo,
+                                         fhi, fnan, out[ja:jb])
         return counts.sum()
 
     @jit(parallel=True)
-    def quantize_nearest(x, scales, block, lo, hi, out):
+    def quantize_nearest(x, scales, per_block, block, lo, hi, out):
         n = x.size
         tile = 4 * _TILE_GROUPS
         ntiles = (n + tile - 1) // tile
@@ -156,13 +171,11 @@ def _kernels():
         for t in prange(ntiles):
             ja = t * tile
             jb = min(n, ja + tile)
-            local = 0
-            while ja < jb:
-                b = ja // block
-                je = min(jb, (b + 1) * block)
-                local += round_nearest_run(x[ja:je], scales[b], flo, fhi, fnan, out[ja:je])
-                ja = je
-            counts[t] = local
+            s = scales
+            if per_block:
+                s = np.empty(jb - ja, dtype=np.float32)
+                tile_scales(scales, block, ja, jb, s)
+            counts[t] = round_nearest_run(x[ja:jb], s, per_block, flo, fhi, fnan, out[ja:jb])
         return counts.sum()
 
     @jit(parallel=True)
@@ -216,12 +229,10 @@ def quantize(x: np.ndarray, scale, block: int, random: bool, seed: int, rank: in
         return 0
     k = _kernels()
     scales, per_block = _as_array(scale, np.float32)
-    if not per_block:
-        block = x.size  # one run of constant scale
     if random:
-        return int(k["quantize_random"](x, scales, block, np.uint64(seed), rank, step, offset, lo,
-                                        hi, out))
-    return int(k["quantize_nearest"](x, scales, block, lo, hi, out))
+        return int(k["quantize_random"](x, scales, per_block, block, np.uint64(seed), rank, step,
+                                        offset, lo, hi, out))
+    return int(k["quantize_nearest"](x, scales, per_block, block, lo, hi, out))
 
 
 def dequantize(ints: np.ndarray, divisor, block: int, out: np.ndarray, accumulate: bool) -> None:

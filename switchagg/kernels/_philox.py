@@ -80,13 +80,14 @@ def check_stream_ids(seed: int, rank: int, step: int, offset: int) -> None:
     """Reject stream identifiers that the keying rule cannot represent.
 
     Raises:
-        ValueError: seed outside [0, 2^64), rank or step outside [0, 2^32), offset negative.
+        ValueError: seed outside [0, 2^64), rank or step outside [0, 2^32), offset outside [0, 2^62)
+            (kernels index elements with signed 64-bit integers).
     """
     for name, value, bits in (("seed", seed, 64), ("rank", rank, 32), ("step", step, 32)):
         if not 0 <= int(value) < (1 << bits):
             raise ValueError(f"{name}={value} is outside [0, 2^{bits}); reduce it modulo 2^{bits}")
-    if int(offset) < 0:
-        raise ValueError(f"offset={offset} must be >= 0 (the global index of the first element)")
+    if not 0 <= int(offset) < (1 << 62):
+        raise ValueError(f"offset={offset} must be in [0, 2^62) (the global index of the first element)")
 
 
 def element_bits(seed: int, rank: int, step: int, offset: int, n: int) -> np.ndarray:
