@@ -211,20 +211,26 @@ class SwitchServer:
             return
         out = job.dataplane.receive(packets, rank)
         if len(out.multicast):
+            # One zero-copy frame for every receiver (libzmq refcounts it): a frame per send costs
+            # about 15 us more each. With egress loss each receiver gets its own subset instead.
+            shared = zmq.Frame(out.multicast) if job.egress is None else None
             for member in job.receivers():
-                self._send_results(job, member.rank, member.identity, out.multicast)
+                self._send_results(job, member.rank, member.identity, out.multicast, shared)
                 if job.job_id not in self.control.jobs:  # a peer was gone: the job is aborted
                     return
         if len(out.unicast):
             self._send_results(job, rank, identity, out.unicast)
 
-    def _send_results(self, job: Job, rank: int, identity: bytes, results: np.ndarray) -> None:
+    def _send_results(self, job: Job, rank: int, identity: bytes, results: np.ndarray,
+                      frame: zmq.Frame | None = None) -> None:
+        """Send `results` (or `frame`, the same bytes already wrapped) to one worker."""
         if job.egress is not None:
-            results = job.egress.apply(results, rank)
+            results, frame = job.egress.apply(results, rank), None
             if not len(results):
                 return
         try:
-            self.socket.send_multipart([identity, FRAME_DATA, results], zmq.NOBLOCK, copy=False)
+            self.socket.send_multipart([identity, FRAME_DATA, results if frame is None else frame],
+                                       zmq.NOBLOCK, copy=False)
         except zmq.ZMQError as exc:
             job.counters.send_failures += 1
             self._send_failed(identity, exc)
