@@ -107,11 +107,11 @@ def _is_cupy(x) -> bool:
 def _float_operand(x, name: str = "x") -> _Operand:
     """x as a 1-D float operand: float32 numpy on CPU (others converted), native dtype on CUDA."""
     if _is_torch(x):
+        import torch  # already loaded: x is a tensor
         if x.dim() != 1:
             raise ValueError(f"{name} must be 1-D, got shape {tuple(x.shape)}; pass x.view(-1)")
         x = x.detach()
         if x.is_cuda:
-            import torch
             tags = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
             if x.dtype == torch.float64:
                 x = x.float()
@@ -123,7 +123,7 @@ def _float_operand(x, name: str = "x") -> _Operand:
             return _cuda_operand(x.contiguous(), tag, torch_out=True)
         if not x.is_floating_point():
             raise TypeError(f"{name} has dtype {x.dtype}; expected a floating point tensor")
-        if x.dtype != __import__("torch").float32:
+        if x.dtype != torch.float32:
             x = x.float()  # bf16/fp16/fp64 -> float32 (exact for bf16/fp16; nearest for fp64)
         return _Operand(_cpu(), np.ascontiguousarray(x.numpy()), "f32", True)
     if _is_cupy(x):
@@ -328,12 +328,13 @@ def dequantize_add(ints, divisor, acc, *, block: int | None = None):
 
 
 def _check_divisor(d) -> None:
+    """A zero or non-finite divisor would silently turn the sum into inf/NaN/0: refuse it."""
     if np.ndim(d) == 0:
         if d == 0:
             raise ValueError("divisor must be nonzero")
         return
-    if bool((d == 0).any()) or not bool(np.isfinite(d).all() if isinstance(d, np.ndarray)
-                                        else __import__("cupy").isfinite(d).all()):
+    host = d if isinstance(d, np.ndarray) else d.get()  # per-block divisors: n / k values, small
+    if not bool(np.isfinite(host).all()) or bool((host == 0).any()):
         raise ValueError("every per-block divisor must be finite and nonzero")
 
 

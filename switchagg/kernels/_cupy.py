@@ -115,11 +115,15 @@ def is_host_staging(arr: np.ndarray) -> bool:
 
 
 def _device_view(arr):
-    """The kernel-side array for `out`: cupy as is; pinned numpy through its mapped device pointer."""
+    """The kernel-side array for `out`: cupy as is; pinned numpy through its mapped device pointer.
+
+    Under unified addressing (every 64-bit CUDA platform) page-locked memory from cudaHostAlloc is
+    mapped into the device's address space; the driver reports the device-side address.
+    """
     import cupy
     if isinstance(arr, cupy.ndarray):
         return arr
-    dptr = cupy.cuda.runtime.hostGetDevicePointer(arr.ctypes.data, 0)
+    dptr = cupy.cuda.runtime.pointerGetAttributes(arr.ctypes.data).devicePointer
     mem = cupy.cuda.UnownedMemory(dptr, arr.nbytes, owner=arr)
     return cupy.ndarray(arr.shape, arr.dtype, cupy.cuda.MemoryPointer(mem, 0))
 

@@ -42,7 +42,6 @@ def available() -> bool:
 @functools.cache
 def _kernels():
     """Compile (or load from numba's cache) every kernel; called on first use only."""
-    import numba
     from numba import njit, prange
 
     from switchagg.kernels._philox import PHILOX_M0, PHILOX_M1, PHILOX_W0, PHILOX_W1
@@ -210,7 +209,6 @@ def _kernels():
             lo += sq & 0x7FFFFFFF
         return hi, lo
 
-    del numba
     return dict(quantize_random=quantize_random, quantize_nearest=quantize_nearest,
                 dequantize=dequantize, max_abs_bits=max_abs_bits, squared_norm_parts=squared_norm_parts)
 
