@@ -98,3 +98,28 @@ def test_int_squared_norm_gpu_is_exact():
     v = np.random.default_rng(7).integers(-(2**31), 2**31, size=2_000_000).astype(np.int32)
     v[:1000] = -(2**31)
     assert K.int_squared_norm(cupy.asarray(v)) == K.int_squared_norm(v)
+
+
+def test_double_buffered_chunks_overlap_and_match_whole():
+    """Quantize chunk c + 1 in a helper thread while chunk c is consumed (as the client sends it)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from switchagg.kernels import _cupy
+    x = cupy.asarray(_floats(8 * 65536, 8))
+    chunk = 65536
+    buffers = [_cupy.pinned_empty(chunk, np.int32) for _ in range(2)]
+    whole = K.quantize(x, 99.0, seed=2, step=5).values.get()
+    sent = []
+
+    def job(c):
+        return K.quantize(x[c * chunk:(c + 1) * chunk], 99.0, seed=2, step=5, offset=c * chunk,
+                          out=buffers[c % 2])
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(job, 0)
+        for c in range(8):
+            done = pending.result(timeout=30)
+            if c + 1 < 8:
+                pending = pool.submit(job, c + 1)  # overlaps the "send" below
+            sent.append(done.values.copy())
+    assert (np.concatenate(sent) == whole).all()

@@ -12,8 +12,10 @@ tests/test_cuda_sources.py checks on the host bit for bit against numpy.
 How it works: the `.cu` source, with its header pasted in (so cupy's compile cache, keyed by the
 source text, sees header edits), is compiled once per process by NVRTC with `--fmad=false`.
 Kernels are grid-stride loops launched on the current cupy stream; the clipped count is the one
-value read back (which synchronizes that stream). Overlap of quantizing chunk c + 1 with sending
-chunk c: quantize into one of two pinned buffers on a side stream while the client sends the other.
+value read back (which synchronizes that stream, so a pinned `out` is complete on return).
+Overlap of quantizing chunk c + 1 with sending chunk c: keep two pinned buffers and call
+`quantize(..., out=buffer[(c + 1) % 2])` from a helper thread while the sending thread hands
+buffer[c % 2] to ZeroMQ; both the stream synchronization and the send release the GIL.
 """
 
 from __future__ import annotations
