@@ -100,3 +100,12 @@ def test_worker_needs_identity_for_torch(task, tmp_path):
     args.rank = args.master_addr = args.master_port = None
     with pytest.raises(ValueError, match="MASTER_ADDR"):
         run_methods(args, ["sgd"], _Emitter(False, 0))
+
+
+def test_device_for_local_rank_gives_each_torchrun_process_its_own_gpu():
+    from workers.worker import device_for_local_rank
+
+    assert device_for_local_rank("cuda", "3") == "cuda:3"
+    assert device_for_local_rank("cuda", None) == "cuda"
+    assert device_for_local_rank("cuda:1", "3") == "cuda:1"   # an explicit index wins
+    assert device_for_local_rank("cpu", "3") == "cpu"

@@ -32,8 +32,8 @@ import time
 import traceback
 from typing import Any
 
-__all__ = ["EVENT_PREFIX", "configure", "main", "add_training_options", "training_config",
-           "run_methods", "collective_kind", "method_names"]
+__all__ = ["EVENT_PREFIX", "configure", "main", "device_for_local_rank", "add_training_options",
+           "training_config", "run_methods", "collective_kind", "method_names"]
 
 log = logging.getLogger("switchagg.worker")
 
@@ -230,12 +230,21 @@ def run_methods(args: argparse.Namespace, names: list[str], emit: "_Emitter | _T
     return results
 
 
+def device_for_local_rank(device: str, local_rank: str | None) -> str:
+    """`cuda` means this process's own GPU: torchrun starts one process per GPU of a node and sets
+    LOCAL_RANK, so without this every process of a multi-GPU node would share GPU 0."""
+    if device == "cuda" and local_rank not in (None, ""):
+        return f"cuda:{int(local_rank)}"
+    return device
+
+
 def main(args: argparse.Namespace) -> int:
     """Entry point of `switchagg worker`; returns the exit status (0 ok, 1 failed, 2 bad usage)."""
     import torch
     # Workers share the cores with each other and the switch; one thread each avoids
     # oversubscription, and keeps CPU arithmetic in a fixed order (reproducible numbers).
     torch.set_num_threads(1)
+    args.device = device_for_local_rank(args.device, os.environ.get("LOCAL_RANK"))
     emit = _Emitter(args.events, args.rank if args.rank is not None else -1)
     current = {"method": None}
     try:
