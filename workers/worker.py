@@ -189,6 +189,8 @@ def run_methods(args: argparse.Namespace, names: list[str], emit: "_Emitter | _T
                                 timeout=datetime.timedelta(seconds=args.timeout))
     if args.world_size is None:
         raise ValueError("the world size is unknown: pass --world-size or set WORLD_SIZE")
+    from switchagg.kernels import warm_up
+    warm_up()  # load the CPU kernels now: a compilation mid-step would stall the first step
     results: dict[str, dict] = {}
     try:
         for name in names:

@@ -38,8 +38,7 @@ def _warm_up_kernels(k: int) -> None:
     declare it dead.
     """
     from switchagg import kernels
-    kernels.quantize(np.zeros(k, np.float32), np.ones(1, np.float32), rounding="deterministic",
-                     block=k)
+    kernels.warm_up()  # every CPU kernel: numba compiles each one on its own first call
 
 
 class SwitchCollective(Collective):

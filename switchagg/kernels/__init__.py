@@ -30,7 +30,7 @@ from switchagg.kernels._philox import philox4x32_10
 
 __all__ = ["QuantizeResult", "DeviceUnavailable", "quantize", "dequantize", "dequantize_add",
            "block_max_abs", "block_exponents", "int_squared_norm", "philox4x32_10",
-           "cpu_backend_name", "require_cuda", "INT32_MIN", "INT32_MAX"]
+           "cpu_backend_name", "warm_up", "require_cuda", "INT32_MIN", "INT32_MAX"]
 
 INT32_MIN = -(1 << 31)
 INT32_MAX = (1 << 31) - 1
@@ -74,6 +74,15 @@ def _cpu():
         else:
             raise ImportError(f"CPU kernel backend {names[0]!r} is not importable")
     return _cpu_backend
+
+
+def warm_up() -> None:
+    """Load (or compile, on a cold cache) the CPU kernels now rather than on their first use.
+
+    A process that will quantize on CPU calls it before it joins a switch: a compilation takes
+    seconds, a warm numba cache well under one. With the numpy backend it does nothing.
+    """
+    getattr(_cpu(), "warm_up", lambda: None)()
 
 
 def require_cuda():

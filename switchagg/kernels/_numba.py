@@ -8,25 +8,29 @@ import numba before a kernel is first used (a worker that never quantizes on CPU
 use fastmath (it would let LLVM fuse or reorder the float operations that fix the bits).
 
 How it works: the same per-element rules as `_numpy` (read them there). Randomized rounding works
-in tiles of 1024 Philox groups (4096 elements), aligned in global element index, one tile per
-`prange` task: (1) the tile's counters go into four word arrays and the ten rounds run over them
+in tiles of 1024 Philox groups (4096 elements), aligned in global element index, one tile at a
+time: (1) the tile's counters go into four word arrays and the ten rounds run over them
 with the counters as the inner loop, which LLVM vectorizes (AVX2 vpmuludq); (2) the words are
 interleaved into element order in an L1-resident buffer; (3) a branch-free loop (selects only, also
 vectorized) scales, rounds and clips the tile, counting clipped elements; per-block scales are
-first spread into a per-element tile buffer, so short blocks (k = 64) cost no extra calls. Tiles
-never share output, so threads need no locks. Compiled code is cached by numba (`cache=True`, in
-`__pycache__`, which git ignores).
+first spread into a per-element tile buffer, so short blocks (k = 64) cost no extra calls. The
+kernels are single-threaded (parallel=True measured no better on 2 shared cores, see _numba_impl)
+and release the GIL.
+
+The compiled functions live in `_numba_impl`, at module level so that numba's on-disk cache hits in
+every process after the first (closures here missed it in every process); this module imports it on
+the first kernel call (or `warm_up`) and only wraps it. Numba compiles each kernel on its own first
+call, so a process pays only for what it uses. Inputs are passed as read-only views: numba
+specializes on writability, and a read-only buffer (a ZeroMQ frame) would otherwise cost a second
+compilation of the same kernel.
 """
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 
-__all__ = ["available", "quantize", "dequantize", "block_max_abs", "int_squared_norm"]
+__all__ = ["available", "warm_up", "quantize", "dequantize", "block_max_abs", "int_squared_norm"]
 
-_TILE_GROUPS = 1024  # Philox groups per thread task: 4096 elements, whose bits (16 KiB) stay in L1
 _SQNORM_CHUNK = 1 << 30   # elements per exact partial sum (see the int64 bound in _numpy)
 
 
@@ -39,178 +43,34 @@ def available() -> bool:
     return True
 
 
-@functools.cache
-def _kernels():
-    """Compile (or load from numba's cache) every kernel; called on first use only."""
-    from numba import njit, prange
+def _impl():
+    """The compiled kernels (imports numba and loads or compiles nothing yet: numba is lazy)."""
+    from switchagg.kernels import _numba_impl
+    return _numba_impl
 
-    from switchagg.kernels._philox import PHILOX_M0, PHILOX_M1, PHILOX_W0, PHILOX_W1
 
-    u64, u32 = np.uint64, np.uint32
-    m0, m1, s32 = u64(PHILOX_M0), u64(PHILOX_M1), u64(32)
-    w0, w1 = u32(PHILOX_W0), u32(PHILOX_W1)
-    two_m32 = 2.0 ** -32
-    jit = functools.partial(njit, cache=True, nogil=True, fastmath=False)
+def _ro(a: np.ndarray) -> np.ndarray:
+    """A read-only view of a (one numba specialization whatever the caller's buffer allows)."""
+    if not a.flags.writeable:
+        return a
+    v = a.view()
+    v.flags.writeable = False
+    return v
 
-    @jit
-    def philox_rounds(c0, c1, c2, c3, k0, k1):
-        """Philox4x32-10 in place over arrays of counter words (one lane per counter).
 
-        The round is the inner loop, over independent counters, so LLVM vectorizes it (vpmuludq
-        does four 32 x 32 -> 64 products); a loop over counters with the rounds inside does not.
-        """
-        for _ in range(10):
-            for i in range(c0.size):
-                p0 = u64(c0[i]) * m0
-                p1 = u64(c2[i]) * m1
-                a0 = u32(p1 >> s32) ^ c1[i] ^ k0
-                a2 = u32(p0 >> s32) ^ c3[i] ^ k1
-                c0[i] = a0
-                c1[i] = u32(p1)
-                c2[i] = a2
-                c3[i] = u32(p0)
-            k0 = k0 + w0  # uint32 arithmetic wraps: the Weyl key schedule
-            k1 = k1 + w1
+def warm_up() -> None:
+    """Load (or, with a cold cache, compile) every kernel now, with the types the wrappers pass.
 
-    @jit
-    def tile_bits(q0, c2, c3, k0, k1, c, bits):
-        """bits[4 i + w] = word w of Philox(counter (q0 + i, step, rank)), i < TILE_GROUPS."""
-        g = c.shape[1]
-        for i in range(g):
-            q = u64(q0 + i)
-            c[0, i] = u32(q & u64(0xFFFFFFFF))
-            c[1, i] = u32(q >> s32)
-            c[2, i] = c2
-            c[3, i] = c3
-        philox_rounds(c[0], c[1], c[2], c[3], k0, k1)
-        for i in range(g):
-            bits[4 * i] = c[0, i]
-            bits[4 * i + 1] = c[1, i]
-            bits[4 * i + 2] = c[2, i]
-            bits[4 * i + 3] = c[3, i]
-
-    @jit
-    def round_random_run(x, s, per_element, bits, flo, fhi, fnan, out):
-        """Quantize x into out, element i drawing bits[i]; returns the clipped count.
-
-        The scale is s[i] if per_element else s[0] (a loop-invariant branch LLVM unswitches).
-        Branch-free otherwise (selects, min/max) and zero-based over slices, so LLVM vectorizes it:
-        indexing with an offset (bits[j - shift]) makes numba emit negative-index wraparound, 4x
-        slower.
-        """
-        clipped = 0
-        for i in range(x.size):
-            sc = s[i] if per_element else s[0]
-            td = np.float64(np.float32(x[i] * sc))  # t = fl32(x * scale), exact in float64
-            f = np.floor(td)
-            up = np.float64(bits[i]) * two_m32 < td - f  # inf - inf is NaN: never rounds up
-            f = f + 1.0 if up else f
-            r = min(max(f, flo), fhi)
-            isnan = f != f
-            clipped += np.int64((f != r) | isnan)
-            out[i] = np.int32(fnan if isnan else r)
-        return clipped
-
-    @jit
-    def round_nearest_run(x, s, per_element, flo, fhi, fnan, out):
-        clipped = 0
-        for i in range(x.size):
-            sc = s[i] if per_element else s[0]
-            f = np.rint(np.float64(np.float32(x[i] * sc)))  # rint of the exact float64 of t
-            r = min(max(f, flo), fhi)
-            isnan = f != f
-            clipped += np.int64((f != r) | isnan)
-            out[i] = np.int32(fnan if isnan else r)
-        return clipped
-
-    @jit
-    def tile_scales(scales, block, ja, jb, sbuf):
-        """sbuf[i] = scale of element ja + i (per-block scales spread over one tile)."""
-        j = ja
-        while j < jb:
-            b = j // block
-            je = min(jb, (b + 1) * block)
-            sbuf[j - ja:je - ja] = scales[b]
-            j = je
-
-    @jit(parallel=True)
-    def quantize_random(x, scales, per_block, block, seed, rank, step, offset, lo, hi, out):
-        """Tiles of TILE_GROUPS Philox groups, aligned in global index, one per thread task."""
-        n = x.size
-        q_first = offset // 4
-        ntiles = ((offset + n - 1) // 4 - q_first) // _TILE_GROUPS + 1
-        k0, k1 = u32(u64(seed) & u64(0xFFFFFFFF)), u32(u64(seed) >> s32)
-        flo, fhi, fnan = np.float64(lo), np.float64(hi), np.float64(min(max(0, lo), hi))
-        counts = np.zeros(ntiles, dtype=np.int64)
-        for t in prange(ntiles):
-            c = np.empty((4, _TILE_GROUPS), dtype=np.uint32)
-            bits = np.empty(4 * _TILE_GROUPS, dtype=np.uint32)
-            q0 = q_first + t * _TILE_GROUPS
-            tile_bits(q0, u32(step), u32(rank), k0, k1, c, bits)
-            shift = 4 * q0 - offset  # element j's bits are bits[j - shift]
-            ja = max(0, shift)
-            jb = min(n, shift + 4 * _TILE_GROUPS)
-            if ja >= jb:
-                continue
-            s = scales
-            if per_block:
-                s = np.empty(jb - ja, dtype=np.float32)
-                tile_scales(scales, block, ja, jb, s)
-            counts[t] = round_random_run(x[ja:jb], s, per_block, bits[ja - shift:jb - shift], flo,
-                                         fhi, fnan, out[ja:jb])
-        return counts.sum()
-
-    @jit(parallel=True)
-    def quantize_nearest(x, scales, per_block, block, lo, hi, out):
-        n = x.size
-        tile = 4 * _TILE_GROUPS
-        ntiles = (n + tile - 1) // tile
-        flo, fhi, fnan = np.float64(lo), np.float64(hi), np.float64(min(max(0, lo), hi))
-        counts = np.zeros(ntiles, dtype=np.int64)
-        for t in prange(ntiles):
-            ja = t * tile
-            jb = min(n, ja + tile)
-            s = scales
-            if per_block:
-                s = np.empty(jb - ja, dtype=np.float32)
-                tile_scales(scales, block, ja, jb, s)
-            counts[t] = round_nearest_run(x[ja:jb], s, per_block, flo, fhi, fnan, out[ja:jb])
-        return counts.sum()
-
-    @jit(parallel=True)
-    def dequantize(ints, divisors, per_block, block, out, accumulate):
-        for j in prange(ints.size):
-            d = divisors[j // block] if per_block else divisors[0]
-            q = np.float32(np.float64(ints[j]) / d)
-            if accumulate:
-                out[j] = np.float32(out[j] + q)
-            else:
-                out[j] = q
-
-    @jit(parallel=True)
-    def max_abs_bits(bits, block, out):
-        n = bits.size
-        for b in prange(out.size):
-            m = np.uint32(0)
-            for j in range(b * block, min(n, (b + 1) * block)):
-                v = bits[j] & np.uint32(0x7FFFFFFF)
-                if v > m:
-                    m = v
-            out[b] = m
-
-    @jit(parallel=True)
-    def squared_norm_parts(ints):
-        hi = 0
-        lo = 0
-        for j in prange(ints.size):
-            v = np.int64(ints[j])
-            sq = v * v  # <= 2^62
-            hi += sq >> 31
-            lo += sq & 0x7FFFFFFF
-        return hi, lo
-
-    return dict(quantize_random=quantize_random, quantize_nearest=quantize_nearest,
-                dequantize=dequantize, max_abs_bits=max_abs_bits, squared_norm_parts=squared_norm_parts)
+    Call it before timing or before a thread that must not stall (a client's engine thread) first
+    quantizes: a compilation takes seconds, a cache load tens of milliseconds.
+    """
+    x = np.zeros(8, np.float32)
+    ints = np.zeros(8, np.int32)
+    quantize(x, 1.0, 0, True, 0, 0, 0, 0, -1, 1, ints)
+    quantize(x, 1.0, 0, False, 0, 0, 0, 0, -1, 1, ints)
+    dequantize(ints, 1.0, 0, x, False)
+    block_max_abs(x, 4)
+    int_squared_norm(ints)
 
 
 def _as_array(values, dtype):
@@ -225,34 +85,37 @@ def quantize(x: np.ndarray, scale, block: int, random: bool, seed: int, rank: in
     """Same contract as `_numpy.quantize`."""
     if x.size == 0:
         return 0
-    k = _kernels()
+    k = _impl()
     scales, per_block = _as_array(scale, np.float32)
+    block = int(block) if per_block else 1
     if random:
-        return int(k["quantize_random"](x, scales, per_block, block, np.uint64(seed), rank, step,
-                                        offset, lo, hi, out))
-    return int(k["quantize_nearest"](x, scales, per_block, block, lo, hi, out))
+        return int(k.quantize_random(_ro(x), _ro(scales), per_block, block, np.uint64(seed), int(rank),
+                                     int(step), int(offset), int(lo), int(hi), out))
+    return int(k.quantize_nearest(_ro(x), _ro(scales), per_block, block, int(lo), int(hi), out))
 
 
 def dequantize(ints: np.ndarray, divisor, block: int, out: np.ndarray, accumulate: bool) -> None:
     """Same contract as `_numpy.dequantize`."""
     if ints.size:
         divisors, per_block = _as_array(divisor, np.float64)
-        _kernels()["dequantize"](ints, divisors, per_block, block, out, accumulate)
+        _impl().dequantize(_ro(ints), _ro(divisors), per_block, int(block) if per_block else 1, out,
+                           bool(accumulate))
 
 
 def block_max_abs(x: np.ndarray, block: int) -> np.ndarray:
     """Same contract as `_numpy.block_max_abs`."""
     out = np.zeros(-(-x.size // block), dtype=np.uint32)
     if x.size:
-        _kernels()["max_abs_bits"](x.view(np.uint32), block, out)
+        _impl().max_abs_bits(_ro(x.view(np.uint32)), int(block), out)
     return out.view(np.float32)
 
 
 def int_squared_norm(ints: np.ndarray) -> int:
     """Same contract as `_numpy.int_squared_norm`."""
     hi_sum, lo_sum = 0, 0
+    ints = _ro(ints)
     for start in range(0, ints.size, _SQNORM_CHUNK):
-        hi, lo = _kernels()["squared_norm_parts"](ints[start:start + _SQNORM_CHUNK])
+        hi, lo = _impl().squared_norm_parts(ints[start:start + _SQNORM_CHUNK])
         hi_sum += int(hi)
         lo_sum += int(lo)
     return (hi_sum << 31) + lo_sum
