@@ -82,8 +82,8 @@ class SwitchConfig:
         "0.001")
     reorder: float = _opt(
         0.0,
-        "Probability that a packet is held back and delivered after the next burst of its flow "
-        "(each direction).",
+        "Probability that a packet is held back and delivered at the head of the next burst of "
+        "its flow, i.e. after the rest of its own burst (each direction).",
         "0.01")
     seed: int = _opt(
         0,
