@@ -45,13 +45,22 @@ _NO_EXPONENT = -128
 
 
 def completed_future(value) -> torch.futures.Future:
-    """A torch Future already holding value (a tensor) or, if it is an exception, failed with it."""
+    """A torch Future already holding value (a tensor) or, if it is an exception, failed with it.
+
+    An exception is passed through a `.then` callback: `Future.set_exception` stores it as the
+    value with a Python-side unwrap, which DDP's C++ side would try to cast to a tensor; raising
+    it inside a callback marks the chained future failed for C++ too.
+    """
     fut: torch.futures.Future = torch.futures.Future()
-    if isinstance(value, BaseException):
-        fut.set_exception(value)
-    else:
+    if not isinstance(value, BaseException):
         fut.set_result(value)
-    return fut
+        return fut
+    fut.set_exception(value)
+    return fut.then(_reraise)
+
+
+def _reraise(done: torch.futures.Future):
+    return done.value()  # raises the stored exception
 
 
 def check_finite(state, buf: torch.Tensor, bucket_index: int) -> None:
