@@ -244,6 +244,10 @@ def run_compare(args: argparse.Namespace, out_dir: str) -> dict[str, Any]:
         port, master_port = _free_port(), _free_port()
         switch_log = os.path.join(logs, "switch.log")
         children.switch = children.start(_switch_argv(args, port), switch_log, pipe_stdout=False)
+        # Compile (or load from numba's cache) the CPU kernels once here, while the switch starts:
+        # otherwise N workers would all compile the same kernels at once on a cold cache.
+        from switchagg import kernels
+        kernels.warm_up()
         _wait_listening(port, children.switch, switch_log)
         address = f"tcp://127.0.0.1:{port}"
         job = f"compare-{os.getpid()}-{port}"
