@@ -91,13 +91,15 @@ def train(run: str, rank: int, address: str, steps: int, out_dir: str) -> dict:
         alphas.append(None if state is None or state.alpha is None else state.alpha.tolist())
         gmax.append(max(float(p.grad.abs().max()) for p in model.parameters()))
         opt.step()
+    next_alpha = None
     if state is not None:
         if run == "determ":
             with open(os.path.join(out_dir, f"state{rank}.pkl"), "wb") as f:
-                pickle.dump(state, f)
+                pickle.dump(state, f)  # folds the last step into r first
+            next_alpha = state._scaler.alpha(LR).tolist()
         state.close()
     return {"params": [p.detach().clone() for p in model.parameters()], "alpha": alphas,
-            "gmax": gmax, "buckets": buckets}
+            "gmax": gmax, "buckets": buckets, "next_alpha": next_alpha}
 
 
 def main() -> int:

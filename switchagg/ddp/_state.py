@@ -228,8 +228,9 @@ class IntSGDState:
             log.warning("IntSGDState pickled with lr=%.6g, the current value of its lr "
                         "callable; set state.lr again after loading to follow the schedule", lr)
             state["lr"] = lr
-        state.update(mode=self._mode, block_sizes=list(self._block_sizes),
-                     scaler=None if self._scaler is None else self._scaler.state_dict())
+        state.update(mode=self._mode, block_sizes=list(self._block_sizes), scaler=None)
+        if self._scaler is not None:
+            state["scaler"] = dict(self._scaler.state_dict(), d=self._scaler.d.tolist())
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -243,7 +244,7 @@ class IntSGDState:
         self._lo = self._hi = self._magnitude = None
         self._scaler = None
         if scaler is not None:
-            self._scaler = self._make_scaler([1] if mode == "global" else sizes)
+            self._scaler = self._make_scaler(scaler.pop("d"))
             self._scaler.load_state_dict(scaler)
 
     # ---- used by the hooks -----------------------------------------------------------------
