@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from conftest import PYTHON, REPO, free_port
-from switchagg import ClientConfig, SwitchTimeout
+from switchagg import SwitchTimeout
 from switchagg.ddp import IntSGDState, intsgd_hook, noop_hook
 
 pytestmark = pytest.mark.slow
