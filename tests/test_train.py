@@ -82,6 +82,16 @@ def test_merge_table_results_and_plots(tmp_path):
     assert all(os.path.getsize(p) > 1000 for p in written)
 
 
+def test_intsgd_steady_state_range_excludes_the_heuristic_first_step():
+    summaries, _ = _run("intsgd-random", steps=6)
+    merged = report.merge_ranks(summaries, "accuracy")
+    # Step 0 borrows SwitchML's exponent scaling (near the int32 limit); later steps use alpha_k.
+    assert merged["bits_needed"] >= 30
+    assert 0 < merged["max_abs_sum_after_first_step"] < merged["max_abs_sum"]
+    assert merged["bits_needed_after_first_step"] < 24
+    assert str(merged["max_abs_sum_after_first_step"]) in report.format_table({"x": merged})
+
+
 def test_merge_flags_disagreeing_replicas():
     base = {"rank": 0, "steps": 1, "wall_s": 1.0, "evaluation": {"loss": 1.0}, "bytes_sent": 10,
             "packets": 1, "rounds_per_step": 1, "max_abs_sum": 1, "max_abs_q": 1, "bits_needed": 2,

@@ -40,7 +40,9 @@ def merge_ranks(summaries: list[dict[str, Any]], metric: str) -> dict[str, Any]:
     Returns:
         The entry: final_loss, final_accuracy (None where the task has none), final_metric, steps,
         wall_s, bytes_sent (all workers), bytes_sent_per_worker, packets, rounds_per_step,
-        max_abs_sum, max_abs_q, bits_needed, clip_fraction, wraps, time_per_step (mean over
+        max_abs_sum, max_abs_q, bits_needed (and both of the sum's extremes without step 0:
+        max_abs_sum_after_first_step, bits_needed_after_first_step), clip_fraction, wraps,
+        time_per_step (mean over
         workers), final_train_loss, replicas_agree, evaluation (rank 0's full dict).
     """
     by_rank = sorted(summaries, key=lambda s: s["rank"])
@@ -64,6 +66,10 @@ def merge_ranks(summaries: list[dict[str, Any]], metric: str) -> dict[str, Any]:
         "max_abs_sum": max(int(s["max_abs_sum"]) for s in by_rank),
         "max_abs_q": max(int(s["max_abs_q"]) for s in by_rank),
         "bits_needed": max(int(s["bits_needed"]) for s in by_rank),
+        "max_abs_sum_after_first_step": max(int(s.get("max_abs_sum_after_first_step", 0))
+                                            for s in by_rank),
+        "bits_needed_after_first_step": max(int(s.get("bits_needed_after_first_step", 0))
+                                            for s in by_rank),
         "clip_fraction": sum(float(s["clip_fraction"]) for s in by_rank) / n,
         "wraps": max(int(s["wraps"]) for s in by_rank),
         "time_per_step": times,
@@ -84,7 +90,8 @@ def format_table(methods: dict[str, dict[str, Any]], metric: str = "accuracy") -
 
     Columns: final test loss and headline metric, wall time, ms per step split into compute /
     quantize / communicate / decode, MB sent per worker, packets per worker per step, rounds per
-    step, max |sum|, bits the sum needed, clip %, wraps.
+    step, max |sum| and the bits the sum needed from step 1 on (IntSGD's step 0 borrows SwitchML's
+    exponent scaling; results.json has the extremes over all steps too), clip %, wraps.
     """
     pct = metric == "accuracy"
     header = ["method", "loss", "acc %" if pct else metric[:10], "wall s", "ms/step",
@@ -104,7 +111,9 @@ def format_table(methods: dict[str, dict[str, Any]], metric: str = "accuracy") -
             _fmt(1e3 * t.get("communicate", 0.0), ".2f"), _fmt(1e3 * t.get("decode", 0.0), ".2f"),
             _fmt(m["bytes_sent_per_worker"] / 1e6, ".2f"),
             _fmt(m["packets"] / workers / max(1, m["steps"]), ".0f"),
-            _fmt(m["rounds_per_step"], ".1f"), str(m["max_abs_sum"]), str(m["bits_needed"]),
+            _fmt(m["rounds_per_step"], ".1f"),
+            str(m.get("max_abs_sum_after_first_step", m["max_abs_sum"])),
+            str(m.get("bits_needed_after_first_step", m["bits_needed"])),
             _fmt(100 * m["clip_fraction"], ".2f"), str(m["wraps"]),
             "yes" if m["replicas_agree"] else "NO",
         ])
@@ -112,6 +121,8 @@ def format_table(methods: dict[str, dict[str, Any]], metric: str = "accuracy") -
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
              for r in rows]
     lines.insert(1, "-" * len(lines[0]))
+    lines.append("max|sum| and bits: from step 1 on (IntSGD's step 0 uses SwitchML's exponent "
+                 "scaling: r is unknown before it)")
     return "\n".join(lines)
 
 

@@ -221,6 +221,10 @@ class _Totals:
         self.bytes_sent = self.bytes_received = self.packets = self.rounds = self.wraps = 0
         self.clipped = self.numel = 0
         self.max_abs_sum = self.max_abs_q = self.sum_bits = 0
+        # The same extremes without step 0: IntSGD takes its first step with SwitchML's exponent
+        # scaling (r is unknown before it), which uses the whole int32 range once and would hide
+        # the integer range of its steady state.
+        self.later_max_abs_sum = self.later_sum_bits = 0
         self.t = {"compute": 0.0, "quantize": 0.0, "communicate": 0.0, "decode": 0.0,
                   "reduce": 0.0, "update": 0.0}
         self.last_epoch_loss = math.nan
@@ -237,6 +241,9 @@ class _Totals:
         self.max_abs_sum = max(self.max_abs_sum, int(tel.get("max_abs_sum", 0)))
         self.max_abs_q = max(self.max_abs_q, int(tel.get("max_abs_q", 0)))
         self.sum_bits = max(self.sum_bits, int(tel.get("sum_bits", 0)))
+        if self.steps > 1:
+            self.later_max_abs_sum = max(self.later_max_abs_sum, int(tel.get("max_abs_sum", 0)))
+            self.later_sum_bits = max(self.later_sum_bits, int(tel.get("sum_bits", 0)))
         for key in ("quantize", "communicate", "decode"):
             self.t[key] += float(tel.get(f"t_{key}", 0.0))
         self.t["compute"] += t_compute
@@ -254,6 +261,8 @@ class _Totals:
             "clip_fraction": self.clipped / self.numel if self.numel else 0.0,
             "max_abs_sum": self.max_abs_sum, "max_abs_q": self.max_abs_q,
             "bits_needed": self.sum_bits,
+            "max_abs_sum_after_first_step": self.later_max_abs_sum,
+            "bits_needed_after_first_step": self.later_sum_bits,
             "time_per_step": {k: v / n for k, v in self.t.items()},
             "params_digest": digest,
         }
