@@ -1,12 +1,22 @@
-"""The fast dataplane: SwitchML's aggregation rules applied to a whole burst at once, in numpy.
+"""The fast dataplane: SwitchML's aggregation rules applied to a whole burst at once.
 
 What it owns: the same slot pool and the same rules as the golden model (`_golden.py`, DESIGN.md
-§5), with state as arrays, so that one `receive()` of a 1024-packet burst costs a few dozen numpy
-calls instead of a thousand Python iterations. What it must never do: differ from the golden model.
-For any sequence of bursts, `receive()` returns byte-identical RESULT and RESULT_RETX bursts and
-leaves equal counters; the property tests in tests/test_dataplane.py hold it to that. Like the
-golden model it does no I/O, reads no clock and trusts its input to be validated
-(`switchagg.packet.validate_burst`).
+§5), with state as arrays, applied a burst per call by one of two engines: a compiled pass
+(`_dataplane_jit`, numba; the default wherever numba imports) or a vectorized numpy path (below;
+what runs without numba, and a second implementation the tests hold to the same contract). What it
+must never do: differ from the golden model. For any sequence of bursts, `receive()` returns
+byte-identical RESULT and RESULT_RETX bursts and leaves equal counters; the property tests in
+tests/test_dataplane.py hold both engines to that. Like the golden model it does no I/O and reads no
+clock. `receive()` trusts its input to be validated (`switchagg.packet.validate_burst`);
+`receive_checked()` validates it in the same call (the server's path: in the compiled pass the
+checks cost nothing extra) with the same drops and per-reason counts as `validate_burst`.
+
+The compiled pass (read `_dataplane_jit`) walks the burst once, packet after packet, which makes
+every burst exact, repeated slots included, at the cost of one pass over its bytes. It is imported
+on first use (`warm_up()`, which the switch calls before it binds), so `import switch_emulator`
+does not import numba. Figures (`python -m switch_emulator.dataplane --bench`, n = 4, k = 64, the
+project's shared 2-vCPU VM under load): a 1024-packet burst 54 us (numpy path: 184 us), 4096
+packets 180 us (674), 1024 with 1% duplicates 75 us (455).
 
 State, indexed by the flat slot id f = version * slots + slot (one fancy index reaches both sets):
     values    (2s, k) int32   the running sum, or the shadow copy once complete
@@ -16,7 +26,7 @@ State, indexed by the flat slot id f = version * slots + slot (one fancy index r
     exponent  (2s,)   int8    max block exponent of the round
     wrapped   (2s,)   bool    some addition of the round wrapped int32
 
-The rules, in the order of SwitchML's Algorithm 3, each one a private function below:
+The numpy path's rules, in the order of SwitchML's Algorithm 3, each a private function below:
   1. seen bitmap (`_seen_bitmap`): a packet whose bit is already set is a retransmission; the others
      set their bit in their version's set and clear it in the other version's set.
   2. worker count (`_worker_count`): a complete slot that gets a new contribution starts a new round
@@ -34,7 +44,7 @@ The rules, in the order of SwitchML's Algorithm 3, each one a private function b
 Theory of operation. Within one burst every packet comes from the same worker, and every state cell
 belongs to one slot (both versions of slot i interact: rule 1 clears the other version's bit). So
 two packets to different slots commute, and only packets to the same slot must be applied in input
-order. `receive()` therefore ranks each packet by how many earlier packets of the burst address its
+order. The numpy path therefore ranks each packet by how many earlier packets of the burst address its
 slot and applies the rank-0 packets (all distinct slots) as one vectorized step, then the rank-1
 packets, and so on. This needs as many steps as the most repeated slot has packets, never more than
 cutting the burst into consecutive runs of distinct slots would, and usually far fewer (duplicates
@@ -44,10 +54,10 @@ exactly one step. The outputs of the steps are merged back into input order. Eac
 from the state in the step that produces it (a later step may start a new round on the same slot)
 into newly allocated arrays, because the caller sends them without copying while the state moves on.
 
-Performance (the project's 2-vCPU VM, n = 4, k = 64; `python -m switch_emulator.dataplane --bench`):
-a 1024-packet burst takes about 0.2 ms, a 4096-packet one about 0.65 ms. Most of the rest is numpy
-call overhead (about 70 us per step) and page faults: large temporaries are faulted in on every
-burst, so stages 4 and 5 gather through reusable scratch buffers and move records with `take`.
+Performance of the numpy path (the project's 2-vCPU VM, n = 4, k = 64, measured with the bench
+above before the compiled pass existed): a 1024-packet burst takes about 0.2 ms, a 4096-packet one
+about 0.65 ms. Most of the rest is numpy call overhead (about 70 us per step) and page faults:
+large temporaries are faulted in on every burst, so stages 4 and 5 gather through reusable scratch buffers and move records with `take`.
 
 Warning: the cost is per step, not per packet. A burst that repeats one slot B times takes B steps
 of tiny arrays (about 0.1 ms each, twice the golden model's per-packet cost). Only a broken or
@@ -56,12 +66,62 @@ hostile worker sends that; it holds up the switch's loop for that long, and the 
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 from switch_emulator._golden import DataplaneCounters, DataplaneOutput
-from switchagg.packet import FLAG_WRAPPED, MAX_WORKERS, Kind, SLOT_MASK, packet_dtype
+from switchagg.packet import (FLAG_WRAPPED, MAX_WORKERS, Kind, SLOT_MASK, packet_dtype,
+                              validate_burst)
 
-__all__ = ["FastDataplane"]
+__all__ = ["FastDataplane", "warm_up"]
+
+_UNLOADED = object()
+_kernels: object = _UNLOADED  # the _dataplane_jit module, None without numba, until first asked
+
+
+def _compiled():
+    """The compiled pass's module (imported on first use: it imports numba), or None where numba
+    is missing or the host is big-endian (the pass reads header fields as little-endian words)."""
+    global _kernels
+    if _kernels is _UNLOADED:
+        try:
+            from switch_emulator import _dataplane_jit
+        except ImportError:
+            _kernels = None
+        else:
+            _kernels = _dataplane_jit if sys.byteorder == "little" else None
+    return _kernels
+
+
+def warm_up() -> bool:
+    """Load (or, with a cold cache, compile) the compiled pass now; False if it is unavailable.
+
+    The switch calls this before it binds: a compilation takes seconds, a cache load well under
+    one, and neither may delay the first JOIN or a liveness deadline.
+    """
+    jit = _compiled()
+    if jit is None:
+        return False
+    jit.warm_up()
+    return True
+
+
+def _rows(packets: np.ndarray, width: int) -> np.ndarray:
+    """The burst as a read-only (B, width) int32 view (a copy if it is strided or misaligned).
+
+    Always read-only, whatever the caller's buffer allows: numba compiles one specialization per
+    writability, and frames from ZeroMQ are read-only.
+    """
+    if not packets.flags.c_contiguous:
+        packets = packets.copy()
+    rows = packets.view(np.int32).reshape(len(packets), width)
+    if not rows.flags.aligned:  # a frame at an odd address (packet_dtype itself aligns to 1)
+        rows = rows.copy()
+    if rows.flags.writeable:
+        rows = rows.view()
+        rows.flags.writeable = False
+    return rows
 
 
 class FastDataplane:
@@ -71,12 +131,14 @@ class FastDataplane:
         world_size: number of workers n (1..MAX_WORKERS); a slot completes with n contributions.
         slots: pool size s; packets address slots 0..s-1 (validated before they get here).
         k: int32 values per packet.
+        compiled: use the compiled pass where numba imports (the default); False keeps the
+            vectorized numpy path, which is also what runs without numba.
 
     Raises:
         ValueError: world_size, slots or k out of range.
     """
 
-    def __init__(self, world_size: int, slots: int, k: int) -> None:
+    def __init__(self, world_size: int, slots: int, k: int, compiled: bool = True) -> None:
         if not 1 <= world_size <= MAX_WORKERS:
             raise ValueError(f"world_size={world_size} must be in [1, {MAX_WORKERS}]")
         if not 1 <= slots <= SLOT_MASK + 1:
@@ -91,6 +153,8 @@ class FastDataplane:
         self.exponent = np.zeros(2 * slots, np.int8)
         self.wrapped = np.zeros(2 * slots, bool)
         self._scratch = _Scratch(k)
+        self._width = self.dtype.itemsize // 4  # int32 words per packet
+        self._kernels = _compiled() if compiled else None
         self.counters = DataplaneCounters()
 
     def is_complete(self, version: int, slot: int) -> bool:
@@ -112,13 +176,79 @@ class FastDataplane:
             arrays.
 
         Raises:
-            ValueError: the burst has another dtype, or `worker` is not a rank of the job (both
-                are bugs of the caller).
+            ValueError: the burst has another dtype, `worker` is not a rank of the job, or (compiled
+                pass) a packet addresses a slot >= s; all three are bugs of the caller. In the last
+                case the other packets were applied and the bad ones skipped.
         """
+        self._check_call(packets, worker)
+        if self._kernels is not None:
+            out, bad = self._receive_compiled(packets, worker, None)
+            if bad:
+                raise ValueError(f"{bad['bad_slot']} packets address slots >= {self.slots}: "
+                                 "validate bursts first (switchagg.packet.validate_burst)")
+            return out
+        return self._receive_vectorized(packets, worker)
+
+    def receive_checked(self, packets: np.ndarray, worker: int,
+                        job: int) -> tuple[DataplaneOutput, dict[str, int]]:
+        """Validate a burst as received and apply its good packets, in one pass where compiled.
+
+        Same result as `ok, bad = validate_burst(packets, kind=Kind.DATA, job=job, worker=worker,
+        slots=self.slots)` followed by `receive(packets[ok], worker)` (the tests compare them).
+
+        Args:
+            packets: structured array of `packet_dtype(k)` straight from `parse_burst`.
+            worker: the rank the sending connection joined as.
+            job: the job id the packets must carry.
+
+        Returns:
+            (output, bad): as `receive`, and the dropped packets counted by first failing reason
+            (`switchagg.packet.BAD_REASONS`), only reasons that occurred.
+
+        Raises:
+            ValueError: as `receive`, for a wrong dtype or rank.
+        """
+        self._check_call(packets, worker)
+        if self._kernels is not None:
+            return self._receive_compiled(packets, worker, job)
+        ok, bad = validate_burst(packets, kind=Kind.DATA, job=job, worker=worker,
+                                 slots=self.slots)
+        return self._receive_vectorized(packets[ok] if bad else packets, worker), bad
+
+    def _check_call(self, packets: np.ndarray, worker: int) -> None:
         if packets.dtype != self.dtype:
             raise ValueError(f"burst dtype {packets.dtype} is not packet_dtype({self.k})")
         if not 0 <= worker < self.world_size:
             raise ValueError(f"worker={worker} is not a rank of a job of {self.world_size}")
+
+    def _receive_compiled(self, packets: np.ndarray, worker: int,
+                          job: int | None) -> tuple[DataplaneOutput, dict[str, int]]:
+        """The compiled pass (`_dataplane_jit.receive_rows`); checks the headers when `job` is
+        given, else only the slot bound. Returns the output and the bad-packet counts."""
+        jit = self._kernels
+        n = len(packets)
+        rows = _rows(packets, self._width)
+        multicast, unicast = np.empty(n, self.dtype), np.empty(n, self.dtype)
+        stats = np.zeros(len(jit.STAT_NAMES), np.int64)
+        jit.receive_rows(rows, int(worker), -1 if job is None else int(job), job is not None,
+                         self.world_size, self.slots, self.values, self.seen[worker],
+                         self.count, self.exponent, self.wrapped,
+                         multicast.view(np.int32).reshape(n, self._width),
+                         unicast.view(np.int32).reshape(n, self._width), stats)
+        (packets_in, contributions, completions, duplicates, retx, wraps, n_mc, n_uc,
+         *bad_counts) = stats.tolist()
+        c = self.counters
+        c.packets_in += packets_in
+        c.contributions += contributions
+        c.completions += completions
+        c.duplicates_dropped += duplicates
+        c.retransmissions_answered += retx
+        c.wraps += wraps
+        bad = {name: count for name, count in zip(jit.BAD_NAMES, bad_counts) if count}
+        return DataplaneOutput(multicast[:n_mc], unicast[:n_uc]), bad
+
+    def _receive_vectorized(self, packets: np.ndarray, worker: int) -> DataplaneOutput:
+        """The numpy path: slices for a run of fresh consecutive slots, else rank-by-rank steps."""
         self.counters.packets_in += len(packets)
         pool = packets["pool_index"]
         slot = pool & SLOT_MASK

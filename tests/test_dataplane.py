@@ -13,17 +13,24 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from switch_emulator import _dataplane
 from switch_emulator.dataplane import (DATAPLANES, DataplaneCounters, FastDataplane,
-                                       GoldenDataplane, make_dataplane)
-from switchagg.packet import FLAG_WRAPPED, Kind, make_burst, packet_dtype, parse_burst
+                                       GoldenDataplane, make_dataplane, warm_up)
+from switchagg.packet import (FLAG_WRAPPED, MAGIC, Kind, make_burst, packet_dtype, parse_burst,
+                              validate_burst)
 
 K = 8
 INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
 
 
-@pytest.fixture(params=sorted(DATAPLANES))
+@pytest.fixture(params=sorted(DATAPLANES) + ["fast-numpy"])
 def make(request):
-    """A factory of fresh dataplanes of the parametrized kind: make(world_size, slots, k=K)."""
+    """A factory of fresh dataplanes of the parametrized kind: make(world_size, slots, k=K).
+
+    "fast" runs the compiled pass; "fast-numpy" is the same class on its vectorized numpy path.
+    """
+    if request.param == "fast-numpy":
+        return lambda world_size, slots, k=K: FastDataplane(world_size, slots, k, compiled=False)
     return lambda world_size, slots, k=K: make_dataplane(request.param, world_size, slots, k)
 
 
@@ -275,18 +282,30 @@ def test_fast_dataplane_rejects_caller_bugs():
         FastDataplane(0, 4, K)
 
 
+def test_fast_dataplane_compiled_pass_skips_and_reports_slots_out_of_range():
+    dp = FastDataplane(1, 4, K)
+    burst = data(0, [1, 2, 3])
+    burst["pool_index"][1] = 4  # slot 4 of 4: an unvalidated burst (the caller's bug)
+    with pytest.raises(ValueError, match="slots >= 4.*validate_burst"):
+        dp.receive(burst, 0)
+    assert dp.counters == DataplaneCounters(packets_in=2, contributions=2, completions=2)
+
+
 # ----------------------------------------------------------------------------------------------
 # golden == fast: protocol runs with loss, duplicates and reordering, and adversarial bursts
 
 
-def assert_same(golden, fast, packets, worker):
-    """Feed both dataplanes the same burst; their outputs must be byte-identical."""
-    g, f = golden.receive(packets.copy(), worker), fast.receive(packets.copy(), worker)
-    assert g.multicast.tobytes() == f.multicast.tobytes()
-    assert g.unicast.tobytes() == f.unicast.tobytes()
-    assert g.multicast.dtype == f.multicast.dtype and g.unicast.dtype == f.unicast.dtype
-    assert golden.counters == fast.counters
-    return f
+def assert_same(golden, *fast, packets, worker):
+    """Feed every dataplane the same burst; their outputs must be byte-identical to the golden
+    model's. Returns the first fast dataplane's output."""
+    g = golden.receive(packets.copy(), worker)
+    outs = [dp.receive(packets.copy(), worker) for dp in fast]
+    for f, dp in zip(outs, fast):
+        assert g.multicast.tobytes() == f.multicast.tobytes()
+        assert g.unicast.tobytes() == f.unicast.tobytes()
+        assert g.multicast.dtype == f.multicast.dtype and g.unicast.dtype == f.unicast.dtype
+        assert golden.counters == dp.counters
+    return outs[0]
 
 
 class ProtocolRun:
@@ -330,7 +349,7 @@ class ProtocolRun:
         burst = make_burst(Kind.DATA, 3, w, picks % self.s, (picks // self.s) % 2, picks,
                            self.values[w, picks].reshape(len(picks), self.k),
                            self.exponents[w, picks], k=self.k)
-        out = assert_same(*self.dps, burst, w)
+        out = assert_same(*self.dps, packets=burst, worker=w)
         for u in range(self.n):
             self.deliver(u, out.multicast)
         self.deliver(w, out.unicast)
@@ -345,7 +364,8 @@ class ProtocolRun:
 
 
 def pair(n, s, k):
-    return GoldenDataplane(n, s, k), FastDataplane(n, s, k)
+    """The golden model, the compiled fast dataplane and the vectorized one, all empty."""
+    return GoldenDataplane(n, s, k), FastDataplane(n, s, k), FastDataplane(n, s, k, compiled=False)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -374,7 +394,7 @@ def test_receive_golden_equals_fast_on_adversarial_bursts(n, s, seed, calls):
         burst["pool_index"] = rng.integers(0, s, size) | (rng.integers(0, 2, size) << 15)
         if rng.random() < 0.5:                        # ...values small or full range
             burst["values"] //= 1 << 28
-        assert_same(*dps, burst, int(rng.integers(n)))
+        assert_same(*dps, packets=burst, worker=int(rng.integers(n)))
 
 
 @pytest.mark.parametrize("n,s,drop,dup", [(1, 3, 0.0, 0.0), (4, 4, 0.2, 0.2), (8, 5, 0.4, 0.5)])
@@ -386,7 +406,7 @@ def test_receive_protocol_run_yields_exact_sums(n, s, drop, dup):
             break
         run.step(burst_max=6)
     assert run.done(), f"not every worker got every chunk: {np.argwhere(~run.got)[:5]}"
-    golden, fast = run.dps
+    golden, fast, _ = run.dps
     assert golden.counters.completions == fast.counters.completions >= 24
 
 
@@ -403,4 +423,107 @@ def test_receive_golden_equals_fast_on_runs_of_consecutive_slots(n, s, seed):
         values = rng.integers(-2**31, 2**31, (len(chunks), K), dtype=np.int64).astype(np.int32)
         burst = make_burst(Kind.DATA, 0, worker, chunks % s, (chunks // s) % 2, chunks, values,
                            rng.integers(-8, 8, len(chunks)), k=K)
-        assert_same(*dps, burst, worker)
+        assert_same(*dps, packets=burst, worker=worker)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(1, 4), s=st.integers(1, 64), seed=st.integers(0, 2**32 - 1))
+def test_receive_golden_equals_fast_on_bursts_of_distinct_scattered_slots(n, s, seed):
+    """What a worker with a full window sends: distinct slots in any order and either version,
+    values over the full range (wraps), some bursts resent whole (retransmissions, answered once
+    complete), and now and then a burst that repeats a slot."""
+    rng = np.random.default_rng(seed)
+    dps = pair(n, s, K)
+    sent = []
+    for _ in range(30):
+        worker = int(rng.integers(n))
+        if sent and rng.random() < 0.2:
+            burst = sent[int(rng.integers(len(sent)))].copy()
+            burst["worker"] = worker
+        else:
+            slots = rng.permutation(s)[:int(rng.integers(1, s + 1))]
+            if rng.random() < 0.1:
+                slots = np.concatenate([slots, slots[:1]])
+            values = rng.integers(-2**31, 2**31, (len(slots), K), dtype=np.int64)
+            burst = make_burst(Kind.DATA, 0, worker, slots, rng.integers(0, 2, len(slots)),
+                               rng.integers(0, 2**32, len(slots)), values.astype(np.int32),
+                               rng.integers(-128, 128, len(slots)), k=K)
+            sent.append(burst)
+        assert_same(*dps, packets=burst, worker=worker)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(1, 4), s=st.integers(1, 8), seed=st.integers(0, 2**32 - 1),
+       calls=st.integers(1, 20))
+def test_receive_checked_equals_validate_burst_then_golden(n, s, seed, calls):
+    """The fused checks drop and count exactly what `validate_burst` does (first failing reason),
+    and the good packets of a burst, in order, do exactly what they do in the golden model."""
+    rng = np.random.default_rng(seed)
+    golden, compiled, vectorized = pair(n, s, K)
+    job = 5
+    for _ in range(calls):
+        worker, size = int(rng.integers(n)), int(rng.integers(0, 16))
+        burst = data(worker, rng.integers(0, s, size), rng.integers(0, 2, size), job=job,
+                     values=rng.integers(-2**31, 2**31, (size, K)), chunks=np.arange(size),
+                     exponents=rng.integers(-128, 128, size))
+        # Spoil some packets, one field each or several (first failing reason counts).
+        for field, bad in (("magic", MAGIC ^ 1), ("version", 9), ("kind", Kind.RESULT),
+                           ("reserved", 1), ("job", job + 1), ("worker", worker + 1),
+                           ("pool_index", s)):
+            hit = rng.random(size) < 0.08
+            burst[field][hit] = bad
+        ok, expected_bad = validate_burst(burst, kind=Kind.DATA, job=job, worker=worker, slots=s)
+        g = golden.receive(burst[ok], worker)
+        for dp in (compiled, vectorized):
+            out, bad = dp.receive_checked(burst.copy(), worker, job)
+            assert bad == expected_bad
+            assert out.multicast.tobytes() == g.multicast.tobytes()
+            assert out.unicast.tobytes() == g.unicast.tobytes()
+            assert dp.counters == golden.counters
+
+
+@pytest.mark.parametrize("layout", ["strided", "misaligned", "read-only"])
+def test_receive_compiled_pass_takes_any_layout_with_one_specialization(layout):
+    """Strided and misaligned bursts are copied; writable and read-only ones share one compiled
+    specialization (a second one would mean a second compilation at the switch's first burst)."""
+    burst = data(0, [2, 0, 3, 1], values=np.arange(4 * K).reshape(4, K))
+    if layout == "strided":
+        packets = np.repeat(burst, 2)[::2]
+    elif layout == "misaligned":
+        raw = np.zeros(burst.nbytes + 1, np.uint8)
+        raw[1:] = np.frombuffer(burst.tobytes(), np.uint8)
+        packets = raw[1:].view(packet_dtype(K))
+    else:
+        packets, _ = parse_burst(burst.tobytes(), K)
+    rows = _dataplane._rows(packets, packet_dtype(K).itemsize // 4)
+    assert rows.flags.aligned and not rows.flags.writeable
+    golden, compiled, _ = pair(1, 4, K)
+    assert compiled.receive(packets, 0).multicast.tobytes() == \
+        golden.receive(burst, 0).multicast.tobytes()
+    assert len(_dataplane._compiled().receive_rows.signatures) == 1
+
+
+def test_warm_up_loads_the_compiled_pass():
+    assert warm_up("fast") is True
+    assert warm_up("golden") is False
+
+
+def test_compiled_pass_compiles_without_a_writable_cache(monkeypatch):
+    """Where numba finds no writable cache folder, `cache=True` raises at decoration time; the
+    module must then warn and compile in memory instead of failing the switch's start."""
+    jit = _dataplane._compiled()
+    real = jit.njit
+
+    def no_cache_folder(**options):
+        if options.get("cache"):
+            raise RuntimeError("cannot cache function 'f': no locator available for file 'x'")
+        return real(**options)
+
+    monkeypatch.setattr(jit, "njit", no_cache_folder)
+
+    def double(x):
+        return 2 * x
+
+    with pytest.warns(RuntimeWarning, match="NUMBA_CACHE_DIR"):
+        compiled = jit._njit(double)
+    assert compiled(21) == 42 and compiled._cache.__class__.__name__ == "NullCache"
