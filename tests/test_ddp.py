@@ -51,8 +51,11 @@ ALL_RUNS = "local,ref,noop,random,determ,determ2,block,switchml"
 
 
 def start_switch(spawn) -> str:
+    """A switch that waits 20 s before declaring a silent rank dead: on a busy 2-core host a
+    rank's engine thread can starve for the default 3 s while the other ranks import torch."""
     address = f"tcp://127.0.0.1:{free_port()}"
-    spawn([PYTHON, "-m", "switch_emulator", "--bind", address, "--log-level", "WARNING"])
+    spawn([PYTHON, "-m", "switch_emulator", "--bind", address, "--log-level", "WARNING",
+           "--liveness-timeout", "20"])
     return address
 
 
@@ -65,10 +68,11 @@ def launch(spawn, tmp_path, world: int, runs: str) -> list[dict]:
                         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for r in range(world)]
-    for r, p in enumerate(procs):
-        out, err = p.communicate(timeout=150)
+    outputs = [p.communicate(timeout=150) for p in procs]
+    for r, (out, err) in enumerate(outputs):  # every rank's story: the first failure may be any
         lines = [line for line in out.splitlines() if line.startswith("{")]
-        assert lines and json.loads(lines[-1])["ok"], f"rank {r}: {out[-2000:]} {err[-3000:]}"
+        assert lines and json.loads(lines[-1])["ok"], "\n".join(
+            f"rank {i}: {o[-1500:]} {e[-2500:]}" for i, (o, e) in enumerate(outputs))
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
 
 
