@@ -24,10 +24,9 @@ import numpy as np
 
 from switchagg.collectives._base import Collective, EncodeFn
 from switchagg.errors import SwitchError
+from switchagg.scaling.lookahead import lookahead_fill, lookahead_numel, lookahead_sums
 
 __all__ = ["SwitchCollective"]
-
-_NO_EXPONENT = -128
 
 
 def _warm_up_kernels(k: int) -> None:
@@ -112,31 +111,24 @@ class SwitchCollective(Collective):
 
         errors: list[BaseException] = []
 
-        def fill(first, stop, returned, values_out, exponents_out):
+        def guarded_encode(c0: int, c1: int, max_exponents: np.ndarray) -> np.ndarray:
             # Runs in the client's engine thread; an exception must not kill it, so it is kept
             # and re-raised here after the call (the payload then is zeros).
             try:
-                v = np.arange(first, stop)
-                exponents_out[:] = np.where(v < chunks, exponents[np.minimum(v, chunks - 1)],
-                                            _NO_EXPONENT)
-                j0 = max(s - first, 0)
-                values_out[:j0] = 0
-                if j0 < stop - first:
-                    values_out[j0:] = np.asarray(
-                        encode(first + j0 - s, stop - s, returned[j0:]), dtype=np.int32
-                    ).reshape(-1, k)
+                return encode(c0, c1, max_exponents)
             except BaseException as exc:  # re-raised below, in the caller's thread
-                values_out[:] = 0
                 errors.append(exc)
+                return np.zeros((c1 - c0) * k, np.int32)
 
+        fill = lookahead_fill(exponents, s, k, guarded_encode)
         before = self.client.stats()
         try:
-            sums, max_exp = self.client.allreduce_stream((s + chunks) * k, fill)
+            sums, max_exp = self.client.allreduce_stream(lookahead_numel(chunks, s, k), fill)
         finally:
             self._account(before)
         if errors:
             raise errors[0]
-        return sums[s * k:].copy(), np.asarray(max_exp, dtype=np.int8)[:chunks].copy()
+        return lookahead_sums(sums, s, k).copy(), np.asarray(max_exp, dtype=np.int8)[:chunks].copy()
 
     def _sum_float(self, values: np.ndarray) -> np.ndarray:
         raise SwitchError("the switch sums int32 only: run float methods (sgd) on TorchCollective "

@@ -36,12 +36,9 @@ from switchagg import kernels
 from switchagg._methods._base import NonFiniteGradient
 from switchagg._methods.heuristic import chunked_sq_norm
 from switchagg.errors import SwitchError
-from switchagg.scaling import block_scales
+from switchagg.scaling import block_scales, lookahead_fill, lookahead_numel, lookahead_sums
 
 __all__ = ["check_finite", "completed_future", "launch_heuristic", "launch_intsgd", "open_client"]
-
-#: Exponent of a padding packet in the exponent-only batch (`kernels.block_exponents`' "all zero").
-_NO_EXPONENT = -128
 
 
 def completed_future(value) -> torch.futures.Future:
@@ -205,28 +202,22 @@ def launch_heuristic(state, client, bucket, it, position: int, observe: bool,
     scales = np.ones(chunks, np.float32)
     clipped = [0]
 
-    def fill(first, stop, returned, values_out, exponents_out) -> None:
-        # Runs in the engine thread just before virtual packets [first, stop) leave. Packet v
-        # carries the exponent of chunk v (2.); packet s + c carries chunk c, scaled by the max
-        # exponent the switch returned with packet c (3.).
-        v = np.arange(first, stop)
-        exponents_out[:] = np.where(v < chunks, exponents[np.minimum(v, chunks - 1)],
-                                    _NO_EXPONENT)
-        j0 = max(s - first, 0)
-        values_out[:j0] = 0
-        if j0 < stop - first:
-            c0, c1 = first + j0 - s, stop - s
-            f = block_scales(returned[j0:], n, magnitude)
-            a, b = c0 * k, min(c1 * k, d)
-            res = kernels.quantize(x[a:b], f, rounding="deterministic", block=k, lo=lo, hi=hi,
-                                   out=q[a:b])
-            scales[c0:c1] = f
-            clipped[0] += int(res.clipped)
-            values_out[j0:] = q[c0 * k:c1 * k].reshape(-1, k)
+    def encode(c0: int, c1: int, max_exponents: np.ndarray) -> np.ndarray:
+        # Runs in the engine thread just before chunks [c0, c1) leave, each scaled by the max
+        # exponent the switch returned with the exponent-only packet of that chunk (3.).
+        f = block_scales(max_exponents, n, magnitude)
+        a, b = c0 * k, min(c1 * k, d)
+        res = kernels.quantize(x[a:b], f, rounding="deterministic", block=k, lo=lo, hi=hi,
+                               out=q[a:b])
+        scales[c0:c1] = f
+        clipped[0] += int(res.clipped)
+        return q[c0 * k:c1 * k]
 
     # 2.-3. One stream call: the exponent-only batch, then the payload (see the module essay).
-    call = client.allreduce_stream_async((s + chunks) * k, fill)
-    summed = _bridge(state, call, lambda result: torch.from_numpy(result[0][s * k:s * k + d]))
+    call = client.allreduce_stream_async(lookahead_numel(chunks, s, k),
+                                         lookahead_fill(exponents, s, k, encode))
+    summed = _bridge(state, call,
+                     lambda result: torch.from_numpy(lookahead_sums(result[0], s, k, d)))
 
     def decode_into_bucket(done: torch.futures.Future) -> torch.Tensor:
         # 4. g_c = S_c / (n f_c) per chunk, into the bucket (and the step length, if asked).

@@ -3,6 +3,7 @@
 - `AlphaScaler`: IntSGD's floatless alpha (Algorithms 1 and 2), `switchagg.scaling.intsgd`.
 - `block_scales`, `global_scale`: SwitchML's heuristic and its global variant, `.heuristic`.
 - `clip_bounds`: the integer budget, `.budget`.
+- `lookahead_fill`: SwitchML's exponent look-ahead on one switch stream call, `.lookahead`.
 
 Pure math: no I/O, no rounding, no communication.
 """
@@ -10,6 +11,8 @@ Pure math: no I/O, no rounding, no communication.
 from switchagg.scaling.budget import VALID_BITS, clip_bounds, max_magnitude
 from switchagg.scaling.heuristic import block_scales, global_exponent, global_scale
 from switchagg.scaling.intsgd import ALPHA_MAX, AlphaScaler
+from switchagg.scaling.lookahead import NO_EXPONENT, lookahead_fill, lookahead_numel, lookahead_sums
 
 __all__ = ["AlphaScaler", "ALPHA_MAX", "VALID_BITS", "clip_bounds", "max_magnitude",
-           "block_scales", "global_exponent", "global_scale"]
+           "block_scales", "global_exponent", "global_scale", "NO_EXPONENT", "lookahead_fill",
+           "lookahead_numel", "lookahead_sums"]
