@@ -1,7 +1,7 @@
 """Train a small classifier with PyTorch DDP, each gradient bucket summed by the emulated switch.
 
     switch-emulator --bind tcp://127.0.0.1:5555 &
-    torchrun --standalone --nproc-per-node 2 examples/ddp_intsgd.py --switch tcp://127.0.0.1:5555
+    torchrun --standalone --nproc-per-node 2 workers/examples/ddp_intsgd.py --switch tcp://127.0.0.1:5555
 
 The only switchagg lines are the state and `register_comm_hook` (marked below); the rest is an
 ordinary DDP script. Every rank trains on its own shard of a synthetic 10-class problem (an MLP on
