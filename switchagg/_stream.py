@@ -22,18 +22,31 @@ How it works:
   ring entry is rewritten only for chunk g + s, after chunk g's result came back, and that result
   exists only once the switch received our packet. Retransmissions are copies (fancy indexing),
   so a queued retransmission can never see a rewritten entry.
-- Reception. A RESULT/RESULT_RETX burst is validated (`packet.validate_burst`), and each packet is
-  matched to the chunk outstanding on its slot (same version and chunk number); anything else is
-  a late duplicate and is counted and ignored. Matched values are scattered into the call's
-  (chunks, k) output with one copy (one slice copy when, as usual, the chunks are consecutive).
-- Loss recovery. Every outstanding chunk has a send time. A chunk unanswered for RTO is resent as
-  the identical packet (same slot, version, payload). RTO follows TCP (RFC 6298): srtt/rttvar from
-  one sample per received burst (its slowest packet), samples of retransmitted chunks ignored
-  (Karn's rule), clamped to [rto_min, rto_max], doubled on every timeout until a fresh sample.
+- Reception. A RESULT/RESULT_RETX burst is validated, each packet is matched to the chunk
+  outstanding on its slot (same version and chunk number; anything else is a late duplicate, counted
+  and ignored), and matched values are copied into the call's (chunks, k) output. With numba this is
+  one compiled pass over the frame (`_stream_jit.take_results`); without it, or when a burst holds
+  a bad packet, the numpy reference path runs (`packet.validate_burst` gives reasons and counts).
+- Loss recovery (SwitchML's identical resends, timed the way RACK-TLP times TCP's, RFC 8985). The
+  hard case here is not loss but skew: workers start a call at different times, so a chunk may wait
+  for a late peer far longer than any network round trip, and a timer that resends every chunk
+  older than RTO resends whole windows for nothing. So there are two timers:
+  1. Loss detection by time order (RACK). Every worker sends its chunks in order, so without loss
+     slots complete in order. A chunk still outstanding after a chunk sent after it was answered,
+     and older than that answer's RTT plus a reordering window (min RTT / 4), is lost: it is resent.
+     A late peer delays every chunk after it alike and marks nothing.
+  2. Tail probe (RTO). When nothing has been answered for RTO, only the newest outstanding chunk is
+     resent (one packet, as TLP resends the last segment) and the RTO doubles. If chunks were lost
+     its answer comes back ahead of theirs and rule 1 resends them at once; if a peer is merely
+     late, it is answered together with the rest and nothing else is resent.
+  RTO follows RFC 6298: srtt/rttvar from one sample per received burst, its fastest chunk sent once
+  (Karn's rule), so that the samples measure the network and the switch rather than peer waits;
+  clamped to [rto_min, rto_max]; doubled on every probe until a fresh sample.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from dataclasses import dataclass, field, fields
 from typing import Protocol
@@ -44,9 +57,31 @@ from switchagg.packet import (
     Kind, SLOT_MASK, VERSION_BIT, empty_burst, parse_burst, validate_burst,
 )
 
-__all__ = ["FillFn", "RtoEstimator", "StreamCall", "StreamCounters", "StreamMachine", "array_fill"]
+__all__ = ["FillFn", "RtoEstimator", "StreamCall", "StreamCounters", "StreamMachine", "array_fill",
+           "load_kernels"]
+
+log = logging.getLogger(__name__)
 
 _CHUNK_MOD = 1 << 32
+_kernels = None  # the `_stream_jit` module once loaded, False if numba is unavailable
+
+
+def load_kernels():
+    """Import and load (or compile) the compiled loops once per process; None without numba.
+
+    Call it before any time-critical work starts (`SwitchClient.__init__` does, before JOIN):
+    a cold compile takes seconds.
+    """
+    global _kernels
+    if _kernels is None:
+        try:
+            from switchagg import _stream_jit
+            _stream_jit.warm_up()
+            _kernels = _stream_jit
+        except Exception as exc:  # noqa: BLE001 - numba missing or broken: the numpy path serves
+            log.warning("switchagg: compiled stream kernels unavailable (%r); using numpy", exc)
+            _kernels = False
+    return _kernels or None
 
 
 class FillFn(Protocol):
@@ -97,8 +132,8 @@ class StreamCounters:
     packets_sent: int = 0           # packets sent, retransmissions included
     bursts_sent: int = 0            # data frames sent
     bytes_sent: int = 0             # bytes of data frames sent
-    retransmitted: int = 0          # packets resent after a timeout
-    timeouts: int = 0               # RTO expiries (each resends every expired chunk)
+    retransmitted: int = 0          # packets resent (lost by time order, or tail probes)
+    timeouts: int = 0               # RTO expiries (each resends one probe packet)
     packets_received: int = 0       # packets in received data frames (valid or not)
     bursts_received: int = 0        # data frames received
     bytes_received: int = 0         # bytes of data frames received
@@ -194,31 +229,49 @@ class StreamMachine:
         k, slots: packet size and pool size of the job.
         burst: packets per data frame, at most `slots`.
         rto_initial, rto_min, rto_max: retransmission timer, seconds (see `RtoEstimator`).
+        compiled: use the numba kernels where they load (`load_kernels`); False forces the numpy
+            reference path (tests run both).
     """
 
     def __init__(self, *, job_id: int, rank: int, k: int, slots: int, burst: int,
-                 rto_initial: float = 0.2, rto_min: float = 0.02, rto_max: float = 2.0) -> None:
+                 rto_initial: float = 0.2, rto_min: float = 0.02, rto_max: float = 2.0,
+                 compiled: bool = True) -> None:
         if not 1 <= burst <= slots:
             raise ValueError(f"burst={burst} must be in [1, slots={slots}]")
         self.job_id, self.rank, self.k, self.slots, self.burst = job_id, rank, k, slots, burst
         self.rto = RtoEstimator(rto_initial, rto_min, rto_max)
         self.counters = StreamCounters()
+        self._jit = load_kernels() if compiled else None
         self._ring = empty_burst(slots, k)
         self._ring["kind"] = Kind.DATA
         self._ring["job"] = job_id
         self._ring["worker"] = rank
         self._ring_values = self._ring["values"]
-        self._packet_bytes = self._ring.dtype.itemsize
+        self._ring_words = self._ring.view(np.int32).reshape(slots, 4 + k)
+        self._exps = np.zeros(slots, np.int8)       # scratch: a burst's exponents
+        self._other = np.zeros(slots, np.int64)     # scratch: packets of calls beyond the first
         # Per slot: is a chunk outstanding, which one (global g), when last sent, resent yet.
         self._busy = np.zeros(slots, bool)
         self._chunk = np.full(slots, -1, np.int64)
         self._sent_at = np.zeros(slots, np.float64)
         self._resent = np.zeros(slots, bool)
+        # A resent chunk's slot is not reused before its last copy can have left the network
+        # (rto_min, the longest a packet is assumed held): a late copy of chunk g arriving after
+        # chunk g + s would count at the switch as a new contribution to the other version.
+        self._hold_until = np.zeros(slots, np.float64)
+        self._hold_max = -np.inf
         self._outstanding = 0
         self._next_chunk = 0            # global index of the next chunk to first-send
         self._calls: deque[StreamCall] = deque()   # submitted, not yet complete, in chunk order
         self._queued_chunks = 0         # chunks of submitted calls not yet first-sent
         self.last_progress = 0.0        # time of the last accepted result (or of going busy)
+        # Loss detection by time order (RACK): the latest-sent chunk known delivered, its RTT,
+        # and when an outstanding chunk sent before it is next due to count as lost.
+        self.min_rtt = float("inf")
+        self._rack_sent, self._rack_chunk, self._rack_rtt = -np.inf, -1, 0.0
+        self._rack_due = np.inf
+        self._last_probe = -np.inf
+        self._last_transmit = -np.inf
 
     # ---- calls -------------------------------------------------------------------------------
 
@@ -261,15 +314,16 @@ class StreamMachine:
     # ---- sending -----------------------------------------------------------------------------
 
     def transmit(self, now: float) -> list[np.ndarray]:
-        """What to send now: retransmissions that fell due, then new chunks the window admits.
+        """What to send now: resends of lost chunks, a tail probe, then new chunks.
 
         Returns:
             Bursts (structured arrays of `packet_dtype(k)`); send each as one data frame. New
             chunks' bursts are views of the ring (send without copying).
         """
-        out = self._retransmit(now)
+        self._last_transmit = now
+        out = self._resend_lost(now) + self._probe(now)
         while self._queued_chunks:
-            n, cap = self._sendable()
+            n, cap = self._sendable(now)
             if n < cap:  # wait for a full burst's worth of free slots (results are on their way)
                 break
             out.append(self._first_send(n, now))
@@ -279,7 +333,7 @@ class StreamMachine:
             self.counters.bytes_sent += b.nbytes
         return out
 
-    def _sendable(self) -> tuple[int, int]:
+    def _sendable(self, now: float) -> tuple[int, int]:
         """(free slots in a row from the next chunk's, the most one burst may take from there).
 
         The cap is the burst size, cut at the end of the ring (a burst is one contiguous slice)
@@ -288,6 +342,8 @@ class StreamMachine:
         start = self._next_chunk % self.slots
         cap = min(self.burst, self.slots - start, self._queued_chunks)
         busy = self._busy[start:start + cap]
+        if self._hold_max > now:
+            busy = busy | (self._hold_until[start:start + cap] > now)
         hit = int(busy.argmax())
         return (hit if busy[hit] else cap), cap
 
@@ -295,12 +351,9 @@ class StreamMachine:
         g0 = self._next_chunk
         start = g0 % self.slots
         ring = self._ring[start:start + n]
-        slot_ids = np.arange(start, start + n)
-        g = np.arange(g0, g0 + n, dtype=np.int64)
-        ring["pool_index"] = slot_ids | (((g // self.slots) & 1) << 15)
-        ring["chunk"] = g % _CHUNK_MOD
         # Fill call by call (a burst may span the end of one call and the start of the next).
         values = self._ring_values[start:start + n]
+        exps = self._exps[:n]
         done = 0
         for call in self._calls:
             if done == n:
@@ -314,13 +367,19 @@ class StreamMachine:
             hi = first + m - self.slots
             if hi > lo:
                 returned[m - (hi - lo):] = call.exponents[lo:hi]
-            exps = np.zeros(m, np.int8)
-            call.fill(first, first + m, returned, values[done:done + m], exps)
-            ring["exponent"][done:done + m] = exps
+            exps[done:done + m] = 0
+            call.fill(first, first + m, returned, values[done:done + m], exps[done:done + m])
             call.sent += m
             done += m
+        if self._jit is not None:
+            self._jit.stamp_headers(self._ring_words[start:start + n], g0, self.slots, exps)
+        else:
+            g = np.arange(g0, g0 + n, dtype=np.int64)
+            ring["pool_index"] = (g % self.slots) | (((g // self.slots) & 1) << 15)
+            ring["chunk"] = g % _CHUNK_MOD
+            ring["exponent"] = exps
         self._busy[start:start + n] = True
-        self._chunk[start:start + n] = g
+        self._chunk[start:start + n] = np.arange(g0, g0 + n, dtype=np.int64)
         self._sent_at[start:start + n] = now
         self._resent[start:start + n] = False
         self._outstanding += n
@@ -329,25 +388,68 @@ class StreamMachine:
         self.counters.chunks_sent += n
         return ring
 
-    def _retransmit(self, now: float) -> list[np.ndarray]:
-        if not self._outstanding:
+    def _resend(self, slots: np.ndarray, now: float) -> list[np.ndarray]:
+        """Resend the chunks on `slots` as identical copies, oldest chunk first."""
+        slots = slots[np.argsort(self._chunk[slots], kind="stable")]
+        self._sent_at[slots] = now
+        self._resent[slots] = True
+        self._hold_until[slots] = self._hold_max = now + self.rto.minimum
+        self.counters.retransmitted += len(slots)
+        return [self._ring[slots[i:i + self.burst]] for i in range(0, len(slots), self.burst)]
+
+    def _reorder_window(self) -> float:
+        """How long a chunk may trail a later-sent answered one before it counts as lost.
+
+        RACK's min RTT / 4, but at least rto_min: the protocol assumes no packet is held in the
+        network longer than that, and a resend must not be overtaken by the next use of its slot.
+        """
+        return max(self.min_rtt / 4, self.rto.minimum) if self.min_rtt < np.inf else self.rto.minimum
+
+    def _ambiguous_rtt(self) -> float:
+        # An answer to a resent chunk within half the smallest RTT cannot answer the resend.
+        return float(self.min_rtt) / 2 if self.min_rtt < np.inf else 0.0
+
+    def _resend_lost(self, now: float) -> list[np.ndarray]:
+        """RACK: resend outstanding chunks sent before the latest answered one, once overdue."""
+        if now < self._rack_due or not self._outstanding:
             return []
-        due = np.flatnonzero(self._busy & (self._sent_at + self.rto.rto <= now))
-        if not len(due):
+        before = self._busy & ((self._sent_at < self._rack_sent)
+                               | ((self._sent_at == self._rack_sent)
+                                  & (self._chunk < self._rack_chunk)))
+        due_at = self._sent_at + (self._rack_rtt + self._reorder_window())
+        lost = before & (due_at <= now)
+        waiting = before & ~lost
+        self._rack_due = float(due_at[waiting].min()) if waiting.any() else np.inf
+        lost = np.flatnonzero(lost)
+        return self._resend(lost, now) if len(lost) else []
+
+    def _rto_deadline(self) -> float:
+        # The timer restarts on every answer and every probe, as TCP's does on every ACK.
+        oldest = float(self._sent_at[self._busy].min())
+        return max(oldest, self.last_progress, self._last_probe) + self.rto.rto
+
+    def _probe(self, now: float) -> list[np.ndarray]:
+        """Tail probe: nothing answered for RTO, so resend the newest outstanding chunk only."""
+        if not self._outstanding or now < self._rto_deadline():
             return []
+        busy = np.flatnonzero(self._busy)
+        newest = busy[self._chunk[busy].argmax()]
         self.counters.timeouts += 1
-        self.counters.retransmitted += len(due)
         self.rto.backoff()
-        due = due[np.argsort(self._chunk[due], kind="stable")]
-        self._sent_at[due] = now
-        self._resent[due] = True
-        return [self._ring[due[i:i + self.burst]] for i in range(0, len(due), self.burst)]
+        self._last_probe = now
+        return self._resend(np.array([newest]), now)
 
     def next_deadline(self) -> float | None:
         """When `transmit` next has something to do without new input (None: nothing pending)."""
-        if not self._outstanding:
-            return None
-        return float(self._sent_at[self._busy].min()) + self.rto.rto
+        deadlines = []
+        if self._outstanding:
+            # -inf means "look at the next transmit": report a time already past, never -inf.
+            deadlines += [self._rto_deadline(), max(self._rack_due, self.last_progress)]
+        if self._queued_chunks and self._hold_max > -np.inf:  # a held slot may block the window
+            held = self._hold_until[self._hold_until > self._last_transmit]
+            if len(held):
+                deadlines.append(float(held.min()))
+        return min(deadlines) if deadlines else None
 
     # ---- receiving ---------------------------------------------------------------------------
 
@@ -364,12 +466,68 @@ class StreamMachine:
         c = self.counters
         packets, trailing = parse_burst(frame, self.k)
         c.bursts_received += 1
-        c.bytes_received += len(memoryview(frame).cast("B"))
+        c.bytes_received += packets.nbytes + trailing
         c.packets_received += len(packets) + (1 if trailing else 0)
         if trailing:
             c.malformed["truncated"] = c.malformed.get("truncated", 0) + 1
         if not len(packets):
             return []
+        matched = -1
+        if self._jit is not None and self._calls:
+            matched = self._receive_compiled(packets, now)
+        if matched < 0:
+            matched = self._receive_reference(packets, now)
+        if matched:
+            self._outstanding -= matched
+            c.results += matched
+            self.last_progress = now
+        completed = []
+        while self._calls and self._calls[0].complete:
+            completed.append(self._calls.popleft())
+        return completed
+
+    def _note_answers(self, now: float, fresh_sent: float, rack_sent: float,
+                      rack_chunk: int) -> None:
+        """Fold one burst's answers into the RTT estimate and the RACK state."""
+        if fresh_sent > -np.inf:  # Karn: chunks sent once only; the burst's fastest one
+            rtt = now - fresh_sent
+            self.rto.sample(rtt)
+            self.min_rtt = min(self.min_rtt, rtt)
+        if (rack_sent, rack_chunk) > (self._rack_sent, self._rack_chunk):
+            self._rack_sent, self._rack_chunk = rack_sent, rack_chunk
+            self._rack_rtt = now - rack_sent
+            self._rack_due = -np.inf  # look for chunks it proves lost at the next transmit
+
+    def _receive_compiled(self, packets: np.ndarray, now: float) -> int:
+        """The one-pass kernel; -1 if the burst has a malformed packet (nothing changed then)."""
+        words = packets.view(np.int32).reshape(len(packets), 4 + self.k)
+        if not words.flags.aligned:
+            return -1
+        if words.flags.writeable:  # one compiled specialization: frames are read-only buffers
+            words = words.view()
+            words.flags.writeable = False
+        head = self._calls[0]
+        matched, dups, wrapped, in_call, n_other, fresh, rack_sent, rack_chunk = (
+            self._jit.take_results(words, self.job_id, self.slots, self._busy, self._chunk,
+                                   self._sent_at, self._resent, float(now), self._ambiguous_rtt(),
+                                   head.sums, head.exponents, head.first_chunk,
+                                   head.first_chunk + head.nchunks, self._other))
+        if matched < 0:
+            return -1
+        c = self.counters
+        c.duplicates_ignored += dups
+        c.wrapped += wrapped
+        head.done += in_call
+        if n_other:  # results of later calls (a window spanning a call boundary)
+            idx = self._other[:n_other].copy()
+            slot = (packets["pool_index"][idx] & SLOT_MASK).astype(np.intp)
+            self._scatter(packets, idx, self._chunk[slot])
+        self._note_answers(now, fresh, rack_sent, rack_chunk)
+        return matched
+
+    def _receive_reference(self, packets: np.ndarray, now: float) -> int:
+        """The numpy path: `packet.validate_burst`, then match and scatter (the reference)."""
+        c = self.counters
         ok, bad = validate_burst(packets, kind=Kind.RESULT, job=self.job_id, worker=None,
                                  slots=self.slots)
         for reason, n in bad.items():
@@ -390,21 +548,20 @@ class StreamMachine:
                 idx = idx[np.sort(first)]
         c.duplicates_ignored += int(np.count_nonzero(ok)) - len(idx)
         if not len(idx):
-            return []
+            return 0
         s_idx, g_idx = slot[idx], g[idx]
-        fresh = ~self._resent[s_idx]
-        if fresh.any():  # Karn: only chunks sent once give a sample; the burst's slowest one
-            self.rto.sample(now - float(self._sent_at[s_idx[fresh]].min()))
+        sent, resent = self._sent_at[s_idx], self._resent[s_idx]
+        fresh = float(sent[~resent].max()) if (~resent).any() else -np.inf
+        evidence = ~resent | (now - sent >= self._ambiguous_rtt())
+        rack_sent, rack_chunk = -np.inf, -1
+        if evidence.any():
+            order = np.lexsort((g_idx[evidence], sent[evidence]))[-1]
+            rack_sent, rack_chunk = float(sent[evidence][order]), int(g_idx[evidence][order])
         self._busy[s_idx] = False
-        self._outstanding -= len(idx)
-        c.results += len(idx)
         c.wrapped += int(np.count_nonzero(packets["flags"][idx] & 1))
-        self.last_progress = now
         self._scatter(packets, idx, g_idx)
-        completed = []
-        while self._calls and self._calls[0].complete:
-            completed.append(self._calls.popleft())
-        return completed
+        self._note_answers(now, fresh, rack_sent, rack_chunk)
+        return len(idx)
 
     def _scatter(self, packets: np.ndarray, idx: np.ndarray, g_idx: np.ndarray) -> None:
         """Write accepted results into their calls' outputs (one copy per call touched)."""

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from switchagg._stream import FillFn, StreamCall, StreamMachine, array_fill
+from switchagg._stream import FillFn, StreamCall, StreamMachine, array_fill, load_kernels
 from switchagg.errors import JobAborted, JoinRejected, ProtocolError, SwitchError, SwitchTimeout
 from switchagg.packet import DEFAULT_K, MAX_BURST_BYTES, MAX_SLOTS, VALID_K, packet_bytes
 from switchagg.protocol import (
@@ -78,8 +78,11 @@ class ClientConfig:
             still computing its gradient is not an error). Example: `op_timeout=10`.
         query_timeout: seconds to wait for the switch's answer to that QUERY. Default 1.
         rto_initial: retransmission timeout before the first RTT sample, seconds. Default 0.2.
-        rto_min: lower bound of the retransmission timeout, seconds. Default 0.05 (below it, a
-            busy 2-core host causes spurious resends of whole windows). Example: `rto_min=0.01`.
+        rto_min: lower bound of the retransmission timeout, seconds, and the longest a packet is
+            assumed held in the network (a resent chunk's slot is not reused sooner; loss is not
+            declared sooner than this after a send). Default 0.05: the emulator's round trip is
+            1-30 ms for a burst, 10^2-10^3 x a Tofino's; a timeout only probes with one packet,
+            so firing early is cheap. Example: `rto_min=0.01`.
         rto_max: upper bound of the (exponentially backed-off) timeout, seconds. Default 2.
         leave_linger: seconds close() lets the LEAVE message flush before dropping it. Default 1.
     """
@@ -202,6 +205,10 @@ class SwitchClient:
         self.rank: int = -1
         self.job_id: int = -1
         self.k, self.slots = config.k, config.slots
+        # Load (or compile, seconds on a cold cache) the stream's kernels here, before JOIN: in the
+        # engine thread mid-run a compile would silence heartbeats and the switch would declare
+        # this worker dead.
+        load_kernels()
         self._join_msg = Join(job, world_size, config.k, config.slots, token, rank)
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = False

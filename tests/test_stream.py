@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import heapq
+
 import numpy as np
 import pytest
 
@@ -163,7 +165,7 @@ def test_malformed_frames_are_counted_never_raised():
     assert m.counters.malformed["truncated"] == 2
 
 
-def test_timeout_resends_identical_packets_with_exponential_backoff():
+def test_timeout_probes_the_newest_chunk_with_backoff_then_resends_the_rest_on_its_answer():
     m = StreamMachine(job_id=JOB_ID, rank=0, k=K, slots=S, burst=B, rto_initial=0.1,
                       rto_min=0.05, rto_max=0.4)
     x = np.arange(3 * K, dtype=np.int32)
@@ -174,17 +176,42 @@ def test_timeout_resends_identical_packets_with_exponential_backoff():
     assert m.transmit(0.099) == []
     now, rtos = 0.1, []
     for _ in range(4):
-        (again,) = m.transmit(now)
-        assert again.tobytes() == first.tobytes()  # same slot, version, chunk, payload
+        (probe,) = m.transmit(now)  # one packet: the newest outstanding chunk, resent identical
+        assert probe.tobytes() == first[2:].tobytes()
         rtos.append(m.rto.rto)
         now = m.next_deadline()
     assert rtos == [0.2, 0.4, 0.4, 0.4]  # doubled, capped at rto_max
-    assert m.counters.timeouts == 4 and m.counters.retransmitted == 12
-    # Karn's rule: the answer to a retransmitted chunk gives no RTT sample.
-    res = make_burst(Kind.RESULT, JOB_ID, 1, [0, 1, 2], [0] * 3, [0, 1, 2],
-                     np.zeros((3, K), np.int32))
+    assert m.counters.timeouts == 4 and m.counters.retransmitted == 4
+    # The probe is answered (here by the shadow copy: its first result was lost): chunks 0 and
+    # 1, sent before it and still unanswered, are lost by time order and resent at once.
+    res = make_burst(Kind.RESULT_RETX, JOB_ID, 1, [2], [0], [2], np.zeros((1, K), np.int32))
     m.receive(res.tobytes(), now + 0.01)
-    assert m.rto.srtt is None and m.rto.rto == 0.4
+    (again,) = m.transmit(now + 0.01)
+    assert again.tobytes() == first[:2].tobytes()
+    # Karn's rule: the answer to a resent chunk gives no RTT sample (the RTO stays backed off).
+    assert m.rto.srtt is None and m.rto.rto == 0.4 and m.counters.retransmitted == 6
+
+
+def test_a_late_peer_costs_one_probe_packet_per_rto_not_a_window():
+    net = FakeNetwork(3, k=K, slots=S, burst=B, seed=8)
+    inputs = extreme_inputs(np.random.default_rng(8), 3, 5 * S * K)
+    early = [c.submit(len(x), array_fill(x, K), 0.0) for c, x in zip(net.clients[:2], inputs)]
+    for _ in range(200):  # ranks 0 and 1 fill their windows; rank 2 starts 0.5 s later
+        for rank, client in enumerate(net.clients[:2]):
+            for burst in client.transmit(net.now):
+                net._post("up", rank, burst)
+        net.now = min(d for d in [c.next_deadline() for c in net.clients[:2]] if d) 
+        if net.now > 0.5:
+            break
+        while net._events and net._events[0][0] <= net.now:
+            net._deliver(*heapq.heappop(net._events)[2:])
+    late = net.clients[2].submit(len(inputs[2]), array_fill(inputs[2], K), net.now)
+    net.run(early + [late])
+    for call in early + [late]:
+        np.testing.assert_array_equal(call.result(), wrapping_sum(inputs))
+    for client in net.clients[:2]:
+        assert client.counters.retransmitted == client.counters.timeouts <= 6  # probes only
+    assert net.clients[2].counters.retransmitted == 0
 
 
 def test_rto_estimator_follows_rfc6298():
@@ -271,3 +298,30 @@ def test_submit_with_out_writes_the_sums_into_it(numel):
             machine.receive(result.tobytes(), 1.0)
     assert call.result() is out
     assert np.array_equal(out, values)
+
+
+def test_reference_path_without_numba_gives_the_same_exact_sums_under_loss():
+    net = FakeNetwork(3, k=K, slots=S, burst=B, seed=9, **LOSSY)
+    for client in net.clients:
+        client._jit = None  # the numpy reference path, as on an install without numba
+    rng = np.random.default_rng(9)
+    for numel in rng.integers(0, 3 * S * K, 10):
+        inputs = extreme_inputs(rng, 3, int(numel))
+        for r in net.allreduce(inputs):
+            np.testing.assert_array_equal(r, wrapping_sum(inputs))
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["numba", "numpy"])
+def test_chunk_numbers_wrap_at_2_32_in_headers_and_matching(compiled):
+    m = StreamMachine(job_id=JOB_ID, rank=0, k=K, slots=S, burst=B, compiled=compiled)
+    m._next_chunk = (1 << 32) - 2  # as after 2^32 - 2 chunks sent
+    x = np.arange(4 * K, dtype=np.int32)
+    call = m.submit(len(x), array_fill(x, K), 0.0)
+    burst = np.concatenate(m.transmit(0.0))  # cut in two at the end of the ring
+    g = np.arange((1 << 32) - 2, (1 << 32) + 2)
+    np.testing.assert_array_equal(burst["chunk"], g % (1 << 32))
+    np.testing.assert_array_equal(burst["pool_index"], (g % S) | (((g // S) & 1) << 15))
+    result = burst.copy()
+    result["kind"] = Kind.RESULT
+    assert m.receive(result.tobytes(), 0.01) == [call]
+    np.testing.assert_array_equal(call.result(), x)

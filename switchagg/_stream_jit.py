@@ -1,0 +1,135 @@
+"""Compiled hot loops of the worker's stream machine: one pass per received burst, one per sent one.
+
+What it owns: the two per-packet loops of `switchagg._stream` that numpy needs several passes and
+temporaries for. `take_results` validates a received RESULT burst, matches each packet to the chunk
+outstanding on its slot, frees the slot, gathers what the RTT estimate and loss detection need, and
+copies the values and exponents into the call's output, all in one pass over the frame.
+`stamp_headers` writes the per-packet header words (pool_index, exponent, chunk) of a burst about
+to be sent. What it must never do: decide a protocol rule the numpy path does not also implement
+(`_stream` keeps the numpy path as the reference and runs it whenever this module is unavailable or
+a burst holds a bad packet, so reasons and counts always come from `packet.validate_burst`), be
+imported before it is needed (it imports numba, about 0.5 s), or compile in the client's engine
+thread (a multi-second compile there silenced heartbeats and the switch declared the worker dead:
+`SwitchClient.__init__` calls `warm_up` before it joins).
+
+How it works: a frame is viewed as an (n, 4 + k) int32 array of words (little-endian hosts, as the
+wire format): word 0 = magic | version << 8 | kind << 16 | flags << 24, word 1 = job | worker << 16,
+word 2 = pool_index | exponent << 16 | reserved << 24, word 3 = chunk, then the k values. Kernels are
+module-level `njit(cache=True, nogil=True)` functions, so numba's on-disk cache (`__pycache__`
+beside this file, or NUMBA_CACHE_DIR) serves every later process; where neither is writable numba
+compiles in memory (slower to start, still correct).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from switchagg.packet import MAGIC, PROTOCOL_VERSION, Kind
+
+__all__ = ["stamp_headers", "take_results", "warm_up"]
+
+_jit = dict(cache=True, nogil=True)
+
+# Frozen into the compiled code as constants.
+_MAGIC, _VERSION = MAGIC, PROTOCOL_VERSION
+_RESULT, _RESULT_RETX = int(Kind.RESULT), int(Kind.RESULT_RETX)
+_LOW32 = 0xFFFFFFFF
+
+
+@njit(**_jit)
+def take_results(words, job, slots, busy, chunk, sent_at, resent, now, ambiguous_rtt, sums, exps,
+                 lo, hi, other):
+    """Match a RESULT burst to the outstanding chunks and copy its values out, in one pass.
+
+    Args:
+        words: (n, 4 + k) int32 view of the frame.
+        job, slots: the job id and pool size the packets must carry.
+        busy, chunk, sent_at, resent: the machine's per-slot state (busy is cleared for every
+            matched packet, so a second copy in the same burst counts as a duplicate).
+        now: the receive time; ambiguous_rtt: an answer to a resent chunk that comes sooner than
+            this after the resend answers the first send, so it tells nothing about the resend.
+        sums, exps: the output (nchunks, k) int32 and (nchunks,) int8 of the call that holds
+            chunks [lo, hi); packets of other calls are listed in `other` (packet indices).
+
+    Returns:
+        (matched, duplicates, wrapped, in_call, n_other, fresh_sent, rack_sent, rack_chunk):
+        matched is -1 and nothing is changed if any packet is malformed (the caller then runs
+        the reference path); fresh_sent is the latest send time of a matched chunk sent only
+        once (-inf if none): now - fresh_sent is the burst's smallest unambiguous RTT;
+        (rack_sent, rack_chunk) is the latest (send time, chunk) delivered (-inf, -1 if none).
+    """
+    n = words.shape[0]
+    k = words.shape[1] - 4
+    for i in range(n):  # validate first: a bad burst changes nothing and takes the reference path
+        w0 = words[i, 0]
+        w2 = words[i, 2]
+        kind = (w0 >> 16) & 0xFF
+        if ((w0 & 0xFF) != _MAGIC or ((w0 >> 8) & 0xFF) != _VERSION
+                or (kind != _RESULT and kind != _RESULT_RETX) or ((w2 >> 24) & 0xFF) != 0
+                or (words[i, 1] & 0xFFFF) != job or (w2 & 0x7FFF) >= slots):
+            return -1, 0, 0, 0, 0, -np.inf, -np.inf, -1
+    matched = duplicates = wrapped = in_call = n_other = 0
+    fresh_sent = -np.inf
+    rack_sent = -np.inf
+    rack_chunk = -1
+    for i in range(n):
+        w2 = words[i, 2]
+        slot = w2 & 0x7FFF
+        g = chunk[slot]
+        if (not busy[slot] or (words[i, 3] & _LOW32) != (g & _LOW32)
+                or ((w2 >> 15) & 1) != ((g // slots) & 1)):
+            duplicates += 1
+            continue
+        busy[slot] = False
+        matched += 1
+        wrapped += (words[i, 0] >> 24) & 1
+        t = sent_at[slot]
+        if not resent[slot]:
+            fresh_sent = max(fresh_sent, t)
+            evidence = True
+        else:
+            evidence = now - t >= ambiguous_rtt
+        if evidence and (t > rack_sent or (t == rack_sent and g > rack_chunk)):
+            rack_sent, rack_chunk = t, g
+        if lo <= g < hi:
+            r = g - lo
+            e = (w2 >> 16) & 0xFF
+            exps[r] = e - 256 if e >= 128 else e
+            for j in range(k):
+                sums[r, j] = words[i, 4 + j]
+            in_call += 1
+        else:
+            other[n_other] = i
+            n_other += 1
+    return matched, duplicates, wrapped, in_call, n_other, fresh_sent, rack_sent, rack_chunk
+
+
+@njit(**_jit)
+def stamp_headers(words, g0, slots, exps):
+    """Write word 2 (pool_index, exponent, reserved = 0) and word 3 (chunk) of chunks g0, g0+1, ...
+
+    Args:
+        words: (n, 4 + k) int32 view of the ring slice the burst occupies.
+        g0: global index of the burst's first chunk; slots: pool size.
+        exps: (n,) int8 block exponents.
+    """
+    for i in range(words.shape[0]):
+        g = g0 + i
+        pool = (g % slots) | (((g // slots) & 1) << 15)
+        words[i, 2] = np.int32(pool | ((np.int64(exps[i]) & 0xFF) << 16))
+        low = g & _LOW32
+        words[i, 3] = np.int32(low - (1 << 32) if low >= (1 << 31) else low)
+
+
+def warm_up(k: int = 8) -> None:
+    """Load (or compile) both kernels for the argument types the machine passes at run time."""
+    slots = 4
+    ring = np.zeros((slots, 4 + k), np.int32)
+    exps = np.zeros(slots, np.int8)
+    stamp_headers(ring, 0, slots, exps)
+    frame = ring.copy()
+    frame.flags.writeable = False  # received frames are read-only buffers
+    take_results(frame, 0, slots, np.zeros(slots, np.bool_), np.full(slots, -1, np.int64),
+                 np.zeros(slots), np.zeros(slots, np.bool_), 0.0, 0.0,
+                 np.zeros((slots, k), np.int32), exps, 0, 0, np.zeros(slots, np.int64))
