@@ -67,14 +67,19 @@ _RESULT, _RESULT_RETX, _WRAPPED = int(Kind.RESULT), int(Kind.RESULT_RETX), FLAG_
 _INT32_MIN, _INT32_MAX = -(1 << 31), (1 << 31) - 1
 
 
+_uncached: list[str] = []  # functions compiled without the on-disk cache (warned about once)
+
+
 def _njit(fn):
     """njit with the on-disk cache where numba can find a writable folder for it, else without."""
     try:
         return njit(cache=True, nogil=True)(fn)
     except RuntimeError as exc:  # "cannot cache function ...: no locator available"
-        warnings.warn(f"{exc}; compiling the switch's dataplane in memory at every start (set "
-                      "NUMBA_CACHE_DIR to a writable folder to keep it)", RuntimeWarning,
-                      stacklevel=2)
+        if not _uncached:
+            warnings.warn(f"{exc}; compiling the switch's dataplane in memory at every start "
+                          "(seconds; set NUMBA_CACHE_DIR to a writable folder to keep it)",
+                          RuntimeWarning, stacklevel=2)
+        _uncached.append(fn.__name__)
         return njit(nogil=True)(fn)
 
 

@@ -524,6 +524,7 @@ def test_compiled_pass_compiles_without_a_writable_cache(monkeypatch):
     def double(x):
         return 2 * x
 
+    monkeypatch.setattr(jit, "_uncached", [])
     with pytest.warns(RuntimeWarning, match="NUMBA_CACHE_DIR"):
         compiled = jit._njit(double)
     assert compiled(21) == 42 and compiled._cache.__class__.__name__ == "NullCache"
