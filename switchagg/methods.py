@@ -34,7 +34,8 @@ from switchagg._methods.sgd import SGD
 from switchagg.collectives import Collective
 from switchagg.telemetry import StepTelemetry
 
-__all__ = ["METHODS", "Method", "StepTelemetry", "NonFiniteGradient", "make_method"]
+__all__ = ["METHODS", "Method", "StepTelemetry", "NonFiniteGradient", "collective_kind",
+           "make_method"]
 
 
 def _named(cls, name: str, **fixed) -> Callable[..., Method]:
@@ -44,6 +45,7 @@ def _named(cls, name: str, **fixed) -> Callable[..., Method]:
         return method
     factory.__name__ = factory.__qualname__ = name.replace("-", "_")
     factory.__doc__ = f"{name}: {cls.__doc__}"
+    factory.collective_kind = cls.collective_kind  # known before any collective exists
     return factory
 
 
@@ -57,6 +59,18 @@ METHODS: dict[str, Callable[..., Method]] = {
     "heuristic-switchml": _named(HeuristicSwitchML, "heuristic-switchml"),
     "heuristic-global": _named(HeuristicGlobal, "heuristic-global"),
 }
+
+
+def collective_kind(name: str) -> str:
+    """What the named method needs of its collective: "float" (fp32 SUM) or "int".
+
+    Raises:
+        ValueError: unknown name (the message lists the valid ones).
+    """
+    factory = METHODS.get(name)
+    if factory is None:
+        raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}")
+    return factory.collective_kind
 
 
 def make_method(name: str, collective: Collective, *, seed: int = 0, bits: int = 32,

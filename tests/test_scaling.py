@@ -20,6 +20,15 @@ def test_make_method_rejects_unknown_names_listing_valid_ones():
                             "heuristic-switchml", "heuristic-global"}
 
 
+def test_collective_kind_is_known_without_building_the_method():
+    from switchagg.methods import collective_kind
+    for name in METHODS:
+        assert collective_kind(name) == make_method(name, LocalGroup(1).member(0)).collective_kind
+    assert collective_kind("sgd") == "float" and collective_kind("intdiana") == "int"
+    with pytest.raises(ValueError, match="heuristic-switchml"):
+        collective_kind("qsgd")
+
+
 @pytest.mark.parametrize("bits,n,lo,hi", [(8, 16, -8, 7), (8, 3, -42, 42), (32, 1, -2**31, 2**31 - 1),
                                           (16, 5, -6553, 6553)])
 def test_clip_bounds_keep_the_n_worker_sum_inside_b_bits(bits, n, lo, hi):

@@ -134,14 +134,9 @@ class _Emitter:
 
 
 def collective_kind(name: str) -> str:
-    """What the named method needs of its collective ("float" or "int").
-
-    The registry holds factories, not classes, so build the method once on a one-worker in-process
-    collective (cheap, no I/O) and ask it.
-    """
-    from switchagg.collectives import LocalGroup
-    from switchagg.methods import make_method
-    return make_method(name, LocalGroup(1).member(0)).collective_kind
+    """What the named method needs of its collective ("float" or "int")."""
+    from switchagg.methods import collective_kind as kind_of
+    return kind_of(name)
 
 
 def _open_collective(kind: str, args: argparse.Namespace, rank: int | None, world_size: int,
