@@ -260,6 +260,8 @@ class StreamMachine:
         # chunk g + s would count at the switch as a new contribution to the other version.
         self._hold_until = np.zeros(slots, np.float64)
         self._hold_max = -np.inf
+        self._lost = np.zeros(slots, np.int64)      # scratch: slots found lost
+        self._oldest: float | None = None           # cache of _oldest_sent(); None: stale
         self._outstanding = 0
         self._next_chunk = 0            # global index of the next chunk to first-send
         self._calls: deque[StreamCall] = deque()   # submitted, not yet complete, in chunk order
@@ -308,6 +310,7 @@ class StreamMachine:
         self._calls.clear()
         self._queued_chunks = 0
         self._busy[:] = False
+        self._oldest = None
         self._outstanding = 0
         return calls
 
@@ -382,6 +385,11 @@ class StreamMachine:
         self._chunk[start:start + n] = np.arange(g0, g0 + n, dtype=np.int64)
         self._sent_at[start:start + n] = now
         self._resent[start:start + n] = False
+        # Sent now, so no earlier than any outstanding chunk: only an empty pool changes the oldest.
+        if self._oldest is not None and self._outstanding:
+            self._oldest = min(self._oldest, now)
+        else:
+            self._oldest = None
         self._outstanding += n
         self._next_chunk += n
         self._queued_chunks -= n
@@ -392,6 +400,7 @@ class StreamMachine:
         """Resend the chunks on `slots` as identical copies, oldest chunk first."""
         slots = slots[np.argsort(self._chunk[slots], kind="stable")]
         self._sent_at[slots] = now
+        self._oldest = None
         self._resent[slots] = True
         self._hold_until[slots] = self._hold_max = now + self.rto.minimum
         self.counters.retransmitted += len(slots)
@@ -413,20 +422,32 @@ class StreamMachine:
         """RACK: resend outstanding chunks sent before the latest answered one, once overdue."""
         if now < self._rack_due or not self._outstanding:
             return []
+        delay = self._rack_rtt + self._reorder_window()
+        if self._jit is not None:
+            n, due = self._jit.rack_lost(self._busy, self._sent_at, self._chunk, self._rack_sent,
+                                         self._rack_chunk, delay, now, self._lost)
+            self._rack_due = float(due)
+            return self._resend(self._lost[:n].copy(), now) if n else []
         before = self._busy & ((self._sent_at < self._rack_sent)
                                | ((self._sent_at == self._rack_sent)
                                   & (self._chunk < self._rack_chunk)))
-        due_at = self._sent_at + (self._rack_rtt + self._reorder_window())
+        due_at = self._sent_at + delay
         lost = before & (due_at <= now)
         waiting = before & ~lost
         self._rack_due = float(due_at[waiting].min()) if waiting.any() else np.inf
         lost = np.flatnonzero(lost)
         return self._resend(lost, now) if len(lost) else []
 
+    def _oldest_sent(self) -> float:
+        """Earliest send time of an outstanding chunk; cached until the slot state next changes."""
+        if self._oldest is None:
+            self._oldest = (float(self._jit.oldest_sent(self._busy, self._sent_at))
+                            if self._jit is not None else float(self._sent_at[self._busy].min()))
+        return self._oldest
+
     def _rto_deadline(self) -> float:
         # The timer restarts on every answer and every probe, as TCP's does on every ACK.
-        oldest = float(self._sent_at[self._busy].min())
-        return max(oldest, self.last_progress, self._last_probe) + self.rto.rto
+        return max(self._oldest_sent(), self.last_progress, self._last_probe) + self.rto.rto
 
     def _probe(self, now: float) -> list[np.ndarray]:
         """Tail probe: nothing answered for RTO, so resend the newest outstanding chunk only."""
@@ -445,7 +466,7 @@ class StreamMachine:
         if self._outstanding:
             # -inf means "look at the next transmit": report a time already past, never -inf.
             deadlines += [self._rto_deadline(), max(self._rack_due, self.last_progress)]
-        if self._queued_chunks and self._hold_max > -np.inf:  # a held slot may block the window
+        if self._queued_chunks and self._hold_max > self._last_transmit:  # a held slot may block
             held = self._hold_until[self._hold_until > self._last_transmit]
             if len(held):
                 deadlines.append(float(held.min()))
@@ -478,6 +499,7 @@ class StreamMachine:
         if matched < 0:
             matched = self._receive_reference(packets, now)
         if matched:
+            self._oldest = None
             self._outstanding -= matched
             c.results += matched
             self.last_progress = now

@@ -1,11 +1,13 @@
 """Compiled hot loops of the worker's stream machine: one pass per received burst, one per sent one.
 
-What it owns: the two per-packet loops of `switchagg._stream` that numpy needs several passes and
-temporaries for. `take_results` validates a received RESULT burst, matches each packet to the chunk
+What it owns: the per-packet and per-slot loops of `switchagg._stream` that numpy needs several
+passes and temporaries for. `take_results` validates a received RESULT burst, matches each packet to the chunk
 outstanding on its slot, frees the slot, gathers what the RTT estimate and loss detection need, and
 copies the values and exponents into the call's output, all in one pass over the frame.
 `stamp_headers` writes the per-packet header words (pool_index, exponent, chunk) of a burst about
-to be sent. What it must never do: decide a protocol rule the numpy path does not also implement
+to be sent. `rack_lost` and `oldest_sent` scan the slot pool once for the loss-detection and
+retransmission timers (numpy took about ten 8192-long passes and temporaries for them, on every
+received burst). What it must never do: decide a protocol rule the numpy path does not also implement
 (`_stream` keeps the numpy path as the reference and runs it whenever this module is unavailable or
 a burst holds a bad packet, so reasons and counts always come from `packet.validate_burst`), be
 imported before it is needed (it imports numba, about 0.5 s), or compile in the client's engine
@@ -27,7 +29,7 @@ from numba import njit
 
 from switchagg.packet import MAGIC, PROTOCOL_VERSION, Kind
 
-__all__ = ["stamp_headers", "take_results", "warm_up"]
+__all__ = ["oldest_sent", "rack_lost", "stamp_headers", "take_results", "warm_up"]
 
 _jit = dict(cache=True, nogil=True)
 
@@ -122,8 +124,49 @@ def stamp_headers(words, g0, slots, exps):
         words[i, 3] = np.int32(low - (1 << 32) if low >= (1 << 31) else low)
 
 
+@njit(**_jit)
+def rack_lost(busy, sent_at, chunk, rack_sent, rack_chunk, delay, now, lost):
+    """RACK over the slot pool: outstanding chunks sent before the latest answered one, once overdue.
+
+    Args:
+        busy, sent_at, chunk: the machine's per-slot state.
+        rack_sent, rack_chunk: (send time, chunk) of the latest-sent chunk known delivered.
+        delay: that answer's RTT plus the reordering window; a chunk sent at t before it is lost
+            once t + delay <= now.
+        lost: (slots,) int64 scratch; the lost slots are written to its head, in slot order.
+
+    Returns:
+        (n_lost, next_due): how many slots are lost, and when the earliest chunk sent before the
+        answered one that is not lost yet will be (inf if none).
+    """
+    n_lost = 0
+    next_due = np.inf
+    for s in range(busy.shape[0]):
+        if not busy[s]:
+            continue
+        t = sent_at[s]
+        if t < rack_sent or (t == rack_sent and chunk[s] < rack_chunk):
+            due = t + delay
+            if due <= now:
+                lost[n_lost] = s
+                n_lost += 1
+            elif due < next_due:
+                next_due = due
+    return n_lost, next_due
+
+
+@njit(**_jit)
+def oldest_sent(busy, sent_at):
+    """The earliest send time of an outstanding chunk (inf if none is)."""
+    oldest = np.inf
+    for s in range(busy.shape[0]):
+        if busy[s] and sent_at[s] < oldest:
+            oldest = sent_at[s]
+    return oldest
+
+
 def warm_up(k: int = 8) -> None:
-    """Load (or compile) both kernels for the argument types the machine passes at run time."""
+    """Load (or compile) every kernel for the argument types the machine passes at run time."""
     slots = 4
     ring = np.zeros((slots, 4 + k), np.int32)
     exps = np.zeros(slots, np.int8)
@@ -133,3 +176,7 @@ def warm_up(k: int = 8) -> None:
     take_results(frame, 0, slots, np.zeros(slots, np.bool_), np.full(slots, -1, np.int64),
                  np.zeros(slots), np.zeros(slots, np.bool_), 0.0, 0.0,
                  np.zeros((slots, k), np.int32), exps, 0, 0, np.zeros(slots, np.int64))
+    busy, sent_at = np.zeros(slots, np.bool_), np.zeros(slots)
+    rack_lost(busy, sent_at, np.full(slots, -1, np.int64), 0.0, 0, 0.0, 0.0,
+              np.zeros(slots, np.int64))
+    oldest_sent(busy, sent_at)

@@ -325,3 +325,25 @@ def test_chunk_numbers_wrap_at_2_32_in_headers_and_matching(compiled):
     result["kind"] = Kind.RESULT
     assert m.receive(result.tobytes(), 0.01) == [call]
     np.testing.assert_array_equal(call.result(), x)
+
+
+def test_compiled_loss_scan_and_rto_timer_agree_with_numpy_on_random_slot_states():
+    rng = np.random.default_rng(5)
+    for trial in range(50):
+        machines = [StreamMachine(job_id=JOB_ID, rank=0, k=K, slots=S, burst=B, compiled=c)
+                    for c in (True, False)]
+        busy = rng.random(S) < 0.6
+        busy[rng.integers(S)] = True
+        sent = rng.integers(0, 8, S) / 8  # ties in send time, as a burst's chunks have
+        chunk = rng.permutation(S).astype(np.int64)
+        rack = int(rng.integers(S))
+        for m in machines:
+            m._busy[:], m._sent_at[:], m._chunk[:] = busy, sent, chunk
+            m._outstanding = int(busy.sum())
+            m._rack_sent, m._rack_chunk, m._rack_rtt = float(sent[rack]), int(chunk[rack]), 0.1
+            m._rack_due = -np.inf
+        now = float(rng.integers(0, 12) / 8)
+        fast, ref = (m._resend_lost(now) for m in machines)
+        assert [b.tobytes() for b in fast] == [b.tobytes() for b in ref], trial
+        assert machines[0]._rack_due == machines[1]._rack_due, trial
+        assert machines[0]._rto_deadline() == machines[1]._rto_deadline(), trial
