@@ -314,6 +314,77 @@ def test_numba_matches_numpy_bit_for_bit(monkeypatch, dtype, rounding):
                 assert a.dtype == b.dtype and np.array_equal(a.view(np.uint8), b.view(np.uint8))
 
 
+# --- numba's multi-threaded kernels against the numpy oracle --------------------------------------
+
+@pytest.fixture
+def parallel_numba(monkeypatch):
+    """Numba routed through its parallel kernels from 3 tiles up, on 2 threads; yields the calls made.
+
+    The threshold is lowered so that sizes straddling it, and the chunk boundaries of the parallel
+    split (CHUNK_TILES tiles), stay small enough for a fast test.
+    """
+    import numba
+
+    from switchagg.kernels import _numba, _numba_impl
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("NUMBA_NUM_THREADS < 2: the parallel kernels never run")
+    previous = numba.get_num_threads()
+    numba.set_num_threads(2)
+    monkeypatch.setattr(K, "_cpu_backend", _numba)
+    monkeypatch.setattr(_numba, "PARALLEL_MIN_ELEMENTS", 3 * 4 * _numba_impl.TILE_GROUPS)
+    calls = []
+    for name in ("quantize_random_parallel", "quantize_nearest_parallel"):
+        kernel = getattr(_numba_impl, name)
+        monkeypatch.setattr(_numba_impl, name,
+                            lambda *a, _k=kernel, _n=name: calls.append((_n, a[0].size)) or _k(*a))
+    yield calls
+    numba.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("rounding", ["random", "deterministic"])
+def test_parallel_numba_matches_numpy_bit_for_bit(monkeypatch, parallel_numba, dtype, rounding):
+    from switchagg.kernels import _numba, _numba_impl, _numpy
+    tile = 4 * _numba_impl.TILE_GROUPS
+    chunk = _numba_impl.CHUNK_TILES * tile
+    threshold = _numba.PARALLEL_MIN_ELEMENTS
+    rng = np.random.default_rng(hash(("parallel", np.dtype(dtype).name, rounding)) % 2**32)
+    # (size, offset): just below / at / above the threshold, and across 1-2 chunk boundaries of the
+    # split, with offsets that misalign the tiles from x[0] (random rounding's tiles are global).
+    cases = [(threshold - 1, 0), (threshold, 0), (threshold + 1, 2), (chunk - 1, 4 * tile - 3),
+             (chunk + 1, 0), (2 * chunk + 5, 1), (2 * chunk + tile + 3, 2**40 + 5)]
+    for trial, (n, offset) in enumerate(cases):
+        x = _random_floats(rng, n, dtype)
+        block = int(rng.choice([16, 64, 1000]))
+        scale = (2.0 ** rng.uniform(-5, 25, size=-(-n // block))).astype(np.float32) if trial % 2 else 3.3e4
+        kw = dict(rounding=rounding, seed=int(rng.integers(0, 2**64, dtype=np.uint64)),
+                  rank=int(rng.integers(0, 2**32)), step=int(rng.integers(0, 2**32)),
+                  offset=offset, block=block, lo=-(2**20), hi=2**20 + 3)
+        got = K.quantize(x, scale, **kw)
+        monkeypatch.setattr(K, "_cpu_backend", _numpy)
+        want = K.quantize(x, scale, **kw)
+        monkeypatch.setattr(K, "_cpu_backend", _numba)
+        assert got.clipped == want.clipped and (got.values == want.values).all(), (n, offset)
+    used = [size for _, size in parallel_numba]
+    assert used == [n for n, _ in cases if n >= threshold]  # and never below the threshold
+
+
+def test_parallel_numba_steps_aside_for_one_thread_or_a_busy_lock(parallel_numba):
+    import numba
+
+    from switchagg.kernels import _numba
+    x = np.random.default_rng(12).normal(scale=100, size=_numba.PARALLEL_MIN_ELEMENTS).astype(np.float32)
+    want = K.quantize(x, 1.0, seed=5, step=2)
+    assert len(parallel_numba) == 1
+    numba.set_num_threads(1)  # a caller that asked numba for one thread gets the serial kernel
+    one_thread = K.quantize(x, 1.0, seed=5, step=2)
+    numba.set_num_threads(2)
+    with _numba._parallel_lock:  # another thread is running a parallel kernel: run serial meanwhile
+        busy = K.quantize(x, 1.0, seed=5, step=2)
+    assert len(parallel_numba) == 1
+    assert (one_thread.values == want.values).all() and (busy.values == want.values).all()
+
+
 # --- device selection ------------------------------------------------------------------------------
 
 def test_require_cuda_names_what_is_missing():

@@ -13,25 +13,47 @@ time: (1) the tile's counters go into four word arrays and the ten rounds run ov
 with the counters as the inner loop, which LLVM vectorizes (AVX2 vpmuludq); (2) the words are
 interleaved into element order in an L1-resident buffer; (3) a branch-free loop (selects only, also
 vectorized) scales, rounds and clips the tile, counting clipped elements; per-block scales are
-first spread into a per-element tile buffer, so short blocks (k = 64) cost no extra calls. The
-kernels are single-threaded (parallel=True measured no better on 2 shared cores, see _numba_impl)
-and release the GIL.
+first spread into a per-element tile buffer, so short blocks (k = 64) cost no extra calls.
+
+Threads: calls below PARALLEL_MIN_ELEMENTS (per-packet and per-chunk calls) run the single-threaded
+kernels, which release the GIL; larger quantize calls run `*_parallel` variants that share runs of
+whole tiles out over numba's threads (NUMBA_NUM_THREADS, or numba.set_num_threads; at 1 thread
+the serial kernel runs). Tile t covers the same global elements and Philox counters whichever thread
+runs it, so the bits are the same as serial. Measured on the 2-core box (2 threads), randomized
+rounding of 64 Ki elements took 138 us serial and 157 us parallel, of 256 Ki elements 574 us and
+297 us, of 1 Mi elements 2.4 ms and 1.3 ms; per-packet calls (1024) took 8 us serial and 19 us
+parallel. With the cores busy with other processes the parallel kernels ran no faster, or slower,
+at every size, so the threshold sits at 1 Mi, where the gain is worth the risk; a process that
+shares its cores with others (the workers of a local run) can set NUMBA_NUM_THREADS=1. Work items
+are handed out dynamically (see _numba_impl), so a thread descheduled by another process does not
+hold up a fixed half (numba's parallel chunk size is 1 during those calls). Dequantize stays serial: it already runs at memcpy speed.
+Only one thread at a time runs a parallel kernel: another thread that asks meanwhile runs the
+serial kernel (same bits), so threads that quantize side by side do not oversubscribe the cores
+and no threading layer (workqueue is not thread safe) is ever entered twice.
 
 The compiled functions live in `_numba_impl`, at module level so that numba's on-disk cache hits in
 every process after the first (closures here missed it in every process); this module imports it on
 the first kernel call (or `warm_up`) and only wraps it. Numba compiles each kernel on its own first
 call, so a process pays only for what it uses. Inputs are passed as read-only views: numba
 specializes on writability, and a read-only buffer (a ZeroMQ frame) would otherwise cost a second
-compilation of the same kernel.
+compilation of the same kernel. The parallel variants compile (15-20 s cold, a cache load after)
+on the first large call, not in `warm_up()` unless it is asked to: most processes (workers that
+quantize packet by packet) never make a large call.
 """
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
-__all__ = ["available", "warm_up", "quantize", "dequantize", "block_max_abs", "int_squared_norm"]
+__all__ = ["PARALLEL_MIN_ELEMENTS", "available", "warm_up", "quantize", "dequantize", "block_max_abs", "int_squared_norm"]
 
 _SQNORM_CHUNK = 1 << 30   # elements per exact partial sum (see the int64 bound in _numpy)
+#: Elements from which quantize runs the multi-threaded kernels (crossover measured at 64-256 Ki on
+#: idle cores, none on busy ones: see the essay).
+PARALLEL_MIN_ELEMENTS = 1 << 20
+_parallel_lock = threading.Lock()  # held while a parallel kernel runs (see the essay)
 
 
 def available() -> bool:
@@ -58,11 +80,15 @@ def _ro(a: np.ndarray) -> np.ndarray:
     return v
 
 
-def warm_up() -> None:
+def warm_up(parallel: bool = False) -> None:
     """Load (or, with a cold cache, compile) every kernel now, with the types the wrappers pass.
 
     Call it before timing or before a thread that must not stall (a client's engine thread) first
     quantizes: a compilation takes seconds, a cache load tens of milliseconds.
+
+    Args:
+        parallel: also load the multi-threaded quantize kernels that calls of PARALLEL_MIN_ELEMENTS
+            or more use (otherwise they load, or compile, on the first such call).
     """
     x = np.zeros(8, np.float32)
     ints = np.zeros(8, np.int32)
@@ -71,6 +97,13 @@ def warm_up() -> None:
     dequantize(ints, 1.0, 0, x, False)
     block_max_abs(x, 4)
     int_squared_norm(ints)
+    if parallel:
+        k = _impl()
+        for per_block in (False, True):  # both specializations of the per_block flag
+            scales = np.ones(8 if per_block else 1, np.float32)
+            k.quantize_random_parallel(_ro(x), _ro(scales), per_block, 1, np.uint64(0), 0, 0, 0, -1, 1,
+                                       ints)
+            k.quantize_nearest_parallel(_ro(x), _ro(scales), per_block, 1, -1, 1, ints)
 
 
 def _as_array(values, dtype):
@@ -88,10 +121,30 @@ def quantize(x: np.ndarray, scale, block: int, random: bool, seed: int, rank: in
     k = _impl()
     scales, per_block = _as_array(scale, np.float32)
     block = int(block) if per_block else 1
+    args = (_ro(x), _ro(scales), per_block, block)
     if random:
-        return int(k.quantize_random(_ro(x), _ro(scales), per_block, block, np.uint64(seed), int(rank),
-                                     int(step), int(offset), int(lo), int(hi), out))
-    return int(k.quantize_nearest(_ro(x), _ro(scales), per_block, block, int(lo), int(hi), out))
+        args += (np.uint64(seed), int(rank), int(step), int(offset))
+    args += (int(lo), int(hi), out)
+    if x.size >= PARALLEL_MIN_ELEMENTS and _threads() > 1 and _parallel_lock.acquire(blocking=False):
+        try:
+            kernel = k.quantize_random_parallel if random else k.quantize_nearest_parallel
+            # Dynamic scheduling, one work item at a time: on cores shared with other processes a
+            # descheduled thread would otherwise hold up a fixed half of the work.
+            with _numba_module().parallel_chunksize(1):
+                return int(kernel(*args))
+        finally:
+            _parallel_lock.release()
+    return int((k.quantize_random if random else k.quantize_nearest)(*args))
+
+
+def _numba_module():
+    import numba
+    return numba
+
+
+def _threads() -> int:
+    """numba's thread count for this thread (NUMBA_NUM_THREADS, or numba.set_num_threads)."""
+    return _numba_module().get_num_threads()
 
 
 def dequantize(ints: np.ndarray, divisor, block: int, out: np.ndarray, accumulate: bool) -> None:

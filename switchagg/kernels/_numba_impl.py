@@ -19,14 +19,16 @@ writable numba warns and compiles in memory (correct, only slower to start).
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from switchagg.kernels._philox import PHILOX_M0, PHILOX_M1, PHILOX_W0, PHILOX_W1
 
-__all__ = ["TILE_GROUPS", "quantize_random", "quantize_nearest", "dequantize", "max_abs_bits",
+__all__ = ["TILE_GROUPS", "CHUNK_TILES", "quantize_random", "quantize_random_parallel",
+           "quantize_nearest", "quantize_nearest_parallel", "dequantize", "max_abs_bits",
            "squared_norm_parts"]
 
 TILE_GROUPS = 1024  # Philox groups per tile: 4096 elements, whose bits (16 KiB) stay in L1
+CHUNK_TILES = 16    # tiles per parallel work item: 64 Ki elements, so per-item setup is noise
 
 # Globals are frozen into the compiled code as constants.
 _U64, _U32 = np.uint64, np.uint32
@@ -35,12 +37,15 @@ _W0, _W1 = np.uint32(PHILOX_W0), np.uint32(PHILOX_W1)
 _LOW32 = np.uint64(0xFFFFFFFF)
 _TWO_M32 = 2.0 ** -32
 
-# Serial on purpose (measured on the 2-core box, see the commit that made it so): the workers of a
-# local run share the cores with the switch and each other, per-packet calls (1024 elements) ran
-# 13 us serial against 18-22 us with parallel=True, 4M-element calls gained nothing with 2 threads
-# but round-half-even (1.7 -> 2.7 G elements/s), and parallel compiles are slower. nogil lets a
-# caller's threads run kernels side by side instead.
+# Serial by default (measured on the 2-core box): the workers of a local run share the cores with
+# the switch and each other, per-packet calls (1024 elements) ran 13 us serial against 18-22 us
+# with parallel=True, and parallel compiles are slower. nogil lets a caller's threads run kernels
+# side by side instead. Only the two `*_parallel` quantize drivers use numba's threads; `_numba`
+# calls them for large inputs (see PARALLEL_MIN_ELEMENTS there), and they run the same per-tile body.
 _jit = dict(cache=True, nogil=True, fastmath=False)
+_jit_parallel = dict(_jit, parallel=True)
+# The callers run the parallel drivers with numba's parallel chunk size at 1 (dynamic scheduling, one
+# work item of CHUNK_TILES tiles at a time; set there because setting it in here defeats the cache).
 
 
 @njit(**_jit)
@@ -130,19 +135,19 @@ def tile_scales(scales, block, ja, jb, sbuf):
 
 
 @njit(**_jit)
-def quantize_random(x, scales, per_block, block, seed, rank, step, offset, lo, hi, out):
-    """Tiles of TILE_GROUPS Philox groups, aligned in global index; returns the clipped count."""
+def random_tiles(x, scales, per_block, block, q_first, offset, c2, c3, k0, k1, flo, fhi, fnan, out,
+                 t0, t1, counts):
+    """Quantize tiles t0 <= t < t1 of quantize_random's tiling into out; counts[t] = tile t's clips.
+
+    The one body of both drivers, serial and parallel: tile t always covers the Philox groups from
+    q_first + t * TILE_GROUPS, whichever thread runs it, so sharing tiles out cannot change a bit.
+    """
     n = x.size
-    q_first = offset // 4
-    ntiles = ((offset + n - 1) // 4 - q_first) // TILE_GROUPS + 1
-    k0, k1 = _U32(_U64(seed) & _LOW32), _U32(_U64(seed) >> _S32)
-    flo, fhi, fnan = np.float64(lo), np.float64(hi), np.float64(min(max(0, lo), hi))
-    counts = np.zeros(ntiles, dtype=np.int64)
-    for t in range(ntiles):
-        c = np.empty((4, TILE_GROUPS), dtype=np.uint32)
-        bits = np.empty(4 * TILE_GROUPS, dtype=np.uint32)
+    c = np.empty((4, TILE_GROUPS), dtype=np.uint32)
+    bits = np.empty(4 * TILE_GROUPS, dtype=np.uint32)
+    for t in range(t0, t1):
         q0 = q_first + t * TILE_GROUPS
-        tile_bits(q0, _U32(step), _U32(rank), k0, k1, c, bits)
+        tile_bits(q0, c2, c3, k0, k1, c, bits)
         shift = 4 * q0 - offset  # element j's bits are bits[j - shift]
         ja = max(0, shift)
         jb = min(n, shift + 4 * TILE_GROUPS)
@@ -154,18 +159,14 @@ def quantize_random(x, scales, per_block, block, seed, rank, step, offset, lo, h
             tile_scales(scales, block, ja, jb, s)
         counts[t] = round_random_run(x[ja:jb], s, per_block, bits[ja - shift:jb - shift], flo, fhi,
                                      fnan, out[ja:jb])
-    return counts.sum()
 
 
 @njit(**_jit)
-def quantize_nearest(x, scales, per_block, block, lo, hi, out):
-    """Round half to even in tiles of 4 TILE_GROUPS elements; returns the clipped count."""
+def nearest_tiles(x, scales, per_block, block, flo, fhi, fnan, out, t0, t1, counts):
+    """Round half to even over tiles t0 <= t < t1 of 4 TILE_GROUPS elements; counts[t] = clips."""
     n = x.size
     tile = 4 * TILE_GROUPS
-    ntiles = (n + tile - 1) // tile
-    flo, fhi, fnan = np.float64(lo), np.float64(hi), np.float64(min(max(0, lo), hi))
-    counts = np.zeros(ntiles, dtype=np.int64)
-    for t in range(ntiles):
+    for t in range(t0, t1):
         ja = t * tile
         jb = min(n, ja + tile)
         s = scales
@@ -173,6 +174,60 @@ def quantize_nearest(x, scales, per_block, block, lo, hi, out):
             s = np.empty(jb - ja, dtype=np.float32)
             tile_scales(scales, block, ja, jb, s)
         counts[t] = round_nearest_run(x[ja:jb], s, per_block, flo, fhi, fnan, out[ja:jb])
+
+
+@njit(**_jit)
+def random_tiling(n, offset):
+    """(first Philox group, tile count) of quantize_random's tiling, aligned in global index."""
+    q_first = offset // 4
+    return q_first, ((offset + n - 1) // 4 - q_first) // TILE_GROUPS + 1
+
+
+@njit(**_jit)
+def quantize_random(x, scales, per_block, block, seed, rank, step, offset, lo, hi, out):
+    """Tiles of TILE_GROUPS Philox groups, aligned in global index; returns the clipped count."""
+    q_first, ntiles = random_tiling(x.size, offset)
+    k0, k1 = _U32(_U64(seed) & _LOW32), _U32(_U64(seed) >> _S32)
+    flo, fhi, fnan = np.float64(lo), np.float64(hi), np.float64(min(max(0, lo), hi))
+    counts = np.zeros(ntiles, dtype=np.int64)
+    random_tiles(x, scales, per_block, block, q_first, offset, _U32(step), _U32(rank), k0, k1, flo,
+                 fhi, fnan, out, 0, ntiles, counts)
+    return counts.sum()
+
+
+@njit(**_jit_parallel)
+def quantize_random_parallel(x, scales, per_block, block, seed, rank, step, offset, lo, hi, out):
+    """quantize_random with runs of CHUNK_TILES of its tiles shared out over numba's threads."""
+    q_first, ntiles = random_tiling(x.size, offset)
+    k0, k1 = _U32(_U64(seed) & _LOW32), _U32(_U64(seed) >> _S32)
+    flo, fhi, fnan = np.float64(lo), np.float64(hi), np.float64(min(max(0, lo), hi))
+    counts = np.zeros(ntiles, dtype=np.int64)
+    for ch in prange((ntiles + CHUNK_TILES - 1) // CHUNK_TILES):
+        random_tiles(x, scales, per_block, block, q_first, offset, _U32(step), _U32(rank), k0, k1,
+                     flo, fhi, fnan, out, ch * CHUNK_TILES, min(ntiles, (ch + 1) * CHUNK_TILES),
+                     counts)
+    return counts.sum()
+
+
+@njit(**_jit)
+def quantize_nearest(x, scales, per_block, block, lo, hi, out):
+    """Round half to even in tiles of 4 TILE_GROUPS elements; returns the clipped count."""
+    ntiles = (x.size + 4 * TILE_GROUPS - 1) // (4 * TILE_GROUPS)
+    flo, fhi, fnan = np.float64(lo), np.float64(hi), np.float64(min(max(0, lo), hi))
+    counts = np.zeros(ntiles, dtype=np.int64)
+    nearest_tiles(x, scales, per_block, block, flo, fhi, fnan, out, 0, ntiles, counts)
+    return counts.sum()
+
+
+@njit(**_jit_parallel)
+def quantize_nearest_parallel(x, scales, per_block, block, lo, hi, out):
+    """quantize_nearest with runs of CHUNK_TILES of its tiles shared out over numba's threads."""
+    ntiles = (x.size + 4 * TILE_GROUPS - 1) // (4 * TILE_GROUPS)
+    flo, fhi, fnan = np.float64(lo), np.float64(hi), np.float64(min(max(0, lo), hi))
+    counts = np.zeros(ntiles, dtype=np.int64)
+    for ch in prange((ntiles + CHUNK_TILES - 1) // CHUNK_TILES):
+        nearest_tiles(x, scales, per_block, block, flo, fhi, fnan, out, ch * CHUNK_TILES,
+                      min(ntiles, (ch + 1) * CHUNK_TILES), counts)
     return counts.sum()
 
 
