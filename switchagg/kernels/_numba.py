@@ -26,7 +26,9 @@ parallel. With the cores busy with other processes the parallel kernels ran no f
 at every size, so the threshold sits at 1 Mi, where the gain is worth the risk; a process that
 shares its cores with others (the workers of a local run) can set NUMBA_NUM_THREADS=1. Work items
 are handed out dynamically (see _numba_impl), so a thread descheduled by another process does not
-hold up a fixed half (numba's parallel chunk size is 1 during those calls). Dequantize stays serial: it already runs at memcpy speed.
+hold up a fixed half (numba's parallel chunk size is 1 during those calls). numba's omp threading
+layer (GNU OpenMP here) is not fork safe: a process that ran a parallel kernel must start children
+with spawn, as this project does. Dequantize stays serial: it already runs at memcpy speed.
 Only one thread at a time runs a parallel kernel: another thread that asks meanwhile runs the
 serial kernel (same bits), so threads that quantize side by side do not oversubscribe the cores
 and no threading layer (workqueue is not thread safe) is ever entered twice.
