@@ -27,7 +27,8 @@ from switchagg.errors import SwitchError
 from switchagg.scaling import clip_bounds, max_magnitude
 from switchagg.telemetry import StepTelemetry, int_summary
 
-__all__ = ["Method", "IntegerMethod", "NonFiniteGradient", "Layout"]
+__all__ = ["Method", "IntegerMethod", "NonFiniteGradient", "Layout", "check_finite",
+           "non_finite_counts"]
 
 
 class NonFiniteGradient(SwitchError, ValueError):
@@ -57,14 +58,24 @@ class Layout:
                                                  self.devices, self.dtypes)]
 
 
+def non_finite_counts(t: torch.Tensor) -> tuple[int, int] | None:
+    """(NaN count, Inf count) of a tensor, or None when every value is finite (the usual case,
+    one pass)."""
+    t = t.detach()
+    finite = torch.isfinite(t)
+    if bool(finite.all()):
+        return None
+    nans = int(torch.isnan(t).sum())
+    return nans, int(t.numel() - int(finite.sum()) - nans)
+
+
 def check_finite(grads: list[torch.Tensor], names: list[str] | None = None) -> None:
     """Raise NonFiniteGradient naming the first tensor holding NaN or Inf."""
     for i, g in enumerate(grads):
-        finite = torch.isfinite(g.detach())
-        if not bool(finite.all()):
+        counts = non_finite_counts(g)
+        if counts is not None:
             name = names[i] if names is not None and i < len(names) else f"grads[{i}]"
-            nans = int(torch.isnan(g.detach()).sum())
-            infs = int(g.detach().numel() - int(finite.sum()) - nans)
+            nans, infs = counts
             raise NonFiniteGradient(
                 f"gradient {name} (shape {tuple(g.shape)}) holds {nans} NaN and {infs} Inf values; "
                 f"nothing was sent. Lower the learning rate, clip gradients or use loss scaling "

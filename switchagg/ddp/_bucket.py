@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from switchagg import kernels
-from switchagg._methods._base import NonFiniteGradient
+from switchagg._methods._base import NonFiniteGradient, non_finite_counts
 from switchagg._methods.heuristic import chunked_sq_norm
 from switchagg.errors import SwitchError
 from switchagg.scaling import block_scales, lookahead_fill, lookahead_numel, lookahead_sums
@@ -66,11 +66,10 @@ def check_finite(state, buf: torch.Tensor, bucket_index: int) -> None:
     The other ranks are waiting for this rank's packets; leaving with a reason makes the switch
     abort the job, so they fail at once with JobAborted naming it instead of timing out.
     """
-    finite = torch.isfinite(buf)
-    if bool(finite.all()):
+    counts = non_finite_counts(buf)
+    if counts is None:
         return
-    nans = int(torch.isnan(buf).sum())
-    infs = int(buf.numel() - int(finite.sum()) - nans)
+    nans, infs = counts
     error = NonFiniteGradient(
         f"DDP bucket {bucket_index} ({buf.numel()} elements) holds {nans} NaN and {infs} Inf "
         f"gradient values on rank {state.rank}; nothing was sent and the switch job was aborted. "

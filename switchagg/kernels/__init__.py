@@ -76,15 +76,17 @@ def _cpu():
     return _cpu_backend
 
 
-def warm_up(parallel: bool = False) -> None:
+def warm_up(parallel: bool = True) -> None:
     """Load (or compile, on a cold cache) the CPU kernels now rather than on their first use.
 
     A process that will quantize on CPU calls it before it joins a switch: a compilation takes
-    seconds, a warm numba cache well under one. With the numpy backend it does nothing.
+    seconds (and holds the GIL, so a client's heartbeats would stop), a warm numba cache well
+    under one. With the numpy backend it does nothing.
 
     Args:
         parallel: also load the multi-threaded kernels that large calls (a whole gradient of
-            1 Mi elements or more) use; left out, they load or compile on the first such call.
+            1 Mi elements or more) use. False skips them (a process that only quantizes small
+            pieces); they then load or compile on the first such call.
     """
     getattr(_cpu(), "warm_up", lambda parallel: None)(parallel=parallel)
 

@@ -38,9 +38,10 @@ every process after the first (closures here missed it in every process); this m
 the first kernel call (or `warm_up`) and only wraps it. Numba compiles each kernel on its own first
 call, so a process pays only for what it uses. Inputs are passed as read-only views: numba
 specializes on writability, and a read-only buffer (a ZeroMQ frame) would otherwise cost a second
-compilation of the same kernel. The parallel variants compile (15-20 s cold, a cache load after)
-on the first large call, not in `warm_up()` unless it is asked to: most processes (workers that
-quantize packet by packet) never make a large call.
+compilation of the same kernel. The parallel variants compile in 15-20 s on a cold cache and load
+in tens of milliseconds after; `warm_up()` loads them too (unless told not to), because a compile
+on the first large call would hold the GIL for seconds, silencing the client's heartbeats long
+enough for the switch to declare the worker dead.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def _ro(a: np.ndarray) -> np.ndarray:
     return v
 
 
-def warm_up(parallel: bool = False) -> None:
+def warm_up(parallel: bool = True) -> None:
     """Load (or, with a cold cache, compile) every kernel now, with the types the wrappers pass.
 
     Call it before timing or before a thread that must not stall (a client's engine thread) first
@@ -90,7 +91,7 @@ def warm_up(parallel: bool = False) -> None:
 
     Args:
         parallel: also load the multi-threaded quantize kernels that calls of PARALLEL_MIN_ELEMENTS
-            or more use (otherwise they load, or compile, on the first such call).
+            or more use (False: they load, or compile, on the first such call).
     """
     x = np.zeros(8, np.float32)
     ints = np.zeros(8, np.int32)
