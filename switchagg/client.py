@@ -56,6 +56,10 @@ _WAIT_SLICE = 1.0
 _QUERY_SLOTS = 16
 #: Messages drained from the data socket per loop turn, so timers and requests still get a turn.
 _DRAIN = 64
+# Plain ints: pyzmq's flag enums cost an interpreted enum operation on every `|` and call, and the
+# engine makes several such calls per burst.
+_NOBLOCK, _SNDMORE, _EVENTS, _POLLIN = (int(zmq.NOBLOCK), int(zmq.SNDMORE), int(zmq.EVENTS),
+                                        int(zmq.POLLIN))
 
 
 @dataclass(frozen=True)
@@ -506,15 +510,16 @@ class SwitchClient:
         query_sent = 0.0
         query_text = ""
         while True:
-            timers = [next_heartbeat]
+            wake_at = next_heartbeat
             if m.busy:
                 quiet = max(self._last_heard, m.last_progress)
-                timers += [quiet + self._liveness, m.last_progress + self.config.op_timeout]
-                if (d := m.next_deadline()) is not None:
-                    timers.append(d)
-                if query_deadline is not None:
-                    timers.append(query_deadline)
-            wait_ms = max(0, int((min(timers) - time.monotonic()) * 1000) + 1)
+                wake_at = min(wake_at, quiet + self._liveness,
+                              m.last_progress + self.config.op_timeout)
+                if (d := m.next_deadline()) is not None and d < wake_at:
+                    wake_at = d
+                if query_deadline is not None and query_deadline < wake_at:
+                    wake_at = query_deadline
+            wait_ms = max(0, int((wake_at - time.monotonic()) * 1000) + 1)
             events = dict(poller.poll(wait_ms))
             try:
                 if self._wake_rx in events:
@@ -580,7 +585,7 @@ class SwitchClient:
     def _take_requests(self) -> bool:
         """Serve queued requests in order; True if the engine must stop."""
         m = self._machine
-        while True:
+        while not self._requests.empty():  # checked every engine turn: no exception when empty
             try:
                 request = self._requests.get_nowait()
             except queue.Empty:
@@ -600,6 +605,7 @@ class SwitchClient:
             call = m.submit(numel, fill, time.monotonic(), token=(future, stream), out=out)
             if call.complete:  # numel == 0
                 self._complete(call)
+        return False
 
     def _complete(self, call: StreamCall) -> None:
         future, stream = call.token
@@ -610,8 +616,11 @@ class SwitchClient:
         """Drain the data socket; returns the last QUERY_REPLY seen, if any."""
         m, sock, found = self._machine, self._sock, None
         for _ in range(_DRAIN):
+            # Ask before receiving: a zmq.Again raised on every turn costs more than the question.
+            if not sock.getsockopt(_EVENTS) & _POLLIN:
+                break
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = sock.recv_multipart(_NOBLOCK, copy=False)
             except zmq.Again:
                 break
             self._last_heard = time.monotonic()
@@ -641,8 +650,10 @@ class SwitchClient:
             try:
                 # copy=False: a ring slice is rewritten only after its result came back (the
                 # switch got it); retransmissions are fresh copies.
-                self._sock.send_multipart([FRAME_DATA, burst.view(np.uint8)], zmq.NOBLOCK,
-                                          copy=False)
+                # Two sends, not send_multipart: it rebuilds the flags with enum arithmetic. Once
+                # the first part is queued, ZeroMQ takes the rest of the message too.
+                self._sock.send(FRAME_DATA, _NOBLOCK | _SNDMORE)
+                self._sock.send(burst.view(np.uint8), _NOBLOCK, copy=False)
             except zmq.Again:
                 self._ctl["send_dropped"] += 1  # like a lost frame: the RTO resends it
 
