@@ -42,6 +42,9 @@ How it works:
   RTO follows RFC 6298: srtt/rttvar from one sample per received burst, its fastest chunk sent once
   (Karn's rule), so that the samples measure the network and the switch rather than peer waits;
   clamped to [rto_min, rto_max]; doubled on every probe until a fresh sample.
+  Both timers scan the slot pool (s entries) once per received burst at most: with numba in one
+  compiled pass each (`_stream_jit.rack_lost`, `oldest_sent`, the latter cached until the slot
+  state changes), else in numpy (the reference, several passes).
 """
 
 from __future__ import annotations
