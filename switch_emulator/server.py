@@ -5,7 +5,8 @@ stats, releasing held-back packets) and shutdown. What it must never do: decide 
 (that is `_jobs.ControlPlane`) or slots (the dataplane), or touch packets one at a time in Python.
 
 How it works: every message is `[identity, FRAME_DATA | FRAME_CONTROL, body]` (protocol.py). The
-loop polls for at most `POLL_MS`, then drains what is queued. Control frames go to the control plane
+loop drains what is queued (at most `MAX_BATCH` at a time) and polls, for at most `POLL_MS`, only
+when nothing is. Control frames go to the control plane
 and its replies are sent. A data frame is, per burst and never per packet:
   1. admitted by the control plane for the job and rank THIS connection joined with (else at most
      one refusal per second to the sender);
@@ -65,6 +66,26 @@ def dataplane_factory(name: str) -> Callable[[int, int, int], object]:
     if warm_up(name):
         log.info("dataplane %s: compiled pass ready in %.2f s", name, time.perf_counter() - start)
     return lambda world_size, slots, k: make_dataplane(name, world_size, slots, k)
+
+
+#: Send/receive flags as plain ints: pyzmq's flags are IntFlag members, and `IntFlag | int` builds
+#: a new enum member (microseconds) on every part of every message.
+_NOBLOCK = int(zmq.NOBLOCK)
+_NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
+
+
+def _send_data(sock: zmq.Socket, identity: bytes, body: zmq.Frame | np.ndarray) -> None:
+    """Send `[identity, FRAME_DATA, body]` without blocking, `body` without copying.
+
+    What `send_multipart` does, less its per-call type checks and enum arithmetic. With
+    ROUTER_MANDATORY an unknown peer fails on the first part, before anything is queued.
+
+    Raises:
+        zmq.ZMQError: EHOSTUNREACH (peer gone) or EAGAIN (its queue is full).
+    """
+    sock.send(identity, _NOBLOCK_MORE)
+    sock.send(FRAME_DATA, _NOBLOCK_MORE)
+    sock.send(body, _NOBLOCK, copy=False)
 
 
 def _loss_factory(config: SwitchConfig) -> Callable[[int], tuple[LossInjector | None, ...]] | None:
@@ -130,20 +151,17 @@ class SwitchServer:
         if self.socket is None:
             self.bind()
         sock = self.socket
+        poller = zmq.Poller()  # one for the whole run: Socket.poll builds one per call
+        poller.register(sock, zmq.POLLIN)
         now = self.clock()
         next_liveness = now + LIVENESS_CHECK_S
         interval = self.config.stats_interval
         next_stats = now + interval if interval else float("inf")
         try:
             while not stop.is_set():
-                if sock.poll(POLL_MS, zmq.POLLIN):
-                    for _ in range(MAX_BATCH):
-                        try:
-                            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
-                            break
-                        self._dispatch(frames, self.clock())
-                else:
+                # Drain first and poll only when the queue is empty: under load a message is
+                # nearly always waiting, and a poll costs a system call and a Poller per wake-up.
+                if not self._drain(sock) and not poller.poll(POLL_MS):
                     self._release_held()
                 now = self.clock()
                 if now >= next_liveness:
@@ -155,6 +173,17 @@ class SwitchServer:
         finally:
             self.close()
         return 0
+
+    def _drain(self, sock: zmq.Socket) -> int:
+        """Handle up to `MAX_BATCH` queued messages without waiting; return how many."""
+        recv, dispatch, clock = sock.recv_multipart, self._dispatch, self.clock
+        for handled in range(MAX_BATCH):
+            try:
+                frames = recv(_NOBLOCK, copy=False)
+            except zmq.Again:
+                return handled
+            dispatch(frames, clock())
+        return MAX_BATCH
 
     def close(self) -> None:
         """ABORT every job ("switch shutting down"), log the counters, close the socket."""
@@ -247,8 +276,7 @@ class SwitchServer:
             if not len(results):
                 return
         try:
-            self.socket.send_multipart([identity, FRAME_DATA, results if frame is None else frame],
-                                       zmq.NOBLOCK, copy=False)
+            _send_data(self.socket, identity, results if frame is None else frame)
         except zmq.ZMQError as exc:
             job.counters.send_failures += 1
             self._send_failed(identity, exc)
@@ -276,7 +304,7 @@ class SwitchServer:
 
     def _send_raw(self, identity: bytes, results: np.ndarray, job: Job) -> None:
         try:
-            self.socket.send_multipart([identity, FRAME_DATA, results], zmq.NOBLOCK, copy=False)
+            _send_data(self.socket, identity, results)
             job.counters.bursts_out += 1
             job.counters.packets_out += len(results)
         except zmq.ZMQError as exc:
@@ -293,7 +321,7 @@ class SwitchServer:
             if body is None:
                 body = encoded[id(message)] = encode_control(message)
             try:
-                self.socket.send_multipart([identity, FRAME_CONTROL, body], zmq.NOBLOCK)
+                self.socket.send_multipart([identity, FRAME_CONTROL, body], _NOBLOCK)
             except zmq.ZMQError as exc:
                 self.control.counters["send_failures"] += 1
                 # An ABORT to a peer that is gone needs no further action.
