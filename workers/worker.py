@@ -184,8 +184,13 @@ def run_methods(args: argparse.Namespace, names: list[str], emit: "_Emitter | _T
                                 timeout=datetime.timedelta(seconds=args.timeout))
     if args.world_size is None:
         raise ValueError("the world size is unknown: pass --world-size or set WORLD_SIZE")
-    from switchagg.kernels import warm_up
-    warm_up()  # load the CPU kernels now: a compilation mid-step would stall the first step
+    # Load the CPU kernels now: a compilation mid-step would hold the GIL for seconds (stalling
+    # the step and the switch client's heartbeats). The multi-threaded variants only where whole
+    # gradients are large enough to use them: loaded, their threads spin beside torch's on shared
+    # cores (measured: 4x slower steps of the default digits run).
+    from switchagg.kernels import PARALLEL_MIN_ELEMENTS, warm_up
+    numel = sum(p.numel() for p in task.build_model().parameters())
+    warm_up(parallel=numel >= PARALLEL_MIN_ELEMENTS)
     results: dict[str, dict] = {}
     try:
         for name in names:

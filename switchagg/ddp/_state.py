@@ -357,6 +357,8 @@ def _warm_up_kernels(k: int) -> None:
     A first-call JIT compilation inside the client's engine thread would silence its heartbeats
     long enough for the switch to declare the worker dead (as `SwitchCollective` notes).
     """
+    # DDP's buckets (25 MiB by default) take the multi-threaded kernels: load those too.
+    kernels.warm_up(parallel=True)
     x = np.zeros(k, np.float32)
     kernels.quantize(x, np.ones(1, np.float32), rounding="deterministic", block=k)
     kernels.quantize(x, 1.0, rounding="random")

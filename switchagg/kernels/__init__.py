@@ -26,11 +26,13 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from switchagg.errors import SwitchError
+from switchagg.kernels._numba import PARALLEL_MIN_ELEMENTS
 from switchagg.kernels._philox import philox4x32_10
 
 __all__ = ["QuantizeResult", "DeviceUnavailable", "quantize", "dequantize", "dequantize_add",
            "block_max_abs", "block_exponents", "int_squared_norm", "philox4x32_10",
-           "cpu_backend_name", "warm_up", "require_cuda", "INT32_MIN", "INT32_MAX"]
+           "cpu_backend_name", "warm_up", "require_cuda", "INT32_MIN", "INT32_MAX",
+           "PARALLEL_MIN_ELEMENTS"]
 
 INT32_MIN = -(1 << 31)
 INT32_MAX = (1 << 31) - 1
@@ -76,7 +78,7 @@ def _cpu():
     return _cpu_backend
 
 
-def warm_up(parallel: bool = True) -> None:
+def warm_up(parallel: bool = False) -> None:
     """Load (or compile, on a cold cache) the CPU kernels now rather than on their first use.
 
     A process that will quantize on CPU calls it before it joins a switch: a compilation takes
@@ -84,9 +86,9 @@ def warm_up(parallel: bool = True) -> None:
     under one. With the numpy backend it does nothing.
 
     Args:
-        parallel: also load the multi-threaded kernels that large calls (a whole gradient of
-            1 Mi elements or more) use. False skips them (a process that only quantizes small
-            pieces); they then load or compile on the first such call.
+        parallel: also load the multi-threaded kernels that large calls (PARALLEL_MIN_ELEMENTS
+            or more, e.g. a whole large gradient) use. Ask for them only where such calls will
+            come: once run, their threads compete with torch's for the cores.
     """
     getattr(_cpu(), "warm_up", lambda parallel: None)(parallel=parallel)
 

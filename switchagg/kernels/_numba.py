@@ -39,9 +39,10 @@ the first kernel call (or `warm_up`) and only wraps it. Numba compiles each kern
 call, so a process pays only for what it uses. Inputs are passed as read-only views: numba
 specializes on writability, and a read-only buffer (a ZeroMQ frame) would otherwise cost a second
 compilation of the same kernel. The parallel variants compile in 15-20 s on a cold cache and load
-in tens of milliseconds after; `warm_up()` loads them too (unless told not to), because a compile
-on the first large call would hold the GIL for seconds, silencing the client's heartbeats long
-enough for the switch to declare the worker dead.
+in tens of milliseconds after; `warm_up(parallel=True)` loads them up front for a process that
+will make large calls (a compile on the first such call would hold the GIL for seconds, silencing
+the client's heartbeats). It is not the default: once run, their threads compete with torch's for
+shared cores (the default digits comparison ran 4x slower per step with them loaded).
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ import threading
 
 import numpy as np
 
-__all__ = ["PARALLEL_MIN_ELEMENTS", "available", "warm_up", "quantize", "dequantize", "block_max_abs", "int_squared_norm"]
+__all__ = ["PARALLEL_MIN_ELEMENTS", "available", "warm_up", "quantize", "dequantize",
+           "block_max_abs", "int_squared_norm"]
 
 _SQNORM_CHUNK = 1 << 30   # elements per exact partial sum (see the int64 bound in _numpy)
 #: Elements from which quantize runs the multi-threaded kernels (crossover measured at 64-256 Ki on
@@ -83,7 +85,7 @@ def _ro(a: np.ndarray) -> np.ndarray:
     return v
 
 
-def warm_up(parallel: bool = True) -> None:
+def warm_up(parallel: bool = False) -> None:
     """Load (or, with a cold cache, compile) every kernel now, with the types the wrappers pass.
 
     Call it before timing or before a thread that must not stall (a client's engine thread) first
@@ -91,7 +93,7 @@ def warm_up(parallel: bool = True) -> None:
 
     Args:
         parallel: also load the multi-threaded quantize kernels that calls of PARALLEL_MIN_ELEMENTS
-            or more use (False: they load, or compile, on the first such call).
+            or more use (otherwise they load, or compile, on the first such call).
     """
     x = np.zeros(8, np.float32)
     ints = np.zeros(8, np.int32)
