@@ -44,7 +44,7 @@ def run_methods(collective, methods: list[str]) -> dict:
 
 def primitives(collective) -> dict:
     """Each collective primitive on inputs that stress it; results as JSON-able lists."""
-    rank, world = collective.rank, collective.world_size
+    rank = collective.rank
     rng = np.random.default_rng([9, rank])
     extremes = np.array([2**31 - 1, -2**31, 1, -1, 0, 2**30] * 7, np.int32)  # 42: 6 chunks of 8
     out = {"sum_int": collective.allreduce_int(extremes).tolist(),
