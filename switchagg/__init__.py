@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import importlib
 
-from switchagg.errors import JobAborted, JoinRejected, ProtocolError, SwitchError, SwitchTimeout
+from switchagg.errors import (
+    ConfigError, DeviceUnavailable, JobAborted, JoinRejected, NonFiniteGradient, ProtocolError,
+    SwitchError, SwitchTimeout,
+)
 
 __version__ = "0.1.0"
 
@@ -23,7 +26,7 @@ _LAZY = {
 }
 
 __all__ = ["SwitchError", "SwitchTimeout", "JoinRejected", "JobAborted", "ProtocolError",
-           *_LAZY]
+           "NonFiniteGradient", "DeviceUnavailable", "ConfigError", *_LAZY]
 
 
 def __getattr__(name: str):

@@ -6,6 +6,9 @@ Every error raised by switchagg to a user is a `SwitchError`. The subclass says 
 - `JoinRejected`: the switch refused the JOIN; fix the job parameters (the message names the field).
 - `JobAborted`: the job is gone (a worker died or left, or the switch restarted); start the job again.
 - `ProtocolError`: bytes or fields that break the wire contract; a bug or a version mismatch.
+- `NonFiniteGradient`: a gradient holds NaN or Inf; nothing was sent (lower the learning rate).
+- `DeviceUnavailable`: a CUDA kernel was asked for where cupy or a GPU is missing.
+- `ConfigError`: a setting is out of range or no valid choice; fix the named field.
 
 Errors carry their context as attributes (job, rank, field, value) as well as in the message, so
 callers can act on them without parsing text. This module imports nothing: the switch uses it too.
@@ -13,7 +16,8 @@ callers can act on them without parsing text. This module imports nothing: the s
 
 from __future__ import annotations
 
-__all__ = ["SwitchError", "SwitchTimeout", "JoinRejected", "JobAborted", "ProtocolError"]
+__all__ = ["SwitchError", "SwitchTimeout", "JoinRejected", "JobAborted", "ProtocolError",
+           "NonFiniteGradient", "DeviceUnavailable", "ConfigError"]
 
 
 class SwitchError(Exception):
@@ -49,3 +53,15 @@ class JobAborted(SwitchError):
 
 class ProtocolError(SwitchError, ValueError):
     """Bytes or fields that break the wire contract (DESIGN.md §4)."""
+
+
+class NonFiniteGradient(SwitchError, ValueError):
+    """A gradient holds NaN or Inf: no integer scale can represent it, so nothing was sent."""
+
+
+class DeviceUnavailable(SwitchError, RuntimeError):
+    """A CUDA kernel was asked for, but cupy, the CUDA driver or a device is missing."""
+
+
+class ConfigError(SwitchError, ValueError):
+    """A setting is out of range or names no valid choice (`.field` and `.value` say which)."""

@@ -1,14 +1,17 @@
-"""The gradient-reduction API the training harness calls: a registry of methods and one factory.
+"""The registry of gradient-reduction methods: name -> codec, and the factories every driver uses.
 
-What it owns: `METHODS` (name -> factory) and `make_method`. What it must never do: implement a
-method (each lives in its own file under `switchagg._methods`) or pick a collective for the caller.
+What it owns: `METHODS` (name -> codec class and its fixed options), `make_codec` (one worker's
+codec), `make_method` (a codec bound to an in-process collective: `switchagg.reducer.Reducer`) and
+`collective_kind`. What it must never do: implement a method (each lives in its own file under
+`switchagg.codecs`) or pick a collective for the caller.
 
-    method = make_method("intsgd-random", collective, seed=0, bits=32)
+    codec = make_codec("intsgd-random", world_size=4, rank=0, seed=0, bits=32)   # any driver
+    method = make_method("intsgd-random", collective, seed=0)                    # in-process
     averaged, telemetry = method.reduce(grads, step=k, lr=eta_k)
 
-Every worker builds the same method with the same arguments; `method.collective_kind` says what the
-collective must provide ("float": fp32 SUM, i.e. not the switch; "int": int32 SUM and exponent
-MAX, any collective).
+Every worker builds the same method with the same arguments. `collective_kind(name)` says what the
+method needs: "int" (int32 SUM and int8 exponent MAX: the switch, or any collective) or "torch"
+(fp32 sums or all-gathers: torch.distributed or the in-process group).
 
 | name               | scaling                                          | rounding      | paper           |
 |--------------------|--------------------------------------------------|---------------|-----------------|
@@ -23,71 +26,102 @@ MAX, any collective).
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
-from switchagg._methods._base import Method, NonFiniteGradient
-from switchagg._methods.heuristic import HeuristicSwitchML
-from switchagg._methods.heuristic_global import HeuristicGlobal
-from switchagg._methods.intdiana import IntDIANA
-from switchagg._methods.intsgd import IntSGD
-from switchagg._methods.sgd import SGD
-from switchagg.collectives import Collective
+from switchagg.codecs import (
+    SGD, Codec, HeuristicGlobal, HeuristicSwitchML, IntDIANA, IntSGD,
+)
+from switchagg.errors import ConfigError, NonFiniteGradient
 from switchagg.telemetry import StepTelemetry
 
-__all__ = ["METHODS", "Method", "StepTelemetry", "NonFiniteGradient", "collective_kind",
-           "make_method"]
+__all__ = ["METHODS", "MethodSpec", "StepTelemetry", "NonFiniteGradient", "collective_kind",
+           "make_codec", "make_method", "method_spec"]
 
 
-def _named(cls, name: str, **fixed) -> Callable[..., Method]:
-    def factory(collective: Collective, **options) -> Method:
-        method = cls(collective, **{**fixed, **options})
-        method.name = name
-        return method
-    factory.__name__ = factory.__qualname__ = name.replace("-", "_")
-    factory.__doc__ = f"{name}: {cls.__doc__}"
-    factory.collective_kind = cls.collective_kind  # known before any collective exists
-    return factory
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered method: its codec class and the options its name fixes."""
+
+    name: str
+    codec: type[Codec]
+    fixed: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def collective_kind(self) -> str:
+        return "int" if self.codec.runs_on_switch() else "torch"
+
+    @property
+    def doc(self) -> str:
+        return (self.codec.__doc__ or "").strip().splitlines()[0]
 
 
-#: name -> factory(collective, *, seed, bits, **options) -> Method.
-METHODS: dict[str, Callable[..., Method]] = {
-    "sgd": _named(SGD, "sgd"),
-    "intsgd-random": _named(IntSGD, "intsgd-random", rounding="random"),
-    "intsgd-determ": _named(IntSGD, "intsgd-determ", rounding="deterministic"),
-    "intsgd-block": _named(IntSGD, "intsgd-block", rounding="random", blocks="tensor"),
-    "intdiana": _named(IntDIANA, "intdiana"),
-    "heuristic-switchml": _named(HeuristicSwitchML, "heuristic-switchml"),
-    "heuristic-global": _named(HeuristicGlobal, "heuristic-global"),
-}
+def _spec(name: str, codec: type[Codec], **fixed) -> tuple[str, MethodSpec]:
+    return name, MethodSpec(name, codec, fixed)
+
+
+#: name -> MethodSpec, in the order the comparison runs and reports them.
+METHODS: dict[str, MethodSpec] = dict([
+    _spec("sgd", SGD),
+    _spec("intsgd-random", IntSGD, rounding="random"),
+    _spec("intsgd-determ", IntSGD, rounding="deterministic"),
+    _spec("intsgd-block", IntSGD, rounding="random", blocks="tensor"),
+    _spec("intdiana", IntDIANA),
+    _spec("heuristic-switchml", HeuristicSwitchML),
+    _spec("heuristic-global", HeuristicGlobal),
+])
+
+
+def method_spec(name: str) -> MethodSpec:
+    """The registered method `name`.
+
+    Raises:
+        ConfigError: unknown name (the message lists the valid ones; also a ValueError).
+    """
+    spec = METHODS.get(name)
+    if spec is None:
+        raise ConfigError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}",
+                          field="method", value=name)
+    return spec
 
 
 def collective_kind(name: str) -> str:
-    """What the named method needs of its collective: "float" (fp32 SUM) or "int".
-
-    Raises:
-        ValueError: unknown name (the message lists the valid ones).
-    """
-    factory = METHODS.get(name)
-    if factory is None:
-        raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}")
-    return factory.collective_kind
+    """What the named method needs of its collective: "int" (the switch will do) or "torch"."""
+    return method_spec(name).collective_kind
 
 
-def make_method(name: str, collective: Collective, *, seed: int = 0, bits: int = 32,
-                **options) -> Method:
-    """Build the named method for this worker.
+def make_codec(name: str, *, world_size: int, rank: int, seed: int = 0, bits: int = 32,
+               k: int = 64, **options) -> Codec:
+    """One worker's codec for the named method.
 
     Args:
         name: a key of METHODS.
-        collective: this worker's collective (every worker passes its own, same kind).
+        world_size, rank: the group and this worker.
         seed: seed of the randomized rounding stream (same on every worker).
-        bits: integer budget of the sum, 8, 16 or 32 (ignored by sgd).
-        options: the method's own hyperparameters (e.g. rounding, beta, eps, lr_rescale,
-            names=[parameter names] for error messages).
+        bits: integer budget of the sum, 8, 16 or 32 (ignored by float methods).
+        k: values per packet (per-packet exponents).
+        options: the method's own hyperparameters (e.g. rounding, beta, eps, lr_rescale); they
+            override what the name fixes (intsgd-block with rounding="deterministic").
     Raises:
-        ValueError: unknown name (the message lists the valid ones) or a bad option value.
+        ConfigError: unknown name. TypeError / ValueError: an option the method does not take,
+            or a bad value (the message names it).
     """
-    factory = METHODS.get(name)
-    if factory is None:
-        raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}")
-    return factory(collective, seed=seed, bits=bits, **options)
+    spec = method_spec(name)
+    codec = spec.codec(world_size=world_size, rank=rank, seed=seed, bits=bits, k=k,
+                       **{**spec.fixed, **options})
+    codec.name = name
+    codec.tel.method = name
+    return codec
+
+
+def make_method(name: str, collective, *, seed: int = 0, bits: int = 32,
+                names: list[str] | None = None, **options):
+    """The named method bound to an in-process collective (`switchagg.reducer.Reducer`).
+
+    Raises:
+        ConfigError / ValueError: unknown name, or a bad option value.
+    """
+    from switchagg.reducer import Reducer
+    codec = make_codec(name, world_size=collective.world_size, rank=collective.rank, seed=seed,
+                       bits=bits, k=collective.k, **options)
+    return Reducer(codec, collective, names=names)

@@ -1,8 +1,9 @@
 """What one gradient reduction cost and how close it came to the integer limits, per step.
 
-What it owns: `StepTelemetry`, the record every method returns from `reduce`, and the integer
-summaries it is built from. What it must never do: time or communicate anything itself; the methods
-fill it in.
+What it owns: `StepTelemetry`, the record of one step of one worker that both drivers (the DDP
+hook and the in-process `Reducer`) return, and the integer summaries it is built from. What it must
+never do: time or communicate anything itself; codecs fill in the integers, drivers the costs and
+times.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ class StepTelemetry:
         method: the method's registry name.
         step: the step number the caller passed.
         numel: gradient elements reduced.
+        numel_int: elements this worker turned into integers (the telemetry's integer fields
+            cover these).
         scaling: how the scale was chosen this step ("alpha", "first-step-heuristic",
             "block-exponent", "global-exponent", "float").
         alpha: the scalar scale (None for per-block or per-packet scales, or float methods).
@@ -38,11 +41,14 @@ class StepTelemetry:
         extra_rounds: rounds beyond the one SUM (the heuristic's exponent batch or MAX round).
         t_quantize, t_communicate, t_decode: seconds spent scaling+rounding, in collectives,
             decoding (including the scale update).
+        t_exposed: seconds backward waited for communication after its last bucket was
+            launched (DDP hook; 0 in-process, where nothing overlaps).
     """
 
     method: str
     step: int
     numel: int = 0
+    numel_int: int = 0
     scaling: str = ""
     alpha: float | None = None
     alpha_min: float | None = None
@@ -63,6 +69,7 @@ class StepTelemetry:
     t_quantize: float = 0.0
     t_communicate: float = 0.0
     t_decode: float = 0.0
+    t_exposed: float = 0.0
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -42,7 +42,7 @@ from switchagg.ddp import IntSGDState, intsgd_hook, noop_hook
 
 pytestmark = pytest.mark.slow
 WORKER = os.path.join(REPO, "tests", "ddp_worker.py")
-EXAMPLE = os.path.join(REPO, "workers", "examples", "ddp_intsgd.py")
+EXAMPLE = os.path.join(REPO, "workers", "examples", "ddp_hook.py")
 LR, STEPS, D = 0.05, 8, 207
 #: The numpy kernels need no JIT compilation (numba's takes ~20 s per process on a busy host) and
 #: give the same integers as every other backend.

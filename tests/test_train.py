@@ -7,8 +7,10 @@ import os
 
 import pytest
 
+import torch.distributed as dist
+
 from switchagg.collectives import LocalGroup
-from switchagg.methods import make_method
+from switchagg.ddp import hook_for
 from workers import report
 from workers.tasks import make_task
 from workers.train import TrainConfig, train
@@ -16,12 +18,17 @@ from workers.train import TrainConfig, train
 
 def _run(method: str, *, seed: int = 0, steps: int = 6, world_size: int = 2, task: str = "digits",
          epochs: int = 1, **task_options):
+    """Real DDP on threads: each thread's model in a process-wide group of one rank (DDP's own
+    bookkeeping), its hook reducing over the in-process group."""
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     records: list[list[dict]] = [[] for _ in range(world_size)]
 
     def worker(collective):
         t = make_task(task, **task_options)
-        return train(t, make_method(method, collective, seed=seed), rank=collective.rank,
-                     world_size=world_size, config=TrainConfig(max_steps=steps, seed=seed, epochs=epochs),
+        state, _ = hook_for(method, collective=collective, seed=seed)
+        return train(t, state, rank=collective.rank, world_size=world_size,
+                     config=TrainConfig(max_steps=steps, seed=seed, epochs=epochs),
                      sink=records[collective.rank].append)
 
     return LocalGroup(world_size).run(worker, timeout=60), records

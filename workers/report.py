@@ -88,8 +88,10 @@ def _fmt(value: Any, spec: str) -> str:
 def format_table(methods: dict[str, dict[str, Any]], metric: str = "accuracy") -> str:
     """The summary table, one row per method (fixed-width text).
 
-    Columns: final test loss and headline metric, wall time, ms per step split into compute /
-    quantize / communicate / decode, MB sent per worker, packets per worker per step, rounds per
+    Columns: final test loss and headline metric, wall time, ms per step (forward + backward
+    through DDP, which overlaps the reduction, + optimizer step) with compute, quantize,
+    communicate (the window from the first bucket's launch to the last result, overlapping
+    backward) and decode, MB sent per worker, packets per worker per step, rounds per
     step, max |sum| and the bits the sum needed from step 1 on (IntSGD's step 0 borrows SwitchML's
     exponent scaling; results.json has the extremes over all steps too), clip %, wraps.
     """
@@ -101,7 +103,7 @@ def format_table(methods: dict[str, dict[str, Any]], metric: str = "accuracy") -
     for name, m in methods.items():
         t = m["time_per_step"]
         workers = max(1, int(m.get("workers", 1)))
-        step_ms = 1e3 * sum(t.get(k, 0.0) for k in ("compute", "reduce", "update"))
+        step_ms = 1e3 * sum(t.get(k, 0.0) for k in ("backward", "update"))
         value = m["final_metric"]
         rows.append([
             name, _fmt(m["final_loss"], ".4f"),

@@ -1,25 +1,29 @@
-"""One worker's training loop: local forward/backward, the method's reduce, the optimizer step.
+"""One worker's training loop: a DDP model whose communication hook is the method's codec.
 
 What it owns: running one method on one task for one worker, from a fresh model to a summary, and
 the per-step and per-evaluation records (JSON-able dicts) that the comparison plots and tables are
-made from. What it must never do: communicate except through `method.reduce` (the method owns
-compression and its collective), or make anything depend on wall-clock time except the timings it
-reports.
+made from. What it must never do: communicate except through the DDP hook (the method's codec and
+collective live in the `switchagg.ddp.HookState` it is given), or make anything depend on
+wall-clock time except the timings it reports.
 
-How it works, per step (the walk of DESIGN.md §3, seen from the worker):
-  1. forward/backward on the local batch (plus the task's per-worker gradient clip)   -> t_compute
-  2. `method.reduce(grads, step=, lr=)` returns the averaged gradients and a
-     `StepTelemetry` (integer range, clipping, wraps, bytes, packets, rounds, and the
-     quantize / communicate / decode time split)
-  3. the averaged gradients replace .grad and the optimizer steps (momentum and weight
-     decay after the reduce, the SGD/PowerSGD baselines' placement)
+How it works, per step (the walk of one gradient, seen from the worker):
+  1. forward/backward of the local batch through `DistributedDataParallel`; as each gradient
+     bucket fills, DDP calls the hook, which encodes it with the codec, launches its reduction
+     (the switch, or torch.distributed) and decodes the average back into the bucket, overlapping
+     the rest of backward. backward() returns once every bucket is averaged.
+  2. `state.step_telemetry()`: the integer range, clipping, wraps, bytes, packets, rounds and
+     the quantize / communicate / decode / exposed split of this step.
+  3. the task's gradient clip (on the averaged gradient, as DDP scripts do) and the optimizer
+     step (momentum and weight decay after the reduce, the SGD/PowerSGD baselines' placement).
 Every worker applies the same averaged gradient to the same initial weights, so replicas stay equal;
-the summary carries a digest of the parameters so a caller can check that they did.
+the summary carries a digest of the parameters so a caller can check that they did. compute time
+is forward + backward less what the hook spent encoding and decoding and less the communication
+backward waited for after its last bucket (`t_exposed`).
 
 Reproducibility: one seed fixes everything that is random. The initial weights come from
 `derive_seed(seed, "init")` (the same on every rank), dropout from `(seed, "dropout", rank)`, the data
-order of each epoch from `(seed, "data", rank, epoch)`, and the method's rounding from the seed the
-caller gave `make_method`. Same seed, same numbers (timings aside).
+order of each epoch from `(seed, "data", rank, epoch)`, and the method's rounding from the state's
+seed. Same seed, same numbers (timings aside).
 """
 
 from __future__ import annotations
@@ -33,13 +37,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from workers.data import derive_seed, generator_for
 from workers.tasks.base import Task
 
 __all__ = ["TrainConfig", "train", "telemetry_dict", "params_digest"]
 
-#: Serializes seeding + building when several workers share a process (threads); dropout still
+#: Serializes seeding + building should several workers share a process (threads); dropout still
 #: draws from the global generator, so threaded runs are reproducible only without dropout.
 _INIT_LOCK = threading.Lock()
 
@@ -93,39 +98,74 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train(task: Task, method: Any, *, rank: int, world_size: int, config: TrainConfig,
-          sink: Sink | None = None, progress: Progress | None = None) -> dict[str, Any]:
-    """Train a fresh model of `task` with `method` as worker `rank`; every rank calls this together.
+class _ModelView:
+    """The DDP wrapper for calls (forward goes through DDP, which readies its hooks), the module
+    for attributes (a task's loss may read `model.weight` or call `model.init_hidden`)."""
+
+    def __init__(self, ddp: torch.nn.Module) -> None:
+        self._ddp = ddp
+
+    def __call__(self, *args, **kwargs):
+        return self._ddp(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._ddp.module, name)
+
+
+def _is_non_finite(exc: BaseException, state: Any) -> str | None:
+    """The NonFiniteGradient message behind a failed backward (DDP wraps hook errors), if any."""
+    error = getattr(state, "error", None)
+    if type(error).__name__ == "NonFiniteGradient":
+        return str(error)
+    if "NonFiniteGradient" in f"{type(exc).__name__}: {exc}":
+        return str(exc)
+    return None
+
+
+def train(task: Task, state: Any, *, rank: int, world_size: int, config: TrainConfig,
+          sink: Sink | None = None, progress: Progress | None = None,
+          process_group: Any = None, bucket_cap_mb: float | None = None) -> dict[str, Any]:
+    """Train a fresh model of `task` through DDP with `state`'s method; every rank calls this together.
 
     Args:
         task: the task (this worker's own instance).
-        method: a `switchagg.methods` Method bound to this worker's collective; `method.name` is
-            used in the records.
-        rank, world_size: this worker and the group size.
+        state: a `switchagg.ddp.HookState` (from `hook_for`) for this rank; `state.method` names
+            the records.
+        rank, world_size: this worker and the group size (the data shard's).
         config: epochs, batch size, lr, seed (None fields take the task's preset).
         sink: receives every step and evaluation record.
         progress: rank 0's progress callback.
+        process_group: the group DDP uses for its own bookkeeping (default: the default group).
+        bucket_cap_mb: DDP's bucket size (default DDP's 25 MB).
 
     Returns:
         A summary dict: steps, wall_s, the last evaluation (rank 0; empty elsewhere), training loss,
         cumulative wire cost, integer extremes and time split (see `_Totals.summary`).
 
     Raises:
-        Whatever the method raises (SwitchError subclasses from the transport), unchanged.
+        Whatever the reduction raises (SwitchError subclasses from the transport, as DDP's
+        RuntimeError), except a non-finite gradient, which ends the run as diverged.
     """
+    from switchagg.ddp import codec_hook
     preset = task.preset
     epochs = config.epochs if config.epochs is not None else preset.epochs
     batch_size = config.batch_size if config.batch_size is not None else preset.batch_size
     base_lr = config.lr if config.lr is not None else preset.lr
     eval_every = max(1, config.eval_every or preset.eval_every)
-    name = getattr(method, "name", type(method).__name__)
+    name = state.method
 
-    with _INIT_LOCK:  # torch's global generator: threads (LocalCollective workers) take turns
+    with _INIT_LOCK:  # torch's global generator: threads take turns
         torch.manual_seed(derive_seed(config.seed, "init"))
         model = task.build_model()
         model.train()
         torch.manual_seed(derive_seed(config.seed, "dropout", rank))
     params = [p for p in model.parameters() if p.requires_grad]
+    device_ids = [task.device.index or 0] if task.device.type == "cuda" else None
+    extra = {} if bucket_cap_mb is None else {"bucket_cap_mb": bucket_cap_mb}
+    ddp = DistributedDataParallel(model, device_ids=device_ids, process_group=process_group,
+                                  **extra)
+    ddp.register_comm_hook(state, codec_hook)
+    view = _ModelView(ddp)
     optimizer = torch.optim.SGD(task.param_groups(model, preset.weight_decay), lr=base_lr,
                                 momentum=preset.momentum, nesterov=preset.nesterov and preset.momentum > 0)
     shard = task.shard(rank, world_size, batch_size)
@@ -151,47 +191,41 @@ def train(task: Task, method: Any, *, rank: int, world_size: int, config: TrainC
             lr = preset.lr_at(epoch + (step - epoch * per_epoch) / per_epoch, base_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            state.lr = lr
             t0 = time.perf_counter()
-            # 1. local forward/backward
+            # 1. forward/backward through DDP: the hook reduces each bucket as it fills
             optimizer.zero_grad(set_to_none=False)
-            loss, carry = task.loss(model, batch, carry)
-            loss.backward()
-            if preset.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, preset.grad_clip)
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            _sync(task.device)
-            t1 = time.perf_counter()
-            # 2. the method: compress, communicate, decode
+            loss, carry = task.loss(view, batch, carry)
             try:
-                averaged, telemetry = method.reduce(grads, step=step, lr=lr)
+                loss.backward()
             except Exception as exc:
-                # A NaN/Inf gradient (the method refuses it before sending anything). When the
+                # A NaN/Inf gradient (the hook refuses it before sending anything). When the
                 # weights themselves blew up every replica sees it at the same step, so all ranks
                 # stop together; the run is reported as diverged rather than as a crash.
-                if type(exc).__name__ != "NonFiniteGradient":
+                diverged = _is_non_finite(exc, state)
+                if diverged is None:
                     raise
-                diverged = str(exc)
                 break
             _sync(task.device)
-            t2 = time.perf_counter()
-            # 3. the optimizer applies the average
-            with torch.no_grad():
-                for p, g in zip(params, averaged):
-                    if p.grad is None:  # a parameter this batch did not reach
-                        p.grad = g.view_as(p).clone()
-                    else:
-                        p.grad.copy_(g.view_as(p))
+            t1 = time.perf_counter()
+            # 2. what the reduction cost
+            tel = telemetry_dict(state.step_telemetry())
+            # 3. the task's clip on the averaged gradient, then the optimizer
+            if preset.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, preset.grad_clip)
             optimizer.step()
             _sync(task.device)
-            t3 = time.perf_counter()
+            t2 = time.perf_counter()
 
             loss_value = float(loss.detach())
             epoch_losses.append(loss_value)
-            tel = telemetry_dict(telemetry)
-            totals.add(tel, t1 - t0, t2 - t1, t3 - t2)
+            hook_s = tel.get("t_quantize", 0.0) + tel.get("t_decode", 0.0) + tel.get("t_exposed", 0.0)
+            t_compute = max(t1 - t0 - hook_s, 0.0)
+            totals.add(tel, t_compute, t1 - t0, t2 - t1)
             record = {"kind": "step", "method": name, "rank": rank, "step": step, "epoch": epoch,
-                      "loss": loss_value, "lr": lr, "t_compute": t1 - t0, "t_reduce": t2 - t1,
-                      "t_update": t3 - t2, "bytes_sent_cum": totals.bytes_sent}
+                      "loss": loss_value, "lr": lr, "t_compute": t_compute,
+                      "t_backward": t1 - t0, "t_update": t2 - t1,
+                      "bytes_sent_cum": totals.bytes_sent}
             record.update({k: v for k, v in tel.items() if k not in ("method", "step")})
             emit(record)
             step += 1
@@ -226,10 +260,10 @@ class _Totals:
         # the integer range of its steady state.
         self.later_max_abs_sum = self.later_sum_bits = 0
         self.t = {"compute": 0.0, "quantize": 0.0, "communicate": 0.0, "decode": 0.0,
-                  "reduce": 0.0, "update": 0.0}
+                  "exposed": 0.0, "backward": 0.0, "update": 0.0}
         self.last_epoch_loss = math.nan
 
-    def add(self, tel: dict[str, Any], t_compute: float, t_reduce: float, t_update: float) -> None:
+    def add(self, tel: dict[str, Any], t_compute: float, t_backward: float, t_update: float) -> None:
         self.steps += 1
         self.bytes_sent += int(tel.get("bytes_sent", 0))
         self.bytes_received += int(tel.get("bytes_received", 0))
@@ -244,10 +278,10 @@ class _Totals:
         if self.steps > 1:
             self.later_max_abs_sum = max(self.later_max_abs_sum, int(tel.get("max_abs_sum", 0)))
             self.later_sum_bits = max(self.later_sum_bits, int(tel.get("sum_bits", 0)))
-        for key in ("quantize", "communicate", "decode"):
+        for key in ("quantize", "communicate", "decode", "exposed"):
             self.t[key] += float(tel.get(f"t_{key}", 0.0))
         self.t["compute"] += t_compute
-        self.t["reduce"] += t_reduce
+        self.t["backward"] += t_backward
         self.t["update"] += t_update
 
     def summary(self, *, name: str, rank: int, steps: int, wall_s: float,

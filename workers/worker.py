@@ -1,17 +1,20 @@
 """`switchagg worker`: one training worker, for docker compose, torchrun, a cluster, or `compare`.
 
 What it owns: one worker process's life: who it is (rank, world size, from torchrun's environment
-or flags, or assigned by the switch), its collectives (torch.distributed for `sgd`, the switch for
-the integer methods), and running the chosen methods one after the other on fresh models, writing
-per-step metrics and a summary per method. What it must never do: start a switch or other workers
+or flags, or assigned by the switch), its transports (the switch for the methods it can sum,
+torch.distributed for the others), and running the chosen methods one after the other on fresh
+DDP models (each with the method's hook, `switchagg.ddp.hook_for`), writing per-step metrics and
+a summary per method. What it must never do: start a switch or other workers
 (that is `switchagg compare`, or compose), or wait without a bound.
 
 How it works:
 - Identity: `--rank/--world-size/--master-addr/--master-port`, defaulting to RANK, WORLD_SIZE,
   MASTER_ADDR, MASTER_PORT as torchrun sets them. Without a rank, the switch assigns one at JOIN
   (only for integer methods through the switch: torch.distributed needs a rank up front).
-- Collectives: torch.distributed (gloo on CPU, nccl on CUDA) is initialized once, only if a method
-  needs fp32 sums (`sgd`) or no `--switch` was given. Each integer method gets its own switch job
+- Transports: torch.distributed (gloo on CPU, nccl on CUDA) is initialized once: the job's group
+  when a rendezvous is given (needed by `sgd` and the other non-switch methods, or without
+  `--switch`), else a group of this process alone, which DDP needs for its own bookkeeping while
+  the hook sums through the switch. Each switch method gets its own switch job
   (`<job>-<method>`), so methods never share slots or counters.
 - Outputs (with `--out DIR`): `metrics/<method>.rank<r>.jsonl` (every step; rank 0 also the
   evaluations) and `summaries/<method>.rank<r>.json`.
@@ -134,59 +137,65 @@ class _Emitter:
 
 
 def collective_kind(name: str) -> str:
-    """What the named method needs of its collective ("float" or "int")."""
+    """What the named method needs of its collective ("int": the switch will do; "torch")."""
     from switchagg.methods import collective_kind as kind_of
     return kind_of(name)
 
 
-def _open_collective(kind: str, args: argparse.Namespace, rank: int | None, world_size: int,
-                     method: str):
-    """The collective a method of `kind` ("int" or "float") runs on."""
-    from switchagg.collectives import SwitchCollective, TorchCollective
-    if kind == "int" and args.switch:
-        from switchagg.client import ClientConfig, SwitchClient
-        from switchagg.errors import JoinRejected
-        config = ClientConfig(k=args.k, slots=args.slots, burst=min(ClientConfig.burst, args.slots))
-        deadline = time.monotonic() + args.timeout
-        while True:
-            try:
-                client = SwitchClient(args.switch, f"{args.job}-{method}", world_size, rank=rank,
-                                      config=config, timeout=args.timeout)
-                return SwitchCollective(client, owns_client=True)
-            except JoinRejected as exc:
-                # The previous method's job frees its slots only when its last worker leaves;
-                # a fast worker may get here first. Anything else rejected is final.
-                if exc.field != "slots" or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
-    return TorchCollective(device=args.device if args.device.startswith("cuda") else "cpu", k=args.k)
+def _open_client(args: argparse.Namespace, rank: int | None, world_size: int, method: str):
+    """This worker's switch client for one method's job (joined; the rank may come from it)."""
+    from switchagg.client import ClientConfig, SwitchClient
+    from switchagg.errors import JoinRejected
+    config = ClientConfig(k=args.k, slots=args.slots, burst=min(ClientConfig.burst, args.slots))
+    deadline = time.monotonic() + args.timeout
+    while True:
+        try:
+            return SwitchClient(args.switch, f"{args.job}-{method}", world_size, rank=rank,
+                                config=config, timeout=args.timeout)
+        except JoinRejected as exc:
+            # The previous method's job frees its slots only when its last worker leaves;
+            # a fast worker may get here first. Anything else rejected is final.
+            if exc.field != "slots" or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def _init_process_group(args: argparse.Namespace, names: list[str]) -> None:
+    """torch.distributed for DDP: the job's group when a rendezvous is given; else, when every
+    method sums in the switch (ranks assigned at JOIN, as in compose), a group of this process
+    alone, which DDP needs for its bookkeeping while the hook talks to the switch."""
+    import torch.distributed as dist
+    backend = "nccl" if args.device.startswith("cuda") else "gloo"
+    rendezvous = None not in (args.rank, args.world_size) and args.master_addr and args.master_port
+    needs_torch = not args.switch or any(collective_kind(n) == "torch" for n in names)
+    if rendezvous:
+        dist.init_process_group(backend, init_method=f"tcp://{args.master_addr}:{args.master_port}",
+                                rank=args.rank, world_size=args.world_size,
+                                timeout=datetime.timedelta(seconds=args.timeout))
+    elif needs_torch:
+        raise ValueError("torch.distributed (for sgd and the other non-switch methods, or without "
+                         "--switch) needs --rank, --world-size, --master-addr and --master-port (or "
+                         "RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT as torchrun sets them)")
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
 def run_methods(args: argparse.Namespace, names: list[str], emit: "_Emitter | _Tracked") -> dict[str, dict]:
-    """Run each method in turn on a fresh model; returns method -> this worker's summary."""
+    """Run each method in turn on a fresh DDP model; returns method -> this worker's summary."""
     import torch.distributed as dist
 
-    from switchagg.methods import make_method
+    from switchagg.ddp import hook_for
     from workers.tasks import make_task, parse_options
     from workers.train import train
 
     config = training_config(args)
     task = make_task(args.task, data=args.data, device=args.device, **parse_options(args.opt))
-    needs_torch = not args.switch or any(collective_kind(n) == "float" for n in names)
-    if needs_torch:
-        if args.rank is None or args.world_size is None or not args.master_addr or not args.master_port:
-            raise ValueError("torch.distributed (for sgd, or without --switch) needs --rank, "
-                             "--world-size, --master-addr and --master-port (or RANK, WORLD_SIZE, "
-                             "MASTER_ADDR, MASTER_PORT as torchrun sets them)")
-        backend = "nccl" if args.device.startswith("cuda") else "gloo"
-        dist.init_process_group(backend, init_method=f"tcp://{args.master_addr}:{args.master_port}",
-                                rank=args.rank, world_size=args.world_size,
-                                timeout=datetime.timedelta(seconds=args.timeout))
     if args.world_size is None:
         raise ValueError("the world size is unknown: pass --world-size or set WORLD_SIZE")
+    _init_process_group(args, names)
     # Load the CPU kernels now: a compilation mid-step would hold the GIL for seconds (stalling
-    # the step and the switch client's heartbeats). The multi-threaded variants only where whole
-    # gradients are large enough to use them: loaded, their threads spin beside torch's on shared
+    # the step and the switch client's heartbeats). The multi-threaded variants only where DDP's
+    # buckets are large enough to use them: loaded, their threads spin beside torch's on shared
     # cores (measured: 4x slower steps of the default digits run).
     from switchagg.kernels import PARALLEL_MIN_ELEMENTS, warm_up
     numel = sum(p.numel() for p in task.build_model().parameters())
@@ -195,12 +204,17 @@ def run_methods(args: argparse.Namespace, names: list[str], emit: "_Emitter | _T
     try:
         for name in names:
             kind = collective_kind(name)
-            collective = _open_collective(kind, args, args.rank, args.world_size, name)
-            rank = collective.rank
+            client = None
+            if kind == "int" and args.switch:
+                client = _open_client(args, args.rank, args.world_size, name)
+            state, _ = hook_for(name, switch=None, client=client, job=f"{args.job}-{name}",
+                                world_size=None if client else args.world_size,
+                                rank=None if client else args.rank, seed=args.seed,
+                                bits=args.bits, timeout=args.timeout)
+            rank = state.rank
             emit.rank = rank
             emit("start", method=name)
             try:
-                method = make_method(name, collective, seed=args.seed, bits=args.bits)
                 metrics_file = None
                 if args.out:
                     os.makedirs(os.path.join(args.out, "metrics"), exist_ok=True)
@@ -211,14 +225,17 @@ def run_methods(args: argparse.Namespace, names: list[str], emit: "_Emitter | _T
                         _f.write(json.dumps(record) + "\n")
 
                 try:
-                    summary = train(task, method, rank=rank, world_size=args.world_size, config=config,
-                                    sink=sink, progress=lambda s, t, lo: emit.progress(name, s, t, lo))
+                    summary = train(task, state, rank=rank, world_size=args.world_size,
+                                    config=config, sink=sink,
+                                    progress=lambda s, t, lo: emit.progress(name, s, t, lo))
                 finally:
                     if metrics_file is not None:
                         metrics_file.close()
+                summary["collective"] = "switch" if client is not None else "torch"
             finally:
-                collective.close()
-            summary["collective"] = getattr(collective, "kind", kind)
+                state.close()
+                if client is not None:
+                    client.close()
             results[name] = summary
             if args.out:
                 os.makedirs(os.path.join(args.out, "summaries"), exist_ok=True)

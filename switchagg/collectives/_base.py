@@ -3,7 +3,7 @@
 What it owns: the handful of operations a method may ask of "the other workers" (exact wrapping int32
 SUM, the SwitchML exponent look-ahead, MAX, fp32 SUM, all-gather) and the accounting of what each
 call cost (bytes, packets, rounds, wraps). What it must never do: scale, round or decode anything; a
-collective moves integers and floats, the methods in `switchagg._methods` decide what they mean.
+collective moves integers and floats, the codecs in `switchagg.codecs` decide what they mean.
 
 How it works: a concrete collective implements five primitives (`_sum_int`, `_max`, `_sum_float`,
 `_gather`, and optionally `_sum_int_stream`) and adds what each call cost to `self.stats` (a
@@ -20,16 +20,26 @@ in `stats.wraps`.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
+import torch
+
+from switchagg.codecs._base import Gather, Max, Stream, Sum
 
 from switchagg.packet import DEFAULT_K, HEADER_BYTES, check_k
 
-__all__ = ["Collective", "CommStats", "EncodeFn", "wrap_int32", "packets_for", "wire_bytes"]
+__all__ = ["Collective", "CommStats", "EncodeFn", "wrap_int32", "packets_for", "wire_bytes",
+           "to_host", "like", "completed", "host_encode", "HOST_COPIES"]
+
+#: dtype name -> bytes copied from a device to the host by `to_host` (tests check that only
+#: int32 payloads ever cross: the floats stay where the gradient lives).
+HOST_COPIES: collections.Counter = collections.Counter()
 
 _INT32_MIN, _INT32_MAX = -(1 << 31), (1 << 31) - 1
 
@@ -68,6 +78,49 @@ class CommStats:
         """The cost accumulated since `before` (a snapshot of this object)."""
         return CommStats(**{f.name: getattr(self, f.name) - getattr(before, f.name)
                             for f in dataclasses.fields(self)})
+
+
+def to_host(values) -> np.ndarray:
+    """A payload as a 1-D host numpy array: a view of a CPU tensor or array, a copy of a CUDA one
+    (through pinned memory; counted in HOST_COPIES)."""
+    if isinstance(values, torch.Tensor):
+        t = values.detach().reshape(-1)
+        if t.device.type == "cpu":
+            return t.contiguous().numpy()
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t)
+        HOST_COPIES[str(t.dtype).replace("torch.", "")] += host.numel() * host.element_size()
+        return host.numpy()
+    return np.ascontiguousarray(values).reshape(-1)
+
+
+def like(result: np.ndarray, ref) -> Any:
+    """A host result as a tensor next to `ref` (a tensor, or a device); numpy if ref is neither."""
+    device = ref.device if isinstance(ref, torch.Tensor) else ref
+    if device is None and not isinstance(ref, torch.Tensor):
+        return torch.from_numpy(np.ascontiguousarray(result))
+    t = torch.from_numpy(np.ascontiguousarray(result))
+    return t if torch.device(device).type == "cpu" else t.to(device, non_blocking=False)
+
+
+def host_encode(encode: Callable, device: list) -> Callable[[int, int, np.ndarray], np.ndarray]:
+    """A Stream's encode whose tensors come back as host int32 (the device seen is noted)."""
+    def run(c0: int, c1: int, max_exponents: np.ndarray) -> np.ndarray:
+        out = encode(c0, c1, max_exponents)
+        if isinstance(out, torch.Tensor) and not device:
+            device.append(out.device)
+        return to_host(out)
+    return run
+
+
+def completed(fn: Callable[[], Any]) -> concurrent.futures.Future:
+    """A Future already holding fn()'s result or its exception."""
+    fut: concurrent.futures.Future = concurrent.futures.Future()
+    try:
+        fut.set_result(fn())
+    except BaseException as exc:  # handed to whoever waits on the Future
+        fut.set_exception(exc)
+    return fut
 
 
 def wrap_int32(exact: np.ndarray) -> np.ndarray:
@@ -113,7 +166,59 @@ class Collective(ABC):
         self.rank = rank
         self.world_size = world_size
         self.k = check_k(k)
-        self.stats = CommStats()
+        self._stats = CommStats()
+
+    @property
+    def stats(self) -> CommStats:
+        """Cumulative `CommStats` of this worker's calls."""
+        return self._stats
+
+    # -- codec payloads (what the drivers call) ---------------------------------------------------
+
+    def launch(self, payload) -> tuple[Any, concurrent.futures.Future]:
+        """Start the collective operation a codec payload needs (`switchagg.codecs`).
+
+        A `Max` round is run to completion first, in the calling thread (bounded by the
+        transport's timeout), and its `then` gives the next payload; the last one is launched
+        asynchronously where the transport allows it, so every rank issues its calls in the
+        order its driver launches buckets.
+
+        Args:
+            payload: a `Sum`, `Stream`, `Max` or `Gather` from a codec's encode.
+        Returns:
+            (the payload that was launched, a Future of its reduced value): a tensor of the
+            payload's dtype on its device (Sum), (int32 sums of `numel`, int8 max exponents)
+            (Stream), or the list of every rank's tensor (Gather).
+        Raises:
+            TypeError: a payload this collective cannot carry (the message says which can).
+        """
+        while isinstance(payload, Max):
+            payload = payload.then(self.allreduce_max(np.asarray(payload.values)))
+        if not isinstance(payload, (Sum, Stream, Gather)):
+            raise TypeError(f"a codec returned {type(payload).__name__}; expected Sum, Stream, "
+                            f"Max or Gather")
+        return payload, self._launch(payload)
+
+    def _launch(self, payload) -> concurrent.futures.Future:
+        """Default: run the payload synchronously (the in-process group) and hand back a done Future."""
+        return completed(lambda: self._run(payload))
+
+    def _run(self, payload):
+        if isinstance(payload, Sum):
+            values = payload.values
+            host = to_host(values)
+            if host.dtype == np.int32:
+                return like(self.allreduce_int(host), values)
+            if host.dtype == np.float32:
+                return like(self.allreduce_float(host), values)
+            raise TypeError(f"Sum payloads are int32 or float32, got {host.dtype}")
+        if isinstance(payload, Stream):
+            device = []
+            sums, max_exp = self.allreduce_int_stream(payload.exponents,
+                                                      host_encode(payload.encode, device))
+            return like(sums[:payload.numel], device[0] if device else None), max_exp
+        parts = self.allgather(to_host(payload.values))
+        return [like(p, payload.values) for p in parts]
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -128,8 +233,8 @@ class Collective(ABC):
             TypeError: values are not int32. SwitchTimeout / JobAborted: from the transport.
         """
         values = _as_1d(values, np.int32, "allreduce_int")
-        self.stats.calls += 1
-        self.stats.rounds += 1
+        self._stats.calls += 1
+        self._stats.rounds += 1
         return self._sum_int(values)
 
     def allreduce_int_stream(self, exponents: np.ndarray, encode: EncodeFn) -> tuple[np.ndarray, np.ndarray]:
@@ -145,29 +250,29 @@ class Collective(ABC):
             (sums, max_exponents): int32 (chunks * k,) wrapped sum, int8 (chunks,) max exponents.
         """
         exponents = _as_1d(exponents, np.int8, "allreduce_int_stream")
-        self.stats.calls += 1
+        self._stats.calls += 1
         return self._sum_int_stream(exponents, encode)
 
     def allreduce_max(self, values: np.ndarray) -> np.ndarray:
         """Elementwise MAX over all workers (any numeric dtype, kept)."""
         values = np.ascontiguousarray(values).reshape(-1)
-        self.stats.calls += 1
-        self.stats.rounds += 1
+        self._stats.calls += 1
+        self._stats.rounds += 1
         return self._max(values)
 
     def allreduce_float(self, values: np.ndarray) -> np.ndarray:
         """fp32 SUM over all workers (the full-precision SGD baseline). Order of additions: the
         transport's; results may differ in the last bit between collectives."""
         values = _as_1d(values, np.float32, "allreduce_float")
-        self.stats.calls += 1
-        self.stats.rounds += 1
+        self._stats.calls += 1
+        self._stats.rounds += 1
         return self._sum_float(values)
 
     def allgather(self, values: np.ndarray) -> list[np.ndarray]:
         """Every worker's 1-D array (lengths may differ; dtype must match), indexed by rank."""
         values = np.ascontiguousarray(values).reshape(-1)
-        self.stats.calls += 1
-        self.stats.rounds += 1
+        self._stats.calls += 1
+        self._stats.rounds += 1
         return self._gather(values)
 
     def close(self) -> None:
@@ -199,7 +304,7 @@ class Collective(ABC):
 
     def _sum_int_stream(self, exponents: np.ndarray, encode: EncodeFn) -> tuple[np.ndarray, np.ndarray]:
         """Emulation for collectives without an exponent register: MAX round, then SUM round."""
-        self.stats.rounds += 2
+        self._stats.rounds += 2
         max_exp = self._exponent_max(exponents)
         payload = np.ascontiguousarray(encode(0, len(exponents), max_exp), dtype=np.int32).reshape(-1)
         if payload.size != len(exponents) * self.k:

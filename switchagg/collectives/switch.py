@@ -22,14 +22,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from switchagg.collectives._base import Collective, EncodeFn
+import concurrent.futures
+import dataclasses
+
+from switchagg.codecs._base import Stream, Sum
+from switchagg.collectives._base import Collective, CommStats, EncodeFn, host_encode, like, to_host
 from switchagg.errors import SwitchError
 from switchagg.scaling.lookahead import lookahead_fill, lookahead_numel, lookahead_sums
 
 __all__ = ["SwitchCollective"]
 
 
-def _warm_up_kernels(k: int) -> None:
+def warm_up_kernels() -> None:
     """Compile the per-packet quantize kernel now, not inside the engine thread.
 
     A stream's encode runs in the client's engine thread; a first-call JIT compilation there (numba:
@@ -55,30 +59,89 @@ class SwitchCollective(Collective):
         super().__init__(client.rank, client.world_size, k=client.k)
         self.client = client
         self.owns_client = owns_client
-        _warm_up_kernels(self.k)
+        self._base = client.stats()
+        warm_up_kernels()
 
     @property
     def slots(self) -> int:
         return int(self.client.slots)
 
+    @property
+    def stats(self) -> CommStats:
+        """Calls and rounds counted here; bytes, packets and wraps read from the client's
+        counters (so calls still in flight are counted as far as they went)."""
+        now, base = self.client.stats(), self._base
+        return dataclasses.replace(
+            self._stats,
+            bytes_sent=now.bytes_sent - base.bytes_sent,
+            bytes_received=now.bytes_received - base.bytes_received,
+            packets_sent=now.packets_sent - base.packets_sent,
+            packets_received=now.packets_received - base.packets_received,
+            wraps=now.wrapped - base.wrapped)
+
     def close(self) -> None:
         if self.owns_client:
             self.client.close()
 
-    def _account(self, before) -> None:
-        after = self.client.stats()
-        self.stats.bytes_sent += after.bytes_sent - before.bytes_sent
-        self.stats.bytes_received += after.bytes_received - before.bytes_received
-        self.stats.packets_sent += after.packets_sent - before.packets_sent
-        self.stats.packets_received += after.packets_received - before.packets_received
-        self.stats.wraps += after.wrapped - before.wrapped
+    # -- codec payloads: asynchronous, one client call each ---------------------------------------
+
+    def _launch(self, payload) -> concurrent.futures.Future:
+        if isinstance(payload, Sum):
+            values = payload.values
+            host = to_host(values)
+            if host.dtype != np.int32:
+                raise TypeError(f"the switch sums int32 only, got a {host.dtype} payload: run "
+                                f"float methods (sgd) on TorchCollective or LocalCollective")
+            self._stats.calls += 1
+            self._stats.rounds += 1
+            return _then(self.client.allreduce_async(host), lambda sums: like(sums, values))
+        if isinstance(payload, Stream):
+            return self._stream_async(payload)
+        raise TypeError("the switch cannot all-gather: run gather methods on TorchCollective "
+                        "or LocalCollective")
+
+    def _stream_async(self, payload: Stream, count_call: bool = True) -> concurrent.futures.Future:
+        """SwitchML's look-ahead (see the module essay): at most s chunks as an exponent batch
+        (waited for here) and a SUM; more as one call of s + chunks packets."""
+        exponents, chunks, k, s = payload.exponents, len(payload.exponents), self.k, self.slots
+        device: list = []
+        encode = host_encode(payload.encode, device)
+        self._stats.calls += int(count_call)
+        self._stats.rounds += 2
+        if chunks <= s:
+            max_exp = self._exponent_max(exponents)
+            values = np.ascontiguousarray(encode(0, chunks, max_exp), dtype=np.int32).reshape(-1)
+            return _then(self.client.allreduce_async(values),
+                         lambda sums: (like(sums[:payload.numel], device[0] if device else None),
+                                       max_exp))
+        errors: list[BaseException] = []
+
+        def guarded_encode(c0: int, c1: int, max_exponents: np.ndarray) -> np.ndarray:
+            # Runs in the client's engine thread; an exception must not kill it, so it is kept
+            # and raised from the Future instead (the payload then is zeros).
+            try:
+                return encode(c0, c1, max_exponents)
+            except BaseException as exc:  # raised from the Future below
+                errors.append(exc)
+                return np.zeros((c1 - c0) * k, np.int32)
+
+        call = self.client.allreduce_stream_async(lookahead_numel(chunks, s, k),
+                                                  lookahead_fill(exponents, s, k, guarded_encode))
+
+        def unpack(result):
+            if errors:
+                raise errors[0]
+            sums, max_exp = result
+            return (like(lookahead_sums(sums, s, k, payload.numel).copy(),
+                         device[0] if device else None),
+                    np.asarray(max_exp, dtype=np.int8)[:chunks].copy())
+
+        return _then(call, unpack)
+
+    # -- the synchronous primitives ---------------------------------------------------------------
 
     def _sum_int(self, values: np.ndarray) -> np.ndarray:
-        before = self.client.stats()
-        try:
-            return self.client.allreduce(values)
-        finally:
-            self._account(before)
+        return self.client.allreduce(values)
 
     def _max(self, values: np.ndarray) -> np.ndarray:
         if values.dtype != np.int8:
@@ -94,41 +157,13 @@ class SwitchCollective(Collective):
             values_out[:] = 0
             exponents_out[:] = exponents[first:stop]
 
-        before = self.client.stats()
-        try:
-            _, max_exp = self.client.allreduce_stream(len(exponents) * k, fill)
-        finally:
-            self._account(before)
+        _, max_exp = self.client.allreduce_stream(len(exponents) * k, fill)
         return np.asarray(max_exp, dtype=np.int8)[:len(exponents)].copy()
 
     def _sum_int_stream(self, exponents: np.ndarray, encode: EncodeFn) -> tuple[np.ndarray, np.ndarray]:
-        chunks, k, s = len(exponents), self.k, self.slots
-        self.stats.rounds += 2
-        if chunks <= s:
-            max_exp = self._exponent_max(exponents)
-            payload = np.ascontiguousarray(encode(0, chunks, max_exp), dtype=np.int32).reshape(-1)
-            return self._sum_int(payload), max_exp
-
-        errors: list[BaseException] = []
-
-        def guarded_encode(c0: int, c1: int, max_exponents: np.ndarray) -> np.ndarray:
-            # Runs in the client's engine thread; an exception must not kill it, so it is kept
-            # and re-raised here after the call (the payload then is zeros).
-            try:
-                return encode(c0, c1, max_exponents)
-            except BaseException as exc:  # re-raised below, in the caller's thread
-                errors.append(exc)
-                return np.zeros((c1 - c0) * k, np.int32)
-
-        fill = lookahead_fill(exponents, s, k, guarded_encode)
-        before = self.client.stats()
-        try:
-            sums, max_exp = self.client.allreduce_stream(lookahead_numel(chunks, s, k), fill)
-        finally:
-            self._account(before)
-        if errors:
-            raise errors[0]
-        return lookahead_sums(sums, s, k).copy(), np.asarray(max_exp, dtype=np.int8)[:chunks].copy()
+        # allreduce_int_stream counted the call; the stream counts its two rounds.
+        return self._stream_async(Stream(exponents, encode, len(exponents) * self.k),
+                                  count_call=False).result()
 
     def _sum_float(self, values: np.ndarray) -> np.ndarray:
         raise SwitchError("the switch sums int32 only: run float methods (sgd) on TorchCollective "
@@ -137,3 +172,21 @@ class SwitchCollective(Collective):
     def _gather(self, values: np.ndarray) -> list[np.ndarray]:
         raise SwitchError("the switch cannot all-gather: run gather methods on TorchCollective "
                           "or LocalCollective", field="collective", value="switch")
+
+
+def _then(call: concurrent.futures.Future, post) -> concurrent.futures.Future:
+    """A Future of post(call's result), completed in the thread that completes `call`."""
+    fut: concurrent.futures.Future = concurrent.futures.Future()
+
+    def forward(done: concurrent.futures.Future) -> None:
+        error = done.exception()
+        if error is not None:
+            fut.set_exception(error)
+            return
+        try:
+            fut.set_result(post(done.result()))
+        except BaseException as exc:  # handed to whoever waits on the Future
+            fut.set_exception(exc)
+
+    call.add_done_callback(forward)
+    return fut

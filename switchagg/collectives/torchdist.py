@@ -19,10 +19,13 @@ moves about 2 (n-1)/n of that per rank, which is not counted here).
 
 from __future__ import annotations
 
+import concurrent.futures
+
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from switchagg.codecs._base import Sum
 from switchagg.collectives._base import Collective, chunks_wrapped, wrap_int32
 from switchagg.packet import DEFAULT_K
 
@@ -55,6 +58,43 @@ class TorchCollective(Collective):
         self.int_wire = int_wire or ("int32" if backend == "nccl" else "int64")
         if self.int_wire not in ("int32", "int64"):
             raise ValueError(f"int_wire must be 'int32' or 'int64', got {self.int_wire!r}")
+
+    # -- codec payloads: a Sum stays on its device and runs asynchronously ------------------------
+
+    def _launch(self, payload) -> concurrent.futures.Future:
+        if not isinstance(payload, Sum):
+            return super()._launch(payload)   # Stream (MAX round, then SUM) and Gather: blocking
+        values = payload.values
+        if not isinstance(values, torch.Tensor):
+            return super()._launch(payload)
+        self._stats.calls += 1
+        self._stats.rounds += 1
+        t = values.detach().reshape(-1)
+        if t.dtype == torch.int32 and self.int_wire == "int64":
+            wire = t.to(device=self.device, dtype=torch.int64)
+        elif t.dtype in (torch.int32, torch.float32):
+            wire = t.to(self.device, copy=True)
+        else:
+            raise TypeError(f"Sum payloads are int32 or float32, got {t.dtype}")
+        self._stats.bytes_sent += wire.numel() * wire.element_size()
+        self._stats.bytes_received += wire.numel() * wire.element_size()
+        work = dist.all_reduce(wire, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+
+        def finish(done) -> None:
+            try:
+                done.value()  # raises the backend's error, if any
+                out = wire
+                if wire.dtype == torch.int64:
+                    exact = wire.cpu().numpy() if wire.device.type != "cpu" else wire.numpy()
+                    self._stats.wraps += chunks_wrapped(exact[None, :], self.k)
+                    out = torch.from_numpy(wrap_int32(exact))
+                fut.set_result(out.to(t.device))
+            except BaseException as exc:  # handed to whoever waits on the Future
+                fut.set_exception(exc)
+
+        work.get_future().add_done_callback(finish)
+        return fut
 
     def _tensor(self, values: np.ndarray, dtype=None) -> torch.Tensor:
         t = torch.from_numpy(np.array(values, dtype=dtype, copy=True))

@@ -1,31 +1,25 @@
-"""`IntSGDState`: what the DDP hooks keep between buckets and iterations.
+"""`HookState`: what the codec hook keeps between buckets and iterations.
 
-What it owns: the hyperparameters (switch address and job, rounding, budget, seed, learning rate,
-IntSGD's beta/eps), the lazily opened `SwitchClient`, the iteration count, the alpha scaler and the
-per-iteration bookkeeping that feeds it, and the statistics. What it must never do: quantize or
-communicate (the private `_bucket` helpers do), or derive alpha from anything but integer sums every
-worker holds (DESIGN.md §6: alpha must be bit-identical on every rank).
+What it owns: the hyperparameters (method, switch address and job, budget, seed, learning rate,
+the method's own options), the lazily built collective (a `SwitchClient` for methods the switch
+can reduce, torch.distributed otherwise) and codec, the iteration bookkeeping (bucket positions,
+offsets, stable parameter keys), the step's telemetry and the statistics. What it must never do:
+quantize or decode (the codec does), communicate (the collective does), or block in a callback.
 
-Why one global r (Algorithm 1) and per-parameter r (Algorithm 2), never per-bucket state. DDP
-rebuilds its buckets after the first iteration (measured-limits.md §8.4): their number, sizes, order
-and membership change, so state keyed by `bucket.index()` would be attached to different parameters
-before and after the rebuild. Algorithm 1's r is a property of the whole model (d = every
-parameter), so it does not care how the model is cut into buckets: every bucket of iteration k uses
-alpha_k, the exact integer squared norms of all its sums add up (Python ints, order-free) to
-||S^k||^2, and r is updated once per iteration. Algorithm 2 keys r by parameter (the same objects
-before and after the rebuild), numbered in the order first seen; iteration 0 presents every
-parameter in the same order on every rank, so the numbering agrees across ranks and runs.
+Iteration bookkeeping. DDP calls the hook once per bucket, in the same order on every rank, and
+ends an iteration on `bucket.is_last()`. The first bucket of an iteration calls `codec.begin`
+(which folds the previous iteration: DDP waited for all of its futures before backward returned);
+each bucket gets its position, the offset of its first element in the iteration (the rounding
+stream's offset, so buckets never share random numbers) and one block per parameter, keyed by the
+parameter's first-seen order: the same objects before and after DDP's bucket rebuild, numbered the
+same on every rank because iteration 0 presents them in the same order everywhere.
 
-Iteration bookkeeping. An iteration's buckets are launched in the same order on every rank (DDP
-reduces buckets strictly in index order) and end on `bucket.is_last()`, where the step counter
-moves. Their results arrive in the client's engine thread, in an order a retransmission can change,
-so float observations are stored by launch position and combined in that order. DDP waits for every
-bucket's future before backward() returns, so the first bucket of the next iteration finds the
-previous one complete and folds it into the scaler (`_Iteration`), before computing its alpha.
-
-First step. r is unknown at iteration 0; it runs SwitchML's heuristic per-packet scaling (int8
-exponents only, no float exchanged) and seeds r with that step's exact length, as the IntSGD
-method does (`switchagg._methods.intsgd`).
+Telemetry. `step_telemetry()` (the training loop calls it after backward) closes the iteration:
+`codec.end()`, then the wire cost from the collective's counters since the iteration began and
+the times: quantize (encoding, also inside a look-ahead stream), decode, communicate (the window
+from the first launch to the last result, overlapping backward, less quantize and decode), exposed
+(what backward waited for: rounds the hook had to wait for, such as a MAX before encoding, and
+the time from the last launch to the last result).
 """
 
 from __future__ import annotations
@@ -33,109 +27,75 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from typing import Callable
 
-import numpy as np
 import torch
 
-from switchagg import kernels
-from switchagg.errors import JobAborted, SwitchError
-from switchagg.scaling import AlphaScaler, clip_bounds, max_magnitude
+from switchagg.codecs._base import Block, Bucket, Codec
+from switchagg.errors import ConfigError, JobAborted, SwitchError
+from switchagg.methods import make_codec, method_spec
+from switchagg.reducer import fill_costs
+from switchagg.scaling import clip_bounds
+from switchagg.telemetry import StepTelemetry
 
-__all__ = ["IntSGDState"]
+__all__ = ["HookState"]
 
 log = logging.getLogger(__name__)
 
-_ROUNDINGS = ("random", "deterministic")
-#: Hook families a state can serve; one state serves one of them (their r's differ in shape).
-_MODES = ("global", "tensor", "heuristic")
 
-
-class _Iteration:
-    """One iteration's launches and the observations its results produced (thread-safe)."""
-
-    def __init__(self, owner: IntSGDState, index: int, lr: float,
-                 alpha: np.ndarray | None) -> None:
-        self.owner, self.index, self.lr, self.alpha = owner, index, lr, alpha
-        self.offset = 0            # elements launched so far: the Philox offset of the next bucket
-        self.launched = 0
-        self.completed = 0
-        self.int_sq = 0            # alpha steps, global mode: sum of exact integer squared norms
-        self.by_position: dict[int, float] = {}    # first step, global mode: ||bucket step||^2
-        self.by_block: dict[int, float | int] = {}  # tensor mode: per parameter block
-        self._lock = threading.Lock()
-
-    def launch(self, numel: int) -> tuple[int, int]:
-        """Reserve (position, offset) for a bucket of numel elements."""
-        position, offset = self.launched, self.offset
-        self.launched += 1
-        self.offset += numel
-        return position, offset
-
-    def record(self, *, int_sq: int = 0, position: int | None = None, value: float = 0.0,
-               blocks: dict | None = None, clipped: int = 0) -> None:
-        """Record one bucket's result (called from the client's engine thread)."""
-        with self._lock:
-            self.owner.clipped += clipped
-            self.int_sq += int_sq
-            if position is not None:
-                self.by_position[position] = value
-            if blocks:
-                self.by_block.update(blocks)
-            self.completed += 1
-
-    @property
-    def complete(self) -> bool:
-        with self._lock:
-            return self.launched > 0 and self.completed == self.launched
-
-
-class IntSGDState:
-    """State of the switch hooks (`intsgd_hook`, `intsgd_block_hook`, `switchml_hook`).
+class HookState:
+    """State of `codec_hook`: one method, one collective, one rank.
 
     Args:
-        address: the switch's endpoint, e.g. "tcp://127.0.0.1:5555"; the client is opened on the
-            first bucket (every rank joins then). Give this or `client`.
+        method: a name of `switchagg.methods.METHODS`.
+        address: the switch's endpoint, e.g. "tcp://127.0.0.1:5555", for methods the switch can
+            reduce (ignored by the others); the client joins on the first bucket (every rank
+            then). Without it (and without `client`) they run over torch.distributed too.
         client: an open `switchagg.SwitchClient` to use instead (not closed by `close()`).
+        collective: a ready `switchagg.collectives.Collective` to use instead of either.
+        process_group: torch.distributed group for the methods that need it (default group).
         job: the switch job's name (every rank the same). Default "ddp".
         world_size, rank: default to torch.distributed's (the rank keys the rounding stream).
         config: a `switchagg.ClientConfig` for the lazily opened client.
         timeout: overrides the config's join and op timeouts (seconds).
-        rounding: "random" (unbiased, the default) or "deterministic" (round half to even),
-            for the IntSGD hooks; the SwitchML hook always rounds to nearest, as SwitchML does.
         bits: integer budget of each sum, 8, 16 or 32: every worker clips to its share.
         seed: seed of the rounding stream (the same on every rank).
         lr: the learning rate the optimizer uses, or a zero-argument callable returning it (read
-            once per iteration; it must agree on every rank). alpha is proportional to it.
-        beta, eps, lr_rescale: IntSGD's r average and eps (`switchagg.scaling.AlphaScaler`).
+            once per iteration; it must agree on every rank).
+        options: the method's own hyperparameters (e.g. rounding, beta, eps, lr_rescale).
 
     Raises:
-        ValueError: a bad value or combination; the message names the parameter.
+        ValueError: a bad value or combination; the message starts with the parameter's name.
     """
 
     __slots__ = (
         # user hyperparameters
-        "address", "job", "world_size", "rank", "config", "timeout", "rounding", "bits", "seed",
-        "lr", "beta", "eps", "lr_rescale",
+        "method", "address", "job", "world_size", "rank", "config", "timeout", "bits", "seed",
+        "lr", "options", "process_group",
         # internal state
-        "_client", "_owns_client", "_mode", "_scaler", "_block_keys", "_block_sizes",
-        "_current", "_lo", "_hi", "_magnitude", "_lock",
+        "_client", "_owns_client", "_collective", "_codec", "_pending_state", "_keys", "_lock",
+        "_open", "_index", "_offset", "_launched", "_completed", "_failed", "_before", "_times",
+        "_streamed",
         # statistics
-        "iteration", "buckets", "elements", "clipped", "last_alpha", "error",
+        "iteration", "buckets", "elements", "error", "last_telemetry",
     )
 
-    def __init__(self, address: str | None = None, *, client=None, job: str = "ddp",
+    def __init__(self, method: str | None, address: str | None = None, *, client=None,
+                 collective=None, process_group=None, job: str = "ddp",
                  world_size: int | None = None, rank: int | None = None, config=None,
-                 timeout: float | None = None, rounding: str = "random", bits: int = 32,
-                 seed: int = 0, lr: float | Callable[[], float] = 1.0, beta: float = 0.9,
-                 eps: float = 1e-8, lr_rescale: bool = True) -> None:
-        if (address is None) == (client is None):
-            raise ValueError("address: give the switch's address or an open client, not both "
-                             "nor neither")
-        if client is not None:
+                 timeout: float | None = None, bits: int = 32, seed: int = 0,
+                 lr: float | Callable[[], float] = 1.0, **options) -> None:
+        if method is not None:
+            method_spec(method)  # an unknown name fails here, listing the valid ones
+        if client is not None and address is not None:
+            raise ValueError("address: give the switch's address or an open client, not both")
+        if collective is not None:
+            world_size, rank = collective.world_size, collective.rank
+        elif client is not None:
             address, job = client.address, client.job
             world_size, rank = client.world_size, client.rank
-        elif not isinstance(address, str) or "://" not in address:
+        elif address is not None and (not isinstance(address, str) or "://" not in address):
             raise ValueError(f"address={address!r}: expected a ZeroMQ endpoint such as "
                              f"'tcp://127.0.0.1:5555'")
         if world_size is None and torch.distributed.is_available() \
@@ -143,47 +103,53 @@ class IntSGDState:
             world_size, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
         if world_size is not None and (not isinstance(world_size, int) or world_size < 1):
             raise ValueError(f"world_size={world_size!r}: expected an int >= 1")
-        if rounding not in _ROUNDINGS:
-            raise ValueError(f"rounding={rounding!r}: choose one of {_ROUNDINGS}")
         if not isinstance(seed, int) or not 0 <= seed < 2 ** 64:
             raise ValueError(f"seed={seed!r}: expected an int in [0, 2^64)")
         if timeout is not None and not timeout > 0:
             raise ValueError(f"timeout={timeout!r}: expected a positive number of seconds")
         if not callable(lr) and not (isinstance(lr, (int, float)) and 0 < lr < math.inf):
             raise ValueError(f"lr={lr!r}: expected a positive finite learning rate or a callable "
-                             f"returning one (alpha is proportional to it)")
-        # AlphaScaler checks beta and eps; build a throwaway one so bad values fail here.
-        try:
-            AlphaScaler(1, [1], beta=beta, eps=eps)
-        except ValueError as exc:
-            raise ValueError(f"beta={beta!r}, eps={eps!r}: {exc}") from None
-        self.address, self.job, self.world_size, self.rank = address, job, world_size, rank
-        self.config, self.timeout, self.rounding = config, timeout, rounding
-        self.bits, self.seed, self.lr = bits, seed, lr
-        self.beta, self.eps, self.lr_rescale = float(beta), float(eps), bool(lr_rescale)
-        self._client, self._owns_client = client, client is None
-        self._mode: str | None = None
-        self._scaler: AlphaScaler | None = None
-        self._block_keys: dict[int, int] = {}
-        self._block_sizes: list[int] = []
-        self._current: _Iteration | None = None
-        self._lo = self._hi = self._magnitude = None
-        self._lock = threading.Lock()
-        self.iteration = self.buckets = self.elements = self.clipped = 0
-        self.last_alpha: np.ndarray | None = None
-        self.error: BaseException | None = None
+                             f"returning one")
         if world_size is not None:
-            self._budget(world_size)  # bits: fail now, not on the first bucket
-        log.info("IntSGDState: switch %s job %r, world size %s, rank %s, rounding %s, %d-bit "
-                 "budget, seed %d, lr %s, beta %g, eps %g, lr_rescale %s", address, job,
-                 world_size, rank, rounding, bits, seed, "callable" if callable(lr) else lr,
-                 self.beta, self.eps, self.lr_rescale)
+            try:
+                clip_bounds(bits, world_size)
+            except ValueError as exc:
+                raise ValueError(f"bits={bits!r}: {exc}") from None
+        self.method, self.address, self.job = method, address, job
+        self.world_size, self.rank, self.config, self.timeout = world_size, rank, config, timeout
+        self.bits, self.seed, self.lr, self.options = bits, seed, lr, dict(options)
+        self.process_group = process_group
+        self._client, self._owns_client = client, client is None
+        self._collective = collective
+        self._codec: Codec | None = None
+        self._pending_state: dict | None = None
+        self._keys: dict[int, int] = {}
+        self._lock = threading.Lock()
+        self._open = False
+        self._index = self._offset = self._launched = self._completed = 0
+        self._failed = False
+        self._before = None
+        self._times = {}
+        self._streamed = [0.0]
+        self.iteration = self.buckets = self.elements = 0
+        self.error: BaseException | None = None
+        self.last_telemetry: StepTelemetry | None = None
+        if method is not None and world_size is not None and rank is not None:
+            self._build_codec(world_size, rank)  # bad options fail now, not on the first bucket
+        log.info("HookState: method %s, switch %s job %r, world size %s, rank %s, %d-bit budget, "
+                 "seed %d, lr %s, options %s", method, address, job, world_size, rank, bits, seed,
+                 "callable" if callable(lr) else lr, self.options)
 
     # ---- public ----------------------------------------------------------------------------
 
     @property
+    def codec(self) -> Codec | None:
+        """This rank's codec (None until the first bucket when the rank comes from the switch)."""
+        return self._codec
+
+    @property
     def client(self):
-        """The SwitchClient, opened (joined) on first access.
+        """The SwitchClient (opened on first access), for methods that run on the switch.
 
         Raises:
             SwitchTimeout / JoinRejected: from joining (the message names the address).
@@ -192,92 +158,112 @@ class IntSGDState:
             if self._client is None:
                 if self.error is not None:
                     raise self.error
+                if self.address is None:
+                    raise ConfigError("address: this state has no switch address", field="address")
                 from switchagg.client import SwitchClient
-                _warm_up_kernels(self.config.k if self.config is not None else 64)
+                from switchagg.collectives.switch import warm_up_kernels
+                warm_up_kernels()
                 try:
-                    self._client = SwitchClient(self.address, self.job, self._world(),
-                                                self.rank, config=self.config,
-                                                timeout=self.timeout)
+                    self._client = SwitchClient(self.address, self.job, self._world(), self.rank,
+                                                config=self.config, timeout=self.timeout)
                 except SwitchError as exc:
                     self.error = exc
                     raise
                 self.world_size, self.rank = self._client.world_size, self._client.rank
             return self._client
 
-    @property
-    def alpha(self) -> np.ndarray | None:
-        """The alpha of the latest IntSGD iteration (one per block), None on heuristic steps."""
-        return self.last_alpha
+    def step_telemetry(self) -> StepTelemetry | None:
+        """Close the iteration that just ran (call after backward) and return its telemetry."""
+        with self._lock:
+            self._finish()
+            return self.last_telemetry
 
     def close(self, reason: str = "") -> None:
         """Leave the switch job (a non-empty reason aborts it for every rank)."""
         with self._lock:
             client, self._client = self._client, None
+            collective, self._collective = self._collective, None
         if client is not None and self._owns_client:
             client.close(reason=reason)
+        elif collective is not None and client is None and getattr(collective, "kind", "") != "switch":
+            collective.close()
         if reason and self.error is None:
             self.error = JobAborted(f"this rank left job {self.job!r}: {reason}", job=self.job)
 
     def __getstate__(self) -> dict:
-        """Everything but the client, lock and per-iteration bookkeeping (a checkpoint)."""
+        """Everything but the client, collective, lock and iteration bookkeeping (a checkpoint)."""
         lr = self._lr_now() if callable(self.lr) else self.lr
-        self._fold_finished()
-        state = {name: getattr(self, name) for name in self.__slots__
-                 if not name.startswith("_") and name != "error"}
+        with self._lock:
+            self._finish()
+        state = {name: getattr(self, name) for name in HookState.__slots__
+                 if not name.startswith("_") and name not in ("error", "last_telemetry")}
         if callable(self.lr):
-            log.warning("IntSGDState pickled with lr=%.6g, the current value of its lr "
-                        "callable; set state.lr again after loading to follow the schedule", lr)
+            log.warning("HookState pickled with lr=%.6g, the current value of its lr callable; "
+                        "set state.lr again after loading to follow the schedule", lr)
             state["lr"] = lr
-        state.update(mode=self._mode, block_sizes=list(self._block_sizes), scaler=None)
-        if self._scaler is not None:
-            state["scaler"] = dict(self._scaler.state_dict(), d=self._scaler.d.tolist())
+        state["process_group"] = None
+        state["codec_state"] = None if self._codec is None else self._codec.state_dict()
         return state
 
     def __setstate__(self, state: dict) -> None:
-        scaler = state.pop("scaler")
-        mode, sizes = state.pop("mode"), state.pop("block_sizes")
-        for name, value in state.items():
-            setattr(self, name, value)
-        self._client, self._owns_client = None, True
-        self._mode, self._block_sizes, self._block_keys = mode, sizes, {}
-        self._current, self._lock, self.error = None, threading.Lock(), None
-        self._lo = self._hi = self._magnitude = None
-        self._scaler = None
-        if scaler is not None:
-            self._scaler = self._make_scaler(scaler.pop("d"))
-            self._scaler.load_state_dict(scaler)
+        codec_state = state.pop("codec_state")
+        for name in HookState.__slots__:
+            if not name.startswith("_"):
+                setattr(self, name, state.get(name))
+        self.error, self.last_telemetry = None, None
+        self._client, self._owns_client, self._collective = None, True, None
+        self._codec, self._pending_state, self._keys = None, codec_state, {}
+        self._lock = threading.Lock()
+        self._open, self._failed = False, False
+        self._index = self._offset = self._launched = self._completed = 0
+        self._before, self._times, self._streamed = None, {}, [0.0]
+        if self.world_size is not None and self.rank is not None and self.method is not None:
+            self._build_codec(self.world_size, self.rank)
 
-    # ---- used by the hooks -----------------------------------------------------------------
+    # ---- used by the hook --------------------------------------------------------------------
 
     def _world(self) -> int:
         if self.world_size is None:
             if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
                 raise ValueError("world_size: pass it, or initialize torch.distributed first")
-            self.world_size, self.rank = (torch.distributed.get_world_size(),
-                                          torch.distributed.get_rank())
+            self.world_size = torch.distributed.get_world_size(self.process_group)
+            self.rank = torch.distributed.get_rank(self.process_group)
         return self.world_size
 
-    def _budget(self, world_size: int) -> tuple[int, int, int]:
-        """(lo, hi, M) of the integer budget; raises ValueError naming `bits`."""
-        if self._lo is None:
-            try:
-                self._lo, self._hi = clip_bounds(self.bits, world_size)
-            except ValueError as exc:
-                raise ValueError(f"bits={self.bits!r}: {exc}") from None
-            self._magnitude = max_magnitude(self.bits)
-        return self._lo, self._hi, self._magnitude
+    def _build_codec(self, world_size: int, rank: int, k: int | None = None) -> None:
+        if k is None:
+            k = self.config.k if self.config is not None else 64
+        self._codec = make_codec(self.method, world_size=world_size, rank=rank, seed=self.seed,
+                                 bits=self.bits, k=k, **self.options)
+        if self._pending_state is not None:
+            self._codec.load_state_dict(self._pending_state)
+            self._pending_state = None
 
-    def _use(self, mode: str) -> None:
-        """Bind this state to one hook family on first use."""
-        if self._mode is None:
-            self._mode = mode
-        elif self._mode != mode:
-            raise ValueError(f"state: this IntSGDState serves the {self._mode!r} hook; build "
-                             f"another one for the {mode!r} hook")
-
-    def _make_scaler(self, sizes) -> AlphaScaler:
-        return AlphaScaler(self._world(), sizes, beta=self.beta, eps=self.eps,
-                           lr_rescale=self.lr_rescale)
+    def _ready(self):
+        """(collective, codec), built on the first bucket. Raises SwitchError or ValueError."""
+        if self._collective is None:
+            if self.error is not None:
+                raise self.error
+            if method_spec(self.method).collective_kind == "int" and \
+                    (self.address is not None or self._client is not None):
+                from switchagg.collectives.switch import SwitchCollective
+                collective = SwitchCollective(self.client, owns_client=False)
+            else:
+                from switchagg.collectives.torchdist import TorchCollective
+                self._world()
+                collective = TorchCollective(self.process_group)
+            with self._lock:
+                self._collective = collective
+        collective = self._collective
+        codec = self._codec
+        if codec is None or (codec.n, codec.rank, codec.k) != (collective.world_size,
+                                                               collective.rank, collective.k):
+            state = None if codec is None else codec.state_dict()
+            if state is not None and self._pending_state is None:
+                self._pending_state = state
+            self._build_codec(collective.world_size, collective.rank, collective.k)
+            self.world_size, self.rank = collective.world_size, collective.rank
+        return collective, self._codec
 
     def _lr_now(self) -> float:
         lr = float(self.lr() if callable(self.lr) else self.lr)
@@ -285,85 +271,71 @@ class IntSGDState:
             raise ValueError(f"lr={lr!r}: the learning rate must be positive and finite")
         return lr
 
-    def _begin_bucket(self, numel: int, mode: str) -> tuple[_Iteration, int, int]:
-        """The current iteration (folding the previous one first) and this bucket's slot in it."""
-        self._use(mode)
-        it = self._current
-        if it is None or it.index != self.iteration:
-            self._fold_finished()
-            lr = self._lr_now()
-            alpha = None
-            if mode != "heuristic" and self._scaler is not None:
-                alpha = self._scaler.alpha(lr)
-                self.last_alpha = alpha
-            it = self._current = _Iteration(self, self.iteration, lr, alpha)
-        position, offset = it.launch(numel)
-        self.buckets += 1
-        self.elements += numel
-        return it, position, offset
+    def _bucket(self, bucket, codec: Codec, collective) -> Bucket:
+        """This DDP bucket's place in the iteration, beginning the iteration on its first one."""
+        buf = bucket.buffer()
+        with self._lock:
+            if not self._open:
+                self._finish()
+                codec.begin(self.iteration, self._lr_now())
+                self._open, self._failed = True, False
+                self._index = self._offset = self._launched = self._completed = 0
+                self._before = collective.stats.snapshot()
+                self._times = {"quantize": 0.0, "decode": 0.0, "blocked": 0.0, "first": None,
+                               "last": None, "done": None}
+                self._streamed = [0.0]
+            blocks, a = [], 0
+            for param in bucket.parameters():
+                key = self._keys.setdefault(id(param), len(self._keys))
+                blocks.append(Block(key, a, a + param.numel()))
+                a += param.numel()
+            if a != buf.numel():
+                raise RuntimeError(f"DDP bucket {bucket.index()}: its parameters cover {a} of "
+                                   f"{buf.numel()} elements; cannot place per-parameter state")
+            placed = Bucket(self._index, self._offset, buf.numel(), tuple(blocks))
+            self._index += 1
+            self._offset += buf.numel()
+            self.buckets += 1
+            self.elements += buf.numel()
+            return placed
 
-    def _end_bucket(self, is_last: bool) -> None:
-        if is_last:
-            self.iteration += 1
+    def _launched_one(self, t_start: float, t_encoded: float, t_end: float,
+                      is_last: bool) -> None:
+        with self._lock:
+            self._launched += 1
+            self._times["quantize"] += t_encoded - t_start
+            self._times["blocked"] += t_end - t_encoded   # a Max round, or the hand-off
+            if self._times["first"] is None:
+                self._times["first"] = t_start
+            self._times["last"] = t_end
+            if is_last:
+                self.iteration += 1
+                self._open = False
 
-    def _block_key(self, param: torch.Tensor, numel: int) -> int:
-        """Stable number of a parameter block (first-seen order); checks its size."""
-        key = self._block_keys.get(id(param))
-        if key is None:
-            key = len(self._block_keys)
-            if key < len(self._block_sizes):  # restored from a checkpoint: same order, check sizes
-                if self._block_sizes[key] != numel:
-                    raise ValueError(f"state: parameter block {key} has {numel} elements, the "
-                                     f"checkpoint {self._block_sizes[key]}; load the state into "
-                                     f"the model it was saved from")
-            elif self._scaler is not None:
-                raise ValueError(f"state: a parameter of {numel} elements appeared after the "
-                                 f"first iteration; intsgd_block_hook needs a fixed parameter set")
-            else:
-                self._block_sizes.append(numel)
-            self._block_keys[id(param)] = key
-        return key
+    def _completed_one(self, decode_s: float, failed: bool) -> None:
+        with self._lock:
+            self._completed += 1
+            self._failed |= failed
+            self._times["decode"] += decode_s
+            self._times["done"] = time.perf_counter()
 
-    def _fold_finished(self) -> None:
-        """Feed a finished iteration's observations to the scaler (creating it after step 0)."""
-        it = self._current
-        if it is None or not it.complete:
-            return  # nothing yet, or a failed bucket: the job is broken anyway
-        self._current = None
-        if self._mode == "heuristic":
+    def _finish(self) -> None:
+        """Fold the last iteration into the codec and its telemetry (caller holds the lock)."""
+        codec = self._codec
+        if codec is None or self._before is None or self._open:
             return
-        lr = it.lr
-        if self._mode == "global":
-            if self._scaler is None:
-                self._scaler = self._make_scaler([it.offset])
-            if it.alpha is None:  # first step: float lengths, summed in launch order
-                step_sq = sum(it.by_position[p] for p in range(it.launched)) * (lr * lr)
-            else:
-                step_sq = self._scaler.step_sq_from_sum([it.int_sq], it.alpha, lr)
-        else:
-            if self._scaler is None:
-                self._scaler = self._make_scaler(self._block_sizes)
-            values = [it.by_block.get(key, 0) for key in range(len(self._block_sizes))]
-            if it.alpha is None:
-                step_sq = np.array(values, dtype=np.float64) * (lr * lr)
-            else:
-                step_sq = self._scaler.step_sq_from_sum(values, it.alpha, lr)
-        self._scaler.observe(step_sq, lr)
-
-
-def _warm_up_kernels(k: int) -> None:
-    """Compile the kernels the engine thread runs (fills, decodes) before joining.
-
-    A first-call JIT compilation inside the client's engine thread would silence its heartbeats
-    long enough for the switch to declare the worker dead (as `SwitchCollective` notes).
-    """
-    # DDP's buckets (25 MiB by default) take the multi-threaded kernels: load those too.
-    kernels.warm_up(parallel=True)
-    x = np.zeros(k, np.float32)
-    kernels.quantize(x, np.ones(1, np.float32), rounding="deterministic", block=k)
-    kernels.quantize(x, 1.0, rounding="random")
-    kernels.block_exponents(x, k)
-    sums = np.zeros(k, np.int32)
-    kernels.dequantize(sums, 1.0)
-    kernels.dequantize(sums, np.ones(1), block=k)
-    kernels.int_squared_norm(sums)
+        if self._failed or self._completed < self._launched:
+            self._before = None    # a failed or abandoned iteration: the job is broken anyway
+            return
+        codec.end()
+        tel, times = codec.tel, self._times
+        tel.numel = self._offset
+        tel.t_quantize = times["quantize"] + self._streamed[0]
+        tel.t_decode = times["decode"]
+        if times["first"] is not None and times["done"] is not None:
+            tel.t_communicate = max(times["done"] - times["first"] - tel.t_quantize
+                                    - tel.t_decode, 0.0)
+            tel.t_exposed = max(times["done"] - times["last"], 0.0) + times["blocked"]
+        fill_costs(tel, self._collective.stats.since(self._before), buckets=self._launched)
+        self.last_telemetry = tel
+        self._before = None

@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from switchagg.errors import SwitchError
+from switchagg.errors import DeviceUnavailable
 from switchagg.kernels._numba import PARALLEL_MIN_ELEMENTS
 from switchagg.kernels._philox import philox4x32_10
 
@@ -47,10 +47,6 @@ class QuantizeResult(NamedTuple):
 
     values: Any
     clipped: int
-
-
-class DeviceUnavailable(SwitchError, RuntimeError):
-    """A CUDA kernel was asked for, but cupy, the CUDA driver or a device is missing."""
 
 
 def cpu_backend_name() -> str:

@@ -28,7 +28,7 @@ after a warm-up step and shrink after a decay until the EMA catches up).
 
 First step (r unknown). `alpha` raises until `observe` has seen one step; the methods take step 0
 with SwitchML's heuristic block-exponent scaling (no float exchanged, int8 exponents only; see
-`switchagg._methods._heuristic`) and seed r with that step's exact length: r_1 = ||x^1 - x^0||^2,
+`switchagg.codecs.heuristic`) and seed r with that step's exact length: r_1 = ||x^1 - x^0||^2,
 the first value itself, not (1 - beta) times it (pitfall 5).
 """
 

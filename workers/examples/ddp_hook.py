@@ -1,10 +1,11 @@
-"""Train a small classifier with PyTorch DDP, each gradient bucket summed by the emulated switch.
+"""Train a small classifier with PyTorch DDP, each gradient bucket reduced by a switchagg method.
 
     switch-emulator --bind tcp://127.0.0.1:5555 &
-    torchrun --standalone --nproc-per-node 2 workers/examples/ddp_intsgd.py --switch tcp://127.0.0.1:5555
+    torchrun --standalone --nproc-per-node 2 workers/examples/ddp_hook.py --switch tcp://127.0.0.1:5555
+    torchrun --standalone --nproc-per-node 2 workers/examples/ddp_hook.py --method intdiana
 
-The only switchagg lines are the state and `register_comm_hook` (marked below); the rest is an
-ordinary DDP script. Every rank trains on its own shard of a synthetic 10-class problem (an MLP on
+The only switchagg lines are `hook_for` and `register_comm_hook` (marked below); the rest is an
+ordinary DDP script. Methods the switch can sum go through it; the others (sgd) use gloo. Every rank trains on its own shard of a synthetic 10-class problem (an MLP on
 32 features), prints the loss every few steps, and at the end checks that all ranks hold the same
 parameters (the hook averages, so they must agree bit for bit).
 """
@@ -19,17 +20,15 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from switchagg.ddp import IntSGDState, intsgd_block_hook, intsgd_hook, switchml_hook
-
-HOOKS = {"intsgd": intsgd_hook, "intsgd-block": intsgd_block_hook, "switchml": switchml_hook}
+from switchagg.ddp import hook_for
+from switchagg.methods import METHODS
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--switch", default=os.environ.get("SWITCH_ADDR", "tcp://127.0.0.1:5555"),
                         help="the switch's endpoint (default $SWITCH_ADDR or %(default)s)")
-    parser.add_argument("--hook", choices=sorted(HOOKS), default="intsgd")
-    parser.add_argument("--rounding", choices=["random", "deterministic"], default="random")
+    parser.add_argument("--method", choices=list(METHODS), default="intsgd-random")
     parser.add_argument("--bits", type=int, choices=[8, 16, 32], default=32)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--lr", type=float, default=0.1)
@@ -58,19 +57,20 @@ def main() -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
 
     # switchagg: one state per rank, the same settings everywhere; the client joins on backward().
-    state = IntSGDState(args.switch, job=args.job, rounding=args.rounding, bits=args.bits,
-                        lr=lambda: optimizer.param_groups[0]["lr"], timeout=args.timeout)
-    model.register_comm_hook(state, HOOKS[args.hook])
+    state, hook = hook_for(args.method, switch=args.switch, job=args.job, bits=args.bits,
+                           lr=lambda: optimizer.param_groups[0]["lr"], timeout=args.timeout)
+    model.register_comm_hook(state, hook)
 
     x, y = shard(rank)
     for step in range(args.steps):
         optimizer.zero_grad()
         loss = torch.nn.functional.cross_entropy(model(x), y)
         loss.backward()
+        tel = state.step_telemetry()   # this step's integers, scale, bytes and time split
         optimizer.step()
         if rank == 0 and (step % 10 == 0 or step == args.steps - 1):
-            alpha = "heuristic" if state.alpha is None else f"{float(state.alpha.max()):.4g}"
-            print(f"step {step} loss {loss.item():.4f} alpha {alpha} clipped {state.clipped}",
+            print(f"step {step} loss {loss.item():.4f} scaling {tel.scaling} "
+                  f"max|sum| {tel.max_abs_sum} clipped {tel.clipped} sent {tel.bytes_sent} B",
                   flush=True)
 
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
