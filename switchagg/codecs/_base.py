@@ -34,6 +34,8 @@ Payloads say what they need of the network (`Codec.needs` lists the kinds a code
   driver waits for it in the hook thread (bounded), so every rank issues its calls in one order.
 - `Gather`: an all-gather of a payload that cannot be added (QSGD's levels, packed signs); the
   reduced value is the list of every rank's tensor, indexed by rank.
+A `Sum` or `Gather` with `then` is an intermediate round of a multi-round method (PowerSGD's P
+before its Q): the driver waits for it like a `Max` and continues with `then(result)`.
 
 Buckets. `Bucket` says where the flat tensor sits in the iteration: `offset` (its first element's
 index among all elements of this iteration, which keys the rounding's random stream so that
@@ -115,10 +117,14 @@ class Bucket:
 
 @dataclass(frozen=True)
 class Sum:
-    """SUM over workers of `values` (int32: wrapping; float32: torch.distributed only)."""
+    """SUM over workers of `values` (int32: wrapping; float32: torch.distributed only).
+
+    With `then`, this is an intermediate round (PowerSGD's P before its Q): the driver waits for
+    the sum and `then(sum)` gives the next payload."""
 
     values: Any
     ctx: Any = None
+    then: Callable[[Any], "Payload"] | None = None
     need: ClassVar[str] = "sum"
 
 
@@ -145,10 +151,12 @@ class Max:
 
 @dataclass(frozen=True)
 class Gather:
-    """All-gather of `values` (a 1-D tensor, any dtype; lengths may differ by rank)."""
+    """All-gather of `values` (a 1-D tensor, any dtype; lengths may differ by rank); with `then`,
+    an intermediate round as for `Sum`."""
 
     values: Any
     ctx: Any = None
+    then: Callable[[Any], "Payload"] | None = None
     need: ClassVar[str] = "gather"
 
 

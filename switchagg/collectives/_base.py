@@ -178,10 +178,10 @@ class Collective(ABC):
     def launch(self, payload) -> tuple[Any, concurrent.futures.Future]:
         """Start the collective operation a codec payload needs (`switchagg.codecs`).
 
-        A `Max` round is run to completion first, in the calling thread (bounded by the
-        transport's timeout), and its `then` gives the next payload; the last one is launched
-        asynchronously where the transport allows it, so every rank issues its calls in the
-        order its driver launches buckets.
+        A `Max` round (or any payload with `then`) is run to completion first, in the calling
+        thread (bounded by the transport's timeout), and its `then` gives the next payload; the
+        last one is launched asynchronously where the transport allows it, so every rank issues
+        its calls in the order its driver launches buckets.
 
         Args:
             payload: a `Sum`, `Stream`, `Max` or `Gather` from a codec's encode.
@@ -192,12 +192,16 @@ class Collective(ABC):
         Raises:
             TypeError: a payload this collective cannot carry (the message says which can).
         """
-        while isinstance(payload, Max):
-            payload = payload.then(self.allreduce_max(np.asarray(payload.values)))
-        if not isinstance(payload, (Sum, Stream, Gather)):
-            raise TypeError(f"a codec returned {type(payload).__name__}; expected Sum, Stream, "
-                            f"Max or Gather")
-        return payload, self._launch(payload)
+        while True:
+            if isinstance(payload, Max):
+                payload = payload.then(self.allreduce_max(np.asarray(payload.values)))
+            elif not isinstance(payload, (Sum, Stream, Gather)):
+                raise TypeError(f"a codec returned {type(payload).__name__}; expected Sum, "
+                                f"Stream, Max or Gather")
+            elif getattr(payload, "then", None) is not None:   # an intermediate round
+                payload = payload.then(self._launch(payload).result())
+            else:
+                return payload, self._launch(payload)
 
     def _launch(self, payload) -> concurrent.futures.Future:
         """Default: run the payload synchronously (the in-process group) and hand back a done Future."""
