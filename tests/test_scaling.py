@@ -24,7 +24,7 @@ def test_collective_kind_is_known_without_building_the_method():
     from switchagg.methods import collective_kind
     for name in METHODS:
         assert collective_kind(name) == make_method(name, LocalGroup(1).member(0)).collective_kind
-    assert collective_kind("sgd") == "float" and collective_kind("intdiana") == "int"
+    assert collective_kind("sgd") == "torch" and collective_kind("intdiana") == "int"
     with pytest.raises(ValueError, match="heuristic-switchml"):
         collective_kind("qsgd")
 
@@ -66,9 +66,9 @@ def _alphas(inputs_for_rank, method="intsgd-random", steps=6, world=3):
         for step in range(steps):
             lr = 0.1 if step < 4 else 0.01                     # a decay step on the way
             m.reduce(inputs_for_rank(c.rank, step), step=step, lr=lr)
-            if m.scaler.ready and step:
-                seen.append(m.last_alpha.tobytes())
-        return seen, m.scaler.r.tobytes()
+            if m.codec.scaler.ready and step:
+                seen.append(m.codec.last_alpha.tobytes())
+        return seen, m.codec.scaler.r.tobytes()
     return LocalGroup(world, k=8).run(worker)
 
 
@@ -131,7 +131,7 @@ def test_budget_of_8_bits_never_wraps_even_when_alpha_explodes():
         m = make_method("intsgd-determ", c, bits=8)
         x = np.full(50, 1.0 + c.rank, np.float32)
         tels = [m.reduce([torch.from_numpy(x)], step=s, lr=1.0)[1] for s in range(3)]
-        m.scaler.r[:] = 1e-30                                  # alpha -> huge: everything clips
+        m.codec.scaler.r[:] = 1e-30                                  # alpha -> huge: everything clips
         tels.append(m.reduce([torch.from_numpy(x)], step=3, lr=1.0)[1])
         return tels
     for tels in LocalGroup(16, k=8).run(worker):
@@ -161,10 +161,11 @@ def _heterogeneous_gd(method, steps=200, world=4, seed=0):
 
 def test_intdiana_shifts_are_consistent_and_its_integers_stay_bounded_where_intsgd_grows():
     diana = _heterogeneous_gd("intdiana")
-    h = [m.h_global.tobytes() for m, _, _ in diana]
+    h = [m.codec.h_global[0].numpy().tobytes() for m, _, _ in diana]
     assert all(v == h[0] for v in h)                           # h bit-identical on every worker
-    mean_local = np.mean([m.h_local for m, _, _ in diana], axis=0)
-    np.testing.assert_allclose(diana[0][0].h_global, mean_local, rtol=1e-4, atol=1e-5)
+    mean_local = np.mean([m.codec.h_local[0].numpy() for m, _, _ in diana], axis=0)
+    np.testing.assert_allclose(diana[0][0].codec.h_global[0].numpy(), mean_local, rtol=1e-4,
+                               atol=1e-5)
     intsgd = _heterogeneous_gd("intsgd-random")
     diana_q = max(q[10:].max() for _, q, _ in diana)
     intsgd_q = [q for _, q, _ in intsgd]
