@@ -205,11 +205,6 @@ class IntSGDState(HookState):
                              f"one for {method!r}")
 
     @property
-    def alpha(self):
-        """The alpha of the latest IntSGD iteration (one per block), None on heuristic steps."""
-        return getattr(self._codec, "last_alpha", None)
-
-    @property
     def _scaler(self):
         return getattr(self._codec, "scaler", None)
 
