@@ -35,11 +35,12 @@ from switchagg.codecs._base import Gather, Max, Stream, Sum
 from switchagg.packet import DEFAULT_K, HEADER_BYTES, check_k
 
 __all__ = ["Collective", "CommStats", "EncodeFn", "wrap_int32", "packets_for", "wire_bytes",
-           "to_host", "like", "completed", "host_encode", "HOST_COPIES"]
+           "to_host", "like", "completed", "host_encode", "HOST_TRANSFERS"]
 
-#: dtype name -> bytes copied from a device to the host by `to_host` (tests check that only
-#: int32 payloads ever cross: the floats stay where the gradient lives).
-HOST_COPIES: collections.Counter = collections.Counter()
+#: dtype name -> bytes of payload handed from a codec to a transport's host side by `to_host`
+#: (a view for CPU tensors, a pinned copy for CUDA ones). Tests check that switch methods hand
+#: over int32 only: the floats stay where the gradient lives.
+HOST_TRANSFERS: collections.Counter = collections.Counter()
 
 _INT32_MIN, _INT32_MAX = -(1 << 31), (1 << 31) - 1
 
@@ -82,16 +83,18 @@ class CommStats:
 
 def to_host(values) -> np.ndarray:
     """A payload as a 1-D host numpy array: a view of a CPU tensor or array, a copy of a CUDA one
-    (through pinned memory; counted in HOST_COPIES)."""
+    (through pinned memory); counted in HOST_TRANSFERS."""
     if isinstance(values, torch.Tensor):
         t = values.detach().reshape(-1)
+        HOST_TRANSFERS[str(t.dtype).replace("torch.", "")] += t.numel() * t.element_size()
         if t.device.type == "cpu":
             return t.contiguous().numpy()
         host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
         host.copy_(t)
-        HOST_COPIES[str(t.dtype).replace("torch.", "")] += host.numel() * host.element_size()
         return host.numpy()
-    return np.ascontiguousarray(values).reshape(-1)
+    out = np.ascontiguousarray(values).reshape(-1)
+    HOST_TRANSFERS[out.dtype.name] += out.nbytes
+    return out
 
 
 def like(result: np.ndarray, ref) -> Any:
