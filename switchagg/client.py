@@ -155,7 +155,7 @@ class ClientStats:
     bytes_received: int
     results: int
     duplicates_ignored: int
-    wrapped: int
+    wraps: int
     malformed: dict
     heartbeats_sent: int
     control_sent: int

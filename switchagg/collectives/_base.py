@@ -54,6 +54,9 @@ EncodeFn = Callable[[int, int, np.ndarray], np.ndarray]
 class CommStats:
     """Cumulative cost of one worker's collective calls. Subtract two snapshots for one step.
 
+    The wire fields carry the names of the client's counters (`switchagg.ClientStats`, from the
+    stream machine's `StreamCounters`) and of the step's `StepTelemetry`, unchanged on the way up.
+
     Attributes:
         calls: collective calls made.
         rounds: communication rounds (a stream all-reduce is two: exponents, then values).

@@ -77,7 +77,7 @@ class SwitchCollective(Collective):
             bytes_received=now.bytes_received - base.bytes_received,
             packets_sent=now.packets_sent - base.packets_sent,
             packets_received=now.packets_received - base.packets_received,
-            wraps=now.wrapped - base.wrapped)
+            wraps=now.wraps - base.wraps)
 
     def close(self) -> None:
         if self.owns_client:
