@@ -1,4 +1,4 @@
-"""The collective interface every gradient-reduction method is written against (DESIGN.md §7).
+"""The collective interface every codec's payload runs on: switch, torch.distributed, in-process.
 
 What it owns: the handful of operations a method may ask of "the other workers" (exact wrapping int32
 SUM, the SwitchML exponent look-ahead, MAX, fp32 SUM, all-gather) and the accounting of what each
@@ -7,7 +7,11 @@ collective moves integers and floats, the codecs in `switchagg.codecs` decide wh
 
 How it works: a concrete collective implements five primitives (`_sum_int`, `_max`, `_sum_float`,
 `_gather`, and optionally `_sum_int_stream`) and adds what each call cost to `self.stats` (a
-`CommStats`). The public methods check arguments, count the round and delegate. Only the switch has
+`CommStats`). The public methods check arguments, count the round and delegate. `launch(payload)`
+is what the drivers call with a codec's payload (`switchagg.codecs`): it runs the rounds a payload
+chains (a `Max` first, waited for) and returns a Future of the last one's result, on the payload's
+device; by default synchronously (the in-process group), asynchronously where the transport can
+(`SwitchCollective`, `TorchCollective` override `_launch`). Only the switch has
 a native exponent look-ahead; everywhere else `allreduce_int_stream` is emulated exactly as two rounds:
 one MAX all-reduce of the int8 block exponents, then the integer SUM (so the heuristic's extra
 round is counted on every collective, as it costs one on a real switch).

@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from switchagg._choices import check_choice
 from switchagg.errors import DeviceUnavailable
 from switchagg.kernels._numba import PARALLEL_MIN_ELEMENTS
 from switchagg.kernels._philox import philox4x32_10
@@ -36,7 +37,6 @@ __all__ = ["QuantizeResult", "DeviceUnavailable", "quantize", "dequantize", "deq
 
 INT32_MIN = -(1 << 31)
 INT32_MAX = (1 << 31) - 1
-_ROUNDINGS = ("random", "deterministic")
 #: CPU backend name -> module. The numpy one is the oracle the others are tested against.
 _CPU_BACKENDS = {"numba": "switchagg.kernels._numba", "numpy": "switchagg.kernels._numpy"}
 _cpu_backend: Any = None
@@ -276,8 +276,7 @@ def quantize(x, scale, *, rounding: str = "random", seed: int = 0, rank: int = 0
         ValueError / TypeError: bad arguments (the message names the parameter).
         DeviceUnavailable: x is on a GPU but cupy or the device is missing.
     """
-    if rounding not in _ROUNDINGS:
-        raise ValueError(f"rounding={rounding!r}: choose one of {_ROUNDINGS}")
+    check_choice("rounding", rounding)
     lo = INT32_MIN if lo is None else int(lo)
     hi = INT32_MAX if hi is None else int(hi)
     if not INT32_MIN <= lo <= hi <= INT32_MAX:
