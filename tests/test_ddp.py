@@ -52,8 +52,8 @@ LR, STEPS, D = 0.05, 8, 207
 #: give the same integers as every other backend.
 ENV = {"SWITCHAGG_CPU_KERNELS": "numpy", "OMP_NUM_THREADS": "1"}
 #: Every method through `hook_for`, recorded bucket by bucket for the cross-driver replay.
-CODEC_RUNS = ["sgd", "intsgd-random", "intsgd-block", "intdiana", "heuristic-switchml",
-              "heuristic-global"]
+CODEC_RUNS = ["sgd", "intsgd-random", "intsgd-determ", "intsgd-block", "intdiana",
+              "heuristic-switchml", "heuristic-global"]
 ALL_RUNS = "local,ref,noop,random,determ,determ2,block,switchml," + ",".join(
     f"m:{name}" for name in CODEC_RUNS)
 
