@@ -191,11 +191,12 @@ class StreamCall:
     """
 
     __slots__ = ("first_chunk", "numel", "nchunks", "fill", "sums", "exponents", "sent", "done",
-                 "token", "out")
+                 "token", "out", "seq")
 
     def __init__(self, first_chunk: int, numel: int, k: int, fill: FillFn, token: object,
-                 out: np.ndarray | None = None) -> None:
+                 out: np.ndarray | None = None, seq: int = 0) -> None:
         self.first_chunk = first_chunk
+        self.seq = seq  # the call's sequence number, sent mod 256 in every packet's call byte
         self.numel = numel
         self.nchunks = -(-numel // k)
         self.fill = fill
@@ -268,6 +269,7 @@ class StreamMachine:
         self._outstanding = 0
         self._next_chunk = 0            # global index of the next chunk to first-send
         self._calls: deque[StreamCall] = deque()   # submitted, not yet complete, in chunk order
+        self.next_seq = 0               # sequence number of the next call (packet.py: call byte)
         self._queued_chunks = 0         # chunks of submitted calls not yet first-sent
         self.last_progress = 0.0        # time of the last accepted result (or of going busy)
         # Loss detection by time order (RACK): the latest-sent chunk known delivered, its RTT,
@@ -286,19 +288,28 @@ class StreamMachine:
         return bool(self._calls)
 
     def submit(self, numel: int, fill: FillFn, now: float, token: object = None,
-               out: np.ndarray | None = None) -> StreamCall:
+               out: np.ndarray | None = None, seq: int | None = None) -> StreamCall:
         """Queue an all-reduce of `numel` values; chunks go out from the next `transmit`.
 
         Args:
             out: optional C-contiguous int32 array of numel to receive the sums (checked by the
                 caller); the call's `result()` is then `out`.
+            seq: the call's sequence number (default: one more than the previous call's). Every
+                worker must give the same call the same number: the switch refuses to add chunks
+                of calls whose numbers differ (modulo 256).
 
         Returns:
             The call; it is complete at once when numel == 0.
         """
         if numel < 0:
             raise ValueError(f"numel={numel} must be >= 0")
-        call = StreamCall(self._next_chunk + self._queued_chunks, numel, self.k, fill, token, out)
+        if seq is None:
+            seq = self.next_seq
+        elif not isinstance(seq, (int, np.integer)) or seq < 0:
+            raise ValueError(f"seq={seq!r} must be an int >= 0")
+        self.next_seq = int(seq) + 1
+        call = StreamCall(self._next_chunk + self._queued_chunks, numel, self.k, fill, token, out,
+                          int(seq))
         self.counters.calls += 1
         if call.nchunks:
             if not self._calls:
@@ -361,6 +372,7 @@ class StreamMachine:
         values = self._ring_values[start:start + n]
         exps = self._exps[:n]
         done = 0
+        spans = []  # (first, stop, call byte) of each call in the burst
         for call in self._calls:
             if done == n:
                 break
@@ -376,6 +388,7 @@ class StreamMachine:
             exps[done:done + m] = 0
             call.fill(first, first + m, returned, values[done:done + m], exps[done:done + m])
             call.sent += m
+            spans.append((done, done + m, call.seq & 0xFF))
             done += m
         if self._jit is not None:
             self._jit.stamp_headers(self._ring_words[start:start + n], g0, self.slots, exps)
@@ -384,6 +397,9 @@ class StreamMachine:
             ring["pool_index"] = (g % self.slots) | (((g // self.slots) & 1) << 15)
             ring["chunk"] = g % _CHUNK_MOD
             ring["exponent"] = exps
+        calls = ring["reserved"]  # the header's call byte (packet.py), after the stamp above
+        for lo, hi, byte in spans:
+            calls[lo:hi] = byte
         self._busy[start:start + n] = True
         self._chunk[start:start + n] = np.arange(g0, g0 + n, dtype=np.int64)
         self._sent_at[start:start + n] = now
