@@ -36,6 +36,7 @@ Each job's lifecycle (JOINING -> RUNNING -> DONE / ABORTED, as data), members an
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections import OrderedDict
 from collections.abc import Callable
@@ -49,7 +50,7 @@ from switch_emulator._loss import LossInjector
 from switchagg.errors import ProtocolError
 from switchagg.protocol import (Abort, ControlMessage, Error, Heartbeat, HeartbeatAck, Join, JoinOk,
                                 Leave, Query, QueryReply, Ready, StatsReply, StatsRequest,
-                                decode_control)
+                                MAX_NAME_LEN, MAX_TEXT_LEN, decode_control)
 
 __all__ = ["JobState", "JobEvent", "TRANSITIONS", "LifecycleError", "ErrorCode", "SlotPool", "Member",
            "JobCounters", "Job", "ControlPlane", "Admission", "Reply", "Dataplane"]
@@ -105,7 +106,8 @@ class Admission(NamedTuple):
 
 
 def _json_safe(value: Any) -> Any:
-    if value is None or isinstance(value, (bool, int, float)):
+    if value is None or isinstance(value, (bool, int)) or (isinstance(value, float)
+                                                           and math.isfinite(value)):
         return value
     return repr(value)[:64] if not isinstance(value, str) else value[:64]
 
@@ -519,6 +521,10 @@ class ControlPlane:
     def _error(self, identity: bytes, code: str, text: str, field_name: str | None = None,
                value: Any = None) -> Reply:
         self.counters["control_errors"] += 1
+        if len(text) > MAX_TEXT_LEN:  # it may quote a peer's bytes: keep the answer bounded
+            text = text[:MAX_TEXT_LEN - 3] + "..."
+        if field_name is not None:
+            field_name = "".join(c if "!" <= c <= "~" else "?" for c in field_name[:MAX_NAME_LEN])
         return identity, Error(code, text, field_name, _json_safe(value))
 
     def _may_refuse(self, identity: bytes, now: float) -> bool:

@@ -29,7 +29,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from switchagg._limits import MAX_NAME_LEN, check_endpoint, check_name, check_text, load_json
+from switchagg._limits import MAX_NAME_LEN, MAX_TEXT_LEN, check_endpoint, check_name, check_text, load_json
 from switchagg.errors import ProtocolError
 from switchagg.packet import MAX_SLOTS, MAX_WORKERS, VALID_K
 
@@ -39,7 +39,7 @@ __all__ = [
     "JoinOk", "Ready", "Leave", "Heartbeat", "HeartbeatAck", "StatsRequest", "StatsReply", "Query",
     "QueryReply", "Error", "Abort", "encode_control", "decode_control", "MESSAGE_TYPES",
     # The shared checks of _limits, re-exported for the switch (which imports only this module).
-    "check_endpoint", "check_name",
+    "check_endpoint", "check_name", "MAX_TEXT_LEN",
 ]
 
 #: Leading frame of a data message (a burst of packets follows).
@@ -346,13 +346,14 @@ def decode_control(frame: bytes | memoryview, max_bytes: int = MAX_CONTROL_BYTES
     name = body.pop("type", None)
     cls = MESSAGE_TYPES.get(name) if isinstance(name, str) else None
     if cls is None:
-        raise ProtocolError(f"unknown control message type {name!r}; valid: {sorted(MESSAGE_TYPES)}",
-                            field="type", value=name)
+        raise ProtocolError(f"unknown control message type {repr(name)[:40]}; valid: "
+                            f"{sorted(MESSAGE_TYPES)}", field="type",
+                            value=name[:32] if isinstance(name, str) else None)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(body) - known
     if unknown:
         name0 = sorted(unknown)[0]
-        raise ProtocolError(f"{cls.TYPE} has unknown field {name0!r}", field=name0)
+        raise ProtocolError(f"{cls.TYPE} has unknown field {repr(name0)[:40]}", field=name0[:32])
     try:
         return cls(**body)
     except TypeError as exc:  # a required field is missing
