@@ -10,6 +10,7 @@ noticed within a few seconds; the client never hangs on bad input. Switches run 
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -470,3 +471,82 @@ def test_error_about_its_own_job_fails_pending_calls_at_once(ctx, switch):
     assert time.monotonic() - start < 3
     assert job is not None
     a.close(), b.close()
+
+
+# ------------------------------------------------------------------------------- 6. memory bound
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def wait_for_switch(address: str, timeout: float = 30.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return probe(address, timeout=0.5)
+        except SwitchError:
+            assert time.monotonic() < deadline, "switch did not start"
+
+
+@pytest.mark.slow
+def test_switch_memory_stays_bounded_with_a_peer_that_never_reads(spawn, ctx):
+    """A peer heartbeats and streams 200 bursts of 1.1 MB but never reads its results: the
+    switch's RSS grows by at most its byte budget plus slack, the peer's job is aborted for not
+    reading, and another job is served meanwhile."""
+    address = f"tcp://127.0.0.1:{free_port()}"
+    budget = int(os.environ.get("SWITCHAGG_TEST_BUDGET", 8 << 20))  # set it huge to see the leak
+    proc = spawn([PYTHON, "-m", "switch_emulator", "--bind", address, "--log-level", "WARNING",
+                  "--liveness-timeout", "2", "--heartbeat-interval", "0.2",
+                  "--peer-queue-bytes", str(budget)])
+    wait_for_switch(address)
+    honest = pair(address, "honest")
+    allreduce_all(honest, [np.ones(64, np.int32)] * 2)
+    before = rss_bytes(proc.pid)
+    rogue = ctx.socket(zmq.DEALER)
+    rogue.setsockopt(zmq.LINGER, 0)
+    rogue.setsockopt(zmq.RCVHWM, 1)
+    rogue.setsockopt(zmq.RCVBUF, 4096)
+    rogue.setsockopt(zmq.SNDTIMEO, 5000)
+    rogue.connect(address)
+    k, slots, n = 64, 4096, 4096
+    rogue.send_multipart([FRAME_CONTROL, encode_control(Join("rogue", 1, k, slots))])
+    ok = control(rogue)
+    assert isinstance(ok, JoinOk) and isinstance(control(rogue), Ready)
+    from switchagg.protocol import Heartbeat
+    values = np.ones((n, k), np.int32)
+    for i in range(200):
+        chunks = np.arange(i * n, (i + 1) * n)
+        burst = make_burst(Kind.DATA, ok.job_id, 0, chunks % slots, (chunks // slots) % 2,
+                           chunks, values)
+        rogue.send_multipart([b"D", burst], copy=False)
+        if i % 20 == 0:
+            rogue.send_multipart([FRAME_CONTROL, encode_control(Heartbeat(ok.job_id, 0))])
+            # The honest job goes on at its pace meanwhile.
+            allreduce_all(honest, [np.full(64, i, np.int32)] * 2)
+    for _ in range(15):  # past the liveness timeout over budget (alive: it heartbeats)
+        rogue.send_multipart([FRAME_CONTROL, encode_control(Heartbeat(ok.job_id, 0))])
+        time.sleep(0.2)
+    for i in range(200, 205):
+        chunks = np.arange(i * n, (i + 1) * n)
+        burst = make_burst(Kind.DATA, ok.job_id, 0, chunks % slots, (chunks // slots) % 2,
+                           chunks, values)
+        rogue.send_multipart([b"D", burst], copy=False)
+    time.sleep(0.5)
+    during = rss_bytes(proc.pid)
+    stats = probe(address)
+    rogue.close()
+    time.sleep(0.5)
+    after = rss_bytes(proc.pid)
+    print(f"switch RSS before {before / 2**20:.0f} MiB, with the non-reader "
+          f"{during / 2**20:.0f} MiB, after it left {after / 2**20:.0f} MiB "
+          f"(budget {budget / 2**20:.0f} MiB; 200 bursts = {200 * burst.nbytes / 2**20:.0f} MiB)")
+    assert during - before < 96 << 20, (before, during)
+    assert stats["jobs_aborted"] >= 1 and stats["jobs_active"] == 1
+    allreduce_all(honest, [np.ones(64, np.int32)] * 2)  # still served
+    for c in honest:
+        c.close()
