@@ -101,6 +101,7 @@ class IntSGDState:
         world_size, rank: default to torch.distributed's (the rank keys the rounding stream).
         config: a `switchagg.ClientConfig` for the lazily opened client.
         timeout: overrides the config's join and op timeouts (seconds).
+        token: the switch's (or the job's) token; kept out of checkpoints (`__getstate__`).
         rounding: "random" (unbiased, the default) or "deterministic" (round half to even),
             for the IntSGD hooks; the SwitchML hook always rounds to nearest, as SwitchML does.
         bits: integer budget of each sum, 8, 16 or 32: every worker clips to its share.
@@ -119,7 +120,7 @@ class IntSGDState:
         "lr", "beta", "eps", "lr_rescale",
         # internal state
         "_client", "_owns_client", "_mode", "_scaler", "_block_keys", "_block_sizes",
-        "_current", "_lo", "_hi", "_magnitude", "_lock",
+        "_current", "_lo", "_hi", "_magnitude", "_lock", "_token",
         # statistics
         "iteration", "buckets", "elements", "clipped", "last_alpha", "error",
     )
@@ -128,7 +129,7 @@ class IntSGDState:
                  world_size: int | None = None, rank: int | None = None, config=None,
                  timeout: float | None = None, rounding: str = "random", bits: int = 32,
                  seed: int = 0, lr: float | Callable[[], float] = 1.0, beta: float = 0.9,
-                 eps: float = 1e-8, lr_rescale: bool = True) -> None:
+                 eps: float = 1e-8, lr_rescale: bool = True, token: str = "") -> None:
         if (address is None) == (client is None):
             raise ValueError("address: give the switch's address or an open client, not both "
                              "nor neither")
@@ -162,6 +163,7 @@ class IntSGDState:
         self.bits, self.seed, self.lr = bits, seed, lr
         self.beta, self.eps, self.lr_rescale = float(beta), float(eps), bool(lr_rescale)
         self._client, self._owns_client = client, client is None
+        self._token = token
         self._mode: str | None = None
         self._scaler: AlphaScaler | None = None
         self._block_keys: dict[int, int] = {}
@@ -197,7 +199,7 @@ class IntSGDState:
                 try:
                     self._client = SwitchClient(self.address, self.job, self._world(),
                                                 self.rank, config=self.config,
-                                                timeout=self.timeout)
+                                                timeout=self.timeout, token=self._token)
                 except SwitchError as exc:
                     self.error = exc
                     raise
@@ -238,7 +240,7 @@ class IntSGDState:
         mode, sizes = state.pop("mode"), state.pop("block_sizes")
         for name, value in state.items():
             setattr(self, name, value)
-        self._client, self._owns_client = None, True
+        self._client, self._owns_client, self._token = None, True, ""
         self._mode, self._block_sizes, self._block_keys = mode, sizes, {}
         self._current, self._lock, self.error = None, threading.Lock(), None
         self._lo = self._hi = self._magnitude = None
