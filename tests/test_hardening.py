@@ -550,3 +550,32 @@ def test_switch_memory_stays_bounded_with_a_peer_that_never_reads(spawn, ctx):
     allreduce_all(honest, [np.ones(64, np.int32)] * 2)  # still served
     for c in honest:
         c.close()
+
+
+# ------------------------------------------------------------------------------------ 7. CURVE
+
+
+def test_curve_keygen_and_an_encrypted_job_on_loopback(switch, tmp_path, capsys):
+    from switch_emulator.cli import main
+    from switchagg import SwitchTimeout
+
+    assert main(["keygen", str(tmp_path)]) == 0
+    public, secret = tmp_path / "switch.key", tmp_path / "switch.key_secret"
+    assert oct(secret.stat().st_mode & 0o777) == "0o600" and "public key" in capsys.readouterr().out
+    endpoint, _ = switch(curve_secret_file=str(secret))
+    with SwitchClient(endpoint, "curve", 1, config=FAST, server_key=str(public)) as c:
+        np.testing.assert_array_equal(c.allreduce(np.arange(50, dtype=np.int32)), np.arange(50))
+    # Without the key (or with another switch's) the handshake fails: no JOIN reaches the switch.
+    quick = ClientConfig(k=8, slots=16, burst=4, join_timeout=1, op_timeout=1)
+    with pytest.raises(SwitchTimeout):
+        SwitchClient(endpoint, "curve2", 1, config=quick)
+    other = zmq.curve_keypair()[0].decode()
+    with pytest.raises(SwitchTimeout):
+        SwitchClient(endpoint, "curve3", 1, config=quick, server_key=other)
+
+
+def test_curve_bad_key_inputs_fail_clearly(tmp_path):
+    with pytest.raises(ValueError, match="keygen"):
+        SwitchClient("tcp://127.0.0.1:1", "j", 1, config=FAST, server_key=str(tmp_path / "nope"))
+    with pytest.raises(Exception, match="curve_secret_file"):
+        SwitchConfig(curve_secret_file=str(tmp_path / "nope"))
