@@ -19,8 +19,11 @@ frame is, per burst and never per packet:
      same buffer without copying (with egress loss, each worker gets its own subset), and the
      retransmission answers to the sender alone.
 Sends use ROUTER_MANDATORY and never block: a vanished peer raises EHOSTUNREACH, which aborts its
-job at once (the others learn why instead of waiting for the liveness timeout); a full queue drops
-the burst and counts it (the worker's retransmission recovers, as after a loss).
+job GONE_GRACE_S later unless its LEAVE arrives meanwhile (a worker that finished sends LEAVE and
+closes; results still on their way to it must not abort the others' last call), so the others
+learn why instead of waiting for the liveness timeout; a full queue drops the burst and counts it
+(the worker's retransmission recovers, as after a loss). What is queued for each peer is bounded
+in bytes (`_peerqueue`); a peer that does not read loses results, then its job.
 """
 
 from __future__ import annotations
@@ -55,6 +58,9 @@ POLL_MS = 100
 MAX_BATCH = 256
 #: Parts kept of one message; a valid one has 3 ([identity, type, body]), the rest is dropped.
 MAX_FRAMES = 8
+#: A peer that vanished is judged this long after a send found it gone (its LEAVE may still be
+#: queued behind other messages); its job is aborted then unless it left gracefully.
+GONE_GRACE_S = 0.2
 #: Liveness is checked this often (seconds); a silent worker is noticed within timeout + this.
 LIVENESS_CHECK_S = 0.1
 
@@ -137,6 +143,9 @@ class SwitchServer:
                                     _loss_factory(config), policy=policy)
         self.queues = PeerQueues(config.peer_queue_bytes)
         self._now = clock()
+        # Peers a send found gone, and when: judged GONE_GRACE_S later, so that a LEAVE they
+        # sent just before closing (still in our inbound queue) is read first.
+        self._gone: dict[bytes, float] = {}
         self.socket: zmq.Socket | None = None
         self.endpoint = ""
 
@@ -192,6 +201,7 @@ class SwitchServer:
                 now = self.clock()
                 if now >= next_liveness:
                     self._send_replies(self.control.check_liveness(now))
+                    self._judge_gone(now)
                     self._prune_queues()
                     next_liveness = now + LIVENESS_CHECK_S
                 if now >= next_stats:
@@ -358,6 +368,13 @@ class SwitchServer:
         job.counters.bursts_out += 1
         job.counters.packets_out += len(results)
 
+    def _judge_gone(self, now: float) -> None:
+        """Abort the jobs of peers found gone GONE_GRACE_S ago that did not LEAVE meanwhile."""
+        for identity, since in list(self._gone.items()):
+            if now - since >= GONE_GRACE_S:
+                del self._gone[identity]
+                self._send_replies(self.control.peer_gone(identity))
+
     def _prune_queues(self) -> None:
         """Forget the byte accounts of peers no longer in a job whose frames are all out."""
         members = self.control.members
@@ -404,13 +421,14 @@ class SwitchServer:
                 if exc.errno == errno.EHOSTUNREACH and not isinstance(message, Abort):
                     gone.append(identity)
         for identity in gone:
-            self._send_replies(self.control.peer_gone(identity))
+            self._gone.setdefault(identity, self._now)
 
     def _send_failed(self, identity: bytes, exc: zmq.ZMQError) -> None:
         self.control.counters["send_failures"] += 1
         if exc.errno == errno.EHOSTUNREACH:
-            log.info("peer %s is gone", identity.hex())
-            self._send_replies(self.control.peer_gone(identity))
+            if identity not in self._gone:
+                log.info("peer %s is gone", identity.hex())
+            self._gone.setdefault(identity, self._now)
         else:
             log.debug("send to %s failed: %s", identity.hex(), exc)
 

@@ -36,12 +36,14 @@ How it works:
      and older than that answer's RTT plus a reordering window (min RTT / 4), is lost: it is resent.
      A late peer delays every chunk after it alike and marks nothing.
   2. Tail probe (RTO). When nothing has been answered for RTO, only the newest outstanding chunk is
-     resent (one packet, as TLP resends the last segment) and the RTO doubles. If chunks were lost
+     resent (one packet, as TLP resends the last segment; all of them when at most TAIL_RESEND
+     are left, as at a call's end) and the RTO doubles. If chunks were lost
      its answer comes back ahead of theirs and rule 1 resends them at once; if a peer is merely
      late, it is answered together with the rest and nothing else is resent.
   RTO follows RFC 6298: srtt/rttvar from one sample per received burst, its fastest chunk sent once
   (Karn's rule), so that the samples measure the network and the switch rather than peer waits;
-  clamped to [rto_min, rto_max]; doubled on every probe until a fresh sample.
+  clamped to [rto_min, rto_max]; doubled on every probe, and back to srtt + 4 rttvar at the next
+  accepted result (answers to resent chunks prove the path, though they give no sample).
   Both timers scan the slot pool (s entries) once per received burst at most: with numba in one
   compiled pass each (`_stream_jit.rack_lost`, `oldest_sent`, the latter cached until the slot
   state changes), else in numpy (the reference, several passes).
@@ -66,6 +68,9 @@ __all__ = ["FillFn", "RtoEstimator", "StreamCall", "StreamCounters", "StreamMach
 log = logging.getLogger(__name__)
 
 _CHUNK_MOD = 1 << 32
+#: A tail probe resends every outstanding chunk when no more than this many are left (a few
+#: packets: cheap even when a late peer, not a loss, holds them up).
+TAIL_RESEND = 64
 _kernels = None  # the `_stream_jit` module once loaded, False if numba is unavailable
 
 
@@ -174,8 +179,16 @@ class RtoEstimator:
         self.rto = min(max(self.srtt + 4 * self.rttvar, self.minimum), self.maximum)
 
     def backoff(self) -> None:
-        """A timeout fired: double the RTO (kept until the next fresh sample)."""
+        """A timeout fired: double the RTO (kept until the next answer)."""
         self.rto = min(2 * self.rto, self.maximum)
+
+    def restore(self) -> None:
+        """An answer arrived (the path works again): undo the backoff, back to the RTO the
+        samples give, as TCP stacks do on an ACK of new data. Without it a lossy stretch leaves
+        the timer at its ceiling until a chunk sent once is answered, and near a call's end
+        every outstanding chunk has been resent (issue 15: calls of 2-12 s at 10% loss)."""
+        if self.srtt is not None:
+            self.rto = min(max(self.srtt + 4 * self.rttvar, self.minimum), self.maximum)
 
 
 class StreamCall:
@@ -235,15 +248,18 @@ class StreamMachine:
         rto_initial, rto_min, rto_max: retransmission timer, seconds (see `RtoEstimator`).
         compiled: use the numba kernels where they load (`load_kernels`); False forces the numpy
             reference path (tests run both).
+        tail_resend: a tail probe resends every outstanding chunk when nothing is queued and at
+            most this many are outstanding (0: always the newest one only).
     """
 
     def __init__(self, *, job_id: int, rank: int, k: int, slots: int, burst: int,
                  rto_initial: float = 0.2, rto_min: float = 0.02, rto_max: float = 2.0,
-                 compiled: bool = True) -> None:
+                 compiled: bool = True, tail_resend: int = TAIL_RESEND) -> None:
         if not 1 <= burst <= slots:
             raise ValueError(f"burst={burst} must be in [1, slots={slots}]")
         self.job_id, self.rank, self.k, self.slots, self.burst = job_id, rank, k, slots, burst
         self.rto = RtoEstimator(rto_initial, rto_min, rto_max)
+        self.tail_resend = tail_resend
         self.counters = StreamCounters()
         self._jit = load_kernels() if compiled else None
         self._ring = empty_burst(slots, k)
@@ -469,14 +485,19 @@ class StreamMachine:
         return max(self._oldest_sent(), self.last_progress, self._last_probe) + self.rto.rto
 
     def _probe(self, now: float) -> list[np.ndarray]:
-        """Tail probe: nothing answered for RTO, so resend the newest outstanding chunk only."""
+        """Tail probe: nothing answered for RTO, so resend the newest outstanding chunk, or every
+        outstanding chunk when nothing is queued and at most `tail_resend` are left (the calls'
+        tail: RACK has no later answer to go by there, and one probe per RTO would recover them
+        one round trip each)."""
         if not self._outstanding or now < self._rto_deadline():
             return []
         busy = np.flatnonzero(self._busy)
-        newest = busy[self._chunk[busy].argmax()]
         self.counters.timeouts += 1
         self.rto.backoff()
         self._last_probe = now
+        if not self._queued_chunks and len(busy) <= self.tail_resend:
+            return self._resend(busy, now)
+        newest = busy[self._chunk[busy].argmax()]
         return self._resend(np.array([newest]), now)
 
     def next_deadline(self) -> float | None:
@@ -522,6 +543,7 @@ class StreamMachine:
             self._outstanding -= matched
             c.results += matched
             self.last_progress = now
+            self.rto.restore()
         completed = []
         while self._calls and self._calls[0].complete:
             completed.append(self._calls.popleft())
