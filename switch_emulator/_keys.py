@@ -14,9 +14,36 @@ import os
 
 import zmq
 
-from switchagg._curve import load_key_file
+__all__ = ["keygen", "server_options", "probe_options"]
 
-__all__ = ["keygen", "server_options"]
+
+def load_key_file(path: str, want_secret: bool) -> tuple[bytes, bytes | None]:
+    """(public, secret or None) z85 keys of a pyzmq certificate file.
+
+    The same reading as switchagg/_curve.py's: the switch imports nothing of the library but
+    its wire modules.
+
+    Raises:
+        ValueError: the file is missing or unreadable, or (want_secret) has no secret key.
+    """
+    import zmq.auth
+
+    try:
+        public, secret = zmq.auth.load_certificate(path)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read a CURVE key from {path!r}: {exc}; write one with "
+                         "`switch-emulator keygen DIR`") from None
+    if want_secret and not secret:
+        raise ValueError(f"{path!r} holds no secret key; pass the .key_secret file")
+    return public, secret
+
+
+def probe_options(sock: zmq.Socket, key_or_path: str) -> None:
+    """Make the probe's socket a CURVE client of the switch (public key, z85 or its .key file)."""
+    public = (key_or_path.encode() if len(key_or_path) == 40 and not os.path.exists(key_or_path)
+              else load_key_file(key_or_path, want_secret=False)[0])
+    sock.curve_serverkey = public
+    sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()
 
 
 def keygen(directory: str, name: str = "switch") -> tuple[str, str]:

@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(the specific options win).")
     parser.add_argument("--token-file", default=None, metavar="PATH",
                         help="Read the switch token from this file (stripped); wins over --token.")
+    parser.add_argument("--switch-key", default=None, metavar="KEY",
+                        help="With --probe: the switch's CURVE public key (z85) or its .key file.")
     parser.add_argument("--probe", default=None, metavar="ENDPOINT",
                         help="Do not run a switch: ask the one at ENDPOINT for its counters and exit "
                              "0 if it answers within 2 s, else 1 (a container healthcheck).")
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.probe is not None:
         from switch_emulator import probe
-        return probe.main(args.probe)
+        return probe.main(args.probe, server_key=args.switch_key)
     try:
         config = config_from_args(args)
     except ConfigError as exc:

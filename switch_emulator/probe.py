@@ -29,13 +29,14 @@ PROBE_TIMEOUT_S = 2.0
 
 
 def probe(endpoint: str, timeout: float = PROBE_TIMEOUT_S,
-          context: zmq.Context | None = None) -> dict:
+          context: zmq.Context | None = None, server_key: str | None = None) -> dict:
     """Ask the switch at `endpoint` for its counters.
 
     Args:
         endpoint: the switch's address, e.g. tcp://127.0.0.1:5555.
         timeout: seconds to wait for the reply.
         context: ZeroMQ context to use (default: the process's shared instance).
+        server_key: the switch's CURVE public key (z85) or key file, if it runs with CURVE.
 
     Returns:
         The switch-wide counters of the STATS_REPLY.
@@ -49,6 +50,9 @@ def probe(endpoint: str, timeout: float = PROBE_TIMEOUT_S,
     sock = (context or zmq.Context.instance()).socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     try:
+        if server_key:
+            from switch_emulator._keys import probe_options
+            probe_options(sock, server_key)
         sock.connect(endpoint)
         sock.send_multipart([FRAME_CONTROL, encode_control(StatsRequest(summary=True))])
         if not sock.poll(int(timeout * 1000), zmq.POLLIN):
@@ -67,11 +71,11 @@ def probe(endpoint: str, timeout: float = PROBE_TIMEOUT_S,
     return reply.stats
 
 
-def main(endpoint: str, timeout: float = PROBE_TIMEOUT_S) -> int:
+def main(endpoint: str, timeout: float = PROBE_TIMEOUT_S, server_key: str | None = None) -> int:
     """Probe and report on one line; returns 0 if a switch answered, 1 otherwise."""
     try:
-        stats = probe(endpoint, timeout)
-    except (SwitchTimeout, ProtocolError, zmq.ZMQError) as exc:
+        stats = probe(endpoint, timeout, server_key=server_key)
+    except (SwitchTimeout, ProtocolError, zmq.ZMQError, ValueError) as exc:
         print(f"switch-emulator --probe {endpoint}: unhealthy: {exc}", flush=True)
         return 1
     print(f"switch-emulator --probe {endpoint}: healthy ({stats.get('jobs_active', 0)} job(s), "

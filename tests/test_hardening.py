@@ -579,3 +579,14 @@ def test_curve_bad_key_inputs_fail_clearly(tmp_path):
         SwitchClient("tcp://127.0.0.1:1", "j", 1, config=FAST, server_key=str(tmp_path / "nope"))
     with pytest.raises(Exception, match="curve_secret_file"):
         SwitchConfig(curve_secret_file=str(tmp_path / "nope"))
+
+
+def test_probe_reaches_a_curve_switch_with_its_key(switch, tmp_path):
+    from switch_emulator._keys import keygen
+    from switchagg import SwitchTimeout
+
+    public, secret = keygen(str(tmp_path))
+    endpoint, _ = switch(curve_secret_file=secret)
+    assert probe(endpoint, server_key=public)["jobs_active"] == 0
+    with pytest.raises(SwitchTimeout):
+        probe(endpoint, timeout=0.5)

@@ -83,6 +83,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--job", default="switchagg", help="job name prefix at the switch")
     g.add_argument("--token", default=os.environ.get("SWITCHAGG_TOKEN", ""),
                    help="the switch's (or the job's) token (default $SWITCHAGG_TOKEN)")
+    g.add_argument("--switch-key", default=os.environ.get("SWITCHAGG_SWITCH_KEY") or None,
+                   help="the switch's CURVE public key or key file (default $SWITCHAGG_SWITCH_KEY)")
     g.add_argument("--out", default=None, help="folder for metrics and summaries")
     g.add_argument("--events", action="store_true", help="print JSON event lines (for compare)")
 
@@ -153,7 +155,8 @@ def _open_collective(kind: str, args: argparse.Namespace, rank: int | None, worl
         while True:
             try:
                 client = SwitchClient(args.switch, f"{args.job}-{method}", world_size, rank=rank,
-                                      config=config, timeout=args.timeout, token=args.token)
+                                      config=config, timeout=args.timeout, token=args.token,
+                                      server_key=args.switch_key)
                 return SwitchCollective(client, owns_client=True)
             except JoinRejected as exc:
                 # The previous method's job frees its slots only when its last worker leaves;
