@@ -8,8 +8,11 @@ is a list of `(identity, ControlMessage)` replies for the caller to send, so eve
 tested without ZeroMQ.
 
 Rules (the contract with `switchagg.client`):
-  JOIN   The first JOIN for a job name creates the job: a u16 job id, and `slots` taken from the pool
-         (ERROR pool_exhausted while it cannot hold them). Later JOINs must agree on world_size, k,
+  JOIN   With a switch token (`Policy.token`) every JOIN must carry it (ERROR bad_token). The first
+         JOIN for a job name creates the job, within the admission quotas (`_admission`: slots per
+         job, slots and jobs per creating host; ERROR quota naming the limit): a u16 job id, and
+         `slots` taken from the pool (ERROR pool_exhausted while it cannot hold them). The name is
+         bound to the job until it ends. Later JOINs must agree on world_size, k,
          slots (ERROR mismatch, naming the field and both values) and token (ERROR bad_token, values
          not echoed). rank=None takes the lowest free rank; a taken rank is ERROR rank_taken, a full
          job ERROR job_full. The reply is JOIN_OK; when the last rank joins, every worker gets READY.
@@ -20,7 +23,14 @@ Rules (the contract with `switchagg.client`):
          Otherwise the sender gets at most one refusal per `refusal_interval` (ERROR not_joined,
          not_ready or departed, or the job's ABORT again).
   LIVENESS  Any message from a worker refreshes it. A worker (JOINING or RUNNING, not departed)
-         silent for more than `liveness_timeout` aborts its job.
+         silent for more than `liveness_timeout` aborts its job; a job still JOINING
+         `Policy.join_timeout` after its creation is aborted too (a squatter cannot hold a name).
+  CALLS  Two ranks' contributions to one slot round from different calls (`_callseq`, checked by
+         the front per burst) abort the job, naming both call numbers (`mispaired`).
+  STATS  Switch-wide counters to anyone (`summary`: those alone); a job's details to its members,
+         every job's to holders of the switch token.
+  INCARNATION  A random id per ControlPlane, in JOIN_OK and HEARTBEAT_ACK: a worker that sees
+         another one, or gets ERROR not_joined / wrong_member / departed, knows its job is gone.
   LEAVE  With an empty reason the worker is done: it gets no more results, the others keep being
          served (retransmissions included); when every rank has left, the job is DONE and freed.
          Before READY, a graceful LEAVE just frees the rank. With a reason, the job is aborted.

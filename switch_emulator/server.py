@@ -20,7 +20,8 @@ frame is, per burst and never per packet:
      retransmission answers to the sender alone.
 Sends use ROUTER_MANDATORY and never block: a vanished peer raises EHOSTUNREACH, which aborts its
 job GONE_GRACE_S later unless its LEAVE arrives meanwhile (a worker that finished sends LEAVE and
-closes; results still on their way to it must not abort the others' last call), so the others
+closes; results still on their way to it must not abort the others' last call) or it reconnects
+with its identity (a TCP reset; ROUTER_HANDOVER gives the identity to the new connection), so the others
 learn why instead of waiting for the liveness timeout; a full queue drops the burst and counts it
 (the worker's retransmission recovers, as after a loss). What is queued for each peer is bounded
 in bytes (`_peerqueue`); a peer that does not read loses results, then its job.
@@ -58,9 +59,11 @@ POLL_MS = 100
 MAX_BATCH = 256
 #: Parts kept of one message; a valid one has 3 ([identity, type, body]), the rest is dropped.
 MAX_FRAMES = 8
-#: A peer that vanished is judged this long after a send found it gone (its LEAVE may still be
-#: queued behind other messages); its job is aborted then unless it left gracefully.
-GONE_GRACE_S = 0.2
+#: A peer that vanished is judged this long after a send found it gone: its LEAVE may still be
+#: queued behind other messages, or (a TCP reset) it reconnects with its identity, which ZeroMQ
+#: does within its 0.1 s reconnect interval; its job is aborted then unless it left gracefully or
+#: was heard from since.
+GONE_GRACE_S = 1.0
 #: Liveness is checked this often (seconds); a silent worker is noticed within timeout + this.
 LIVENESS_CHECK_S = 0.1
 
@@ -369,10 +372,14 @@ class SwitchServer:
         job.counters.packets_out += len(results)
 
     def _judge_gone(self, now: float) -> None:
-        """Abort the jobs of peers found gone GONE_GRACE_S ago that did not LEAVE meanwhile."""
+        """Abort the jobs of peers found gone GONE_GRACE_S ago that did not LEAVE (or come back)
+        meanwhile."""
         for identity, since in list(self._gone.items()):
             if now - since >= GONE_GRACE_S:
                 del self._gone[identity]
+                found = self.control.members.get(identity)
+                if found is not None and found[1].last_seen > since:
+                    continue  # it reconnected (same identity) and spoke since
                 self._send_replies(self.control.peer_gone(identity))
 
     def _prune_queues(self) -> None:

@@ -590,3 +590,86 @@ def test_probe_reaches_a_curve_switch_with_its_key(switch, tmp_path):
     assert probe(endpoint, server_key=public)["jobs_active"] == 0
     with pytest.raises(SwitchTimeout):
         probe(endpoint, timeout=0.5)
+
+
+class ResettingProxy:
+    """A TCP relay between a worker and the switch whose connections can be reset (RST)."""
+
+    def __init__(self, upstream_port: int) -> None:
+        import socket as socketlib
+        self.socketlib = socketlib
+        self.upstream = ("127.0.0.1", upstream_port)
+        self.listener = socketlib.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(8)
+        self.port = self.listener.getsockname()[1]
+        self.pairs: list = []
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        self.listener.settimeout(0.1)
+        while not self.stop.is_set():
+            try:
+                down, _ = self.listener.accept()
+            except OSError:
+                continue
+            up = self.socketlib.create_connection(self.upstream)
+            with self.lock:
+                self.pairs.append((down, up))
+            for a, b in ((down, up), (up, down)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src, dst) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.close()
+            except OSError:
+                pass
+
+    def reset(self) -> None:
+        """Close every relayed connection with an RST, as a flaky link or middlebox would."""
+        import struct
+        with self.lock:
+            pairs, self.pairs = self.pairs, []
+        for pair in pairs:
+            for s in pair:
+                try:
+                    s.setsockopt(self.socketlib.SOL_SOCKET, self.socketlib.SO_LINGER,
+                                 struct.pack("ii", 1, 0))
+                    s.close()
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.stop.set()
+        self.reset()
+        self.listener.close()
+
+
+def test_a_tcp_reset_does_not_cost_the_job(switch):
+    endpoint, _ = switch()
+    proxy = ResettingProxy(int(endpoint.rsplit(":", 1)[1]))
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            fa = pool.submit(SwitchClient, endpoint, "reset", 2, 0, config=FAST)
+            fb = pool.submit(SwitchClient, f"tcp://127.0.0.1:{proxy.port}", "reset", 2, 1,
+                             config=FAST)
+            a, b = fa.result(), fb.result()
+        data = [np.arange(100, dtype=np.int32), np.full(100, 7, np.int32)]
+        for got in allreduce_all([a, b], data):
+            np.testing.assert_array_equal(got, data[0] + data[1])
+        proxy.reset()  # rank 1's connection dies; ZeroMQ reconnects with the same identity
+        time.sleep(0.3)
+        for step in range(3):
+            for got in allreduce_all([a, b], data):
+                np.testing.assert_array_equal(got, data[0] + data[1])
+        a.close(), b.close()
+    finally:
+        proxy.close()
