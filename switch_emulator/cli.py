@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="switch-emulator", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Emulated SwitchML-style aggregation switch: workers JOIN a job, stream int32 "
-                    "packets, and receive the per-slot sums (DESIGN.md §4-5).", epilog=_EPILOG)
+                    "packets, and receive the per-slot sums.", epilog=_EPILOG)
     for f in dataclasses.fields(SwitchConfig):
         flag = "--" + f.name.replace("_", "-")
         kwargs = dict(default=None, help=SwitchConfig.describe(f.name), dest=f.name)

@@ -1,8 +1,8 @@
 """The worker's side of the aggregation protocol, as a machine with no I/O.
 
 What it owns: turning all-reduce calls into a stream of DATA packets and RESULT packets back into
-sums (DESIGN.md §3-5): the packetizer, the self-clocked window over the slot pool, retransmission
-with an RTT estimate, and reassembly. What it must never do: open a socket, read a clock, sleep or
+sums (the wire format: switchagg/packet.py): the packetizer, the self-clocked window over the slot
+pool, retransmission with an RTT estimate, and reassembly. What it must never do: open a socket, read a clock, sleep or
 start a thread. Like h11's `Connection`, bytes go in (`receive`), the caller passes the time, and
 what comes back says what to send (`transmit`) and when the machine next needs to be woken
 (`next_deadline`). `switchagg.client` wraps it in a ZeroMQ engine thread; tests join it to the

@@ -1,6 +1,6 @@
 """The worker's switch client: `SwitchClient`, a ZeroMQ engine thread around the sans-IO stream.
 
-What it owns: one connection to the switch for one job (DESIGN.md §4, §8): JOIN and READY, data
+What it owns: one connection to the switch for one job: JOIN and READY, data
 bursts out and results in, heartbeats, liveness, abort, and the typed errors a user sees. What it
 must never do: decide protocol rules (that is `switchagg._stream`, which it drives), touch its
 socket from more than one thread, or wait without a bound.
@@ -93,7 +93,7 @@ class ClientConfig:
             Example: `slots=2048` for a small test job.
         burst: packets per ZeroMQ data frame, <= slots (cut to the granted slots). Default 1024
             (about 272 KiB at k=64: large frames amortize ZeroMQ's ~80 us per message,
-            measured-limits.md §4). Example: `burst=4096`.
+            the README's benchmarks). Example: `burst=4096`.
         join_timeout: seconds to wait for JOIN_OK, and again for READY (every worker joined).
             Default 30. Example: `join_timeout=5` in tests.
         op_timeout: seconds an all-reduce may go without any result before it fails with

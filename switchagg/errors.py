@@ -48,4 +48,4 @@ class JobAborted(SwitchError):
 
 
 class ProtocolError(SwitchError, ValueError):
-    """Bytes or fields that break the wire contract (DESIGN.md §4)."""
+    """Bytes or fields that break the wire contract (switchagg/packet.py, switchagg/protocol.py)."""

@@ -6,17 +6,21 @@ every ZeroMQ message. What it must never do: I/O, or decide anything (the switch
 the client decide). How it works: every message on the worker's DEALER socket is two frames,
 `[FRAME_DATA, burst]` or `[FRAME_CONTROL, json]` (the switch's ROUTER prepends the peer identity).
 Control messages are frozen dataclasses validated when built, so a message that exists is valid;
-`decode_control` turns a peer's bytes into one or raises `ProtocolError` naming the field.
+`decode_control` turns a peer's bytes into one or raises `ProtocolError` naming the field, after
+`_limits.load_json` has bounded the frame's size, nesting and numbers (a peer's bytes never reach
+`json` unchecked, and identifiers are printable ASCII).
 
-Exchange (DESIGN.md §4):
+Exchange (packets: switchagg/packet.py):
     worker                                switch
     JOIN(job, world_size, k, slots, ...) ->
-                                        <- JOIN_OK(job_id, rank, ...) | ERROR(field, reason)
+                                        <- JOIN_OK(job_id, rank, ..., incarnation)
+                                           | ERROR(field, reason)
                                         <- READY(job_id)               once all world_size joined
     DATA bursts                         <-> RESULT / RESULT_RETX bursts
-    HEARTBEAT (every heartbeat_interval) -> HEARTBEAT_ACK
+    HEARTBEAT (every heartbeat_interval) -> HEARTBEAT_ACK(incarnation: another one = restarted)
     QUERY(slots)                        <- QUERY_REPLY(missing ranks per slot)
-    STATS                               <- STATS_REPLY(counters)
+    STATS(token, summary)               <- STATS_REPLY(counters; jobs: members' own, or all
+                                           with the switch token; none with summary)
     LEAVE                               ->
                                         <- ABORT(reason, rank)         a worker died / the switch stops
 """
