@@ -69,6 +69,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--duplicate", type=float, default=None, help="switch: duplication probability")
     g.add_argument("--reorder", type=float, default=None, help="switch: reordering probability")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--token", default=None, help="start the switch with this token (workers join "
+                                                 "with it)")
 
 
 def _free_port() -> int:
@@ -178,6 +180,8 @@ def _worker_argv(args: argparse.Namespace, rank: int, switch: str, master_port: 
             argv += ["--" + flag.replace("_", "-"), str(value)]
     for opt in args.opt:
         argv += ["--opt", opt]
+    if args.token:
+        argv += ["--token", args.token]
     return argv
 
 
@@ -186,7 +190,7 @@ def _switch_argv(args: argparse.Namespace, port: int) -> list[str]:
             # Two jobs' worth: a fast rank joins method m+1's job while a slower one is still
             # leaving method m's, and the switch holds both pools at that moment.
             "--slots", str(2 * args.slots), "--seed", str(args.seed)]
-    for flag in ("drop", "duplicate", "reorder"):
+    for flag in ("drop", "duplicate", "reorder", "token"):
         value = getattr(args, flag)
         if value is not None:
             argv += ["--" + flag, str(value)]

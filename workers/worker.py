@@ -84,6 +84,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--switch", default=os.environ.get("SWITCHAGG_SWITCH"),
                    help="switch address tcp://HOST:PORT (default $SWITCHAGG_SWITCH)")
     g.add_argument("--job", default="switchagg", help="job name prefix at the switch")
+    g.add_argument("--token", default=os.environ.get("SWITCHAGG_TOKEN", ""),
+                   help="the switch's (or the job's) token (default $SWITCHAGG_TOKEN)")
+    g.add_argument("--switch-key", default=os.environ.get("SWITCHAGG_SWITCH_KEY") or None,
+                   help="the switch's CURVE public key or key file (default $SWITCHAGG_SWITCH_KEY)")
     g.add_argument("--out", default=None, help="folder for metrics and summaries")
     g.add_argument("--events", action="store_true", help="print JSON event lines (for compare)")
 
@@ -151,7 +155,8 @@ def _open_client(args: argparse.Namespace, rank: int | None, world_size: int, me
     while True:
         try:
             return SwitchClient(args.switch, f"{args.job}-{method}", world_size, rank=rank,
-                                config=config, timeout=args.timeout)
+                                config=config, timeout=args.timeout, token=args.token,
+                                server_key=args.switch_key)
         except JoinRejected as exc:
             # The previous method's job frees its slots only when its last worker leaves;
             # a fast worker may get here first. Anything else rejected is final.

@@ -59,6 +59,7 @@ class HookState:
         world_size, rank: default to torch.distributed's (the rank keys the rounding stream).
         config: a `switchagg.ClientConfig` for the lazily opened client.
         timeout: overrides the config's join and op timeouts (seconds).
+        token: the switch's (or the job's) token; kept out of checkpoints (`__getstate__`).
         bits: integer budget of each sum, 8, 16 or 32: every worker clips to its share.
         seed: seed of the rounding stream (the same on every rank).
         lr: the learning rate the optimizer uses, or a zero-argument callable returning it (read
@@ -74,7 +75,8 @@ class HookState:
         "method", "address", "job", "world_size", "rank", "config", "timeout", "bits", "seed",
         "lr", "options", "process_group",
         # internal state
-        "_client", "_owns_client", "_collective", "_codec", "_pending_state", "_keys", "_lock",
+        "_client", "_owns_client", "_token", "_collective", "_codec", "_pending_state", "_keys",
+        "_lock",
         "_open", "_index", "_offset", "_launched", "_completed", "_failed", "_before", "_times",
         "_streamed",
         # statistics
@@ -84,7 +86,7 @@ class HookState:
     def __init__(self, method: str | None, address: str | None = None, *, client=None,
                  collective=None, process_group=None, job: str = "ddp",
                  world_size: int | None = None, rank: int | None = None, config=None,
-                 timeout: float | None = None, bits: int = 32, seed: int = 0,
+                 timeout: float | None = None, token: str = "", bits: int = 32, seed: int = 0,
                  lr: float | Callable[[], float] = 1.0, **options) -> None:
         if method is not None:
             method_spec(method)  # an unknown name fails here, listing the valid ones
@@ -120,6 +122,7 @@ class HookState:
         self.bits, self.seed, self.lr, self.options = bits, seed, lr, dict(options)
         self.process_group = process_group
         self._client, self._owns_client = client, client is None
+        self._token = token
         self._collective = collective
         self._codec: Codec | None = None
         self._pending_state: dict | None = None
@@ -171,7 +174,8 @@ class HookState:
                 warm_up_kernels()
                 try:
                     self._client = SwitchClient(self.address, self.job, self._world(), self.rank,
-                                                config=self.config, timeout=self.timeout)
+                                                config=self.config, timeout=self.timeout,
+                                                token=self._token)
                 except SwitchError as exc:
                     self.error = exc
                     raise
@@ -218,6 +222,7 @@ class HookState:
                 setattr(self, name, state.get(name))
         self.error, self.last_telemetry = None, None
         self._client, self._owns_client, self._collective = None, True, None
+        self._token = ""    # never in a checkpoint: set state._token again after loading
         self._codec, self._pending_state, self._keys = None, codec_state, {}
         self._lock = threading.Lock()
         self._open, self._failed = False, False
