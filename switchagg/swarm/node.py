@@ -1,0 +1,479 @@
+"""One SwarmSGD worker's peer side: its socket, the thread that answers peers, and the interaction.
+
+What it owns: the ZeroMQ sockets of one worker (one ROUTER it binds and every peer reaches, one
+DEALER per peer it talks to), the answering thread, the pairwise exchange protocol (`wire`'s
+messages), peer liveness, and the counters of all of it (`NodeStats`). What it must never do:
+know about torch or training (the model is two callbacks: `read()` a flat vector, `add(delta)`
+to it), wait without a bound, let a peer's bytes raise anything (malformed messages are counted
+and dropped), or wait for all the other workers (there is no global barrier).
+
+How one interaction goes (initiator i, responder j; x and y their models):
+  1. i snapshots x and sends EXCHANGE(seq, Q(x)). Q is the lattice code with a side picked from
+     the last distance i saw to a peer (`lattice.side_for`, `margin`); the first exchange, and
+     any with `quant="none"`, sends a full float32 copy.
+  2. j's answering thread receives it at once, even while j's trainer is mid-step; it then takes
+     j's model lock (the trainer holds it during each local step, so this waits for at most one
+     step). If it could not get the lock within half the request's ttl, it declines (EXPIRED)
+     rather than average with a peer that has stopped waiting. It decodes Q(x) against y: a
+     failed decode check answers NEED_FULL and i resends x in full (a counted fallback).
+     Otherwise j moves to the average, y <- y + (x^ - y)/2, remembers y, and replies REPLY(Q(y)),
+     with a side picked from the distance it just measured, |x^ - y|_inf.
+  3. i decodes Q(y) against its current model (RESEND fetches y in full if that fails), and
+     moves by the same rule relative to its snapshot: x <- x + (y^ - x)/2. With exact
+     copies the pair's sum is unchanged, even if i's own answering thread averaged with a third
+     worker meanwhile; with the unbiased lattice it is unchanged in expectation.
+Every wait is bounded by `timeout`. A peer that does not answer in time is a timeout; after
+`dead_after` timeouts in a row it is declared dead, reported and never picked again, and the rest
+go on. A request that arrives after its initiator gave up may still be served (averaging on one
+side only); `timeouts` counts the interactions where that can have happened.
+
+The answering thread owns the ROUTER; the caller's thread owns the DEALERs (ZeroMQ sockets are not
+thread-safe). Counters are updated under a small lock of their own.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+import zmq
+
+from switchagg.swarm import lattice
+from switchagg.swarm.wire import Kind, Message, Reason, WireError, from_frames, job_id, to_frames
+
+__all__ = ["NodeConfig", "NodeStats", "SwarmNode"]
+
+log = logging.getLogger("switchagg.swarm")
+
+QUANTS = ("lattice", "none")
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """How a node talks to its peers.
+
+    Attributes:
+        quant: "lattice" (models as b-bit lattice codes, decoded against the receiver's model) or
+            "none" (full float32 copies).
+        bits: lattice bits per coordinate: 4, 8 or 16.
+        margin: the lattice radius as a multiple of the last distance seen between two models
+            (larger: fewer full-copy fallbacks, coarser codes).
+        timeout: seconds an interaction may wait for its peer (each step of it).
+        dead_after: timeouts in a row after which a peer is skipped for the rest of the run.
+        poll_ms: how often the answering thread looks at its stop flag.
+    """
+
+    quant: str = "lattice"
+    bits: int = 8
+    margin: float = 2.0
+    timeout: float = 5.0
+    dead_after: int = 3
+    poll_ms: int = 50
+
+    def validate(self) -> "NodeConfig":
+        """Raises ValueError naming the field and the value."""
+        if self.quant not in QUANTS:
+            raise ValueError(f"quant={self.quant!r}: choose one of {', '.join(QUANTS)}")
+        if self.bits not in lattice.BITS:
+            raise ValueError(f"quant_bits={self.bits!r}: choose one of {lattice.BITS}")
+        if not self.margin > 0:
+            raise ValueError(f"margin={self.margin!r} must be > 0")
+        if not 0 < self.timeout <= 3600:
+            raise ValueError(f"timeout={self.timeout!r} must be in (0, 3600] seconds")
+        if self.dead_after < 1:
+            raise ValueError(f"dead_after={self.dead_after!r} must be >= 1")
+        return self
+
+
+@dataclass
+class NodeStats:
+    """What one node did, as initiator and as responder (all counters, seconds in t_*)."""
+
+    interactions: int = 0       # exchanges this node started that ended averaged
+    served: int = 0             # exchanges it answered by averaging
+    declined: int = 0           # its exchanges a peer declined (finished or expired)
+    expired: int = 0            # requests it declined because they waited past their ttl
+    timeouts: int = 0           # its exchanges that got no answer in time
+    no_peer: int = 0            # interaction turns skipped: no live neighbour left
+    bootstrap_full: int = 0     # full copies sent because no distance was known yet
+    fallbacks: int = 0          # full copies sent because a lattice code failed its check
+    decode_failures: int = 0    # lattice codes that failed the check here
+    malformed: int = 0          # peer messages dropped as malformed
+    stale: int = 0              # replies that arrived after their interaction was over
+    errors: int = 0             # exceptions in the answering thread (logged, survived)
+    messages_sent: int = 0
+    messages_received: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    t_interact: float = 0.0     # this node's trainer, blocked in its own interactions
+    t_serve: float = 0.0        # the answering thread, averaging for peers
+    t_quantize: float = 0.0
+    t_decode: float = 0.0
+    last_distance: float = float("nan")   # |x - y|_inf at the latest averaging
+    dead_peers: list[int] = field(default_factory=list)
+    finished_peers: list[int] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {f.name: (list(getattr(self, f.name)) if isinstance(getattr(self, f.name), list)
+                         else getattr(self, f.name)) for f in fields(self)}
+
+
+class SwarmNode:
+    """A worker's endpoint in the swarm.
+
+    Args:
+        rank, world: this worker and the number of workers.
+        neighbours: the ranks this worker may start interactions with (`graph.neighbours`).
+        read: returns this worker's model as a flat float vector (a copy).
+        add: adds a flat float64 delta to this worker's model in place.
+        numel: the model's size (every worker's is the same).
+        job: the job name (messages of other jobs are refused).
+        config: see NodeConfig.
+        seed: seeds the choice of peers and the lattice's stochastic rounding (give each rank
+            its own).
+        host: the address to bind on (and advertise): 127.0.0.1 on one machine.
+
+    `read` and `add` are only ever called with `lock` held; the caller holds it while it changes
+    the model itself (a training step). Use as a context manager, or call `close()`.
+
+    Example:
+        node = SwarmNode(rank, n, nbrs, read, add, numel=d, job="run1")
+        addresses[rank] = node.address          # publish (e.g. through a TCPStore)
+        node.connect(addresses); node.start()
+        ... with node.lock: local_step() ...;  node.interact()
+    """
+
+    def __init__(self, rank: int, world: int, neighbours, read, add, *, numel: int,
+                 job: str = "swarm", config: NodeConfig | None = None, seed: int = 0,
+                 host: str = "127.0.0.1") -> None:
+        self.rank, self.world, self.numel = rank, world, int(numel)
+        self.neighbours = tuple(int(j) for j in neighbours)
+        self.config = (config or NodeConfig()).validate()
+        self._read, self._add = read, add
+        self.lock = threading.Lock()
+        self.stats = NodeStats()
+        self._stats_lock = threading.Lock()
+        self._job = job_id(job)
+        self._rng = np.random.default_rng(seed)               # peer choice (caller's thread)
+        self._serve_rng = np.random.default_rng([seed, 1])    # rounding (answering thread)
+        self._ctx = zmq.Context()
+        self._router = self._ctx.socket(zmq.ROUTER)
+        self._router.setsockopt(zmq.LINGER, 0)
+        port = self._router.bind_to_random_port(f"tcp://{host}")
+        self.address = f"tcp://{host}:{port}"
+        self._addresses: dict[int, str] = {}
+        self._dealers: dict[int, zmq.Socket] = {}
+        self._failures: dict[int, int] = {}
+        self._dead: set[int] = set()
+        self._finished_peers: set[int] = set()
+        self._saved: dict[int, tuple[int, np.ndarray]] = {}   # sender -> (seq, y it was sent)
+        self._distance: float | None = None
+        self._seq = 0
+        self._finished = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def connect(self, addresses) -> None:
+        """Learn the peers' addresses (rank -> address, a dict or a list indexed by rank)."""
+        items = addresses.items() if isinstance(addresses, dict) else enumerate(addresses)
+        self._addresses = {int(r): str(a) for r, a in items if int(r) != self.rank}
+        missing = [j for j in self.neighbours if j not in self._addresses]
+        if missing:
+            raise ValueError(f"rank {self.rank}: no address for neighbour(s) {missing}")
+
+    def start(self) -> None:
+        """Start answering peers (in a daemon thread)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._serve, name=f"swarm-serve-{self.rank}",
+                                            daemon=True)
+            self._thread.start()
+
+    def finish(self) -> None:
+        """Stop averaging: from now on exchange requests are declined (FINISHED)."""
+        self._finished.set()
+
+    def close(self) -> None:
+        """Stop the answering thread (bounded wait) and close every socket."""
+        if self._closed:
+            return
+        self._closed = True
+        self._finished.set()
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=max(1.0, 10 * self.config.poll_ms / 1e3))
+            if self._thread.is_alive():
+                log.warning("rank %d: the answering thread did not stop; closing anyway", self.rank)
+        for s in self._dealers.values():
+            s.close(linger=0)
+        self._dealers.clear()
+        self._router.close(linger=0)
+        self._ctx.term()
+
+    def __enter__(self) -> "SwarmNode":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def live_neighbours(self) -> list[int]:
+        return [j for j in self.neighbours if j not in self._dead and j not in self._finished_peers]
+
+    def _count(self, **deltas) -> None:
+        with self._stats_lock:
+            for key, value in deltas.items():
+                setattr(self.stats, key, getattr(self.stats, key) + value)
+
+    # ---------------------------------------------------------------- encoding
+
+    def _encode(self, x: np.ndarray, distance: float | None, rng: np.random.Generator):
+        """The model as it travels: a lattice code, or a full float32 copy."""
+        if self.config.quant == "none" or distance is None or not distance > 0:
+            return np.asarray(x, dtype=np.float32)
+        t0 = time.perf_counter()
+        side = lattice.side_for(distance, self.config.bits, margin=self.config.margin)
+        code = lattice.encode(x, side, self.config.bits, rng)
+        self._count(t_quantize=time.perf_counter() - t0)
+        return code
+
+    def _decode(self, model, reference: np.ndarray) -> np.ndarray | None:
+        """The peer's model as float64, or None when a lattice code fails its check here."""
+        if not isinstance(model, lattice.LatticeCode):
+            return np.asarray(model, dtype=np.float64)
+        t0 = time.perf_counter()
+        out = lattice.decode(model, reference)
+        self._count(t_decode=time.perf_counter() - t0)
+        if out is None:
+            self._count(decode_failures=1)
+        return out
+
+    # ---------------------------------------------------------------- initiator
+
+    def _dealer(self, peer: int) -> zmq.Socket:
+        sock = self._dealers.get(peer)
+        if sock is None:
+            sock = self._ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            # Queue nothing for a peer with no live connection: a send to a dead peer then
+            # waits (bounded, on POLLOUT) instead of piling messages up for a ghost.
+            sock.setsockopt(zmq.IMMEDIATE, 1)
+            sock.connect(self._addresses[peer])
+            self._dealers[peer] = sock
+        return sock
+
+    def _drop_dealer(self, peer: int) -> None:
+        # After a timeout: what is still queued for that peer must not arrive late.
+        sock = self._dealers.pop(peer, None)
+        if sock is not None:
+            sock.close(linger=0)
+
+    def _send(self, sock: zmq.Socket, msg: Message, deadline: float) -> bool:
+        frames = to_frames(msg, job=self._job, world=self.world)
+        wait_ms = max(0, int((deadline - time.monotonic()) * 1e3))
+        if not sock.poll(wait_ms, zmq.POLLOUT):
+            return False
+        try:
+            sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return False
+        self._count(messages_sent=1, bytes_sent=sum(len(f) for f in frames))
+        return True
+
+    def _recv(self, sock: zmq.Socket, peer: int, seq: int, deadline: float) -> Message | None:
+        """The next valid message of interaction `seq` from `peer`, or None at the deadline."""
+        while True:
+            wait_ms = int((deadline - time.monotonic()) * 1e3)
+            if wait_ms <= 0 or not sock.poll(wait_ms, zmq.POLLIN):
+                return None
+            frames = sock.recv_multipart(copy=True)
+            self._count(messages_received=1, bytes_received=sum(len(f) for f in frames))
+            try:
+                msg = from_frames(frames, job=self._job, world=self.world, numel=self.numel)
+            except WireError as exc:
+                self._count(malformed=1)
+                log.debug("rank %d: dropped a malformed reply: %s", self.rank, exc)
+                continue
+            if msg.sender != peer or msg.seq != seq or msg.kind in (Kind.EXCHANGE, Kind.RESEND):
+                self._count(stale=1)
+                continue
+            return msg
+
+    def interact(self, peer: int | None = None) -> str:
+        """Average with one neighbour (drawn at random among the live ones if not given).
+
+        Returns:
+            "averaged", "declined" (the peer finished, or could not take it in time),
+            "timeout" (no answer within `timeout`; see dead_after), or "no-peer" (none left).
+        Must not be called with `lock` held, nor from two threads at once.
+        """
+        t_start = time.perf_counter()
+        try:
+            return self._interact(peer)
+        finally:
+            self._count(t_interact=time.perf_counter() - t_start)
+
+    def _interact(self, peer: int | None) -> str:
+        if peer is None:
+            live = self.live_neighbours
+            if not live:
+                self._count(no_peer=1)
+                return "no-peer"
+            peer = int(live[self._rng.integers(len(live))])
+        self._seq += 1
+        seq = self._seq
+        with self.lock:
+            x = np.asarray(self._read(), dtype=np.float64)
+        ttl_ms = int(self.config.timeout * 1e3)
+        payload = self._encode(x, self._distance, self._rng)
+        if not isinstance(payload, lattice.LatticeCode) and self.config.quant == "lattice":
+            self._count(bootstrap_full=1)
+        sock = self._dealer(peer)
+        deadline = time.monotonic() + self.config.timeout
+        if not self._send(sock, Message(Kind.EXCHANGE, self.rank, seq, model=payload,
+                                        ttl_ms=ttl_ms), deadline):
+            return self._timed_out(peer)
+        resent = False
+        while True:
+            msg = self._recv(sock, peer, seq, deadline)
+            if msg is None:
+                return self._timed_out(peer)
+            if msg.kind == Kind.DECLINE:
+                self._failures[peer] = 0
+                self._count(declined=1)
+                if msg.reason == Reason.FINISHED:
+                    self._finished_peers.add(peer)
+                    with self._stats_lock:
+                        self.stats.finished_peers = sorted(self._finished_peers)
+                return "declined"
+            if msg.kind == Kind.NEED_FULL and not resent:
+                resent = True
+                self._count(fallbacks=1)
+                deadline = time.monotonic() + self.config.timeout
+                if not self._send(sock, Message(Kind.EXCHANGE, self.rank, seq,
+                                                model=x.astype(np.float32), ttl_ms=ttl_ms), deadline):
+                    return self._timed_out(peer)
+                continue
+            if msg.kind != Kind.REPLY:
+                self._count(stale=1)
+                continue
+            with self.lock:
+                reference = np.asarray(self._read(), dtype=np.float64)
+            y_hat = self._decode(msg.model, reference)
+            if y_hat is None:
+                deadline = time.monotonic() + self.config.timeout
+                if not self._send(sock, Message(Kind.RESEND, self.rank, seq), deadline):
+                    return self._timed_out(peer)
+                continue
+            with self.lock:
+                self._add((y_hat - x) / 2)
+            self._failures[peer] = 0
+            distance = float(np.max(np.abs(y_hat - x))) if x.size else 0.0
+            self._distance = distance
+            self._count(interactions=1)
+            with self._stats_lock:
+                self.stats.last_distance = distance
+            return "averaged"
+
+    def _timed_out(self, peer: int) -> str:
+        self._count(timeouts=1)
+        self._drop_dealer(peer)
+        self._failures[peer] = self._failures.get(peer, 0) + 1
+        if self._failures[peer] >= self.config.dead_after and peer not in self._dead:
+            self._dead.add(peer)
+            with self._stats_lock:
+                self.stats.dead_peers = sorted(self._dead)
+            log.warning("rank %d: peer %d did not answer %d times in a row (%.1f s each); "
+                        "skipping it from now on", self.rank, peer, self._failures[peer],
+                        self.config.timeout)
+        return "timeout"
+
+    # ---------------------------------------------------------------- responder
+
+    def _serve(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        while not self._stop.is_set():
+            try:
+                if not poller.poll(self.config.poll_ms):
+                    continue
+                frames = self._router.recv_multipart(copy=True)
+                received = time.monotonic()
+                self._count(messages_received=1, bytes_received=sum(len(f) for f in frames))
+                if len(frames) < 2:
+                    self._count(malformed=1)
+                    continue
+                identity, body = frames[0], frames[1:]
+                try:
+                    msg = from_frames(body, job=self._job, world=self.world, numel=self.numel)
+                except WireError as exc:
+                    self._count(malformed=1)
+                    log.debug("rank %d: dropped a malformed request: %s", self.rank, exc)
+                    continue
+                if msg.kind == Kind.EXCHANGE:
+                    self._answer_exchange(identity, msg, received)
+                elif msg.kind == Kind.RESEND:
+                    self._answer_resend(identity, msg)
+                else:
+                    self._count(stale=1)   # a reply kind on the request socket: not ours
+            except zmq.ZMQError:
+                if self._stop.is_set():
+                    break
+                self._count(errors=1)
+                log.exception("rank %d: socket error in the answering thread", self.rank)
+            except Exception:  # a bug must not take the worker's peers down with it
+                self._count(errors=1)
+                log.exception("rank %d: error in the answering thread", self.rank)
+
+    def _reply(self, identity: bytes, msg: Message) -> None:
+        frames = [identity, *to_frames(msg, job=self._job, world=self.world)]
+        try:
+            self._router.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return   # the peer's queue is full: it will time out, as for a lost message
+        self._count(messages_sent=1, bytes_sent=sum(len(f) for f in frames[1:]))
+
+    def _answer_exchange(self, identity: bytes, msg: Message, received: float) -> None:
+        if self._finished.is_set():
+            self._reply(identity, Message(Kind.DECLINE, self.rank, msg.seq, reason=Reason.FINISHED))
+            return
+        # Half the initiator's patience for the lock: the reply must still reach it in time.
+        budget = msg.ttl_ms / 2e3 - (time.monotonic() - received)
+        if budget <= 0 or not self.lock.acquire(timeout=budget):
+            self._count(expired=1)
+            self._reply(identity, Message(Kind.DECLINE, self.rank, msg.seq, reason=Reason.EXPIRED))
+            return
+        t0 = time.perf_counter()
+        try:
+            if self._finished.is_set():   # the trainer finished while we waited for the lock
+                self._reply(identity, Message(Kind.DECLINE, self.rank, msg.seq,
+                                              reason=Reason.FINISHED))
+                return
+            y = np.asarray(self._read(), dtype=np.float64)
+            x_hat = self._decode(msg.model, y)
+            if x_hat is None:
+                self._reply(identity, Message(Kind.NEED_FULL, self.rank, msg.seq))
+                return
+            self._add((x_hat - y) / 2)
+        finally:
+            self.lock.release()
+        distance = float(np.max(np.abs(x_hat - y))) if y.size else 0.0
+        self._saved[msg.sender] = (msg.seq, y.astype(np.float32))
+        reply = Message(Kind.REPLY, self.rank, msg.seq, model=self._encode(y, distance, self._serve_rng))
+        self._count(served=1, t_serve=time.perf_counter() - t0)
+        with self._stats_lock:
+            self.stats.last_distance = distance
+        self._reply(identity, reply)
+
+    def _answer_resend(self, identity: bytes, msg: Message) -> None:
+        saved = self._saved.get(msg.sender)
+        if saved is None or saved[0] != msg.seq:
+            self._count(stale=1)
+            return
+        self._count(fallbacks=1)
+        self._reply(identity, Message(Kind.REPLY, self.rank, msg.seq, model=saved[1]))
