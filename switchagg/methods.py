@@ -19,6 +19,10 @@ MAX, any collective).
 | intdiana           | global alpha on g_i - h_i, shifts h_i, h (Alg. 3)| randomized    | IntDIANA        |
 | heuristic-switchml | per-packet exponent, switch MAX, look-ahead      | nearest-even  | SwitchML        |
 | heuristic-global   | one MAX all-reduce of the exponent of ||g||_inf  | nearest-even  | Heuristic IntSGD|
+
+`OWN_LOOP` lists the methods that are not gradient reductions at all but own their training loop
+(SwarmSGD: local steps and pairwise model averaging, `switchagg.swarm`); `collective_kind` says
+"peer" for them and `make_method` refuses them.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from switchagg._methods.sgd import SGD
 from switchagg.collectives import Collective
 from switchagg.telemetry import StepTelemetry
 
-__all__ = ["METHODS", "Method", "StepTelemetry", "NonFiniteGradient", "collective_kind",
+__all__ = ["METHODS", "OWN_LOOP", "Method", "StepTelemetry", "NonFiniteGradient", "collective_kind",
            "make_method"]
 
 
@@ -61,15 +65,25 @@ METHODS: dict[str, Callable[..., Method]] = {
 }
 
 
+#: Methods that own their training loop (no collective, no reduce): name -> what it is.
+OWN_LOOP: dict[str, str] = {
+    "swarmsgd": "SwarmSGD: H local steps, then quantized pairwise averaging with a random peer "
+                "(switchagg.swarm; the loop is workers/swarm_train.py)",
+}
+
+
 def collective_kind(name: str) -> str:
-    """What the named method needs of its collective: "float" (fp32 SUM) or "int".
+    """What the named method needs of its collective: "float" (fp32 SUM), "int", or "peer" (an
+    `OWN_LOOP` method: no collective, it talks to its peers itself).
 
     Raises:
         ValueError: unknown name (the message lists the valid ones).
     """
+    if name in OWN_LOOP:
+        return "peer"
     factory = METHODS.get(name)
     if factory is None:
-        raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}")
+        raise ValueError(f"unknown method {name!r}; valid methods: {', '.join([*METHODS, *OWN_LOOP])}")
     return factory.collective_kind
 
 
@@ -87,6 +101,9 @@ def make_method(name: str, collective: Collective, *, seed: int = 0, bits: int =
     Raises:
         ValueError: unknown name (the message lists the valid ones) or a bad option value.
     """
+    if name in OWN_LOOP:
+        raise ValueError(f"{name} owns its training loop and has no reduce; run it with "
+                         f"`switchagg worker` or `switchagg compare`")
     factory = METHODS.get(name)
     if factory is None:
         raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}")

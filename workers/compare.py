@@ -336,7 +336,8 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError(f"unknown task {args.task!r}; choose one of {', '.join(TASKS)}")
         if args.workers < 1:
             raise ValueError(f"--workers must be >= 1, got {args.workers}")
-        task = make_task(args.task, data=args.data, **parse_options(args.opt))
+        from workers.swarm_train import split_options
+        task = make_task(args.task, data=args.data, **split_options(parse_options(args.opt))[0])
     except (ValueError, FileNotFoundError) as exc:
         print(f"switchagg compare: {exc}", file=sys.stderr)
         return 2
@@ -374,7 +375,7 @@ def main(args: argparse.Namespace) -> int:
     for name, m in methods.items():
         if m["diverged"]:
             print(f"note: {name} diverged: {m['diverged']}")
-        if not m["replicas_agree"]:
+        if m["replicas_agree"] is False:  # None: decentralized, the models differ by design
             print(f"WARNING: {name}: workers' parameters differ at the end (a method bug)")
     if args.out:
         report.write_results(os.path.join(out_dir, "results.json"), config, methods)

@@ -103,13 +103,14 @@ def method_names(spec: str | None) -> list[str]:
     Raises:
         ValueError: naming an unknown method and listing the valid ones.
     """
-    from switchagg.methods import METHODS
+    from switchagg.methods import METHODS, OWN_LOOP
+    valid = [*METHODS, *OWN_LOOP]
     if not spec:
-        return list(METHODS)
+        return valid
     names = [n.strip() for n in spec.split(",") if n.strip()]
-    unknown = [n for n in names if n not in METHODS]
+    unknown = [n for n in names if n not in valid]
     if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(valid)}")
     return names
 
 
@@ -168,10 +169,12 @@ def run_methods(args: argparse.Namespace, names: list[str], emit: "_Emitter | _T
 
     from switchagg.methods import make_method
     from workers.tasks import make_task, parse_options
+    from workers.swarm_train import split_options
     from workers.train import train
 
     config = training_config(args)
-    task = make_task(args.task, data=args.data, device=args.device, **parse_options(args.opt))
+    task_options, _ = split_options(parse_options(args.opt))  # swarmsgd's options are not the task's
+    task = make_task(args.task, data=args.data, device=args.device, **task_options)
     needs_torch = not args.switch or any(collective_kind(n) == "float" for n in names)
     if needs_torch:
         if args.rank is None or args.world_size is None or not args.master_addr or not args.master_port:
@@ -195,6 +198,10 @@ def run_methods(args: argparse.Namespace, names: list[str], emit: "_Emitter | _T
     try:
         for name in names:
             kind = collective_kind(name)
+            if kind == "peer":  # SwarmSGD owns its loop and talks to its peers (no collective)
+                from workers.swarm_train import run_swarm
+                results[name] = run_swarm(args, task, name, emit, config)
+                continue
             collective = _open_collective(kind, args, args.rank, args.world_size, name)
             rank = collective.rank
             emit.rank = rank
