@@ -18,11 +18,16 @@ How it works:
 - Steps: the same model init, data order, lr schedule and optimizer as workers/train.py (one seed
   fixes them: see its notes), except that each worker applies its own gradient to its own model.
   A step holds the node's model lock, so a peer's averaging lands between two steps, never inside
-  one. Every H steps the worker starts one interaction (a blocking exchange, bounded by
-  `exchange_timeout`); meanwhile its answering thread serves peers' requests.
+  one. Every H steps the worker starts one interaction and goes on with its local steps; the
+  peer's answer is applied after the step during which it arrived, keeping the steps taken
+  meanwhile (x <- x + (y^ - snapshot)/2: the non-blocking variant). At most one interaction is
+  under way: the next turn first waits (bounded by `exchange_timeout`) for the last to end.
+  `--opt blocking=True` waits for each answer instead. Meanwhile its answering thread serves
+  peers' requests.
 - Epochs are total passes over the data by all workers: each worker takes one pass over its own
   shard per epoch, so E epochs are as many gradient steps per worker as synchronous SGD's.
-- Time: compute (forward, backward, optimizer) against sync (blocked in its own interactions);
+- Time: compute (forward, backward, optimizer) against sync (in its own interactions: encoding,
+  sending, decoding, applying, and waiting where it has to);
   the sync fraction, sync / wall, is the paper's headline number. Serving peers runs beside the
   training thread and is reported apart (t_serve).
 - The end: a worker that finished declines further exchanges, posts its final model to the store
@@ -65,6 +70,7 @@ SWITCH_INTERVAL_S = 2e-4
 SWARM_OPTIONS: dict[str, Any] = {
     "local_steps": 2, "quant": "lattice", "quant_bits": 8, "margin": 2.0, "graph": "complete",
     "degree": None, "exchange_timeout": 5.0, "dead_after": 3, "swarm_host": None,
+    "blocking": False,
 }
 
 
@@ -84,6 +90,8 @@ class SwarmConfig:
         dead_after: timeouts in a row after which a peer is skipped.
         swarm_host: the address to bind and advertise (default: the one MASTER_ADDR is reached
             from).
+        blocking: wait for each interaction's answer before the next local step (default: go on
+            computing and apply the answer when it comes, the paper's non-blocking variant).
     """
 
     local_steps: int = 2
@@ -95,6 +103,7 @@ class SwarmConfig:
     exchange_timeout: float = 5.0
     dead_after: int = 3
     swarm_host: str | None = None
+    blocking: bool = False
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> "SwarmConfig":
@@ -289,11 +298,21 @@ def train_swarm(task: Task, *, rank: int, world_size: int, config: TrainConfig, 
                     diverged = f"rank {rank}: non-finite loss {loss_value} at step {step}"
                     break
                 since += 1
-                outcome = None
+                ended = []
+                if node.pending:   # an answer that arrived during the step is applied now
+                    ended.append(node.poll(0.0))
                 if since >= swarm.local_steps:
                     since = 0
-                    outcome = node.interact()
-                    outcomes[outcome] = outcomes.get(outcome, 0) + 1
+                    if swarm.blocking:
+                        ended.append(node.interact())
+                    else:
+                        while node.pending:   # one interaction at a time: end the last one first
+                            ended.append(node.poll(swarm.exchange_timeout))
+                        ended.append(node.begin())
+                outcome = next((o for o in reversed(ended) if o is not None), None)
+                for o in ended:
+                    if o is not None:
+                        outcomes[o] = outcomes.get(o, 0) + 1
                 t2 = time.perf_counter()
                 t_compute += t1 - t0
                 t_sync += t2 - t1
@@ -314,6 +333,12 @@ def train_swarm(task: Task, *, rank: int, world_size: int, config: TrainConfig, 
                       "bytes_sent_cum": node.stats.bytes_sent, "model": "local", **local})
             if diverged is not None:
                 break
+        t1 = time.perf_counter()
+        while node.pending:
+            o = node.poll(swarm.exchange_timeout)
+            if o is not None:
+                outcomes[o] = outcomes.get(o, 0) + 1
+        t_sync += time.perf_counter() - t1
         wall = time.perf_counter() - start
         node.finish()
 

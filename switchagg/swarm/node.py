@@ -22,6 +22,9 @@ How one interaction goes (initiator i, responder j; x and y their models):
      moves by the same rule relative to its snapshot: x <- x + (y^ - x)/2. With exact
      copies the pair's sum is unchanged, even if i's own answering thread averaged with a third
      worker meanwhile; with the unbiased lattice it is unchanged in expectation.
+`interact` does all of it before returning; `begin` (step 1) and `poll` (step 3, as answers come)
+let the caller go on computing in between, the non-blocking variant: the delta form of step 3
+keeps i's local steps taken since the snapshot on top of the average.
 Every wait is bounded by `timeout`. A peer that does not answer in time is a timeout; after
 `dead_after` timeouts in a row it is declared dead, reported and never picked again, and the rest
 go on. A request that arrives after its initiator gave up may still be served (averaging on one
@@ -121,6 +124,19 @@ class NodeStats:
                          else getattr(self, f.name)) for f in fields(self)}
 
 
+@dataclass
+class _Pending:
+    """The interaction this node started and has not finished."""
+
+    peer: int
+    seq: int
+    x: np.ndarray          # the snapshot that was sent
+    sock: zmq.Socket
+    deadline: float        # monotonic time at which it times out
+    ttl_ms: int
+    resent: bool = False   # a full copy already followed a NEED_FULL
+
+
 class SwarmNode:
     """A worker's endpoint in the swarm.
 
@@ -172,6 +188,7 @@ class SwarmNode:
         self._saved: dict[int, tuple[int, np.ndarray]] = {}   # sender -> (seq, y it was sent)
         self._distance: float | None = None
         self._seq = 0
+        self._pending: _Pending | None = None
         self._finished = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -288,8 +305,8 @@ class SwarmNode:
     def _recv(self, sock: zmq.Socket, peer: int, seq: int, deadline: float) -> Message | None:
         """The next valid message of interaction `seq` from `peer`, or None at the deadline."""
         while True:
-            wait_ms = int((deadline - time.monotonic()) * 1e3)
-            if wait_ms <= 0 or not sock.poll(wait_ms, zmq.POLLIN):
+            wait_ms = max(0, int((deadline - time.monotonic()) * 1e3))
+            if not sock.poll(wait_ms, zmq.POLLIN):
                 return None
             frames = sock.recv_multipart(copy=True)
             self._count(messages_received=1, bytes_received=sum(len(f) for f in frames))
@@ -304,21 +321,59 @@ class SwarmNode:
                 continue
             return msg
 
+    @property
+    def pending(self) -> bool:
+        """Whether an interaction this node started is still under way."""
+        return self._pending is not None
+
     def interact(self, peer: int | None = None) -> str:
-        """Average with one neighbour (drawn at random among the live ones if not given).
+        """Average with one neighbour (drawn at random among the live ones if not given), blocking
+        until it is over (at most about `timeout` per message of the exchange).
 
         Returns:
             "averaged", "declined" (the peer finished, or could not take it in time),
             "timeout" (no answer within `timeout`; see dead_after), or "no-peer" (none left).
         Must not be called with `lock` held, nor from two threads at once.
         """
+        outcome = self.begin(peer)
+        while outcome is None:
+            outcome = self.poll(timeout=self.config.timeout)
+        return outcome
+
+    def begin(self, peer: int | None = None) -> str | None:
+        """Start an interaction and return at once (the non-blocking variant): snapshot the model,
+        send it. Local steps may go on meanwhile; `poll` applies the peer's answer as
+        x <- x + (y^ - snapshot)/2, so they are kept on top of the average.
+
+        Returns:
+            None when the exchange is under way, else its outcome ("no-peer", "timeout").
+        Raises:
+            RuntimeError: an interaction is already under way (poll it to its end first).
+        """
+        if self._pending is not None:
+            raise RuntimeError(f"rank {self.rank}: an interaction is already under way")
         t_start = time.perf_counter()
         try:
-            return self._interact(peer)
+            return self._begin(peer)
         finally:
             self._count(t_interact=time.perf_counter() - t_start)
 
-    def _interact(self, peer: int | None) -> str:
+    def poll(self, timeout: float = 0.0) -> str | None:
+        """Advance the interaction under way: handle what its peer sent, waiting up to `timeout`
+        seconds for it.
+
+        Returns:
+            None while it is still under way (or when none is), else its outcome, as `interact`.
+        """
+        if self._pending is None:
+            return None
+        t_start = time.perf_counter()
+        try:
+            return self._poll(min(timeout, max(0.0, self._pending.deadline - time.monotonic())))
+        finally:
+            self._count(t_interact=time.perf_counter() - t_start)
+
+    def _begin(self, peer: int | None) -> str | None:
         if peer is None:
             live = self.live_neighbours
             if not live:
@@ -326,59 +381,73 @@ class SwarmNode:
                 return "no-peer"
             peer = int(live[self._rng.integers(len(live))])
         self._seq += 1
-        seq = self._seq
         with self.lock:
             x = np.asarray(self._read(), dtype=np.float64)
-        ttl_ms = int(self.config.timeout * 1e3)
         payload = self._encode(x, self._distance, self._rng)
         if not isinstance(payload, lattice.LatticeCode) and self.config.quant == "lattice":
             self._count(bootstrap_full=1)
-        sock = self._dealer(peer)
-        deadline = time.monotonic() + self.config.timeout
-        if not self._send(sock, Message(Kind.EXCHANGE, self.rank, seq, model=payload,
-                                        ttl_ms=ttl_ms), deadline):
+        pending = _Pending(peer=peer, seq=self._seq, x=x, sock=self._dealer(peer),
+                           deadline=time.monotonic() + self.config.timeout,
+                           ttl_ms=int(self.config.timeout * 1e3))
+        if not self._send(pending.sock, Message(Kind.EXCHANGE, self.rank, pending.seq, model=payload,
+                                                ttl_ms=pending.ttl_ms), pending.deadline):
             return self._timed_out(peer)
-        resent = False
+        self._pending = pending
+        return None
+
+    def _poll(self, wait: float) -> str | None:
+        p = self._pending
+        deadline = time.monotonic() + wait
         while True:
-            msg = self._recv(sock, peer, seq, deadline)
+            msg = self._recv(p.sock, p.peer, p.seq, deadline)
             if msg is None:
-                return self._timed_out(peer)
-            if msg.kind == Kind.DECLINE:
-                self._failures[peer] = 0
-                self._count(declined=1)
-                if msg.reason == Reason.FINISHED:
-                    self._finished_peers.add(peer)
-                    with self._stats_lock:
-                        self.stats.finished_peers = sorted(self._finished_peers)
-                return "declined"
-            if msg.kind == Kind.NEED_FULL and not resent:
-                resent = True
-                self._count(fallbacks=1)
-                deadline = time.monotonic() + self.config.timeout
-                if not self._send(sock, Message(Kind.EXCHANGE, self.rank, seq,
-                                                model=x.astype(np.float32), ttl_ms=ttl_ms), deadline):
-                    return self._timed_out(peer)
-                continue
-            if msg.kind != Kind.REPLY:
-                self._count(stale=1)
-                continue
-            with self.lock:
-                reference = np.asarray(self._read(), dtype=np.float64)
-            y_hat = self._decode(msg.model, reference)
-            if y_hat is None:
-                deadline = time.monotonic() + self.config.timeout
-                if not self._send(sock, Message(Kind.RESEND, self.rank, seq), deadline):
-                    return self._timed_out(peer)
-                continue
-            with self.lock:
-                self._add((y_hat - x) / 2)
-            self._failures[peer] = 0
-            distance = float(np.max(np.abs(y_hat - x))) if x.size else 0.0
-            self._distance = distance
-            self._count(interactions=1)
-            with self._stats_lock:
-                self.stats.last_distance = distance
-            return "averaged"
+                if time.monotonic() >= p.deadline:
+                    self._pending = None
+                    return self._timed_out(p.peer)
+                return None
+            outcome = self._handle_answer(p, msg)
+            if outcome is not None:
+                self._pending = None
+                return outcome
+
+    def _handle_answer(self, p: "_Pending", msg: Message) -> str | None:
+        """One answer of the peer: the outcome if it ends the interaction, else None."""
+        if msg.kind == Kind.DECLINE:
+            self._failures[p.peer] = 0
+            self._count(declined=1)
+            if msg.reason == Reason.FINISHED:
+                self._finished_peers.add(p.peer)
+                with self._stats_lock:
+                    self.stats.finished_peers = sorted(self._finished_peers)
+            return "declined"
+        if msg.kind == Kind.NEED_FULL and not p.resent:
+            p.resent = True
+            self._count(fallbacks=1)
+            p.deadline = time.monotonic() + self.config.timeout
+            if not self._send(p.sock, Message(Kind.EXCHANGE, self.rank, p.seq,
+                                              model=p.x.astype(np.float32), ttl_ms=p.ttl_ms), p.deadline):
+                return self._timed_out(p.peer)
+            return None
+        if msg.kind != Kind.REPLY:
+            self._count(stale=1)
+            return None
+        with self.lock:
+            reference = np.asarray(self._read(), dtype=np.float64)
+        y_hat = self._decode(msg.model, reference)
+        if y_hat is None:
+            p.deadline = time.monotonic() + self.config.timeout
+            if not self._send(p.sock, Message(Kind.RESEND, self.rank, p.seq), p.deadline):
+                return self._timed_out(p.peer)
+            return None
+        with self.lock:
+            self._add((y_hat - p.x) / 2)
+        self._failures[p.peer] = 0
+        distance = float(np.max(np.abs(y_hat - p.x))) if p.x.size else 0.0
+        self._distance = distance
+        self._count(interactions=1)
+        with self._stats_lock:
+            self.stats.last_distance = distance
+        return "averaged"
 
     def _timed_out(self, peer: int) -> str:
         self._count(timeouts=1)
