@@ -111,6 +111,6 @@ def test_swarmsgd_is_within_one_point_of_sgd_on_the_default_task(tmp_path):
     assert swarm["bytes_sent_per_worker"] < 0.6 * sgd["bytes_sent_per_worker"]
     assert swarm["replicas_agree"] is None and sgd["replicas_agree"] is True
     d = swarm["decentralized"]
-    assert d["dead_peers"] == [] and d["errors"] == 0 and d["interactions_per_node"] > 50
+    assert d["dead_peers"] == [] and d["errors"] == 0 and d["interactions_per_node"] >= 10
     assert 0 < swarm["sync_fraction"] < 1 and 0 < sgd["sync_fraction"] < 1
     assert np.isfinite(d["model_spread"])

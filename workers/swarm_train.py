@@ -21,13 +21,15 @@ How it works:
   one. Every H steps the worker starts one interaction and goes on with its local steps; the
   peer's answer is applied after the step during which it arrived, keeping the steps taken
   meanwhile (x <- x + (y^ - snapshot)/2: the non-blocking variant). At most one interaction is
-  under way: the next turn first waits (bounded by `exchange_timeout`) for the last to end.
-  `--opt blocking=True` waits for each answer instead. Meanwhile its answering thread serves
-  peers' requests.
+  under way: a turn that comes while the last is still going is taken at the first step
+  boundary after it ended, so a worker never waits for a peer, and a slow network means fewer
+  interactions, not idle time. `--opt blocking=True` waits for each answer instead (bounded by
+  `exchange_timeout`). Meanwhile its answering thread serves peers' requests.
 - Epochs are total passes over the data by all workers: each worker takes one pass over its own
   shard per epoch, so E epochs are as many gradient steps per worker as synchronous SGD's.
-- Time: compute (forward, backward, optimizer) against sync (in its own interactions: encoding,
-  sending, decoding, applying, and waiting where it has to);
+- Time: compute (forward, backward; the optimizer step apart, as in workers/train.py) against sync (in its own interactions: encoding,
+  sending, decoding, applying, waiting where it has to, plus waiting for a peer's averaging
+  to release the model before a step);
   the sync fraction, sync / wall, is the paper's headline number. Serving peers runs beside the
   training thread and is reported apart (t_serve).
 - The end: a worker that finished declines further exchanges, posts its final model to the store
@@ -54,7 +56,7 @@ import torch
 
 from workers.data import derive_seed, generator_for
 from workers.tasks.base import Task
-from workers.train import _INIT_LOCK, TrainConfig, params_digest
+from workers.train import _INIT_LOCK, TrainConfig, _sync, params_digest
 
 __all__ = ["SWARM_OPTIONS", "SwarmConfig", "split_options", "train_swarm", "run_swarm",
            "rendezvous_store", "local_host"]
@@ -68,7 +70,7 @@ SWITCH_INTERVAL_S = 2e-4
 
 #: `--opt` keys SwarmSGD reads (and the task never sees), with their defaults.
 SWARM_OPTIONS: dict[str, Any] = {
-    "local_steps": 2, "quant": "lattice", "quant_bits": 8, "margin": 2.0, "graph": "complete",
+    "local_steps": 2, "quant": "lattice", "quant_bits": 8, "margin": 4.0, "graph": "complete",
     "degree": None, "exchange_timeout": 5.0, "dead_after": 3, "swarm_host": None,
     "blocking": False,
 }
@@ -97,7 +99,7 @@ class SwarmConfig:
     local_steps: int = 2
     quant: str = "lattice"
     quant_bits: int = 8
-    margin: float = 2.0
+    margin: float = 4.0
     graph: str = "complete"
     degree: int | None = None
     exchange_timeout: float = 5.0
@@ -264,7 +266,7 @@ def train_swarm(task: Task, *, rank: int, world_size: int, config: TrainConfig, 
         log.info("rank %d: swarm node at %s, neighbours %s, H=%d, quant=%s", rank, node.address,
                  list(nbrs[rank]), swarm.local_steps, swarm.quant)
 
-        t_compute = t_sync = 0.0
+        t_compute = t_update = t_sync = 0.0
         step = 0
         since = 0
         diverged = None
@@ -280,8 +282,9 @@ def train_swarm(task: Task, *, rank: int, world_size: int, config: TrainConfig, 
                 if step >= total:
                     break
                 lr = preset.lr_at(epoch + (step - epoch * per_epoch) / per_epoch, base_lr)
-                t0 = time.perf_counter()
-                with node.lock:   # peers' averaging waits for the end of this step
+                t_lock = time.perf_counter()
+                with node.step_lock():   # peers' averaging waits for the end of this step
+                    t0 = time.perf_counter()   # waiting here for a peer's averaging is sync time
                     for group in optimizer.param_groups:
                         group["lr"] = lr
                     optimizer.zero_grad(set_to_none=False)
@@ -289,9 +292,10 @@ def train_swarm(task: Task, *, rank: int, world_size: int, config: TrainConfig, 
                     loss.backward()
                     if preset.grad_clip is not None:
                         torch.nn.utils.clip_grad_norm_(params, preset.grad_clip)
+                    _sync(task.device)
+                    t_mid = time.perf_counter()
                     optimizer.step()
-                    if task.device.type == "cuda":
-                        torch.cuda.synchronize(task.device)
+                    _sync(task.device)
                 t1 = time.perf_counter()
                 loss_value = float(loss.detach())
                 if not math.isfinite(loss_value):
@@ -301,25 +305,24 @@ def train_swarm(task: Task, *, rank: int, world_size: int, config: TrainConfig, 
                 ended = []
                 if node.pending:   # an answer that arrived during the step is applied now
                     ended.append(node.poll(0.0))
-                if since >= swarm.local_steps:
+                # One interaction at a time: while the last is still under way, this turn waits
+                # for the first step boundary after it ended; the local steps go on meanwhile.
+                if since >= swarm.local_steps and not node.pending:
                     since = 0
-                    if swarm.blocking:
-                        ended.append(node.interact())
-                    else:
-                        while node.pending:   # one interaction at a time: end the last one first
-                            ended.append(node.poll(swarm.exchange_timeout))
-                        ended.append(node.begin())
+                    ended.append(node.interact() if swarm.blocking else node.begin())
                 outcome = next((o for o in reversed(ended) if o is not None), None)
                 for o in ended:
                     if o is not None:
                         outcomes[o] = outcomes.get(o, 0) + 1
                 t2 = time.perf_counter()
-                t_compute += t1 - t0
-                t_sync += t2 - t1
+                t_compute += t_mid - t0
+                t_update += t1 - t_mid
+                t_sync += (t2 - t1) + (t0 - t_lock)
                 losses.append(loss_value)
                 emit({"kind": "step", "method": name, "rank": rank, "step": step, "epoch": epoch,
-                      "loss": loss_value, "lr": lr, "t_compute": t1 - t0, "t_reduce": t2 - t1,
-                      "t_update": 0.0, "bytes_sent_cum": node.stats.bytes_sent,
+                      "loss": loss_value, "lr": lr, "t_compute": t_mid - t0,
+                      "t_reduce": (t2 - t1) + (t0 - t_lock), "t_update": t1 - t_mid,
+                      "bytes_sent_cum": node.stats.bytes_sent,
                       "interaction": outcome})
                 step += 1
                 if progress is not None and rank == 0:
@@ -370,7 +373,7 @@ def train_swarm(task: Task, *, rank: int, world_size: int, config: TrainConfig, 
         "max_abs_sum_after_first_step": 0, "bits_needed_after_first_step": 0,
         "time_per_step": {"compute": t_compute / steps, "quantize": stats["t_quantize"] / steps,
                           "communicate": t_sync / steps, "decode": stats["t_decode"] / steps,
-                          "reduce": t_sync / steps, "update": 0.0},
+                          "reduce": t_sync / steps, "update": t_update / steps},
         "params_digest": params_digest(model), "diverged": diverged,
         "decentralized": True,
         "sync_fraction": t_sync / wall if wall > 0 else 0.0,

@@ -39,6 +39,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -71,7 +72,7 @@ class NodeConfig:
 
     quant: str = "lattice"
     bits: int = 8
-    margin: float = 2.0
+    margin: float = 4.0
     timeout: float = 5.0
     dead_after: int = 3
     poll_ms: int = 50
@@ -153,13 +154,13 @@ class SwarmNode:
         host: the address to bind on (and advertise): 127.0.0.1 on one machine.
 
     `read` and `add` are only ever called with `lock` held; the caller holds it while it changes
-    the model itself (a training step). Use as a context manager, or call `close()`.
+    the model itself (a training step: `with node.step_lock(): ...`). Use as a context manager, or call `close()`.
 
     Example:
         node = SwarmNode(rank, n, nbrs, read, add, numel=d, job="run1")
         addresses[rank] = node.address          # publish (e.g. through a TCPStore)
         node.connect(addresses); node.start()
-        ... with node.lock: local_step() ...;  node.interact()
+        ... with node.step_lock(): local_step() ...;  node.interact()
     """
 
     def __init__(self, rank: int, world: int, neighbours, read, add, *, numel: int,
@@ -170,6 +171,7 @@ class SwarmNode:
         self.config = (config or NodeConfig()).validate()
         self._read, self._add = read, add
         self.lock = threading.Lock()
+        self._peer_waiting = threading.Event()   # the answering thread wants the lock
         self.stats = NodeStats()
         self._stats_lock = threading.Lock()
         self._job = job_id(job)
@@ -237,6 +239,20 @@ class SwarmNode:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    @contextmanager
+    def step_lock(self, patience: float = 0.05):
+        """Hold the model lock for one local step, letting a waiting peer's averaging in first.
+
+        Python's Lock is not fair: a training loop that takes it again right after releasing it
+        would starve the answering thread for many steps. So when the answering thread waits,
+        this yields to it (at most `patience` seconds) before taking the lock.
+        """
+        deadline = time.monotonic() + patience
+        while self._peer_waiting.is_set() and time.monotonic() < deadline:
+            time.sleep(1e-4)
+        with self.lock:
+            yield
 
     @property
     def live_neighbours(self) -> list[int]:
@@ -513,7 +529,12 @@ class SwarmNode:
             return
         # Half the initiator's patience for the lock: the reply must still reach it in time.
         budget = msg.ttl_ms / 2e3 - (time.monotonic() - received)
-        if budget <= 0 or not self.lock.acquire(timeout=budget):
+        self._peer_waiting.set()
+        try:
+            acquired = budget > 0 and self.lock.acquire(timeout=budget)
+        finally:
+            self._peer_waiting.clear()
+        if not acquired:
             self._count(expired=1)
             self._reply(identity, Message(Kind.DECLINE, self.rank, msg.seq, reason=Reason.EXPIRED))
             return
