@@ -20,7 +20,8 @@ def decentralized_entry(by_rank: list[dict[str, Any]], metric: str) -> dict[str,
     """What a decentralized run adds: the worst node, the spread, interactions, fallbacks, passes.
 
     `interactions_per_node` counts every averaging a node took part in (started or answered);
-    `data_passes` is the total of examples all nodes processed over the training set's size."""
+    `latency_ms` is the mean time from starting an interaction to having averaged; `data_passes`
+    is the total of examples all nodes processed over the training set's size."""
     head = by_rank[0]
     swarm = [s.get("swarm", {}) for s in by_rank]
     seen = [s.get("examples_seen") for s in by_rank]
@@ -36,6 +37,8 @@ def decentralized_entry(by_rank: list[dict[str, Any]], metric: str) -> dict[str,
                        "expired", "malformed", "stale", "errors")},
         "dead_peers": sorted({p for w in swarm for p in w.get("dead_peers", [])}),
         "missing_ranks": head.get("missing_ranks", []),
+        "latency_ms": 1e3 * sum(float(w.get("t_latency", 0.0)) for w in swarm)
+                      / max(1, sum(int(w.get("interactions", 0)) for w in swarm)),
         "serve_s_per_step": sum(float(w.get("t_serve", 0.0)) / max(1, s["steps"])
                                 for w, s in zip(swarm, by_rank)) / len(by_rank),
         "config": swarm[0].get("config"),
@@ -56,6 +59,7 @@ def footer_lines(methods: dict[str, dict[str, Any]], metric: str) -> list[str]:
             f"{name}: {metric} of the average model (above); worst node {worst_text}"
             f"{'%' if pct else ''} (rank {d['worst_node_rank']}), model spread "
             f"{_fmt(d['model_spread'], '.3g')}, {d['interactions_per_node']:.0f} interactions "
-            f"per node, {_fmt(d['data_passes'], '.1f')} data passes, {d['fallbacks']} full-copy "
+            f"per node ({_fmt(d.get('latency_ms'), '.1f')} ms each), "
+            f"{_fmt(d['data_passes'], '.1f')} data passes, {d['fallbacks']} full-copy "
             f"fallbacks, {d['timeouts']} timeouts, dead peers {d['dead_peers'] or 'none'}")
     return lines

@@ -48,7 +48,8 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
                    help="digits (default, bundled), logreg, cifar10-resnet18, wikitext2-lstm")
     g.add_argument("--data", default=None, help="local data file/folder for the task")
     g.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
-                   help="task option, repeatable (e.g. --opt hidden=(64,) --opt lam=1e-3)")
+                   help="task option, repeatable (e.g. --opt hidden=(64,) --opt lam=1e-3); "
+                        "swarmsgd's too (local_steps, quant, quant_bits, graph, degree, ...)")
     g.add_argument("--methods", default=None,
                    help="comma-separated methods (default: all of switchagg.methods.METHODS)")
     g.add_argument("--epochs", type=int, default=None, help="epochs (default: the task's preset)")

@@ -113,6 +113,7 @@ class NodeStats:
     bytes_sent: int = 0
     bytes_received: int = 0
     t_interact: float = 0.0     # this node's trainer, blocked in its own interactions
+    t_latency: float = 0.0      # from begin to the averaged end, summed over `interactions`
     t_serve: float = 0.0        # the answering thread, averaging for peers
     t_quantize: float = 0.0
     t_decode: float = 0.0
@@ -135,6 +136,7 @@ class _Pending:
     sock: zmq.Socket
     deadline: float        # monotonic time at which it times out
     ttl_ms: int
+    started: float = field(default_factory=time.monotonic)
     resent: bool = False   # a full copy already followed a NEED_FULL
 
 
@@ -460,7 +462,7 @@ class SwarmNode:
         self._failures[p.peer] = 0
         distance = float(np.max(np.abs(y_hat - p.x))) if p.x.size else 0.0
         self._distance = distance
-        self._count(interactions=1)
+        self._count(interactions=1, t_latency=time.monotonic() - p.started)
         with self._stats_lock:
             self.stats.last_distance = distance
         return "averaged"
