@@ -51,7 +51,11 @@ def main() -> int:
         os.replace(tmp, os.path.join(folder, f"addr.{rank}"))
         if _wait_for([os.path.join(folder, f"addr.{r}") for r in range(world)], 30):
             return 3
-        node.connect([open(os.path.join(folder, f"addr.{r}")).read() for r in range(world)])
+        addresses = []
+        for r in range(world):
+            with open(os.path.join(folder, f"addr.{r}")) as f:
+                addresses.append(f.read())
+        node.connect(addresses)
         node.start()
         print("started", flush=True)
         outcomes: dict[str, int] = {}

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from switchagg.swarm import lattice
 
@@ -134,7 +135,7 @@ def test_pairwise_averaging_preserves_the_mean_exactly_unquantized_and_in_expect
         qm[i], qm[j] = (qm[i] + xj) / 2, (qm[j] + xi) / 2
         drifts.append(qm.mean(0) - mean0)
     drifts = np.array(drifts)
-    frac = lambda v: v / side - np.floor(v / side)  # noqa: E731
+    frac = lambda v: v / side - np.floor(v / side)
     var = (side ** 2 * (frac(models[0]) * (1 - frac(models[0])) + frac(models[1]) * (1 - frac(models[1])))
            / (2 * n) ** 2)
     keep = var > 1e-12

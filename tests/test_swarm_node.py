@@ -244,7 +244,7 @@ def test_malformed_messages_are_counted_and_dropped_and_the_node_keeps_working(s
 def test_a_slow_peer_is_declined_within_the_timeout_and_others_go_on(swarm_factory):
     rng = np.random.default_rng(3)
     swarm = swarm_factory(rng.normal(size=(3, 20)), NodeConfig(quant="none", timeout=1.0))
-    a, slow, c = swarm.nodes
+    a, slow, _ = swarm.nodes
     before = swarm.models[1].copy()
     release = threading.Event()
 

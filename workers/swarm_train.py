@@ -58,8 +58,15 @@ from workers.data import derive_seed, generator_for
 from workers.tasks.base import Task
 from workers.train import _INIT_LOCK, TrainConfig, _sync, params_digest
 
-__all__ = ["SWARM_OPTIONS", "SwarmConfig", "split_options", "train_swarm", "run_swarm",
-           "rendezvous_store", "local_host"]
+__all__ = [
+    "SWARM_OPTIONS",
+    "SwarmConfig",
+    "local_host",
+    "rendezvous_store",
+    "run_swarm",
+    "split_options",
+    "train_swarm",
+]
 
 log = logging.getLogger("switchagg.swarm")
 
@@ -108,7 +115,7 @@ class SwarmConfig:
     blocking: bool = False
 
     @classmethod
-    def from_options(cls, options: dict[str, Any]) -> "SwarmConfig":
+    def from_options(cls, options: dict[str, Any]) -> SwarmConfig:
         """Raises ValueError naming a bad option."""
         unknown = sorted(set(options) - set(SWARM_OPTIONS))
         if unknown:
@@ -468,5 +475,5 @@ def _release_store(store, job: str, rank: int, world_size: int, grace: float = 1
         deadline = time.monotonic() + grace
         while store.add(f"{job}/left", 0) < world_size - 1 and time.monotonic() < deadline:
             time.sleep(0.05)
-    except Exception as exc:  # the store's host is gone: nothing left to release
+    except (RuntimeError, OSError) as exc:  # the store's host is gone: nothing left to release
         log.debug("rank %d: releasing the rendezvous store: %s", rank, exc)

@@ -21,4 +21,4 @@ Start with `node.SwarmNode`: its essay walks one interaction from request to ave
 
 from __future__ import annotations
 
-__all__ = ["lattice", "graph", "wire", "node"]
+__all__ = ["graph", "lattice", "node", "wire"]

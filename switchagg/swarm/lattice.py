@@ -31,8 +31,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["BITS", "LatticeCode", "lattice_point", "encode", "decode", "decode_radius",
-           "side_for", "digest", "pack", "unpack", "packed_size"]
+__all__ = [
+    "BITS",
+    "LatticeCode",
+    "decode",
+    "decode_radius",
+    "digest",
+    "encode",
+    "lattice_point",
+    "pack",
+    "packed_size",
+    "side_for",
+    "unpack",
+]
 
 #: Bit widths a code can have: nibbles, bytes or 16-bit words pack without waste.
 BITS = (4, 8, 16)

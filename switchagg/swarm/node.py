@@ -46,7 +46,15 @@ import numpy as np
 import zmq
 
 from switchagg.swarm import lattice
-from switchagg.swarm.wire import Kind, Message, Reason, WireError, from_frames, job_id, to_frames
+from switchagg.swarm.wire import (
+    Kind,
+    Message,
+    Reason,
+    WireError,
+    from_frames,
+    job_id,
+    to_frames,
+)
 
 __all__ = ["NodeConfig", "NodeStats", "SwarmNode"]
 
@@ -77,7 +85,7 @@ class NodeConfig:
     dead_after: int = 3
     poll_ms: int = 50
 
-    def validate(self) -> "NodeConfig":
+    def validate(self) -> NodeConfig:
         """Raises ValueError naming the field and the value."""
         if self.quant not in QUANTS:
             raise ValueError(f"quant={self.quant!r}: choose one of {', '.join(QUANTS)}")
@@ -236,7 +244,7 @@ class SwarmNode:
         self._router.close(linger=0)
         self._ctx.term()
 
-    def __enter__(self) -> "SwarmNode":
+    def __enter__(self) -> SwarmNode:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -428,7 +436,7 @@ class SwarmNode:
                 self._pending = None
                 return outcome
 
-    def _handle_answer(self, p: "_Pending", msg: Message) -> str | None:
+    def _handle_answer(self, p: _Pending, msg: Message) -> str | None:
         """One answer of the peer: the outcome if it ends the interaction, else None."""
         if msg.kind == Kind.DECLINE:
             self._failures[p.peer] = 0

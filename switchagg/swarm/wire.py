@@ -50,8 +50,18 @@ import numpy as np
 from switchagg.errors import ProtocolError
 from switchagg.swarm.lattice import BITS, LatticeCode, packed_size
 
-__all__ = ["MAGIC", "VERSION", "HEADER", "Kind", "Reason", "Message", "WireError", "job_id",
-           "to_frames", "from_frames"]
+__all__ = [
+    "HEADER",
+    "MAGIC",
+    "VERSION",
+    "Kind",
+    "Message",
+    "Reason",
+    "WireError",
+    "from_frames",
+    "job_id",
+    "to_frames",
+]
 
 MAGIC = 0x5A
 VERSION = 1
