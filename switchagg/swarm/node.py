@@ -12,8 +12,8 @@ How one interaction goes (initiator i, responder j; x and y their models):
      the last distance i saw to a peer (`lattice.side_for`, `margin`); the first exchange, and
      any with `quant="none"`, sends a full float32 copy.
   2. j's answering thread receives it at once, even while j's trainer is mid-step; it then takes
-     j's model lock (the trainer holds it during each local step, so this waits for at most one
-     step). If it could not get the lock within half the request's ttl, it declines (EXPIRED)
+     j's model lock (the trainer holds it during each local step, through `step_lock`, which lets
+     a waiting peer in first, so this waits for at most one step). If it could not get the lock within half the request's ttl, it declines (EXPIRED)
      rather than average with a peer that has stopped waiting. It decodes Q(x) against y: a
      failed decode check answers NEED_FULL and i resends x in full (a counted fallback).
      Otherwise j moves to the average, y <- y + (x^ - y)/2, remembers y, and replies REPLY(Q(y)),
