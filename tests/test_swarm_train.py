@@ -122,3 +122,8 @@ def test_local_host_keeps_loopback_on_loopback():
     assert local_host("127.0.0.1") == "127.0.0.1"
     assert local_host("localhost") == "127.0.0.1"
     assert local_host("no-such-host.invalid") == "127.0.0.1"
+
+
+def test_compare_rejects_a_bad_swarm_option_before_starting_workers():
+    proc = _compare("--methods", "swarmsgd", "--opt", "quant=qsgd", timeout=60)
+    assert proc.returncode == 2 and "quant" in proc.stderr and "lattice" in proc.stderr

@@ -336,8 +336,11 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError(f"unknown task {args.task!r}; choose one of {', '.join(TASKS)}")
         if args.workers < 1:
             raise ValueError(f"--workers must be >= 1, got {args.workers}")
-        from workers.swarm_train import split_options
-        task = make_task(args.task, data=args.data, **split_options(parse_options(args.opt))[0])
+        from workers.swarm_train import SwarmConfig, split_options
+        task_options, swarm_options = split_options(parse_options(args.opt))
+        task = make_task(args.task, data=args.data, **task_options)
+        if "swarmsgd" in args.method_list:
+            SwarmConfig.from_options(swarm_options)   # a bad --opt fails here, not in N workers
     except (ValueError, FileNotFoundError) as exc:
         print(f"switchagg compare: {exc}", file=sys.stderr)
         return 2
