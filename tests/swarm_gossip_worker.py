@@ -42,7 +42,7 @@ def main() -> int:
     def add(delta):
         model[:] += delta
 
-    config = NodeConfig(quant="lattice", timeout=0.5, dead_after=2)
+    config = NodeConfig(quant="lattice", timeout=1.0, dead_after=2)
     with SwarmNode(rank, world, neighbours("complete", world)[rank], read, add, numel=d,
                    job="gossip-test", config=config, seed=rank) as node:
         tmp = os.path.join(folder, f".addr.{rank}")

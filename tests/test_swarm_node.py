@@ -255,12 +255,12 @@ def test_a_slow_peer_is_declined_within_the_timeout_and_others_go_on(swarm_facto
     holder.start()
     try:
         t0 = time.monotonic()
-        assert a.interact(1) == "declined"
-        assert time.monotonic() - t0 < 1.0
+        assert a.interact(1) == "declined"   # after half its ttl, not after the 10 s step
+        assert time.monotonic() - t0 < 2.0
         assert slow.stats.expired == 1
         t0 = time.monotonic()
         assert a.interact(2) == "averaged"
-        assert time.monotonic() - t0 < 0.5
+        assert time.monotonic() - t0 < 1.0
     finally:
         release.set()
         holder.join()
@@ -306,8 +306,9 @@ def test_a_killed_peer_is_skipped_and_reported_and_the_others_finish(spawn, tmp_
     for res in results:
         stats = res["stats"]
         assert stats["dead_peers"] == [victim], stats
-        # each survivor lost at most dead_after (2) timeouts of 0.5 s to the victim
-        assert stats["timeouts"] <= 2 and stats["errors"] == 0
+        # each survivor lost dead_after (2) timeouts of 1 s to the victim, and then skipped it
+        # (one more to a live peer starved of CPU is tolerated: the machine may be loaded)
+        assert 2 <= stats["timeouts"] <= 3 and stats["errors"] == 0
         assert res["outcomes"].get("averaged", 0) >= turns // 2   # the rest: peers that finished
     assert elapsed < 20
     # the survivors kept averaging among themselves: their models are close

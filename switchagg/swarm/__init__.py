@@ -14,6 +14,7 @@ uses no collective. Its parts, each with no knowledge of training:
 | `lattice`    | the mod-q lattice quantizer and its decode check                 | none     |
 | `graph`      | the interaction graph (complete, ring, random regular)          | none     |
 | `wire`       | the peer messages: one fixed header and one payload, validated   | none     |
+| `settings`   | a node's validated settings and its counters                     | none     |
 | `node`       | a worker's peer socket, its answering thread, the interaction    | ZeroMQ   |
 
 Start with `node.SwarmNode`: its essay walks one interaction from request to averaged models.
@@ -21,4 +22,4 @@ Start with `node.SwarmNode`: its essay walks one interaction from request to ave
 
 from __future__ import annotations
 
-__all__ = ["graph", "lattice", "node", "wire"]
+__all__ = ["graph", "lattice", "node", "settings", "wire"]
