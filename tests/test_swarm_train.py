@@ -71,6 +71,18 @@ def test_train_swarm_averages_and_gathers_the_final_models(blocking):
     assert len(steps) == head["steps"] and steps[-1]["bytes_sent_cum"] > 0
     evals = [r for r in results[0][1] if r["kind"] == "eval"]
     assert [e["model"] for e in evals] == ["local", "average"]
+    # what the comparison makes of them
+    from workers.report import format_table, merge_ranks
+    entry = merge_ranks(summaries, "accuracy")
+    assert entry["replicas_agree"] is None and entry["final_accuracy"] == head["evaluation"]["accuracy"]
+    assert entry["bytes_sent"] == sum(s["bytes_sent"] for s in summaries)
+    assert entry["sync_fraction"] == pytest.approx(np.mean([s["sync_fraction"] for s in summaries]))
+    d = entry["decentralized"]
+    assert d["interactions_per_node"] == pytest.approx(np.mean([s["interactions"] for s in summaries]))
+    assert d["data_passes"] == pytest.approx(sum(s["examples_seen"] for s in summaries)
+                                             / sum(s["shard_size"] for s in summaries))
+    table = format_table({"swarmsgd": entry})
+    assert "sync %" in table and "swarmsgd: accuracy of the average model" in table
 
 
 def test_options_are_split_from_the_task_and_validated():
