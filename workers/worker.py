@@ -51,7 +51,7 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
                    help="task option, repeatable (e.g. --opt hidden=(64,) --opt lam=1e-3); "
                         "swarmsgd's too (local_steps, quant, quant_bits, graph, degree, ...)")
     g.add_argument("--methods", default=None,
-                   help="comma-separated methods (default: all of switchagg.methods.METHODS)")
+                   help="comma-separated methods (default: all, switchagg.methods.METHODS and OWN_LOOP)")
     g.add_argument("--epochs", type=int, default=None, help="epochs (default: the task's preset)")
     g.add_argument("--max-steps", type=int, default=None, help="stop each method after N steps")
     g.add_argument("--batch-size", type=int, default=None, help="examples per worker per step")
