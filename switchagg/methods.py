@@ -13,6 +13,10 @@ Every worker builds the same method with the same arguments. `collective_kind(na
 method needs: "int" (int32 SUM and int8 exponent MAX: the switch, or any collective) or "torch"
 (fp32 sums or all-gathers: torch.distributed or the in-process group).
 
+`OWN_LOOP` lists the methods that are not gradient reductions at all but own their training loop
+(SwarmSGD: local steps and pairwise model averaging, `switchagg.swarm`); `collective_kind` says
+"peer" for them and `make_codec` refuses them.
+
 | name               | scaling                                          | rounding      | paper           |
 |--------------------|--------------------------------------------------|---------------|-----------------|
 | sgd                | none (fp32 all-reduce)                           | -             | baseline        |
@@ -22,6 +26,10 @@ method needs: "int" (int32 SUM and int8 exponent MAX: the switch, or any collect
 | intdiana           | global alpha on g_i - h_i, shifts h_i, h (Alg. 3)| randomized    | IntDIANA        |
 | heuristic-switchml | per-packet exponent, switch MAX, look-ahead      | nearest-even  | SwitchML        |
 | heuristic-global   | one MAX all-reduce of the exponent of ||g||_inf  | nearest-even  | Heuristic IntSGD|
+
+`OWN_LOOP` lists the methods that are not gradient reductions at all but own their training loop
+(SwarmSGD: local steps and pairwise model averaging, `switchagg.swarm`); `collective_kind` says
+"peer" for them and `make_method` refuses them.
 """
 
 from __future__ import annotations
@@ -35,8 +43,8 @@ from switchagg.codecs import (
 from switchagg.errors import ConfigError, NonFiniteGradient
 from switchagg.telemetry import StepTelemetry
 
-__all__ = ["METHODS", "MethodSpec", "StepTelemetry", "NonFiniteGradient", "collective_kind",
-           "make_codec", "make_method", "method_spec"]
+__all__ = ["METHODS", "OWN_LOOP", "MethodSpec", "StepTelemetry", "NonFiniteGradient",
+           "collective_kind", "make_codec", "make_method", "method_spec"]
 
 
 @dataclass(frozen=True)
@@ -80,13 +88,27 @@ def method_spec(name: str) -> MethodSpec:
     """
     spec = METHODS.get(name)
     if spec is None:
-        raise ConfigError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}",
-                          field="method", value=name)
+        if name in OWN_LOOP:
+            raise ConfigError(f"{name} owns its training loop and has no codec; run it with "
+                              f"`switchagg worker` or `switchagg compare`", field="method",
+                              value=name)
+        raise ConfigError(f"unknown method {name!r}; valid methods: "
+                          f"{', '.join([*METHODS, *OWN_LOOP])}", field="method", value=name)
     return spec
 
 
+#: Methods that own their training loop (no collective, no reduce): name -> what it is.
+OWN_LOOP: dict[str, str] = {
+    "swarmsgd": "SwarmSGD: H local steps, then quantized pairwise averaging with a random peer "
+                "(switchagg.swarm; the loop is workers/swarm_train.py)",
+}
+
+
 def collective_kind(name: str) -> str:
-    """What the named method needs of its collective: "int" (the switch will do) or "torch"."""
+    """What the named method needs of its collective: "int" (the switch will do), "torch", or
+    "peer" (an `OWN_LOOP` method: no collective, it talks to its peers itself)."""
+    if name in OWN_LOOP:
+        return "peer"
     return method_spec(name).collective_kind
 
 

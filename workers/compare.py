@@ -340,7 +340,11 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError(f"unknown task {args.task!r}; choose one of {', '.join(TASKS)}")
         if args.workers < 1:
             raise ValueError(f"--workers must be >= 1, got {args.workers}")
-        task = make_task(args.task, data=args.data, **parse_options(args.opt))
+        from workers.swarm_train import SwarmConfig, split_options
+        task_options, swarm_options = split_options(parse_options(args.opt))
+        task = make_task(args.task, data=args.data, **task_options)
+        if "swarmsgd" in args.method_list:
+            SwarmConfig.from_options(swarm_options)   # a bad --opt fails here, not in N workers
     except (ValueError, FileNotFoundError) as exc:
         print(f"switchagg compare: {exc}", file=sys.stderr)
         return 2
@@ -378,7 +382,7 @@ def main(args: argparse.Namespace) -> int:
     for name, m in methods.items():
         if m["diverged"]:
             print(f"note: {name} diverged: {m['diverged']}")
-        if not m["replicas_agree"]:
+        if m["replicas_agree"] is False:  # None: decentralized, the models differ by design
             print(f"WARNING: {name}: workers' parameters differ at the end (a method bug)")
     if args.out:
         report.write_results(os.path.join(out_dir, "results.json"), config, methods)

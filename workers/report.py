@@ -43,7 +43,9 @@ def merge_ranks(summaries: list[dict[str, Any]], metric: str) -> dict[str, Any]:
         max_abs_sum, max_abs_q, bits_needed (and both of the sum's extremes without step 0:
         max_abs_sum_after_first_step, bits_needed_after_first_step), clip_fraction, wraps,
         time_per_step (mean over
-        workers), final_train_loss, replicas_agree, evaluation (rank 0's full dict).
+        workers), final_train_loss, replicas_agree, evaluation (rank 0's full dict),
+        sync_fraction (time synchronizing over wall time, mean over workers), and for
+        decentralized methods (SwarmSGD) `decentralized` (workers/swarm_report.py).
     """
     by_rank = sorted(summaries, key=lambda s: s["rank"])
     head = by_rank[0]
@@ -51,7 +53,7 @@ def merge_ranks(summaries: list[dict[str, Any]], metric: str) -> dict[str, Any]:
     n = len(by_rank)
     times = {k: sum(s["time_per_step"][k] for s in by_rank) / n for k in head["time_per_step"]}
     bytes_total = sum(int(s["bytes_sent"]) for s in by_rank)
-    return {
+    entry = {
         "final_loss": ev.get("loss"),
         "final_accuracy": ev.get("accuracy"),
         "final_metric": ev.get(metric),
@@ -76,7 +78,31 @@ def merge_ranks(summaries: list[dict[str, Any]], metric: str) -> dict[str, Any]:
         "final_train_loss": head.get("final_train_loss"),
         "replicas_agree": len({s["params_digest"] for s in by_rank}) == 1,
         "evaluation": ev,
+        "sync_fraction": _sync_fraction(by_rank),
     }
+    if any(s.get("decentralized") for s in by_rank):
+        entry["replicas_agree"] = None   # every worker keeps its own model, by design
+        from workers.swarm_report import decentralized_entry
+        entry["decentralized"] = decentralized_entry(by_rank, metric)
+    return entry
+
+
+def _sync_fraction(by_rank: list[dict[str, Any]]) -> float:
+    """Mean over workers of the share of the time spent synchronizing (not computing).
+
+    A worker that reports `sync_fraction` (SwarmSGD: blocked in its own interactions / wall) gives
+    it; for the others (DDP) it is the part of forward + backward that was not compute (the
+    hook's encoding and decoding, and the communication backward waited for) over the step."""
+    fractions = []
+    for s in by_rank:
+        if "sync_fraction" in s:
+            fractions.append(float(s["sync_fraction"]))
+            continue
+        t = s["time_per_step"]
+        step = t.get("backward", 0.0) + t.get("update", 0.0)
+        sync = max(t.get("backward", 0.0) - t.get("compute", 0.0), 0.0)
+        fractions.append(sync / step if step > 0 else 0.0)
+    return sum(fractions) / len(fractions)
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -97,7 +123,7 @@ def format_table(methods: dict[str, dict[str, Any]], metric: str = "accuracy") -
     """
     pct = metric == "accuracy"
     header = ["method", "loss", "acc %" if pct else metric[:10], "wall s", "ms/step",
-              "compute", "quant", "comm", "decode", "MB/wkr", "pkt/step", "rounds", "max|sum|",
+              "compute", "sync %", "quant", "comm", "decode", "MB/wkr", "pkt/step", "rounds", "max|sum|",
               "bits", "clip %", "wraps", "agree"]
     rows = [header]
     for name, m in methods.items():
@@ -109,7 +135,9 @@ def format_table(methods: dict[str, dict[str, Any]], metric: str = "accuracy") -
             name, _fmt(m["final_loss"], ".4f"),
             _fmt(100 * value if (pct and value is not None) else value, ".2f" if pct else ".4g"),
             _fmt(m["wall_s"], ".1f"), _fmt(step_ms, ".2f"),
-            _fmt(1e3 * t.get("compute", 0.0), ".2f"), _fmt(1e3 * t.get("quantize", 0.0), ".2f"),
+            _fmt(1e3 * t.get("compute", 0.0), ".2f"),
+            _fmt(100 * m["sync_fraction"] if m.get("sync_fraction") is not None else None, ".1f"),
+            _fmt(1e3 * t.get("quantize", 0.0), ".2f"),
             _fmt(1e3 * t.get("communicate", 0.0), ".2f"), _fmt(1e3 * t.get("decode", 0.0), ".2f"),
             _fmt(m["bytes_sent_per_worker"] / 1e6, ".2f"),
             _fmt(m["packets"] / workers / max(1, m["steps"]), ".0f"),
@@ -117,7 +145,7 @@ def format_table(methods: dict[str, dict[str, Any]], metric: str = "accuracy") -
             str(m.get("max_abs_sum_after_first_step", m["max_abs_sum"])),
             str(m.get("bits_needed_after_first_step", m["bits_needed"])),
             _fmt(100 * m["clip_fraction"], ".2f"), str(m["wraps"]),
-            "yes" if m["replicas_agree"] else "NO",
+            {True: "yes", False: "NO"}.get(m["replicas_agree"], "-"),
         ])
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
@@ -125,6 +153,10 @@ def format_table(methods: dict[str, dict[str, Any]], metric: str = "accuracy") -
     lines.insert(1, "-" * len(lines[0]))
     lines.append("max|sum| and bits: from step 1 on (IntSGD's step 0 uses SwitchML's exponent "
                  "scaling: r is unknown before it)")
+    lines.append("sync %: share of a worker's time spent synchronizing (the reduce; for swarmsgd, "
+                 "blocked in its own interactions, over wall time)")
+    from workers.swarm_report import footer_lines
+    lines += footer_lines(methods, metric)
     return "\n".join(lines)
 
 

@@ -51,9 +51,10 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
                    help="digits (default, bundled), logreg, cifar10-resnet18, wikitext2-lstm")
     g.add_argument("--data", default=None, help="local data file/folder for the task")
     g.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
-                   help="task option, repeatable (e.g. --opt hidden=(64,) --opt lam=1e-3)")
+                   help="task option, repeatable (e.g. --opt hidden=(64,) --opt lam=1e-3); "
+                        "swarmsgd's too (local_steps, quant, quant_bits, graph, degree, ...)")
     g.add_argument("--methods", default=None,
-                   help="comma-separated methods (default: all of switchagg.methods.METHODS)")
+                   help="comma-separated methods (default: all, switchagg.methods.METHODS and OWN_LOOP)")
     g.add_argument("--epochs", type=int, default=None, help="epochs (default: the task's preset)")
     g.add_argument("--max-steps", type=int, default=None, help="stop each method after N steps")
     g.add_argument("--batch-size", type=int, default=None, help="examples per worker per step")
@@ -110,13 +111,14 @@ def method_names(spec: str | None) -> list[str]:
     Raises:
         ValueError: naming an unknown method and listing the valid ones.
     """
-    from switchagg.methods import METHODS
+    from switchagg.methods import METHODS, OWN_LOOP
+    valid = [*METHODS, *OWN_LOOP]
     if not spec:
-        return list(METHODS)
+        return valid
     names = [n.strip() for n in spec.split(",") if n.strip()]
-    unknown = [n for n in names if n not in METHODS]
+    unknown = [n for n in names if n not in valid]
     if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(valid)}")
     return names
 
 
@@ -172,14 +174,14 @@ def _init_process_group(args: argparse.Namespace, names: list[str]) -> None:
     import torch.distributed as dist
     backend = "nccl" if args.device.startswith("cuda") else "gloo"
     rendezvous = None not in (args.rank, args.world_size) and args.master_addr and args.master_port
-    needs_torch = not args.switch or any(collective_kind(n) == "torch" for n in names)
+    needs_torch = not args.switch or any(collective_kind(n) in ("torch", "peer") for n in names)
     if rendezvous:
         dist.init_process_group(backend, init_method=f"tcp://{args.master_addr}:{args.master_port}",
                                 rank=args.rank, world_size=args.world_size,
                                 timeout=datetime.timedelta(seconds=args.timeout))
     elif needs_torch:
-        raise ValueError("torch.distributed (for sgd and the other non-switch methods, or without "
-                         "--switch) needs --rank, --world-size, --master-addr and --master-port (or "
+        raise ValueError("torch.distributed (for sgd and the other non-switch methods, swarmsgd's "
+                         "rendezvous, or without --switch) needs --rank, --world-size, --master-addr and --master-port (or "
                          "RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT as torchrun sets them)")
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
@@ -191,10 +193,12 @@ def run_methods(args: argparse.Namespace, names: list[str], emit: "_Emitter | _T
 
     from switchagg.ddp import hook_for
     from workers.tasks import make_task, parse_options
+    from workers.swarm_train import split_options
     from workers.train import train
 
     config = training_config(args)
-    task = make_task(args.task, data=args.data, device=args.device, **parse_options(args.opt))
+    task_options, _ = split_options(parse_options(args.opt))  # swarmsgd's options are not the task's
+    task = make_task(args.task, data=args.data, device=args.device, **task_options)
     if args.world_size is None:
         raise ValueError("the world size is unknown: pass --world-size or set WORLD_SIZE")
     _init_process_group(args, names)
@@ -209,6 +213,10 @@ def run_methods(args: argparse.Namespace, names: list[str], emit: "_Emitter | _T
     try:
         for name in names:
             kind = collective_kind(name)
+            if kind == "peer":  # SwarmSGD owns its loop and talks to its peers (no collective)
+                from workers.swarm_train import run_swarm
+                results[name] = run_swarm(args, task, name, emit, config)
+                continue
             client = None
             if kind == "int" and args.switch:
                 client = _open_client(args, args.rank, args.world_size, name)
