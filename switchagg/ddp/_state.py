@@ -285,9 +285,12 @@ class HookState:
                                "last": None, "done": None}
                 self._streamed = [0.0]
             blocks, a = [], 0
+            keyer = getattr(codec, "param_key", None)   # a codec attached to the model
             for param in bucket.parameters():
-                key = self._keys.setdefault(id(param), len(self._keys))
-                blocks.append(Block(key, a, a + param.numel()))
+                key = keyer(param) if keyer is not None else None
+                if key is None:
+                    key = self._keys.setdefault(id(param), len(self._keys))
+                blocks.append(Block(key, a, a + param.numel(), tuple(param.shape)))
                 a += param.numel()
             if a != buf.numel():
                 raise RuntimeError(f"DDP bucket {bucket.index()}: its parameters cover {a} of "
