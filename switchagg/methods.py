@@ -46,7 +46,7 @@ from switchagg.codecs import (
     SGD, Codec, HeuristicGlobal, HeuristicSwitchML, IntDIANA, IntSGD,
 )
 from switchagg.codecs.baselines import (
-    QSGD, NatSGD, OneBitEF, PowerSGD, TernGrad, TernGradSwitch,
+    ISGQ, QSGD, NatSGD, OneBitEF, PowerSGD, TernGrad, TernGradSwitch,
 )
 from switchagg.errors import ConfigError, NonFiniteGradient
 from switchagg.telemetry import StepTelemetry
@@ -93,6 +93,8 @@ METHODS: dict[str, MethodSpec] = dict([
     _spec("terngrad-switch", TernGradSwitch),
     _spec("onebit-ef", OneBitEF),
     _spec("powersgd", PowerSGD),
+    _spec("isgq-mse", ISGQ, quantizer="mse"),
+    _spec("isgq-dithered", ISGQ, quantizer="dithered"),
 ])
 
 #: The method sets of the papers' comparisons (`--methods paper-intsgd`, `--methods paper-isgq`).

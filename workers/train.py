@@ -164,6 +164,8 @@ def train(task: Task, state: Any, *, rank: int, world_size: int, config: TrainCo
     extra = {} if bucket_cap_mb is None else {"bucket_cap_mb": bucket_cap_mb}
     ddp = DistributedDataParallel(model, device_ids=device_ids, process_group=process_group,
                                   **extra)
+    if hasattr(state, "attach"):
+        state.attach(model)   # methods that read activations (ISGQ) hook the model's layers
     ddp.register_comm_hook(state, codec_hook)
     view = _ModelView(ddp)
     optimizer = torch.optim.SGD(task.param_groups(model, preset.weight_decay), lr=base_lr,

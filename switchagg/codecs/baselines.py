@@ -3,10 +3,11 @@ PowerSGD and ISGQ (what the IntSGD and ISGQ papers compared against). Re-exporte
 registry (`switchagg.methods`) imports them in one line; `_wire` holds what the gather ones share.
 """
 
+from switchagg.codecs.isgq import ISGQ
 from switchagg.codecs.natsgd import NatSGD
 from switchagg.codecs.onebit import OneBitEF
 from switchagg.codecs.powersgd import PowerSGD
 from switchagg.codecs.qsgd import QSGD
 from switchagg.codecs.terngrad import TernGrad, TernGradSwitch
 
-__all__ = ["QSGD", "NatSGD", "TernGrad", "TernGradSwitch", "OneBitEF", "PowerSGD"]
+__all__ = ["QSGD", "NatSGD", "TernGrad", "TernGradSwitch", "OneBitEF", "PowerSGD", "ISGQ"]
