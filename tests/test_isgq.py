@@ -3,6 +3,8 @@ formula, the wrong seed does not decode, and the MSE codebook fit lowers the gra
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from switchagg.codecs._factor_quant import (
@@ -72,9 +74,14 @@ def test_mse_codebook_refit_lowers_the_gradient_error():
     assert torch.equal(qx == 0, x.reshape(-1) == 0)                  # exact zeros keep their symbol
 
 
+_INIT = threading.Lock()   # torch's global generator: worker threads take turns
+
+
 def _model():
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(20, 32), torch.nn.ReLU(), torch.nn.Linear(32, 5))
+    with _INIT:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(20, 32), torch.nn.ReLU(),
+                                   torch.nn.Linear(32, 5))
 
 
 def test_isgq_sends_linear_layers_as_factors_and_averages_over_workers():
