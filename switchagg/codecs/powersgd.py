@@ -108,6 +108,9 @@ class PowerSGD(Codec):
                 p_size, q_size = p_size + n * r, q_size + m * r
             else:
                 uncompressed.append(view)
+        for memory in (self.p_memory, self.q_memory, self.errors):   # after a CPU checkpoint
+            if index in memory and memory[index].device != x.device:
+                memory[index] = memory[index].to(x.device)
         randomize = not self.warm_start or index not in self.p_memory
         if randomize:
             self.p_memory[index] = torch.empty(p_size, device=x.device)
@@ -172,3 +175,15 @@ class PowerSGD(Codec):
             self.p_memory.clear()
             self.q_memory.clear()
         out.copy_(rnd.inp)
+
+    def state_dict(self) -> dict:
+        cpu = lambda d: {k: v.detach().cpu().clone() for k, v in d.items()}  # noqa: E731
+        return {"errors": cpu(self.errors), "p_memory": cpu(self.p_memory),
+                "q_memory": cpu(self.q_memory), "rng": self.rng.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state:
+            return
+        for name in ("errors", "p_memory", "q_memory"):
+            setattr(self, name, {int(k): v.clone() for k, v in state[name].items()})
+        self.rng.set_state(state["rng"])
