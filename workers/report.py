@@ -200,6 +200,7 @@ def plot_all(out_dir: str, records: dict[str, Iterable[dict[str, Any]]], metric:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    colours = matplotlib.colormaps["tab20"]
     series = {}
     for name, recs in records.items():
         recs = list(recs)
@@ -217,19 +218,25 @@ def plot_all(out_dir: str, records: dict[str, Iterable[dict[str, Any]]], metric:
 
     def line_plot(filename: str, ylabel: str, x_of, y_of, which: int, *, logy=False, xlabel: str):
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        for name, pair in series.items():
+        xs_all = []
+        for i, (name, pair) in enumerate(series.items()):
             recs = pair[which]
             ys = [y_of(r) for r in recs]
             if which == 0 and ylabel.startswith("train loss"):
                 ys = _smooth(ys)
-            ax.plot([x_of(r) for r in recs], ys, label=name, marker="o" if which == 1 else None,
-                    markersize=3)
+            xs = [x_of(r) for r in recs]
+            xs_all += [x for x in xs if x > 0]
+            # 16+ methods: 20 distinct colours, and a second line style past them
+            ax.plot(xs, ys, label=name, marker="o" if which == 1 else None, markersize=3,
+                    color=colours(i % 20), linestyle="-" if i < 20 else "--")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         if logy:
             ax.set_yscale("log")
+        if xlabel.startswith("MB") and xs_all and max(xs_all) > 30 * min(xs_all):
+            ax.set_xscale("log")   # compressors and fp32 differ by 30x in bytes
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, ncol=2 if len(series) > 8 else 1)
         save(fig, filename)
 
     mb = lambda r: r["bytes_sent_cum"] / 1e6  # noqa: E731 (a tiny accessor)

@@ -138,12 +138,8 @@ def elias_omega_bits(k: torch.Tensor) -> torch.Tensor:
 
 
 def _bit_length(k: torch.Tensor) -> torch.Tensor:
-    out = torch.zeros_like(k)
-    v = k.clone()
-    while bool((v > 0).any()):
-        out += (v > 0).to(torch.int64)
-        v >>= 1
-    return out
+    """Bits of k >= 1 (exact below 2^53: frexp gives k = m 2^e with m in [0.5, 1))."""
+    return torch.frexp(k.to(torch.float64)).exponent.to(torch.int64)
 
 
 @dataclass
