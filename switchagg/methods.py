@@ -51,8 +51,8 @@ from switchagg.codecs.baselines import (
 from switchagg.errors import ConfigError, NonFiniteGradient
 from switchagg.telemetry import StepTelemetry
 
-__all__ = ["METHODS", "METHOD_SETS", "MethodSpec", "StepTelemetry", "NonFiniteGradient", "collective_kind",
-           "make_codec", "make_method", "method_spec"]
+__all__ = ["METHODS", "METHOD_SETS", "MethodSpec", "StepTelemetry", "NonFiniteGradient",
+           "collective_kind", "make_codec", "make_method", "method_spec"]
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,7 @@ def _ddp_run(name: str):
 
         ddp.register_comm_hook(state, hook)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        local, averaged = [], []
+        averaged = []
         for k in range(STEPS):
             layout.append([])
             opt.zero_grad()

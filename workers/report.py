@@ -23,7 +23,8 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["merge_ranks", "wire_summary", "format_table", "write_results", "read_jsonl", "plot_all", "PLOT_FILES"]
+__all__ = ["merge_ranks", "wire_summary", "format_table", "write_results", "read_jsonl", "plot_all",
+           "PLOT_FILES"]
 
 #: Plots every comparison writes ("{metric}" is the task's headline metric).
 PLOT_FILES = ("loss_vs_step.png", "loss_vs_bytes.png", "{metric}_vs_step.png",
@@ -112,8 +113,9 @@ def format_table(methods: dict[str, dict[str, Any]], metric: str = "accuracy") -
     backward) and decode, MB sent per worker, bits per coordinate really sent (`b/coord`, from
     those bytes), in the paper's own encoding (`paper b/c`, e.g. QSGD's Elias code; `-` where the
     method counts none) and the real compression against fp32 (`x fp32`), packets per worker per
-    step, rounds per step, max |sum| and the bits the sum needed from step 1 on (IntSGD's step 0 borrows SwitchML's
-    exponent scaling; results.json has the extremes over all steps too), clip %, wraps.
+    step, rounds per step, max |sum| and the bits the sum needed from step 1 on (IntSGD's step 0
+    borrows SwitchML's exponent scaling; results.json has the extremes over all steps too), clip %,
+    wraps.
     """
     pct = metric == "accuracy"
     header = ["method", "loss", "acc %" if pct else metric[:10], "wall s", "ms/step",

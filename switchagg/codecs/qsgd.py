@@ -1,4 +1,5 @@
-"""qsgd: QSGD, stochastic s-level quantization (Alistarh, Grubic, Li, Tomioka, Vojnovic, NeurIPS 2017).
+"""qsgd: QSGD, stochastic s-level quantization (Alistarh, Grubic, Li, Tomioka, Vojnovic,
+NeurIPS 2017).
 
 Each parameter is cut into buckets of `bucket_size` coordinates; a bucket v is sent as its norm
 ||v||_2 and, per coordinate, a sign and a level l_i in {0..s}: with y_i = s |v_i| / ||v||_2,
