@@ -1,18 +1,28 @@
 """powersgd: the codec gives torch's own powerSGD_hook's numbers, and PowerSGD's algebra (§13.4).
 
-The hook runs in real DDP on a process-wide group of one rank; the codec replays the same bucket
-inputs through the in-process Reducer (a group of one), so both see identical gradients.
+The hook runs in real DDP (tests/powersgd_worker.py) on a process-wide group of one rank, and on
+two gloo processes; the codec replays the same bucket inputs through the in-process Reducer (a
+group of as many), so both see identical gradients.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
+import pytest
 import torch
 import torch.distributed as dist
-from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as ps
-from torch.nn.parallel import DistributedDataParallel
 
+from conftest import PYTHON, REPO, free_port
 from switchagg.collectives import LocalGroup
 from switchagg.methods import make_method
+
+sys.path.insert(0, os.path.dirname(__file__))
+from powersgd_worker import CODEC_OPTIONS, torch_run  # noqa: E402
+
+WORKER = os.path.join(REPO, "tests", "powersgd_worker.py")
 
 
 def _one_rank_group() -> None:
@@ -20,45 +30,12 @@ def _one_rank_group() -> None:
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
 
 
-def _model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(12, 24), torch.nn.ReLU(), torch.nn.Linear(24, 24),
-                               torch.nn.ReLU(), torch.nn.Linear(24, 3))
-
-
-def _torch_run(steps: int, **options):
-    """Per step, per bucket: (bucket index, param shapes, input, torch's output)."""
-    _one_rank_group()
-    model = _model()
-    ddp = DistributedDataParallel(model)
-    state = ps.PowerSGDState(process_group=None, **options)
-    log: list[list] = []
-
-    def hook(st, bucket):
-        entry = [bucket.index(), [tuple(p.shape) for p in bucket.parameters()],
-                 bucket.buffer().clone()]
-        log[-1].append(entry)
-        return ps.powerSGD_hook(st, bucket).then(lambda f: entry.append(f.value().clone())
-                                                 or f.value())
-
-    ddp.register_comm_hook(state, hook)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    g = torch.Generator().manual_seed(1)
-    for _ in range(steps):
-        log.append([])
-        x = torch.randn(16, 12, generator=g)
-        opt.zero_grad()
-        ddp(x).pow(2).mean().backward()
-        opt.step()
-    return log
-
-
-def _replay(log, **options):
-    """The codec through the Reducer on the same inputs; returns its outputs per step."""
+def _replay(logs):
+    """The codec through the Reducer on the same inputs (one log per rank); outputs per step."""
     def worker(collective):
-        method = make_method("powersgd", collective, **options)
+        method = make_method("powersgd", collective, **CODEC_OPTIONS)
         outs = []
-        for k, buckets in enumerate(log):
+        for k, buckets in enumerate(logs[collective.rank]):
             assert [b[0] for b in buckets] == list(range(len(buckets)))
             grads = []
             for _, shapes, inp, _ in buckets:
@@ -71,21 +48,37 @@ def _replay(log, **options):
                                          split=[len(b[1]) for b in buckets])
             outs.append((torch.cat([r.reshape(-1) for r in reduced]), tel))
         return outs
-    return LocalGroup(1).run(worker)[0]
+    return LocalGroup(len(logs)).run(worker)
+
+
+def _check(logs, outs) -> None:
+    for rank, (log, rank_outs) in enumerate(zip(logs, outs)):
+        for k, (buckets, (ours, tel)) in enumerate(zip(log, rank_outs)):
+            theirs = torch.cat([b[3] for b in buckets])
+            assert torch.equal(ours, theirs), \
+                f"rank {rank} step {k}: max diff {(ours - theirs).abs().max()}"
+            if k >= 2:
+                assert not torch.equal(ours, torch.cat([b[2] for b in buckets]))  # compressed
+                assert tel.rounds == 2 * len(buckets)
 
 
 def test_powersgd_equals_torchs_hook_bit_for_bit():
-    opts = dict(matrix_approximation_rank=2, start_powerSGD_iter=2, min_compression_rate=2,
-                use_error_feedback=True, warm_start=True, orthogonalization_epsilon=1e-8,
-                random_seed=7)
-    log = _torch_run(6, **opts)
-    outs = _replay(log, seed=7, matrix_rank=2, start_iter=2, eps=1e-8)
-    for k, (buckets, (ours, tel)) in enumerate(zip(log, outs)):
-        theirs = torch.cat([b[3] for b in buckets])
-        assert torch.equal(ours, theirs), f"step {k}: max diff {(ours - theirs).abs().max()}"
-        if k >= 2:
-            assert not torch.equal(ours, torch.cat([b[2] for b in buckets]))  # compressed
-            assert tel.rounds == 2 * len(buckets)
+    _one_rank_group()
+    logs = [torch_run(6)]
+    _check(logs, _replay(logs))
+
+
+@pytest.mark.slow
+def test_powersgd_equals_torchs_hook_on_two_gloo_ranks(spawn, tmp_path):
+    port = free_port()
+    procs = [spawn([PYTHON, WORKER, str(tmp_path), "6"],
+                   env={"RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"},
+                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outputs = [p.communicate(timeout=150) for p in procs]
+    assert all('"ok": true' in out for out, _ in outputs), [err[-2000:] for _, err in outputs]
+    logs = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    _check(logs, _replay(logs))     # two ranks: gloo's a + b equals the in-process a + b
 
 
 def test_powersgd_recovers_a_low_rank_matrix_exactly_and_tracks_the_error():
