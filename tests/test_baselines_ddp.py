@@ -116,3 +116,26 @@ def test_ddp_hook_and_reducer_agree_bit_for_bit(name):
             for a, b in zip(ddp[rank][1][k], reducer[rank][k]):
                 assert torch.equal(a, b), f"{name} rank {rank} step {k}"
     assert all(torch.equal(a, b) for a, b in zip(ddp[0][1][-1], ddp[1][1][-1]))
+
+
+def test_method_sets_and_the_wire_columns():
+    from test_train import _run
+    from workers import report
+    from workers.worker import method_names
+
+    assert method_names("paper-isgq") == ["sgd", "isgq-mse", "isgq-dithered", "onebit-ef",
+                                          "terngrad", "qsgd-4bit"]
+    assert method_names("paper-intsgd,sgd,natsgd")[-1] == "natsgd"      # each once
+    assert len(method_names("all")) == len(method_names(None)) == 16
+    with pytest.raises(ValueError, match="paper-intsgd"):
+        method_names("paper-nope")
+    summaries, _ = _run("terngrad", steps=3)
+    merged = report.merge_ranks(summaries, "accuracy")
+    numel = merged["coords_per_worker"]
+    assert numel == 3 * 17226                                 # the digits MLP, 3 steps
+    assert merged["bits_per_coord"] == 8 * merged["bytes_sent_per_worker"] / numel
+    # LocalCollective frames every payload in packets of 64 int32 + 16 B: 2-bit codes + scalers
+    assert 2.0 < merged["bits_per_coord"] < 2.5 and merged["ratio_vs_fp32"] > 12
+    assert merged["paper_bits_per_coord"] == (2 * 17226 + 6 * 32) / 17226
+    table = report.format_table({"terngrad": merged})
+    assert "b/coord" in table and "x fp32" in table
