@@ -26,6 +26,16 @@ METHODS = ["qsgd-4bit", "qsgd-8bit", "natsgd", "terngrad", "terngrad-switch", "o
 STEPS = 4
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _own_process_group():
+    """The process-wide group of one rank these tests make is gone again after the module
+    (tests/test_ddp.py initializes its own)."""
+    fresh = not dist.is_initialized()
+    yield
+    if fresh and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 _INIT = threading.Lock()   # torch's global generator: threads take turns
 
 

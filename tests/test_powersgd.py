@@ -25,6 +25,16 @@ from powersgd_worker import CODEC_OPTIONS, torch_run  # noqa: E402
 WORKER = os.path.join(REPO, "tests", "powersgd_worker.py")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _own_process_group():
+    """The process-wide group of one rank these tests make is gone again after the module
+    (tests/test_ddp.py initializes its own)."""
+    fresh = not dist.is_initialized()
+    yield
+    if fresh and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _one_rank_group() -> None:
     if not dist.is_initialized():
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
