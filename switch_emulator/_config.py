@@ -2,8 +2,9 @@
 
 What it owns: every knob of the `switch-emulator` process, its default, its unit and its valid range,
 and the text that `switch-emulator --help` shows (the CLI builds its parser from these fields, so the
-documentation cannot drift from the code). What it must never do: read the environment, open sockets
-or log anything but adjustments it made. How it works: each field carries `metadata` with `help`
+documentation cannot drift from the code). What it must never do: read the environment (but for
+the dataplane's default, `DATAPLANE_ENV`, the one switch the tests use to run everything on the
+golden model), open sockets or log anything but adjustments it made. How it works: each field carries `metadata` with `help`
 (meaning and unit) and `example`; `validate()` (also run on construction, so a config that exists is
 valid) raises `ConfigError` naming the field and the value, as SwitchML's `Config::Validate()` does.
 """
@@ -12,11 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+import os
 from typing import Any
 
+from switchagg.errors import ConfigError
 from switchagg.packet import MAX_SLOTS
 
-__all__ = ["SwitchConfig", "ConfigError", "DATAPLANE_CHOICES", "LOG_LEVELS", "MAX_POOL_SLOTS"]
+__all__ = ["SwitchConfig", "ConfigError", "DATAPLANE_CHOICES", "DATAPLANE_ENV", "LOG_LEVELS",
+           "MAX_POOL_SLOTS"]
 
 #: `fast`: the vectorized dataplane (switch_emulator.dataplane); `golden`: the per-packet reference.
 DATAPLANE_CHOICES = ("fast", "golden")
@@ -26,13 +30,9 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 MAX_POOL_SLOTS = 1 << 20
 
 
-class ConfigError(ValueError):
-    """A setting is out of range; `field` and `value` name it."""
-
-    def __init__(self, message: str, *, field: str, value: Any) -> None:
-        super().__init__(message)
-        self.field = field
-        self.value = value
+#: Which dataplane a switch runs unless told: SWITCHAGG_DATAPLANE picks it for a whole test run
+#: (as SWITCHAGG_CPU_KERNELS picks the workers' kernels): `pytest --reference` sets both.
+DATAPLANE_ENV = "SWITCHAGG_DATAPLANE"
 
 
 def _opt(default: Any, help: str, example: str) -> Any:
@@ -54,7 +54,7 @@ class SwitchConfig:
         "number of slots and is refused while the pool cannot hold it (a Tofino holds 8192 per job).",
         "65536")
     dataplane: str = _opt(
-        "fast",
+        os.environ.get(DATAPLANE_ENV, "fast"),
         "Aggregation engine: 'fast' (vectorized) or 'golden' (per-packet reference model, slow; for "
         "debugging the fast one).",
         "golden")

@@ -2,9 +2,11 @@
 
 Start here: `switchagg.SwitchClient` all-reduces int32 arrays through an emulated switch
 (`switch-emulator`). The wire format is `switchagg.packet`, the control messages
-`switchagg.protocol`, the errors `switchagg.errors`. Heavier parts (scalers, collectives, the DDP
-hook, GPU kernels) are imported on first use, so the switch and CPU-only workers never load torch or
-cupy unless they need them.
+`switchagg.protocol`, the errors `switchagg.errors`. The methods are codecs (`switchagg.codecs`,
+registered in `switchagg.methods`), driven by the DDP hook (`switchagg.ddp.hook_for`) or the
+in-process `switchagg.reducer`. Heavier parts (codecs, collectives, the DDP hook, GPU kernels) are
+imported on first use, so the switch and CPU-only workers never load torch or cupy unless they need
+them.
 """
 
 from __future__ import annotations

@@ -142,7 +142,7 @@ class StreamCounters:
     bytes_received: int = 0         # bytes of data frames received
     results: int = 0                # results accepted (each completes one chunk)
     duplicates_ignored: int = 0     # valid results for no outstanding chunk (late or repeated)
-    wrapped: int = 0                # accepted results whose sum wrapped int32 at the switch
+    wraps: int = 0                  # accepted results whose sum wrapped int32 at the switch
     malformed: dict = field(default_factory=dict)  # dropped packets, by `packet.BAD_REASONS`
 
     def as_dict(self) -> dict:
@@ -541,7 +541,7 @@ class StreamMachine:
             return -1
         c = self.counters
         c.duplicates_ignored += dups
-        c.wrapped += wrapped
+        c.wraps += wrapped
         head.done += in_call
         if n_other:  # results of later calls (a window spanning a call boundary)
             idx = self._other[:n_other].copy()
@@ -583,7 +583,7 @@ class StreamMachine:
             order = np.lexsort((g_idx[evidence], sent[evidence]))[-1]
             rack_sent, rack_chunk = float(sent[evidence][order]), int(g_idx[evidence][order])
         self._busy[s_idx] = False
-        c.wrapped += int(np.count_nonzero(packets["flags"][idx] & 1))
+        c.wraps += int(np.count_nonzero(packets["flags"][idx] & 1))
         self._scatter(packets, idx, g_idx)
         self._note_answers(now, fresh, rack_sent, rack_chunk)
         return len(idx)

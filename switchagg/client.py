@@ -37,7 +37,9 @@ import numpy as np
 import zmq
 
 from switchagg._stream import FillFn, StreamCall, StreamMachine, array_fill, load_kernels
-from switchagg.errors import JobAborted, JoinRejected, ProtocolError, SwitchError, SwitchTimeout
+from switchagg.errors import (
+    ConfigError, JobAborted, JoinRejected, ProtocolError, SwitchError, SwitchTimeout,
+)
 from switchagg.packet import DEFAULT_K, MAX_BURST_BYTES, MAX_SLOTS, VALID_K, packet_bytes
 from switchagg.protocol import (
     FRAME_CONTROL, MAX_NAME_LEN, FRAME_DATA, Abort, ControlMessage, Error, Heartbeat, HeartbeatAck, Join,
@@ -106,10 +108,11 @@ class ClientConfig:
         """Check every field; returns self.
 
         Raises:
-            ValueError: naming the field and its value.
+            ConfigError: naming the field and its value (a ValueError).
         """
-        def bad(name: str, why: str) -> ValueError:
-            return ValueError(f"ClientConfig.{name}={getattr(self, name)!r}: {why}")
+        def bad(name: str, why: str) -> ConfigError:
+            value = getattr(self, name)
+            return ConfigError(f"ClientConfig.{name}={value!r}: {why}", field=name, value=value)
 
         for f in fields(self):
             value = getattr(self, f.name)
@@ -155,7 +158,7 @@ class ClientStats:
     bytes_received: int
     results: int
     duplicates_ignored: int
-    wrapped: int
+    wraps: int
     malformed: dict
     heartbeats_sent: int
     control_sent: int

@@ -13,6 +13,20 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def pytest_addoption(parser):
+    parser.addoption("--reference", action="store_true",
+                     help="run on the reference implementations: numpy kernels "
+                          "(SWITCHAGG_CPU_KERNELS=numpy) and the golden switch dataplane "
+                          "(SWITCHAGG_DATAPLANE=golden), in this process and every child")
+
+
+def pytest_configure(config):
+    # Set before anything picks a backend; children (switches, workers) inherit the environment.
+    if config.getoption("--reference"):
+        os.environ["SWITCHAGG_CPU_KERNELS"] = "numpy"
+        os.environ["SWITCHAGG_DATAPLANE"] = "golden"
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket() as s:

@@ -11,6 +11,8 @@ Runs, all in one process group, each from the same initial parameters on the sam
   noop      DDP + noop_hook
   random, determ, determ2, block, switchml
             DDP + the switch hooks (determ2 repeats determ with a fresh state and job)
+  m:NAME    DDP + `hook_for(NAME)` (any registered method), recording every bucket's input and
+            averaged output, its iteration, block keys and sizes (for the cross-driver replay)
 
 The model is three linear maps on separate inputs under a squared loss, so the averaged loss is
 quadratic (its gradient affine in the parameters); test_ddp.py's tolerances rely on that. A tiny
@@ -31,7 +33,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from switchagg import ClientConfig
-from switchagg.ddp import IntSGDState, intsgd_block_hook, intsgd_hook, noop_hook, switchml_hook
+from switchagg.ddp import (
+    IntSGDState, codec_hook, hook_for, intsgd_block_hook, intsgd_hook, noop_hook, switchml_hook,
+)
 
 LR = 0.05
 BATCH = 32
@@ -72,6 +76,26 @@ def train(run: str, rank: int, address: str, steps: int, out_dir: str) -> dict:
         net = DDP(model, bucket_cap_mb=BUCKET_CAP_MB)
     if run == "noop":
         net.register_comm_hook(None, noop_hook)
+    elif run.startswith("m:"):
+        state, _ = hook_for(run[2:], switch=address, job=run, lr=LR, seed=7, config=CONFIG)
+
+        def recording_codec_hook(st, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+            iteration, inp = st.iteration, bucket.buffer().clone()
+            fut = codec_hook(st, bucket)
+            position = st._index - 1   # launch order within the iteration
+            keys = [st._keys[id(p)] for p in bucket.parameters()]
+            sizes = [p.numel() for p in bucket.parameters()]
+
+            def record(done: torch.futures.Future) -> torch.Tensor:
+                out = done.value()
+                buckets.append({"iteration": iteration, "position": position, "keys": keys,
+                                "sizes": sizes,
+                                "input": inp, "output": out.clone()})
+                return out
+
+            return fut.then(record)
+
+        net.register_comm_hook(state, recording_codec_hook)
     elif run in HOOKS:
         hook, rounding = HOOKS[run]
         state = IntSGDState(address, job=run, rounding=rounding, lr=LR, seed=7, config=CONFIG)
@@ -93,6 +117,8 @@ def train(run: str, rank: int, address: str, steps: int, out_dir: str) -> dict:
         opt.step()
     next_alpha = None
     if state is not None:
+        if run == "m:heuristic-global":   # a user's script can read each step's telemetry
+            assert state.step_telemetry().scaling == "global-exponent"
         if run == "determ":
             with open(os.path.join(out_dir, f"state{rank}.pkl"), "wb") as f:
                 pickle.dump(state, f)  # folds the last step into r first

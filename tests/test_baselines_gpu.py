@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from switchagg.collectives import LocalGroup
-from switchagg.collectives._base import HOST_COPIES
+from switchagg.collectives._base import HOST_TRANSFERS
 from switchagg.methods import make_method
 
 pytestmark = pytest.mark.gpu
@@ -24,7 +24,7 @@ def test_baseline_on_cuda(name):
     g = torch.Generator().manual_seed(0)
     grads = [[torch.randn(64, 32, generator=g).cuda(), torch.randn(32, generator=g).cuda()]
              for _ in range(2)]
-    HOST_COPIES.clear()
+    HOST_TRANSFERS.clear()
 
     def worker(collective):
         method = make_method(name, collective, seed=1)
@@ -37,4 +37,4 @@ def test_baseline_on_cuda(name):
     err = sum(float(((x - m) ** 2).sum()) for x, m in zip(a, mean))
     assert err < 3 * sum(float((m ** 2).sum()) for m in mean)
     if name in GATHER:
-        assert set(HOST_COPIES) <= {"uint8"}, dict(HOST_COPIES)
+        assert set(HOST_TRANSFERS) <= {"uint8"}, dict(HOST_TRANSFERS)

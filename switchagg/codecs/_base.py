@@ -169,7 +169,9 @@ Payload = Sum | Stream | Max | Gather
 def host_int8(values) -> np.ndarray:
     """Small int8 metadata (block exponents) as a host numpy array (exponents are not floats)."""
     if isinstance(values, torch.Tensor):
-        return values.detach().to("cpu").numpy().astype(np.int8, copy=False)
+        if values.dtype != torch.int8:
+            raise TypeError(f"exponents must be int8, got {values.dtype}")
+        return values.detach().to("cpu").numpy()
     if type(values).__module__.startswith("cupy"):
         return values.get().astype(np.int8, copy=False)
     return np.asarray(values, dtype=np.int8)

@@ -1,4 +1,4 @@
-"""Collectives: one small interface (`Collective`), three implementations (DESIGN.md §7).
+"""Collectives: one small interface (`Collective`), three implementations, under every codec.
 
 - `LocalGroup` / `LocalCollective`: n simulated workers in one process (threads and a barrier).
 - `TorchCollective`: torch.distributed (gloo on CPU, nccl on GPU).

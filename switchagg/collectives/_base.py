@@ -1,4 +1,4 @@
-"""The collective interface every gradient-reduction method is written against (DESIGN.md §7).
+"""The collective interface every codec's payload runs on: switch, torch.distributed, in-process.
 
 What it owns: the handful of operations a method may ask of "the other workers" (exact wrapping int32
 SUM, the SwitchML exponent look-ahead, MAX, fp32 SUM, all-gather) and the accounting of what each
@@ -7,7 +7,11 @@ collective moves integers and floats, the codecs in `switchagg.codecs` decide wh
 
 How it works: a concrete collective implements five primitives (`_sum_int`, `_max`, `_sum_float`,
 `_gather`, and optionally `_sum_int_stream`) and adds what each call cost to `self.stats` (a
-`CommStats`). The public methods check arguments, count the round and delegate. Only the switch has
+`CommStats`). The public methods check arguments, count the round and delegate. `launch(payload)`
+is what the drivers call with a codec's payload (`switchagg.codecs`): it runs the rounds a payload
+chains (a `Max` first, waited for) and returns a Future of the last one's result, on the payload's
+device; by default synchronously (the in-process group), asynchronously where the transport can
+(`SwitchCollective`, `TorchCollective` override `_launch`). Only the switch has
 a native exponent look-ahead; everywhere else `allreduce_int_stream` is emulated exactly as two rounds:
 one MAX all-reduce of the int8 block exponents, then the integer SUM (so the heuristic's extra
 round is counted on every collective, as it costs one on a real switch).
@@ -35,11 +39,12 @@ from switchagg.codecs._base import Gather, Max, Stream, Sum
 from switchagg.packet import DEFAULT_K, HEADER_BYTES, check_k
 
 __all__ = ["Collective", "CommStats", "EncodeFn", "wrap_int32", "packets_for", "wire_bytes",
-           "to_host", "like", "completed", "host_encode", "HOST_COPIES"]
+           "to_host", "like", "completed", "host_encode", "HOST_TRANSFERS"]
 
-#: dtype name -> bytes copied from a device to the host by `to_host` (tests check that only
-#: int32 payloads ever cross: the floats stay where the gradient lives).
-HOST_COPIES: collections.Counter = collections.Counter()
+#: dtype name -> bytes of payload handed from a codec to a transport's host side by `to_host`
+#: (a view for CPU tensors, a pinned copy for CUDA ones). Tests check that switch methods hand
+#: over int32 only: the floats stay where the gradient lives.
+HOST_TRANSFERS: collections.Counter = collections.Counter()
 
 _INT32_MIN, _INT32_MAX = -(1 << 31), (1 << 31) - 1
 
@@ -52,6 +57,9 @@ EncodeFn = Callable[[int, int, np.ndarray], np.ndarray]
 @dataclass
 class CommStats:
     """Cumulative cost of one worker's collective calls. Subtract two snapshots for one step.
+
+    The wire fields carry the names of the client's counters (`switchagg.ClientStats`, from the
+    stream machine's `StreamCounters`) and of the step's `StepTelemetry`, unchanged on the way up.
 
     Attributes:
         calls: collective calls made.
@@ -82,16 +90,18 @@ class CommStats:
 
 def to_host(values) -> np.ndarray:
     """A payload as a 1-D host numpy array: a view of a CPU tensor or array, a copy of a CUDA one
-    (through pinned memory; counted in HOST_COPIES)."""
+    (through pinned memory); counted in HOST_TRANSFERS."""
     if isinstance(values, torch.Tensor):
         t = values.detach().reshape(-1)
+        HOST_TRANSFERS[str(t.dtype).replace("torch.", "")] += t.numel() * t.element_size()
         if t.device.type == "cpu":
             return t.contiguous().numpy()
         host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
         host.copy_(t)
-        HOST_COPIES[str(t.dtype).replace("torch.", "")] += host.numel() * host.element_size()
         return host.numpy()
-    return np.ascontiguousarray(values).reshape(-1)
+    out = np.ascontiguousarray(values).reshape(-1)
+    HOST_TRANSFERS[out.dtype.name] += out.nbytes
+    return out
 
 
 def like(result: np.ndarray, ref) -> Any:

@@ -1,9 +1,14 @@
 """The collective through the emulated switch: integer SUM and exponent MAX in the network.
 
-What it owns: mapping `Collective` onto one `SwitchClient` (DESIGN.md §8) and reading the wire cost
-from the client's counters. What it must never do: sum floats or gather (the switch adds int32 and
-keeps int8 exponent maxima, nothing else: a method that needs more says collective_kind "float" and
-runs on TorchCollective or LocalCollective), or own the client's lifetime unless it built it.
+What it owns: mapping `Collective` (and the codecs' payloads, `launch`) onto one `SwitchClient`,
+and reading the wire cost from the client's counters. What it must never do: sum floats or gather
+(the switch adds int32 and keeps int8 exponent maxima, nothing else: a method that needs more has
+collective_kind "torch" and runs on TorchCollective or LocalCollective), block in the client's
+engine thread, or own the client's lifetime unless it built it.
+
+Payloads launch asynchronously, one client call each (a `Sum` is `allreduce_async`); the Future
+completes in the client's engine thread, where the drivers decode. A payload's int32 values cross
+to the host (a view on CPU, a pinned copy from a GPU); the sums come back to the payload's device.
 
 How the look-ahead works on this client: `SwitchClient.allreduce_stream` hands each chunk's fill
 the max exponent the switch returned with the chunk s packets earlier (s = the granted slots).
@@ -12,18 +17,19 @@ the max exponent the switch returned with the chunk s packets earlier (s = the g
   exponent of chunk c + s. So virtual packet v carries the exponent of chunk v, and chunk c (sent as
   packet s + c) is encoded with the max that came back with packet c: SwitchML's pipeline, one
   extra batch of s packets.
-- At most s chunks: the exponent-only batch is just those chunks' packets, then a plain SUM: the
-  same two rounds with no padding packets.
+- At most s chunks: the exponent-only batch is just those chunks' packets (waited for in the
+  launching thread, so the ranks' calls stay in one order), then a plain SUM: the same two rounds
+  with no padding packets.
 `allreduce_max` of int8 values uses the exponent register the same way (values as exponents, zero
 payload), so the heuristic-global exponent MAX also stays in the network.
 """
 
 from __future__ import annotations
 
-import numpy as np
-
 import concurrent.futures
 import dataclasses
+
+import numpy as np
 
 from switchagg.codecs._base import Stream, Sum
 from switchagg.collectives._base import Collective, CommStats, EncodeFn, host_encode, like, to_host
@@ -77,7 +83,7 @@ class SwitchCollective(Collective):
             bytes_received=now.bytes_received - base.bytes_received,
             packets_sent=now.packets_sent - base.packets_sent,
             packets_received=now.packets_received - base.packets_received,
-            wraps=now.wrapped - base.wrapped)
+            wraps=now.wraps - base.wraps)
 
     def close(self) -> None:
         if self.owns_client:

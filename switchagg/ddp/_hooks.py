@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
+from switchagg._choices import check_choice
 from switchagg.codecs._base import non_finite_counts
 from switchagg.ddp._state import HookState
 from switchagg.errors import NonFiniteGradient, SwitchError
@@ -187,8 +188,7 @@ class IntSGDState(HookState):
                  beta: float = 0.9, eps: float = 1e-8, lr_rescale: bool = True, **settings) -> None:
         if address is None and client is None:
             raise ValueError("address: give the switch's address or an open client")
-        if rounding not in ("random", "deterministic"):
-            raise ValueError(f"rounding={rounding!r}: choose one of ('random', 'deterministic')")
+        check_choice("rounding", rounding)
         if not 0.0 <= beta < 1.0:
             raise ValueError(f"beta={beta!r}: IntSGD's average needs beta in [0, 1)")
         if eps < 0:
@@ -203,11 +203,6 @@ class IntSGDState(HookState):
         elif self.method != method:
             raise ValueError(f"state: this IntSGDState serves {self.method!r}; build another "
                              f"one for {method!r}")
-
-    @property
-    def alpha(self):
-        """The alpha of the latest IntSGD iteration (one per block), None on heuristic steps."""
-        return getattr(self._codec, "last_alpha", None)
 
     @property
     def _scaler(self):

@@ -149,6 +149,12 @@ class HookState:
         return self._codec
 
     @property
+    def alpha(self):
+        """IntSGD's alpha of the latest iteration (one per block); None on heuristic steps and
+        for methods without one."""
+        return getattr(self._codec, "last_alpha", None)
+
+    @property
     def client(self):
         """The SwitchClient (opened on first access), for methods that run on the switch.
 

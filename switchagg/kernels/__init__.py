@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from switchagg._choices import check_choice
 from switchagg.errors import DeviceUnavailable
 from switchagg.kernels._numba import PARALLEL_MIN_ELEMENTS
 from switchagg.kernels._philox import philox4x32_10
@@ -32,14 +33,16 @@ from switchagg.kernels._philox import philox4x32_10
 __all__ = ["QuantizeResult", "DeviceUnavailable", "quantize", "dequantize", "dequantize_add",
            "block_max_abs", "block_exponents", "int_squared_norm", "philox4x32_10",
            "cpu_backend_name", "warm_up", "require_cuda", "INT32_MIN", "INT32_MAX",
-           "PARALLEL_MIN_ELEMENTS"]
+           "PARALLEL_MIN_ELEMENTS", "HOST_FLOAT_COPIES"]
 
 INT32_MIN = -(1 << 31)
 INT32_MAX = (1 << 31) - 1
-_ROUNDINGS = ("random", "deterministic")
 #: CPU backend name -> module. The numpy one is the oracle the others are tested against.
 _CPU_BACKENDS = {"numba": "switchagg.kernels._numba", "numpy": "switchagg.kernels._numpy"}
 _cpu_backend: Any = None
+#: Float elements the dispatch had to copy or convert on the host (a float16/64 tensor, a
+#: non-contiguous view): 0 for contiguous float32 gradients. Tests read it.
+HOST_FLOAT_COPIES = [0]
 
 
 class QuantizeResult(NamedTuple):
@@ -136,6 +139,8 @@ def _float_operand(x, name: str = "x") -> _Operand:
             return _cuda_operand(x.contiguous(), tag, torch_out=True)
         if not x.is_floating_point():
             raise TypeError(f"{name} has dtype {x.dtype}; expected a floating point tensor")
+        if x.dtype != torch.float32 or not x.is_contiguous():
+            HOST_FLOAT_COPIES[0] += x.numel()
         if x.dtype != torch.float32:
             x = x.float()  # bf16/fp16/fp64 -> float32 (exact for bf16/fp16; nearest for fp64)
         return _Operand(_cpu(), np.ascontiguousarray(x.numpy()), "f32", True)
@@ -271,8 +276,7 @@ def quantize(x, scale, *, rounding: str = "random", seed: int = 0, rank: int = 0
         ValueError / TypeError: bad arguments (the message names the parameter).
         DeviceUnavailable: x is on a GPU but cupy or the device is missing.
     """
-    if rounding not in _ROUNDINGS:
-        raise ValueError(f"rounding={rounding!r}: choose one of {_ROUNDINGS}")
+    check_choice("rounding", rounding)
     lo = INT32_MIN if lo is None else int(lo)
     hi = INT32_MAX if hi is None else int(hi)
     if not INT32_MIN <= lo <= hi <= INT32_MAX:
