@@ -17,6 +17,7 @@ from switchagg.codecs.natsgd import natural_codes, natural_values
 from switchagg.codecs.qsgd import qsgd_levels
 from switchagg.codecs.terngrad import ternarize
 from switchagg.collectives import LocalGroup
+from switchagg.collectives._base import HOST_TRANSFERS
 from switchagg.methods import make_codec, make_method
 
 N = 3000
@@ -183,3 +184,12 @@ def test_gather_methods_agree_on_every_rank_and_average(name):
     err = sum(float(((a - b) ** 2).sum()) for a, b in zip(results[0][0], mean))
     assert err < 2.0 * sum(float((b ** 2).sum()) for b in mean) * 3
     assert results[0][1].paper_bits > 0
+
+
+@pytest.mark.parametrize("name", ["qsgd-4bit", "natsgd", "terngrad", "onebit-ef", "isgq-mse",
+                                  "isgq-dithered"])
+def test_gather_methods_hand_only_packed_bytes_to_the_transport(name):
+    HOST_TRANSFERS.clear()
+    grads = [torch.randn(30, 20), torch.randn(20)]
+    LocalGroup(2).run(lambda c: make_method(name, c).reduce(grads, step=0, lr=0.1))
+    assert set(HOST_TRANSFERS) == {"uint8"}, dict(HOST_TRANSFERS)

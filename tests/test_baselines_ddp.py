@@ -5,7 +5,8 @@ an in-process group of two, as tests/test_train.py does), small buckets so that 
 the Reducer then gets the same local gradients and must return the DDP run's averages bit for bit.
 The per-parameter codecs key their random streams and state by the parameter (DDP's keys are the
 parameters' first-seen order, here `model.parameters()` order, which the Reducer gets in one
-bucket); PowerSGD keeps torch's per-bucket state, so it gets DDP's bucket order and split.
+bucket); PowerSGD keeps torch's per-bucket state and terngrad-switch's rounding stream is indexed
+by the element's offset in the iteration, so they get DDP's bucket order and split.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def _reducer_run(name: str, layout):
         model = _model()
         params = list(model.parameters())
         method = make_method(name, collective, seed=3)
-        by_bucket = name == "powersgd"
+        by_bucket = name in ("powersgd", "terngrad-switch")
         if hasattr(method.codec, "attach"):
             method.codec.attach(model)
         opt = torch.optim.SGD(params, lr=0.1)

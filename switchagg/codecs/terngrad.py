@@ -11,17 +11,20 @@ Two wires:
   layer.
 - `terngrad-switch` (the paper's scaler sharing, summable through the switch): an int8 MAX round
   of each layer's exponent e = frexp(max|g|) gives the shared s = 2^e_max >= every worker's
-  max|g| (still unbiased), then an int32 SUM of the ternaries; decoded as s S / n. `paper_bits` =
+  max|g| (still unbiased), then an int32 SUM of the ternaries (the randomized rounding of g / s,
+  by the project's quantize kernel); decoded as s S / n. `paper_bits` =
   2 d + 8 per layer (the ternaries and the exponent), what a switch with 2-bit lanes would carry.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from switchagg import kernels
 from switchagg.codecs._base import Block, Bucket, IntegerCodec, Max, Sum, host_int8
 from switchagg.codecs._wire import GatherCodec, Reader, Writer, block_generator
 
@@ -80,10 +83,15 @@ class _SharedCtx:
     bucket: Bucket
     q: torch.Tensor
     scales: torch.Tensor   # per coordinate, the shared 2^e_max of its layer
+    clipped: int
 
 
 class TernGradSwitch(IntegerCodec):
     """TernGrad with the scaler shared by an int8 exponent MAX, summed as int32 (the switch).
+
+    With s = 2^e >= |g_k|, sgn(g_k) Bernoulli(|g_k| / s) is exactly the randomized rounding of
+    g_k / s in [-1, 1], so the ternaries come from the project's quantize kernel (its Philox
+    stream, keyed by the element's offset in the iteration: the same integers on CPU and CUDA).
 
     Args:
         clip: as `TernGrad`.
@@ -100,31 +108,33 @@ class TernGradSwitch(IntegerCodec):
 
     def encode(self, x: torch.Tensor, bucket: Bucket) -> Max:
         gs = [_clipped(x[b.start:b.stop].to(torch.float32), self.clip) for b in bucket.blocks]
-        tops = torch.stack([g.abs().max() if g.numel() else x.new_zeros(()) for g in gs]) \
-            if gs else x.new_zeros(0)
-        exps = torch.frexp(tops).exponent.clamp(-127, 127)
+        tops = torch.stack([g.abs().max() if g.numel() else x.new_zeros((), dtype=torch.float32)
+                            for g in gs]) if gs else x.new_zeros(0)
+        exps = torch.frexp(tops).exponent.clamp(-126, 127)   # 2^e > max|g| >= 2^(e-1)
         exps = torch.where(tops > 0, exps, torch.full_like(exps, -128))
-        local = host_int8(exps)   # integers only cross to the host
+        local = host_int8(exps.to(torch.int8))   # integers only cross to the host
 
         def ternarize_with(e_max: np.ndarray) -> Sum:
             q = torch.zeros(x.numel(), dtype=torch.int32, device=x.device)
             scales = torch.zeros(x.numel(), dtype=torch.float32, device=x.device)
+            clipped = 0
             for b, g, e in zip(bucket.blocks, gs, np.asarray(e_max).tolist()):
                 if e == -128 or b.numel == 0:
                     continue
-                s = torch.tensor(2.0 ** e, dtype=torch.float32, device=x.device)
-                gen = block_generator(self.seed, self.rank, self.step, b.key, x.device)
-                q[b.start:b.stop] = ternarize(g, s, gen)
-                scales[b.start:b.stop] = s
+                clipped += kernels.quantize(g, math.ldexp(1.0, -e), rounding="random",
+                                            seed=self.seed, rank=self.rank, step=self.step,
+                                            offset=bucket.offset + b.start, lo=-1, hi=1,
+                                            out=q[b.start:b.stop]).clipped
+                scales[b.start:b.stop] = math.ldexp(1.0, e)
             with self._lock:
                 self.tel.paper_bits += 2 * x.numel() + 8 * len(bucket.blocks)
-            return Sum(q, _SharedCtx(bucket, q, scales))
+            return Sum(q, _SharedCtx(bucket, q, scales, clipped))
 
         return Max(local, ternarize_with)
 
     def decode(self, reduced, ctx: _SharedCtx, out: torch.Tensor) -> None:
         torch.mul(reduced.to(torch.float32), ctx.scales, out=out)
         out.div_(self.n)
-        self._record_ints(ctx.q, reduced, 0)
+        self._record_ints(ctx.q, reduced, ctx.clipped)
         with self._lock:
             self.tel.scaling = "shared-max-exponent"
