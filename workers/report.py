@@ -23,7 +23,8 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["merge_ranks", "format_table", "write_results", "read_jsonl", "plot_all", "PLOT_FILES"]
+__all__ = ["merge_ranks", "wire_summary", "format_table", "write_results", "read_jsonl", "plot_all",
+           "PLOT_FILES"]
 
 #: Plots every comparison writes ("{metric}" is the task's headline metric).
 PLOT_FILES = ("loss_vs_step.png", "loss_vs_bytes.png", "{metric}_vs_step.png",
@@ -39,7 +40,9 @@ def merge_ranks(summaries: list[dict[str, Any]], metric: str) -> dict[str, Any]:
 
     Returns:
         The entry: final_loss, final_accuracy (None where the task has none), final_metric, steps,
-        wall_s, bytes_sent (all workers), bytes_sent_per_worker, packets, rounds_per_step,
+        wall_s, bytes_sent (all workers), bytes_sent_per_worker, packets, the `wire_summary`
+        (coords_per_worker, paper_bits_per_worker, bits_per_coord, paper_bits_per_coord,
+        ratio_vs_fp32), rounds_per_step,
         max_abs_sum, max_abs_q, bits_needed (and both of the sum's extremes without step 0:
         max_abs_sum_after_first_step, bits_needed_after_first_step), clip_fraction, wraps,
         time_per_step (mean over
@@ -64,6 +67,7 @@ def merge_ranks(summaries: list[dict[str, Any]], metric: str) -> dict[str, Any]:
         "bytes_sent": bytes_total,
         "bytes_sent_per_worker": bytes_total / n,
         "packets": sum(int(s["packets"]) for s in by_rank),
+        **wire_summary(by_rank),
         "rounds_per_step": head["rounds_per_step"],
         "max_abs_sum": max(int(s["max_abs_sum"]) for s in by_rank),
         "max_abs_q": max(int(s["max_abs_q"]) for s in by_rank),
@@ -105,6 +109,21 @@ def _sync_fraction(by_rank: list[dict[str, Any]]) -> float:
     return sum(fractions) / len(fractions)
 
 
+def wire_summary(by_rank: list[dict[str, Any]]) -> dict[str, Any]:
+    """What each worker put on the wire per coordinate: real bits (the collective's bytes, packed
+    as sent), the paper's encoding's bits, and the compression ratio of the real bits against
+    fp32 (32 bits per coordinate)."""
+    n = max(1, len(by_rank))
+    numel = sum(int(s.get("numel", 0)) for s in by_rank) / n
+    sent = sum(int(s["bytes_sent"]) for s in by_rank) / n
+    paper = sum(int(s.get("paper_bits", 0)) for s in by_rank) / n
+    bits = 8 * sent / numel if numel else None
+    return {"coords_per_worker": numel, "paper_bits_per_worker": paper,
+            "bits_per_coord": bits,
+            "paper_bits_per_coord": paper / numel if numel and paper else None,
+            "ratio_vs_fp32": 32 / bits if bits else None}
+
+
 def _fmt(value: Any, spec: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
@@ -117,13 +136,17 @@ def format_table(methods: dict[str, dict[str, Any]], metric: str = "accuracy") -
     Columns: final test loss and headline metric, wall time, ms per step (forward + backward
     through DDP, which overlaps the reduction, + optimizer step) with compute, quantize,
     communicate (the window from the first bucket's launch to the last result, overlapping
-    backward) and decode, MB sent per worker, packets per worker per step, rounds per
-    step, max |sum| and the bits the sum needed from step 1 on (IntSGD's step 0 borrows SwitchML's
-    exponent scaling; results.json has the extremes over all steps too), clip %, wraps.
+    backward) and decode, MB sent per worker, bits per coordinate really sent (`b/coord`, from
+    those bytes), in the paper's own encoding (`paper b/c`, e.g. QSGD's Elias code; `-` where the
+    method counts none) and the real compression against fp32 (`x fp32`), packets per worker per
+    step, rounds per step, max |sum| and the bits the sum needed from step 1 on (IntSGD's step 0
+    borrows SwitchML's exponent scaling; results.json has the extremes over all steps too), clip %,
+    wraps.
     """
     pct = metric == "accuracy"
     header = ["method", "loss", "acc %" if pct else metric[:10], "wall s", "ms/step",
-              "compute", "sync %", "quant", "comm", "decode", "MB/wkr", "pkt/step", "rounds", "max|sum|",
+              "compute", "sync %", "quant", "comm", "decode", "MB/wkr", "b/coord", "paper b/c",
+              "x fp32", "pkt/step", "rounds", "max|sum|",
               "bits", "clip %", "wraps", "agree"]
     rows = [header]
     for name, m in methods.items():
@@ -140,6 +163,8 @@ def format_table(methods: dict[str, dict[str, Any]], metric: str = "accuracy") -
             _fmt(1e3 * t.get("quantize", 0.0), ".2f"),
             _fmt(1e3 * t.get("communicate", 0.0), ".2f"), _fmt(1e3 * t.get("decode", 0.0), ".2f"),
             _fmt(m["bytes_sent_per_worker"] / 1e6, ".2f"),
+            _fmt(m.get("bits_per_coord"), ".2f"), _fmt(m.get("paper_bits_per_coord"), ".2f"),
+            _fmt(m.get("ratio_vs_fp32"), ".1f"),
             _fmt(m["packets"] / workers / max(1, m["steps"]), ".0f"),
             _fmt(m["rounds_per_step"], ".1f"),
             str(m.get("max_abs_sum_after_first_step", m["max_abs_sum"])),
@@ -209,6 +234,7 @@ def plot_all(out_dir: str, records: dict[str, Iterable[dict[str, Any]]], metric:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    colours = matplotlib.colormaps["tab20"]
     series = {}
     for name, recs in records.items():
         recs = list(recs)
@@ -226,19 +252,25 @@ def plot_all(out_dir: str, records: dict[str, Iterable[dict[str, Any]]], metric:
 
     def line_plot(filename: str, ylabel: str, x_of, y_of, which: int, *, logy=False, xlabel: str):
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        for name, pair in series.items():
+        xs_all = []
+        for i, (name, pair) in enumerate(series.items()):
             recs = pair[which]
             ys = [y_of(r) for r in recs]
             if which == 0 and ylabel.startswith("train loss"):
                 ys = _smooth(ys)
-            ax.plot([x_of(r) for r in recs], ys, label=name, marker="o" if which == 1 else None,
-                    markersize=3)
+            xs = [x_of(r) for r in recs]
+            xs_all += [x for x in xs if x > 0]
+            # 16+ methods: 20 distinct colours, and a second line style past them
+            ax.plot(xs, ys, label=name, marker="o" if which == 1 else None, markersize=3,
+                    color=colours(i % 20), linestyle="-" if i < 20 else "--")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         if logy:
             ax.set_yscale("log")
+        if xlabel.startswith("MB") and xs_all and max(xs_all) > 30 * min(xs_all):
+            ax.set_xscale("log")   # compressors and fp32 differ by 30x in bytes
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, ncol=2 if len(series) > 8 else 1)
         save(fig, filename)
 
     mb = lambda r: r["bytes_sent_cum"] / 1e6  # noqa: E731 (a tiny accessor)

@@ -54,7 +54,9 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
                    help="task option, repeatable (e.g. --opt hidden=(64,) --opt lam=1e-3); "
                         "swarmsgd's too (local_steps, quant, quant_bits, graph, degree, ...)")
     g.add_argument("--methods", default=None,
-                   help="comma-separated methods (default: all, switchagg.methods.METHODS and OWN_LOOP)")
+                   help="comma-separated methods, 'all' (the default: every method of "
+                        "switchagg.methods.METHODS and OWN_LOOP), or a paper's set: paper-intsgd, "
+                        "paper-isgq")
     g.add_argument("--epochs", type=int, default=None, help="epochs (default: the task's preset)")
     g.add_argument("--max-steps", type=int, default=None, help="stop each method after N steps")
     g.add_argument("--batch-size", type=int, default=None, help="examples per worker per step")
@@ -106,19 +108,24 @@ def training_config(args: argparse.Namespace):
 
 
 def method_names(spec: str | None) -> list[str]:
-    """Resolve a comma-separated method list against the registry.
+    """Resolve a comma-separated method list against the registry; "all" and the papers' sets
+    (`switchagg.methods.METHOD_SETS`: paper-intsgd, paper-isgq) expand in place, once each.
 
     Raises:
         ValueError: naming an unknown method and listing the valid ones.
     """
-    from switchagg.methods import METHODS, OWN_LOOP
+    from switchagg.methods import METHOD_SETS, METHODS, OWN_LOOP
     valid = [*METHODS, *OWN_LOOP]
     if not spec:
         return valid
-    names = [n.strip() for n in spec.split(",") if n.strip()]
+    names: list[str] = []
+    for n in (n.strip() for n in spec.split(",")):
+        expanded = valid if n == "all" else list(METHOD_SETS.get(n, [n] if n else []))
+        names += [m for m in expanded if m not in names]
     unknown = [n for n in names if n not in valid]
     if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(valid)}")
+        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(valid)}, all, "
+                         f"{', '.join(METHOD_SETS)}")
     return names
 
 

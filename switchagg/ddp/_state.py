@@ -78,7 +78,7 @@ class HookState:
         "_client", "_owns_client", "_token", "_collective", "_codec", "_pending_state", "_keys",
         "_lock",
         "_open", "_index", "_offset", "_launched", "_completed", "_failed", "_before", "_times",
-        "_streamed",
+        "_streamed", "_model",
         # statistics
         "iteration", "buckets", "elements", "error", "last_telemetry",
     )
@@ -125,6 +125,7 @@ class HookState:
         self._token = token
         self._collective = collective
         self._codec: Codec | None = None
+        self._model = None
         self._pending_state: dict | None = None
         self._keys: dict[int, int] = {}
         self._lock = threading.Lock()
@@ -182,6 +183,14 @@ class HookState:
                 self.world_size, self.rank = self._client.world_size, self._client.rank
             return self._client
 
+    def attach(self, model) -> None:
+        """Give the codec the model, for methods that read activations (ISGQ's `attach`); a
+        no-op for the others. Call it before the first forward; kept across codec rebuilds."""
+        self._model = model
+        attach = getattr(self._codec, "attach", None)
+        if attach is not None:
+            attach(model)
+
     def step_telemetry(self) -> StepTelemetry | None:
         """Close the iteration that just ran (call after backward) and return its telemetry."""
         with self._lock:
@@ -224,6 +233,7 @@ class HookState:
         self._client, self._owns_client, self._collective = None, True, None
         self._token = ""    # never in a checkpoint: set state._token again after loading
         self._codec, self._pending_state, self._keys = None, codec_state, {}
+        self._model = None
         self._lock = threading.Lock()
         self._open, self._failed = False, False
         self._index = self._offset = self._launched = self._completed = 0
@@ -249,6 +259,9 @@ class HookState:
         if self._pending_state is not None:
             self._codec.load_state_dict(self._pending_state)
             self._pending_state = None
+        model = getattr(self, "_model", None)
+        if model is not None and hasattr(self._codec, "attach"):
+            self._codec.attach(model)
 
     def _ready(self):
         """(collective, codec), built on the first bucket. Raises SwitchError or ValueError."""
@@ -296,9 +309,12 @@ class HookState:
                                "last": None, "done": None}
                 self._streamed = [0.0]
             blocks, a = [], 0
+            keyer = getattr(codec, "param_key", None)   # a codec attached to the model
             for param in bucket.parameters():
-                key = self._keys.setdefault(id(param), len(self._keys))
-                blocks.append(Block(key, a, a + param.numel()))
+                key = keyer(param) if keyer is not None else None
+                if key is None:
+                    key = self._keys.setdefault(id(param), len(self._keys))
+                blocks.append(Block(key, a, a + param.numel(), tuple(param.shape)))
                 a += param.numel()
             if a != buf.numel():
                 raise RuntimeError(f"DDP bucket {bucket.index()}: its parameters cover {a} of "
