@@ -41,7 +41,7 @@ from typing import Any
 
 from workers.worker import EVENT_PREFIX, add_training_options
 
-__all__ = ["configure", "main", "CompareError", "run_compare"]
+__all__ = ["configure", "main", "run", "print_results", "CompareError", "run_compare"]
 
 log = logging.getLogger("switchagg.compare")
 
@@ -326,33 +326,50 @@ def _collect(args, children: _Children, events: queue.Queue, bars: _Bars, worker
 
 def main(args: argparse.Namespace) -> int:
     """Entry point of `switchagg compare`; returns 0, 1 (a run failed), 2 (bad usage), 130 (Ctrl-C)."""
-    from workers import report
-    from workers.tasks import TASKS, make_task, parse_options
-    from workers.worker import method_names
-
+    from workers import validate
     try:
-        args.method_list = method_names(args.methods)
-        if args.task not in TASKS:
-            raise ValueError(f"unknown task {args.task!r}; choose one of {', '.join(TASKS)}")
-        if args.workers < 1:
-            raise ValueError(f"--workers must be >= 1, got {args.workers}")
-        task = make_task(args.task, data=args.data, **parse_options(args.opt))
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"switchagg compare: {exc}", file=sys.stderr)
-        return 2
-    out_dir = os.path.abspath(args.out) if args.out else tempfile.mkdtemp(prefix="switchagg-compare-")
-    os.makedirs(out_dir, exist_ok=True)
-    started = time.monotonic()
+        task = validate.check_compare(args)
+    except validate.UsageError as exc:
+        return validate.report_usage("compare", exc)
     try:
-        summaries = run_compare(args, out_dir)
+        results = run(args, task)
     except KeyboardInterrupt:
         print("\nswitchagg compare: interrupted; switch and workers stopped", file=sys.stderr)
         return 130
     except CompareError as exc:
         print(f"switchagg compare: {exc}", file=sys.stderr)
-        if not args.out:
-            print(f"(logs kept in {out_dir})", file=sys.stderr)
         return 1
+    print_results(args, results)
+    return 0
+
+
+def run(args: argparse.Namespace, task) -> dict[str, Any]:
+    """Run a validated comparison and return what results.json holds ({"config", "methods"}).
+
+    With `args.out` the files are written there too (results.json, table.txt, metrics/, plots);
+    without it the run's temporary folder is removed, logs included, unless the run failed (then
+    the error names the folder it kept).
+
+    Raises:
+        CompareError: a worker or the switch failed.
+        KeyboardInterrupt: passed on after the teardown.
+    """
+    from workers import report
+    from workers.provenance import provenance
+
+    out_dir = os.path.abspath(args.out) if args.out else tempfile.mkdtemp(prefix="switchagg-compare-")
+    os.makedirs(out_dir, exist_ok=True)
+    started = time.monotonic()
+    try:
+        summaries = run_compare(args, out_dir)
+    except CompareError as exc:
+        if not args.out:
+            raise CompareError(f"{exc}\n(logs kept in {out_dir})") from None
+        raise
+    except BaseException:
+        if not args.out:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
     methods = {m: report.merge_ranks(s, task.metric) for m, s in summaries.items()}
     for name, summary in summaries.items():
         diverged = next((s.get("diverged") for s in summary if s.get("diverged")), None)
@@ -367,25 +384,29 @@ def main(args: argparse.Namespace) -> int:
         "duplicate": args.duplicate, "reorder": args.reorder, "device": args.device,
         "wall_s": time.monotonic() - started,
     }
-    table = report.format_table(methods, task.metric)
-    print(f"\n{args.task}, {args.workers} workers, seed {args.seed}, {args.bits}-bit budget "
-          f"(wall {config['wall_s']:.0f} s)")
-    print(table)
+    results = {"config": config, "methods": methods, "provenance": provenance()}
+    if args.out:
+        records = {m: report.read_jsonl(os.path.join(out_dir, "metrics", f"{m}.rank0.jsonl"))
+                   for m in args.method_list}
+        results["files"] = report.write_all(out_dir, results, records)
+    else:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    return results
+
+
+def print_results(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """The run's headline, table and notes on stdout (and where its files went)."""
+    from workers import report
+    config, methods = results["config"], results["methods"]
+    print(f"\n{config['task']}, {config['workers']} workers, seed {config['seed']}, "
+          f"{config['bits']}-bit budget (wall {config['wall_s']:.0f} s)")
+    print(report.format_table(methods, config["metric"]))
     for name, m in methods.items():
-        if m["diverged"]:
+        if m.get("diverged"):
             print(f"note: {name} diverged: {m['diverged']}")
         if not m["replicas_agree"]:
             print(f"WARNING: {name}: workers' parameters differ at the end (a method bug)")
-    if args.out:
-        report.write_results(os.path.join(out_dir, "results.json"), config, methods)
-        records = {m: report.read_jsonl(os.path.join(out_dir, "metrics", f"{m}.rank0.jsonl"))
-                   for m in args.method_list}
-        plots = report.plot_all(out_dir, records, task.metric,
-                                log_metric=task.metric in ("suboptimality",))
-        with open(os.path.join(out_dir, "table.txt"), "w") as f:
-            f.write(table + "\n")
-        print(f"\nwrote {out_dir}/results.json, table.txt, metrics/*.jsonl and "
-              f"{', '.join(os.path.basename(p) for p in plots)}")
-    else:
-        shutil.rmtree(out_dir, ignore_errors=True)
-    return 0
+    if results.get("files"):
+        out_dir = os.path.dirname(results["files"][0])
+        print(f"\nwrote {out_dir}/ " + ", ".join(os.path.basename(p) for p in results["files"])
+              + " and metrics/*.jsonl")

@@ -84,6 +84,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--switch", default=os.environ.get("SWITCHAGG_SWITCH"),
                    help="switch address tcp://HOST:PORT (default $SWITCHAGG_SWITCH)")
     g.add_argument("--job", default="switchagg", help="job name prefix at the switch")
+    g.add_argument("--connect-timeout", type=float, default=10.0,
+                   help="seconds to wait for the switch to answer a probe before starting")
     g.add_argument("--out", default=None, help="folder for metrics and summaries")
     g.add_argument("--events", action="store_true", help="print JSON event lines (for compare)")
 
@@ -266,12 +268,21 @@ def main(args: argparse.Namespace) -> int:
     args.device = device_for_local_rank(args.device, os.environ.get("LOCAL_RANK"))
     emit = _Emitter(args.events, args.rank if args.rank is not None else -1)
     current = {"method": None}
+    from workers import validate
+    from workers.probe import SwitchUnreachable, wait_for_switch
     try:
-        names = method_names(args.methods)
-    except ValueError as exc:
+        validate.check_worker(args)
+        names = args.method_list
+    except validate.UsageError as exc:
+        emit("error", method=None, error="UsageError", message=str(exc), traceback="")
+        return validate.report_usage("worker", exc)
+    try:
+        if args.switch and any(collective_kind(n) == "int" for n in names):
+            wait_for_switch(args.switch, args.connect_timeout)
+    except SwitchUnreachable as exc:
         log.error("%s", exc)
-        emit("error", method=None, error="ValueError", message=str(exc), traceback="")
-        return 2
+        emit("error", method=None, error="SwitchUnreachable", message=str(exc), traceback="")
+        return 1
     try:
         run_methods(args, names, _Tracked(emit, current))
     except KeyboardInterrupt:
