@@ -280,7 +280,7 @@ def main(args: argparse.Namespace) -> int:
         if args.switch and any(collective_kind(n) == "int" for n in names):
             wait_for_switch(args.switch, args.connect_timeout)
     except SwitchUnreachable as exc:
-        log.error("%s", exc)
+        print(f"switchagg worker: error: {exc}", file=sys.stderr)
         emit("error", method=None, error="SwitchUnreachable", message=str(exc), traceback="")
         return 1
     try:

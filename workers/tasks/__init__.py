@@ -46,7 +46,13 @@ def make_task(name: str, *, data: str | None = None, device: str = "cpu", **opti
             raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}, "
                              "or name your own as module:function")
         factory = resolve(name)
-    task = factory(data=data, device=device, **options)
+    try:
+        task = factory(data=data, device=device, **options)
+    except TypeError as exc:
+        if factory in TASKS.values() or "argument" not in str(exc):
+            raise
+        raise ValueError(f"task factory {name!r} must take (data=..., device=..., **options) and "
+                         f"return a workers.tasks.base.Task ({exc})") from None
     if not isinstance(task, Task):
         raise ValueError(f"task factory {name!r} returned {type(task).__name__}, not a "
                          "workers.tasks.base.Task")
