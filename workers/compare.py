@@ -63,12 +63,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
                      "  switchagg compare --task cifar10-resnet18 --data ~/cifar-10-batches-py --device cuda")
     add_training_options(parser)
     g = parser.add_argument_group("comparison")
-    g.add_argument("--workers", type=int, default=4, help="number of worker processes (default 4)")
-    g.add_argument("--out", default=None, help="write results.json, metrics/ and plots here")
-    g.add_argument("--drop", type=float, default=None, help="switch: drop probability (in and out)")
-    g.add_argument("--duplicate", type=float, default=None, help="switch: duplication probability")
-    g.add_argument("--reorder", type=float, default=None, help="switch: reordering probability")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--workers", type=int, default=4, help="number of worker processes")
+    g.add_argument("--out", default=None, help="write results.json, table.txt, metrics/ and plots "
+                                               "here (default: nothing kept)")
+    g.add_argument("--drop", type=float, default=None,
+                   help="switch: drop probability in [0, 1), in and out (default: 0)")
+    g.add_argument("--duplicate", type=float, default=None,
+                   help="switch: duplication probability in [0, 1] (default: 0)")
+    g.add_argument("--reorder", type=float, default=None,
+                   help="switch: reordering probability in [0, 1] (default: 0)")
+    g.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (a line per method instead)")
 
 
 def _free_port() -> int:
@@ -246,8 +251,8 @@ def run_compare(args: argparse.Namespace, out_dir: str) -> dict[str, Any]:
         children.switch = children.start(_switch_argv(args, port), switch_log, pipe_stdout=False)
         # Compile (or load from numba's cache) the CPU kernels once here, while the switch starts:
         # otherwise N workers would all compile the same kernels at once on a cold cache.
-        from switchagg import kernels
-        kernels.warm_up()
+        from switchagg.warmup import warm_up
+        warm_up(parallel=False)
         _wait_listening(port, children.switch, switch_log)
         address = f"tcp://127.0.0.1:{port}"
         job = f"compare-{os.getpid()}-{port}"
@@ -355,7 +360,7 @@ def run(args: argparse.Namespace, task) -> dict[str, Any]:
         KeyboardInterrupt: passed on after the teardown.
     """
     from workers import report
-    from workers.provenance import provenance
+    from workers.provenance import provenance, run_config
 
     out_dir = os.path.abspath(args.out) if args.out else tempfile.mkdtemp(prefix="switchagg-compare-")
     os.makedirs(out_dir, exist_ok=True)
@@ -374,16 +379,7 @@ def run(args: argparse.Namespace, task) -> dict[str, Any]:
     for name, summary in summaries.items():
         diverged = next((s.get("diverged") for s in summary if s.get("diverged")), None)
         methods[name]["diverged"] = diverged
-    preset = task.preset
-    config = {
-        **task.describe(), "workers": args.workers, "methods": args.method_list, "seed": args.seed,
-        "epochs": args.epochs if args.epochs is not None else preset.epochs,
-        "batch_size": args.batch_size if args.batch_size is not None else preset.batch_size,
-        "lr": args.lr if args.lr is not None else preset.lr, "max_steps": args.max_steps,
-        "bits": args.bits, "k": args.k, "slots": args.slots, "drop": args.drop,
-        "duplicate": args.duplicate, "reorder": args.reorder, "device": args.device,
-        "wall_s": time.monotonic() - started,
-    }
+    config = {**run_config(args, task, args.workers), "wall_s": time.monotonic() - started}
     results = {"config": config, "methods": methods, "provenance": provenance()}
     if args.out:
         records = {m: report.read_jsonl(os.path.join(out_dir, "metrics", f"{m}.rank0.jsonl"))

@@ -63,3 +63,18 @@ def provenance(argv: list[str] | None = None) -> dict[str, Any]:
         "command": list(sys.argv if argv is None else argv),
         "utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def run_config(args: Any, task: Any, workers: int | None) -> dict[str, Any]:
+    """The settings of a run, as results.json's "config" holds them (the task's preset filled in)."""
+    preset = task.preset
+    return {
+        **task.describe(), "workers": workers, "methods": list(args.method_list),
+        "seed": args.seed,
+        "epochs": args.epochs if args.epochs is not None else preset.epochs,
+        "batch_size": args.batch_size if args.batch_size is not None else preset.batch_size,
+        "lr": args.lr if args.lr is not None else preset.lr, "max_steps": args.max_steps,
+        "bits": args.bits, "k": args.k, "slots": args.slots,
+        "drop": getattr(args, "drop", None), "duplicate": getattr(args, "duplicate", None),
+        "reorder": getattr(args, "reorder", None), "device": args.device,
+    }

@@ -201,6 +201,12 @@ def check_worker(args: argparse.Namespace):
         raise UsageError("--master-port", args.master_port, "expected a TCP port in [1, 65535]")
     if args.switch is not None and not args.switch.startswith(("tcp://", "ipc://")):
         raise UsageError("--switch", args.switch, "expected tcp://HOST:PORT or ipc://PATH")
+    if args.rendezvous is not None:
+        if args.world_size is None:
+            raise UsageError("--rendezvous", args.rendezvous, "needs --world-size (or $WORLD_SIZE)")
+        host, sep, port = args.rendezvous.removeprefix("tcp://").rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise UsageError("--rendezvous", args.rendezvous, "expected HOST:PORT")
     if args.connect_timeout is not None and not args.connect_timeout > 0:
         raise UsageError("--connect-timeout", args.connect_timeout, "expected seconds > 0")
     check_out(args.out)
