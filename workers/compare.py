@@ -6,6 +6,9 @@ progress bar per method, the summary table, and with `--out DIR` results.json, p
 do, workers/worker.py), leave a process behind, or wait without a bound.
 
 How it works:
+0. Check every option before anything starts (workers/validate.py: the config objects' own rules,
+   errors named as the user typed the option, exit status 2, nothing created). `run(args, task)`
+   is the same run for Python callers (workers/api.py): it returns what results.json holds.
 1. Start `python -m switch_emulator` on a free 127.0.0.1 port (slots, loss injection and seed
    passed through) and wait until it accepts connections.
 2. Start N `switchagg worker --events` processes once; each runs every method in turn on a fresh
@@ -16,7 +19,10 @@ How it works:
    progress drives the bars; every rank's "done" carries its summary. A worker that reports an
    error, exits early, or goes silent for --timeout seconds ends the run with an error naming the
    rank and the method (and the tail of its log); the switch dying does too.
-4. Merge the ranks' summaries per method (workers/report.py), print the table, write the files.
+4. Merge the ranks' summaries per method (workers/report.py), print the table, write the files
+   (results.json with the run's settings and provenance: versions, commit, host, command).
+Progress: bars on a terminal (log lines print above them); elsewhere a line when each method
+starts and ends.
 Teardown always runs (success, failure, Ctrl-C): workers get SIGTERM then SIGKILL, the switch
 SIGTERM (it aborts its jobs and exits) then SIGKILL. Children run in their own sessions, so a
 Ctrl-C reaches only this process, which then tears them down in order.
@@ -245,6 +251,7 @@ def run_compare(args: argparse.Namespace, out_dir: str) -> dict[str, Any]:
     children = _Children()
     events: queue.Queue = queue.Queue()
     bars = _Bars(args.method_list, enabled=not args.no_progress)
+    log.info("starting a switch and %d workers for %s", args.workers, ", ".join(args.method_list))
     try:
         port, master_port = _free_port(), _free_port()
         switch_log = os.path.join(logs, "switch.log")
@@ -263,7 +270,12 @@ def run_compare(args: argparse.Namespace, out_dir: str) -> dict[str, Any]:
             children.workers.append(proc)
             threading.Thread(target=_reader, args=(r, proc, events, worker_logs[r]), daemon=True,
                              name=f"compare-reader-{r}").start()
-        return _collect(args, children, events, bars, worker_logs, switch_log)
+        if not bars.enabled:
+            return _collect(args, children, events, bars, worker_logs, switch_log)
+        # Log lines above the bars, not through them.
+        from tqdm.contrib.logging import logging_redirect_tqdm
+        with logging_redirect_tqdm():
+            return _collect(args, children, events, bars, worker_logs, switch_log)
     finally:
         bars.close()
         children.stop()
@@ -301,6 +313,8 @@ def _collect(args, children: _Children, events: queue.Queue, bars: _Bars, worker
         kind = ev.get("event")
         if kind == "start":
             running[rank] = ev["method"]
+            if rank == 0 and not bars.enabled:  # no bars (a pipe, a log file): a line per method
+                log.info("%s: started", ev["method"])
         elif kind == "progress":
             bars.update(ev["method"], ev["step"], ev["total"], ev["loss"])
         elif kind == "done":

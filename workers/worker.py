@@ -8,16 +8,21 @@ a summary per method. What it must never do: start a switch or other workers
 (that is `switchagg compare`, or compose), or wait without a bound.
 
 How it works:
+- Before anything: every option checked (workers/validate.py; exit status 2), and the switch
+  probed (workers/probe.py) for up to `--connect-timeout` seconds.
 - Identity: `--rank/--world-size/--master-addr/--master-port`, defaulting to RANK, WORLD_SIZE,
-  MASTER_ADDR, MASTER_PORT as torchrun sets them. Without a rank, the switch assigns one at JOIN
-  (only for integer methods through the switch: torch.distributed needs a rank up front).
+  MASTER_ADDR, MASTER_PORT as torchrun sets them; or `--rendezvous HOST:PORT` (compose
+  replicas): the rank and the torch.distributed store come from `switchagg rendezvous`
+  (workers/rendezvous.py), which the worker tells when it is done. Without either, the switch
+  assigns a rank at JOIN (only for integer methods: torch.distributed needs a rank up front).
 - Transports: torch.distributed (gloo on CPU, nccl on CUDA) is initialized once: the job's group
   when a rendezvous is given (needed by `sgd` and the other non-switch methods, or without
   `--switch`), else a group of this process alone, which DDP needs for its own bookkeeping while
   the hook sums through the switch. Each switch method gets its own switch job
   (`<job>-<method>`), so methods never share slots or counters.
-- Outputs (with `--out DIR`): `metrics/<method>.rank<r>.jsonl` (every step; rank 0 also the
-  evaluations) and `summaries/<method>.rank<r>.json`.
+- Outputs (with `--out DIR`): `config.json` (the run's settings and provenance),
+  `metrics/<method>.rank<r>.jsonl` (every step; rank 0 also the evaluations) and
+  `summaries/<method>.rank<r>.json`; `switchagg report DIR` merges them.
 - With `--events`, one JSON line per event goes to stdout, prefixed by `EVENT_PREFIX`: start,
   progress (rank 0, at most ~5 per second), done (with the summary), error (with the traceback).
   `switchagg compare` reads them; anything else on stdout is ignored by it.
@@ -304,8 +309,6 @@ def main(args: argparse.Namespace) -> int:
         print(f"switchagg worker: error: {exc}", file=sys.stderr)
         emit("error", method=None, error="SwitchUnreachable", message=str(exc), traceback="")
         return 1
-    if args.out:
-        _write_config(args, task)
     args.store = None
     if args.rendezvous:
         from workers.rendezvous import join
@@ -316,6 +319,8 @@ def main(args: argparse.Namespace) -> int:
             return 1
         emit.rank = args.rank
     try:
+        if args.out:
+            _write_config(args, task)
         run_methods(args, names, _Tracked(emit, current))
     except KeyboardInterrupt:
         return 130
@@ -334,13 +339,15 @@ def _write_config(args: argparse.Namespace, task) -> None:
     """`--out`/config.json: the run's settings and provenance, which `switchagg report` reads (every
     worker writes the same; a rename makes each write whole)."""
     from workers.provenance import provenance, run_config
+    import tempfile
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "config.json")
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
+    # A temporary name of its own: containers all run as pid 1 on the one mounted folder.
+    fd, tmp = tempfile.mkstemp(prefix=".config.", suffix=".json", dir=args.out)
+    with os.fdopen(fd, "w") as f:
         json.dump({"config": run_config(args, task, args.world_size), "provenance": provenance()},
                   f, indent=1, default=str)
-    os.replace(tmp, path)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, os.path.join(args.out, "config.json"))
 
 
 def _report(args: argparse.Namespace, ok: bool) -> None:
