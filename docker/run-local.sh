@@ -26,9 +26,6 @@ WORK=${WORK:-/tmp/switchagg-run-local}
 IMAGE=switchagg:cpu
 BASE=localhost/switchagg-base:bookworm
 export WORLD_SIZE=${WORLD_SIZE:-4} MAX_STEPS=${MAX_STEPS:-5} EPOCHS=${EPOCHS:-1}
-export METHODS=${METHODS:-$(PYTHONPATH=$ROOT ${PYTHON:-python3} -c \
-  "from switchagg.methods import METHODS; print(','.join(METHODS))" 2>/dev/null \
-  || echo sgd,intsgd-random,intsgd-determ,intsgd-block,intdiana,heuristic-switchml,heuristic-global)}
 export RESULTS_DIR=${RESULTS_DIR:-$WORK/results}
 mkdir -p "$WORK"
 log() { echo "run-local: $*" >&2; }
@@ -81,14 +78,17 @@ build() {
 }
 
 run() {
+  # Every method the image knows, unless METHODS says otherwise.
+  export METHODS=${METHODS:-$("$ENGINE" run --rm "$IMAGE" python -c \
+    "from switchagg.methods import METHODS; print(','.join(METHODS))")}
   local started=$SECONDS
   rm -rf "$RESULTS_DIR" && mkdir -p "$RESULTS_DIR" && chmod 0777 "$RESULTS_DIR"
   local compose=(docker-compose)
   if [ "$ENGINE" = podman ]; then
     local sock=$WORK/podman.sock
     podman system service --time=0 "unix://$sock" > "$WORK/podman-service.log" 2>&1 &
-    local service=$!
-    trap 'kill $service 2> /dev/null || true' EXIT
+    SERVICE_PID=$!
+    trap 'kill $SERVICE_PID 2> /dev/null || true' EXIT
     for _ in $(seq 50); do [ -S "$sock" ] && break; sleep 0.2; done
     export DOCKER_HOST=unix://$sock
   fi
@@ -114,7 +114,8 @@ check() {
     done
   done
   [ $missing -eq 0 ] || exit 1
-  PYTHONPATH=$ROOT ${PYTHON:-python3} -m workers.cli report "$RESULTS_DIR"
+  # The merge runs in the image too: nothing to install on the host.
+  "$ENGINE" run --rm --volume "$RESULTS_DIR:/results" "$IMAGE" switchagg report /results
   log "results: $RESULTS_DIR (every method, every rank; merged above)"
 }
 

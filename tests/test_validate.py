@@ -90,3 +90,15 @@ def test_worker_unreachable_switch_reported_within_seconds(capsys):
     assert elapsed < 15
     err = capsys.readouterr().err
     assert address in err and "switch-emulator" in err
+
+
+def test_help_shows_defaults_and_choices(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["compare", "--help"])
+    assert exc.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    from switchagg.methods import METHODS
+    assert "(default: 8192)" in out and "(default: digits)" in out and "(default: 4)" in out
+    compact = "".join(out.split())  # argparse wraps (and hyphen-breaks) long help lines
+    assert all(name in compact for name in METHODS) and "8,16,32,64,128" in compact
+    assert "DESIGN.md" not in out and "measured-limits" not in out

@@ -5,8 +5,9 @@
 
 What it owns: one figure a new user feels first, the seconds from `torchrun` to rank 0's first
 step, on a fresh install (no numba cache: every kernel compiles, once per machine, with the
-others waiting on the compile lock) and on the second run (every kernel loads from the cache). It
-prints the figures; it asserts nothing. What it must never do: delete anything but numba's cache
+others waiting on the compile lock) and on the second run (every kernel loads from the cache),
+beside a baseline: the same torchrun that only imports torch and builds its process group (on a
+loaded machine that alone can take most of the time). It prints the figures; it asserts nothing. What it must never do: delete anything but numba's cache
 files (*.nbi, *.nbc) of this checkout's switchagg package.
 """
 
@@ -69,6 +70,36 @@ def first_step(ranks: int, timeout: float = 600.0) -> tuple[float, str]:
         switch.wait(timeout=10)
 
 
+_BASELINE = """
+import torch, torch.distributed as dist
+dist.init_process_group("gloo")
+if dist.get_rank() == 0:
+    print("step 0 (baseline: torch imported, group initialized)", flush=True)
+dist.destroy_process_group()
+"""
+
+
+def baseline(ranks: int, timeout: float = 600.0) -> float:
+    """Seconds until the same torchrun has imported torch and built its group: no switchagg."""
+    import tempfile
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+        f.write(_BASELINE)
+    try:
+        started = time.monotonic()
+        run = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                "--nproc-per-node", str(ranks), f.name], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        seconds = float("nan")
+        for line in run.stdout:
+            if line.startswith("step 0 ") and seconds != seconds:
+                seconds = time.monotonic() - started
+        run.wait(timeout=timeout)
+        return seconds
+    finally:
+        os.remove(f.name)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, default=4, help="DDP processes (default 4)")
@@ -82,6 +113,8 @@ def main() -> None:
             print("  " + lines.replace("\n", "\n  "))
     seconds, _ = first_step(args.ranks)
     print(f"warm cache: first step {seconds:.1f} s after launch")
+    print(f"baseline (the same torchrun importing torch and building its group, no switchagg): "
+          f"{baseline(args.ranks):.1f} s")
 
 
 if __name__ == "__main__":
