@@ -95,6 +95,7 @@ def _child_env() -> dict[str, str]:
     # One compute thread each: N workers and the switch share the cores.
     env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("MKL_NUM_THREADS", "1")
+    env.pop("SWITCHAGG_RENDEZVOUS", None)  # this run's ranks are compare's own
     return env
 
 

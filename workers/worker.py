@@ -338,8 +338,9 @@ def main(args: argparse.Namespace) -> int:
 def _write_config(args: argparse.Namespace, task) -> None:
     """`--out`/config.json: the run's settings and provenance, which `switchagg report` reads (every
     worker writes the same; a rename makes each write whole)."""
-    from workers.provenance import provenance, run_config
     import tempfile
+
+    from workers.provenance import provenance, run_config
     os.makedirs(args.out, exist_ok=True)
     # A temporary name of its own: containers all run as pid 1 on the one mounted folder.
     fd, tmp = tempfile.mkstemp(prefix=".config.", suffix=".json", dir=args.out)
