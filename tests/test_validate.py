@@ -102,3 +102,15 @@ def test_help_shows_defaults_and_choices(capsys):
     compact = "".join(out.split())  # argparse wraps (and hyphen-breaks) long help lines
     assert all(name in compact for name in METHODS) and "8,16,32,64,128" in compact
     assert "DESIGN.md" not in out and "measured-limits" not in out
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--workers", "0"], "--workers 0"), (["--slots", "0"], "--slots 0"),
+    (["--burst", "0"], "--burst 0"), (["--drop", "-0.1"], "--drop -0.1"),
+    (["--repeats", "0"], "--repeats 0"),
+])
+def test_bench_usage_error_before_start(argv, named, capsys):
+    started = time.monotonic()
+    assert cli.main(["bench", *argv]) == 2
+    assert capsys.readouterr().err.startswith(f"switchagg bench: error: {named}")
+    assert time.monotonic() - started < 10

@@ -300,6 +300,11 @@ def _table(f: dict[str, Any]) -> str:
 
 def main(args: argparse.Namespace) -> int:
     """Run the benchmark, print the table or JSON; returns 0, 1 (run failed) or 2 (bad options)."""
+    from workers import validate
+    try:
+        validate.check_bench(args)
+    except validate.UsageError as exc:
+        return validate.report_usage("bench", exc)
     if args.quantize:
         return _quantize(args)
     try:

@@ -1,4 +1,4 @@
-"""Every option of `switchagg compare` and `switchagg worker`, checked before any process starts.
+"""Every option of `switchagg compare`, `worker` and `bench`, checked before any process starts.
 
 What it owns: turning parsed options into the config objects that hold the rules
 (`workers.train.TrainConfig`, `switchagg.client.ClientConfig`, the switch's `SwitchConfig`, the
@@ -24,7 +24,8 @@ from typing import Any
 
 from switchagg.errors import ConfigError
 
-__all__ = ["UsageError", "FLAGS", "check_training", "check_compare", "check_worker", "check_device",
+__all__ = ["UsageError", "FLAGS", "check_training", "check_compare", "check_worker", "check_bench",
+           "check_device",
            "check_out", "report_usage"]
 
 #: config field -> the option a user typed
@@ -217,3 +218,28 @@ def report_usage(command: str, exc: UsageError) -> int:
     """Print the usage error as one line and return exit status 2."""
     print(f"switchagg {command}: error: {exc}", file=sys.stderr)
     return 2
+
+
+def check_bench(args: argparse.Namespace) -> None:
+    """Every option of `switchagg bench` (the switch and client options by their objects' rules).
+
+    Raises:
+        UsageError: naming the option as typed.
+    """
+    for flag, low in (("workers", 1), ("numel", 1), ("repeats", 1), ("warmup", 0)):
+        value = getattr(args, flag, None)
+        if value is not None and value < low:
+            raise UsageError("--" + flag, value, f"expected an integer >= {low}")
+    if not (args.timeout > 0 and math.isfinite(args.timeout)):
+        raise UsageError("--timeout", args.timeout, "expected a positive number of seconds")
+    from switchagg.client import ClientConfig
+    try:
+        ClientConfig(k=args.k, slots=args.slots, burst=args.burst).validate()
+    except ConfigError as exc:
+        flag = "--burst" if exc.field == "burst" else FLAGS.get(exc.field or "", "--" + str(exc.field))
+        raise UsageError(flag, exc.value, str(exc).split(": ", 1)[-1]) from None
+    for flag in ("drop", "duplicate", "reorder"):
+        value = getattr(args, flag)
+        if not (0 <= value < 1 if flag == "drop" else 0 <= value <= 1):
+            raise UsageError("--" + flag, value, "expected a probability in [0, 1)" if flag == "drop"
+                             else "expected a probability in [0, 1]")
