@@ -44,16 +44,44 @@ def test_compare_end_to_end(tmp_path):
     for png in ("loss_vs_step.png", "loss_vs_bytes.png", "accuracy_vs_step.png",
                 "accuracy_vs_bytes.png", "int_magnitude_vs_step.png"):
         assert (out / png).stat().st_size > 1000
+    assert data["provenance"]["switchagg"] and data["provenance"]["command"]
+    assert "units:" in (out / "table.txt").read_text()
+
+    # `switchagg report` on the per-rank files alone gives the same merged results.
+    compare_json = data
+    (out / "results.json").unlink()
+    (out / "loss_vs_step.png").unlink()
+    env = dict(os.environ, PYTHONPATH=REPO)
+    report = subprocess.run([sys.executable, "-m", "workers.cli", "report", str(out)], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert report.returncode == 0, report.stderr
+    assert "intsgd-random: 2 ranks, 3 steps" in report.stderr and "max|sum|" in report.stdout
+    merged = json.loads((out / "results.json").read_text())
+    assert list(merged["methods"]) == list(compare_json["methods"])
+    for name, m in merged["methods"].items():
+        ours = compare_json["methods"][name]
+        for key in ("final_loss", "steps", "bytes_sent", "packets", "max_abs_sum", "replicas_agree"):
+            assert m[key] == ours[key], (name, key)
+    assert merged["config"]["task"] == "digits" and merged["config"]["workers"] == 2
+    assert merged["provenance"]["run"]["torch"] and merged["provenance"]["report"]["command"]
+    assert (out / "loss_vs_step.png").stat().st_size > 1000
+
+
+def test_report_rejects_a_folder_without_summaries(tmp_path):
+    env = dict(os.environ, PYTHONPATH=REPO)
+    proc = subprocess.run([sys.executable, "-m", "workers.cli", "report", str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "no summaries" in proc.stderr
 
 
 @pytest.mark.timeout(120)
 def test_compare_worker_failure_names_rank_and_exits(tmp_path):
-    # The parent builds the task on the CPU; the workers fail on a device that is not there.
+    # Options are valid (checked before start); rank 1 fails in its data, after the start.
     proc = _compare("--workers", "2", "--methods", "intsgd-random", "--max-steps", "2",
-                    "--device", "meta:0", "--timeout", "30", "--out", str(tmp_path / "bad"),
-                    timeout=100)
+                    "--task", "tests.failing_task:broken", "--timeout", "30",
+                    "--out", str(tmp_path / "bad"), timeout=100)
     assert proc.returncode == 1
-    assert "worker rank" in proc.stderr and "failed" in proc.stderr
+    assert "worker rank 1" in proc.stderr and "unreadable" in proc.stderr
 
 
 def test_compare_rejects_unknown_method():

@@ -48,9 +48,11 @@ def _compose_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in read_env()}
 
 
-def test_compose_has_a_switch_and_a_worker_service_built_from_the_cpu_image():
+def test_compose_has_a_switch_a_rendezvous_and_workers_built_from_the_images():
     doc = load_compose()
-    assert set(doc["services"]) == {"switch", "worker"}
+    assert set(doc["services"]) == {"switch", "rendezvous", "worker", "worker-gpu"}
+    assert doc["services"]["worker-gpu"]["profiles"] == ["gpu"]  # only with --profile gpu
+    assert doc["services"]["worker-gpu"]["build"]["dockerfile"] == "docker/Dockerfile.gpu"
     for service in doc["services"].values():
         build = service["build"]
         context = os.path.normpath(os.path.join(os.path.dirname(COMPOSE_PATH), build["context"]))
@@ -118,14 +120,20 @@ def test_worker_command_parses_and_points_at_the_switch_service():
     bind = _switch_args(doc["services"]["switch"]["command"]).bind
     # The service name is the switch's host name on the compose network.
     assert endpoint_host_port(args.switch) == ("switch", endpoint_host_port(bind)[1])
-    # No per-container identity: the switch assigns ranks at JOIN, and the world size is .env's,
+    # No per-container identity: the rendezvous hands out ranks, and the world size is .env's,
     # the same number of replicas compose starts.
     assert args.rank is None
     assert args.world_size == int(read_env()["WORLD_SIZE"]) == int(worker["deploy"]["replicas"])
-    # Only methods a switch job can run: `sgd` would need torch.distributed's rendezvous.
+    rendezvous = _worker_args(doc["services"]["rendezvous"]["command"])
+    assert args.rendezvous == f"rendezvous:{rendezvous.port}"
+    assert rendezvous.world_size == args.world_size
+    # Every method, torch.distributed ones (sgd) included: the rendezvous gives them a group.
     names = method_names(args.methods)
-    assert names and all(collective_kind(n) == "int" for n in names), names
-    assert worker["depends_on"]["switch"]["condition"] == "service_healthy"
+    assert "sgd" in names and any(collective_kind(n) == "int" for n in names), names
+    # Nothing waits for a health check (podman runs none without systemd).
+    assert worker["depends_on"] == ["switch", "rendezvous"]
+    gpu = _worker_args(doc["services"]["worker-gpu"]["command"])
+    assert gpu.device == "cuda" and gpu.switch == args.switch and gpu.rendezvous == args.rendezvous
 
 
 def test_worker_out_folder_is_the_mounted_volume():
@@ -216,7 +224,13 @@ def test_dockerfile_copies_what_pip_install_needs(dockerfile):
     with open(os.path.join(REPO, "docker", dockerfile)) as f:
         text = f.read()
     # torch pinned to the project's version and taken from a PyTorch index of the image's kind.
-    assert re.search(r"pip install torch==2\.13\.0 --index-url", text)
+    assert re.search(r"pip install .*torch==2\.13\.0.* --index-url", text)
+    assert re.search(r"^ARG TORCH_INDEX_URL=https://download\.pytorch\.org/whl/", text, re.M)
+    # Pinned bases and dependencies, a non-root user, the kernels compiled at build.
+    base = re.search(r"^ARG (?:BASE|CUDA)_IMAGE=(\S+)", text, re.M).group(1)
+    assert re.search(r":\d+\.\d+\.\d+", base), f"{dockerfile}: base {base} not pinned to a release"
+    assert "constraints.txt" in text and re.search(r"^USER switchagg$", text, re.M)
+    assert re.search(r"^RUN switchagg warmup", text, re.M)
     if dockerfile == "Dockerfile":
         assert "download.pytorch.org/whl/cpu" in text
     else:

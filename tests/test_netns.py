@@ -5,7 +5,7 @@ worker), each with its own eth0 on a veth pair whose other end sits on a bridge 
 (compose's network), addresses from 192.0.2.0/24 (TEST-NET-1, RFC 5737: documentation only, routed
 nowhere). Host names resolve as on the compose network: `ip netns exec` bind-mounts
 /etc/netns/<namespace>/hosts over /etc/hosts, and that file maps the service name `switch` to the
-switch's address. So the services' commands run verbatim, as the containers would run them
+switch's address (and `rendezvous` to the rendezvous'). So the services' commands run verbatim, as the containers would run them
 (substituted from docker/.env, plus overrides for a short run); the one mapping is the volume: the
 container path of `--out` becomes a temporary folder, as compose's bind mount does.
 
@@ -21,8 +21,8 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
-import time
 
 import pytest
 
@@ -33,10 +33,12 @@ pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
 SUBNET = "192.0.2"          # TEST-NET-1
 SWITCH_IP = f"{SUBNET}.1"
+RENDEZVOUS_IP = f"{SUBNET}.2"
 WORKERS = 2
-#: A short run: one integer method, a few steps of digits.
-OVERRIDES = {"WORLD_SIZE": str(WORKERS), "METHODS": "intsgd-random", "EPOCHS": "1", "MAX_STEPS": "5",
-             "TIMEOUT": "30"}
+#: A short run of digits: sgd through the rendezvous' store (torch.distributed), intsgd-random
+#: through the switch.
+OVERRIDES = {"WORLD_SIZE": str(WORKERS), "METHODS": "sgd,intsgd-random", "EPOCHS": "1",
+             "MAX_STEPS": "5", "TIMEOUT": "30", "CONNECT_TIMEOUT": "30", "RUN_TIMEOUT": "90"}
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -86,6 +88,8 @@ class Fabric:
         self.hosts_dirs.append(folder)
         with open(os.path.join(folder, "hosts"), "w") as f:
             f.write("127.0.0.1 localhost\n")
+            # As in a container, this host's own name resolves to its address (gloo binds there).
+            f.write(f"{address} {socket.gethostname()}\n")
             f.writelines(f"{ip} {host}\n" for host, ip in hosts.items())
         return ns
 
@@ -125,19 +129,6 @@ class Fabric:
             pass
 
 
-def _wait_healthy(fabric: Fabric, ns: str, healthcheck: list[str], switch: subprocess.Popen,
-                  deadline: float) -> None:
-    """Run the healthcheck command until it succeeds, as `depends_on: service_healthy` does."""
-    while True:
-        check = fabric.run(ns, healthcheck, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        out, _ = check.communicate(timeout=15)
-        if check.returncode == 0:
-            return
-        if switch.poll() is not None or time.monotonic() > deadline:
-            pytest.fail(f"switch never became healthy (exit {switch.poll()}): {out.decode()[-500:]}")
-        time.sleep(0.3)
-
-
 @pytest.mark.timeout(120)
 def test_compose_services_train_across_network_namespaces(tmp_path):
     reason = _skip_reason()
@@ -145,7 +136,7 @@ def test_compose_services_train_across_network_namespaces(tmp_path):
         pytest.skip(reason)
     services = load_compose(OVERRIDES)["services"]
     switch_cmd = local_argv(services["switch"]["command"])
-    healthcheck = local_argv(services["switch"]["healthcheck"]["test"][1:])
+    rendezvous_cmd = local_argv(services["rendezvous"]["command"])
     worker_cmd = services["worker"]["command"]
     # The volume: the container side of `RESULTS_DIR:/results` is this test's folder.
     container_out = worker_cmd[worker_cmd.index("--out") + 1]
@@ -154,12 +145,17 @@ def test_compose_services_train_across_network_namespaces(tmp_path):
     fabric = Fabric(f"sagg{os.getpid() % 100000}{secrets.token_hex(2)}")
     try:
         fabric.open()
-        hosts = {"switch": SWITCH_IP}
+        hosts = {"switch": SWITCH_IP, "rendezvous": RENDEZVOUS_IP}
         switch_ns = fabric.add_host("switch", SWITCH_IP, hosts)
+        rendezvous_ns = fabric.add_host("rdv", RENDEZVOUS_IP, hosts)
         worker_ns = [fabric.add_host(f"w{i}", f"{SUBNET}.{10 + i}", hosts) for i in range(WORKERS)]
+        # Every service at once, as compose starts them (nothing waits for a health check: the
+        # workers probe the switch and retry the rendezvous themselves).
         with open(tmp_path / "switch.log", "w") as log:
-            switch = fabric.run(switch_ns, switch_cmd, stdout=log, stderr=subprocess.STDOUT)
-        _wait_healthy(fabric, switch_ns, healthcheck, switch, time.monotonic() + 30)
+            fabric.run(switch_ns, switch_cmd, stdout=log, stderr=subprocess.STDOUT)
+        with open(tmp_path / "rendezvous.log", "w") as log:
+            rendezvous = fabric.run(rendezvous_ns, rendezvous_cmd, stdout=log,
+                                    stderr=subprocess.STDOUT)
         # The switch is reachable from the workers' namespaces only over the bridge.
         reach = subprocess.run(["ip", "netns", "exec", worker_ns[0], "ip", "route", "get", SWITCH_IP],
                                capture_output=True, text=True, timeout=10)
@@ -174,18 +170,21 @@ def test_compose_services_train_across_network_namespaces(tmp_path):
             proc.wait(timeout=90)
             assert proc.returncode == 0, (f"worker {i} exited {proc.returncode}:\n"
                                           f"{logs[i].read_text()[-3000:]}")
+        # Every worker reported back: the rendezvous (compose's --exit-code-from) exits 0.
+        assert rendezvous.wait(timeout=30) == 0, (tmp_path / "rendezvous.log").read_text()
     finally:
         fabric.close()
     listed = _ip("netns", "list").stdout
     assert fabric.tag not in listed, f"namespaces left behind: {listed}"
     assert not any(os.path.exists(d) for d in fabric.hosts_dirs)
 
-    # Ranks were assigned by the switch (none was configured): one file per rank, no collision.
-    method = OVERRIDES["METHODS"]
-    summaries = [json.loads((tmp_path / "summaries" / f"{method}.rank{r}.json").read_text())
-                 for r in range(WORKERS)]
-    assert sorted(s["rank"] for s in summaries) == list(range(WORKERS))
-    assert all(s["steps"] == 5 and s["packets"] > 0 for s in summaries)
-    assert len({s["params_digest"] for s in summaries}) == 1, "replicas diverged"
-    for r in range(WORKERS):
-        assert (tmp_path / "metrics" / f"{method}.rank{r}.jsonl").stat().st_size > 0
+    # Ranks came from the rendezvous (none was configured): one file per rank, no collision.
+    for method in OVERRIDES["METHODS"].split(","):
+        summaries = [json.loads((tmp_path / "summaries" / f"{method}.rank{r}.json").read_text())
+                     for r in range(WORKERS)]
+        assert sorted(s["rank"] for s in summaries) == list(range(WORKERS))
+        assert all(s["steps"] == 5 for s in summaries)
+        assert all((s["packets"] > 0) == (method != "sgd") for s in summaries)
+        assert len({s["params_digest"] for s in summaries}) == 1, "replicas diverged"
+        for r in range(WORKERS):
+            assert (tmp_path / "metrics" / f"{method}.rank{r}.jsonl").stat().st_size > 0

@@ -15,9 +15,9 @@ Ctrl-C), or wait without a bound. It asserts no target; it prints figures.
 How it works: each contender is one phase. A phase spawns its children (fresh interpreters, so
 only the gloo workers import torch), which set up and pre-fault everything, then run warm-up and
 timed rounds, each behind a start barrier; a round's time is its slowest worker's, and a phase's
-figure comes from its median round. The targets and the machine's limits are in
-../shared/reference/measured-limits.md (this 2-core box: gloo about 52 M elements/s with 4 ranks,
-a batched Python switch about 50 to 62 M).
+figure comes from its median round. For scale, measured on the project's 2-core machine: gloo
+all-reduces about 52 M elements/s with 4 ranks, and a batched Python switch sums about 50 to 62 M
+(README.md, "Benchmarks", has the latest figures).
 """
 
 from __future__ import annotations
@@ -300,6 +300,11 @@ def _table(f: dict[str, Any]) -> str:
 
 def main(args: argparse.Namespace) -> int:
     """Run the benchmark, print the table or JSON; returns 0, 1 (run failed) or 2 (bad options)."""
+    from workers import validate
+    try:
+        validate.check_bench(args)
+    except validate.UsageError as exc:
+        return validate.report_usage("bench", exc)
     if args.quantize:
         return _quantize(args)
     try:

@@ -6,6 +6,9 @@ progress bar per method, the summary table, and with `--out DIR` results.json, p
 do, workers/worker.py), leave a process behind, or wait without a bound.
 
 How it works:
+0. Check every option before anything starts (workers/validate.py: the config objects' own rules,
+   errors named as the user typed the option, exit status 2, nothing created). `run(args, task)`
+   is the same run for Python callers (workers/api.py): it returns what results.json holds.
 1. Start `python -m switch_emulator` on a free 127.0.0.1 port (slots, loss injection and seed
    passed through) and wait until it accepts connections.
 2. Start N `switchagg worker --events` processes once; each runs every method in turn on a fresh
@@ -16,7 +19,10 @@ How it works:
    progress drives the bars; every rank's "done" carries its summary. A worker that reports an
    error, exits early, or goes silent for --timeout seconds ends the run with an error naming the
    rank and the method (and the tail of its log); the switch dying does too.
-4. Merge the ranks' summaries per method (workers/report.py), print the table, write the files.
+4. Merge the ranks' summaries per method (workers/report.py), print the table, write the files
+   (results.json with the run's settings and provenance: versions, commit, host, command).
+Progress: bars on a terminal (log lines print above them); elsewhere a line when each method
+starts and ends.
 Teardown always runs (success, failure, Ctrl-C): workers get SIGTERM then SIGKILL, the switch
 SIGTERM (it aborts its jobs and exits) then SIGKILL. Children run in their own sessions, so a
 Ctrl-C reaches only this process, which then tears them down in order.
@@ -41,7 +47,7 @@ from typing import Any
 
 from workers.worker import EVENT_PREFIX, add_training_options
 
-__all__ = ["configure", "main", "CompareError", "run_compare"]
+__all__ = ["configure", "main", "run", "print_results", "CompareError", "run_compare"]
 
 log = logging.getLogger("switchagg.compare")
 
@@ -63,14 +69,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
                      "  switchagg compare --task cifar10-resnet18 --data ~/cifar-10-batches-py --device cuda")
     add_training_options(parser)
     g = parser.add_argument_group("comparison")
-    g.add_argument("--workers", type=int, default=4, help="number of worker processes (default 4)")
-    g.add_argument("--out", default=None, help="write results.json, metrics/ and plots here")
-    g.add_argument("--drop", type=float, default=None, help="switch: drop probability (in and out)")
-    g.add_argument("--duplicate", type=float, default=None, help="switch: duplication probability")
-    g.add_argument("--reorder", type=float, default=None, help="switch: reordering probability")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--workers", type=int, default=4, help="number of worker processes")
+    g.add_argument("--out", default=None, help="write results.json, table.txt, metrics/ and plots "
+                                               "here (default: nothing kept)")
+    g.add_argument("--drop", type=float, default=None,
+                   help="switch: drop probability in [0, 1), in and out (default: 0)")
+    g.add_argument("--duplicate", type=float, default=None,
+                   help="switch: duplication probability in [0, 1] (default: 0)")
+    g.add_argument("--reorder", type=float, default=None,
+                   help="switch: reordering probability in [0, 1] (default: 0)")
+    g.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (a line per method instead)")
     g.add_argument("--token", default=None, help="start the switch with this token (workers join "
-                                                 "with it)")
+                                                 "with it; default: none, fine on loopback)")
 
 
 def _free_port() -> int:
@@ -86,6 +97,7 @@ def _child_env() -> dict[str, str]:
     # One compute thread each: N workers and the switch share the cores.
     env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("MKL_NUM_THREADS", "1")
+    env.pop("SWITCHAGG_RENDEZVOUS", None)  # this run's ranks are compare's own
     return env
 
 
@@ -244,14 +256,15 @@ def run_compare(args: argparse.Namespace, out_dir: str) -> dict[str, Any]:
     children = _Children()
     events: queue.Queue = queue.Queue()
     bars = _Bars(args.method_list, enabled=not args.no_progress)
+    log.info("starting a switch and %d workers for %s", args.workers, ", ".join(args.method_list))
     try:
         port, master_port = _free_port(), _free_port()
         switch_log = os.path.join(logs, "switch.log")
         children.switch = children.start(_switch_argv(args, port), switch_log, pipe_stdout=False)
         # Compile (or load from numba's cache) the CPU kernels once here, while the switch starts:
         # otherwise N workers would all compile the same kernels at once on a cold cache.
-        from switchagg import kernels
-        kernels.warm_up()
+        from switchagg.warmup import warm_up
+        warm_up(parallel=False)
         _wait_listening(port, children.switch, switch_log)
         address = f"tcp://127.0.0.1:{port}"
         job = f"compare-{os.getpid()}-{port}"
@@ -262,7 +275,12 @@ def run_compare(args: argparse.Namespace, out_dir: str) -> dict[str, Any]:
             children.workers.append(proc)
             threading.Thread(target=_reader, args=(r, proc, events, worker_logs[r]), daemon=True,
                              name=f"compare-reader-{r}").start()
-        return _collect(args, children, events, bars, worker_logs, switch_log)
+        if not bars.enabled:
+            return _collect(args, children, events, bars, worker_logs, switch_log)
+        # Log lines above the bars, not through them.
+        from tqdm.contrib.logging import logging_redirect_tqdm
+        with logging_redirect_tqdm():
+            return _collect(args, children, events, bars, worker_logs, switch_log)
     finally:
         bars.close()
         children.stop()
@@ -300,6 +318,8 @@ def _collect(args, children: _Children, events: queue.Queue, bars: _Bars, worker
         kind = ev.get("event")
         if kind == "start":
             running[rank] = ev["method"]
+            if rank == 0 and not bars.enabled:  # no bars (a pipe, a log file): a line per method
+                log.info("%s: started", ev["method"])
         elif kind == "progress":
             bars.update(ev["method"], ev["step"], ev["total"], ev["loss"])
         elif kind == "done":
@@ -330,70 +350,78 @@ def _collect(args, children: _Children, events: queue.Queue, bars: _Bars, worker
 
 def main(args: argparse.Namespace) -> int:
     """Entry point of `switchagg compare`; returns 0, 1 (a run failed), 2 (bad usage), 130 (Ctrl-C)."""
-    from workers import report
-    from workers.tasks import TASKS, make_task, parse_options
-    from workers.worker import method_names
-
+    from workers import validate
     try:
-        args.method_list = method_names(args.methods)
-        if args.task not in TASKS:
-            raise ValueError(f"unknown task {args.task!r}; choose one of {', '.join(TASKS)}")
-        if args.workers < 1:
-            raise ValueError(f"--workers must be >= 1, got {args.workers}")
-        from workers.swarm_train import SwarmConfig, split_options
-        task_options, swarm_options = split_options(parse_options(args.opt))
-        task = make_task(args.task, data=args.data, **task_options)
-        if "swarmsgd" in args.method_list:
-            SwarmConfig.from_options(swarm_options)   # a bad --opt fails here, not in N workers
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"switchagg compare: {exc}", file=sys.stderr)
-        return 2
-    out_dir = os.path.abspath(args.out) if args.out else tempfile.mkdtemp(prefix="switchagg-compare-")
-    os.makedirs(out_dir, exist_ok=True)
-    started = time.monotonic()
+        task = validate.check_compare(args)
+    except validate.UsageError as exc:
+        return validate.report_usage("compare", exc)
     try:
-        summaries = run_compare(args, out_dir)
+        results = run(args, task)
     except KeyboardInterrupt:
         print("\nswitchagg compare: interrupted; switch and workers stopped", file=sys.stderr)
         return 130
     except CompareError as exc:
         print(f"switchagg compare: {exc}", file=sys.stderr)
-        if not args.out:
-            print(f"(logs kept in {out_dir})", file=sys.stderr)
         return 1
+    print_results(args, results)
+    return 0
+
+
+def run(args: argparse.Namespace, task) -> dict[str, Any]:
+    """Run a validated comparison and return what results.json holds ({"config", "methods"}).
+
+    With `args.out` the files are written there too (results.json, table.txt, metrics/, plots);
+    without it the run's temporary folder is removed, logs included, unless the run failed (then
+    the error names the folder it kept).
+
+    Raises:
+        CompareError: a worker or the switch failed.
+        KeyboardInterrupt: passed on after the teardown.
+    """
+    from workers import report
+    from workers.provenance import provenance, run_config
+
+    out_dir = os.path.abspath(args.out) if args.out else tempfile.mkdtemp(prefix="switchagg-compare-")
+    os.makedirs(out_dir, exist_ok=True)
+    started = time.monotonic()
+    try:
+        summaries = run_compare(args, out_dir)
+    except CompareError as exc:
+        if not args.out:
+            raise CompareError(f"{exc}\n(logs kept in {out_dir})") from None
+        raise
+    except BaseException:
+        if not args.out:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
     methods = {m: report.merge_ranks(s, task.metric) for m, s in summaries.items()}
     for name, summary in summaries.items():
         diverged = next((s.get("diverged") for s in summary if s.get("diverged")), None)
         methods[name]["diverged"] = diverged
-    preset = task.preset
-    config = {
-        **task.describe(), "workers": args.workers, "methods": args.method_list, "seed": args.seed,
-        "epochs": args.epochs if args.epochs is not None else preset.epochs,
-        "batch_size": args.batch_size if args.batch_size is not None else preset.batch_size,
-        "lr": args.lr if args.lr is not None else preset.lr, "max_steps": args.max_steps,
-        "bits": args.bits, "k": args.k, "slots": args.slots, "drop": args.drop,
-        "duplicate": args.duplicate, "reorder": args.reorder, "device": args.device,
-        "wall_s": time.monotonic() - started,
-    }
-    table = report.format_table(methods, task.metric)
-    print(f"\n{args.task}, {args.workers} workers, seed {args.seed}, {args.bits}-bit budget "
-          f"(wall {config['wall_s']:.0f} s)")
-    print(table)
+    config = {**run_config(args, task, args.workers), "wall_s": time.monotonic() - started}
+    results = {"config": config, "methods": methods, "provenance": provenance()}
+    if args.out:
+        records = {m: report.read_jsonl(os.path.join(out_dir, "metrics", f"{m}.rank0.jsonl"))
+                   for m in args.method_list}
+        results["files"] = report.write_all(out_dir, results, records)
+    else:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    return results
+
+
+def print_results(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """The run's headline, table and notes on stdout (and where its files went)."""
+    from workers import report
+    config, methods = results["config"], results["methods"]
+    print(f"\n{config['task']}, {config['workers']} workers, seed {config['seed']}, "
+          f"{config['bits']}-bit budget (wall {config['wall_s']:.0f} s)")
+    print(report.format_table(methods, config["metric"]))
     for name, m in methods.items():
-        if m["diverged"]:
+        if m.get("diverged"):
             print(f"note: {name} diverged: {m['diverged']}")
         if m["replicas_agree"] is False:  # None: decentralized, the models differ by design
             print(f"WARNING: {name}: workers' parameters differ at the end (a method bug)")
-    if args.out:
-        report.write_results(os.path.join(out_dir, "results.json"), config, methods)
-        records = {m: report.read_jsonl(os.path.join(out_dir, "metrics", f"{m}.rank0.jsonl"))
-                   for m in args.method_list}
-        plots = report.plot_all(out_dir, records, task.metric,
-                                log_metric=task.metric in ("suboptimality",))
-        with open(os.path.join(out_dir, "table.txt"), "w") as f:
-            f.write(table + "\n")
-        print(f"\nwrote {out_dir}/results.json, table.txt, metrics/*.jsonl and "
-              f"{', '.join(os.path.basename(p) for p in plots)}")
-    else:
-        shutil.rmtree(out_dir, ignore_errors=True)
-    return 0
+    if results.get("files"):
+        out_dir = os.path.dirname(results["files"][0])
+        print(f"\nwrote {out_dir}/ " + ", ".join(os.path.basename(p) for p in results["files"])
+              + " and metrics/*.jsonl")

@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from typing import Any
 
 __all__ = ["merge_ranks", "wire_summary", "format_table", "write_results", "read_jsonl", "plot_all",
-           "PLOT_FILES"]
+           "PLOT_FILES", "TABLE_LEGEND", "write_all", "settings_line"]
 
 #: Plots every comparison writes ("{metric}" is the task's headline metric).
 PLOT_FILES = ("loss_vs_step.png", "loss_vs_bytes.png", "{metric}_vs_step.png",
@@ -178,6 +178,7 @@ def format_table(methods: dict[str, dict[str, Any]], metric: str = "accuracy") -
     lines.insert(1, "-" * len(lines[0]))
     lines.append("max|sum| and bits: from step 1 on (IntSGD's step 0 uses SwitchML's exponent "
                  "scaling: r is unknown before it)")
+    lines.append(TABLE_LEGEND)
     lines.append("sync %: share of a worker's time spent synchronizing (the reduce; for swarmsgd, "
                  "blocked in its own interactions, over wall time)")
     from workers.swarm_report import footer_lines
@@ -185,8 +186,18 @@ def format_table(methods: dict[str, dict[str, Any]], metric: str = "accuracy") -
     return "\n".join(lines)
 
 
-def write_results(path: str, config: dict[str, Any], methods: dict[str, dict[str, Any]]) -> None:
-    """Write results.json: {"config": ..., "methods": {NAME: entry}} (NaN written as null)."""
+#: The table's units, printed under it.
+TABLE_LEGEND = "\n".join((
+    "units: loss, metric: on the test set (acc %: percent); wall s: seconds per method;",
+    "  ms/step and its split (compute, quant, comm, decode): milliseconds per step, mean over workers;",
+    "  MB/wkr: megabytes (1e6 B) each worker sent; pkt/step: packets per worker per step; rounds:",
+    "  collective rounds per step; max|sum|: largest integer in a sum; bits: bits that sum needs;",
+    "  clip %: elements clipped; wraps: int32 wrap-arounds; agree: replicas' parameters bit-identical"))
+
+
+def write_results(path: str, config: dict[str, Any], methods: dict[str, dict[str, Any]],
+                  **extra: Any) -> None:
+    """Write results.json: {"config": ..., "methods": {NAME: entry}, **extra} (NaN as null)."""
     def clean(v: Any) -> Any:
         if isinstance(v, float) and not math.isfinite(v):
             return None
@@ -196,7 +207,8 @@ def write_results(path: str, config: dict[str, Any], methods: dict[str, dict[str
             return [clean(x) for x in v]
         return v
     with open(path, "w") as f:
-        json.dump(clean({"config": config, "methods": methods}), f, indent=2, sort_keys=False)
+        json.dump(clean({"config": config, "methods": methods, **extra}), f, indent=2,
+                  sort_keys=False)
         f.write("\n")
 
 
@@ -206,6 +218,17 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
         return []
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def _spans_decades(ax, axis: str, decades: float = 2.0) -> bool:
+    """Whether the plotted data on `axis` are all positive and span more than `decades` decades."""
+    values = [float(v) for line in ax.get_lines() if not line.get_label().startswith("_")
+              for v in (line.get_xdata() if axis == "x" else line.get_ydata())]
+    values = [v for v in values if math.isfinite(v)]
+    positive = [v for v in values if v > 0]
+    if not positive or len(positive) < len(values):
+        return False
+    return math.log10(max(positive) / min(positive)) > decades
 
 
 def _smooth(values: list[float], beta: float = 0.9) -> list[float]:
@@ -218,7 +241,7 @@ def _smooth(values: list[float], beta: float = 0.9) -> list[float]:
 
 
 def plot_all(out_dir: str, records: dict[str, Iterable[dict[str, Any]]], metric: str,
-             *, log_metric: bool = False) -> list[str]:
+             *, log_metric: bool = False, title: str = "") -> list[str]:
     """Write the comparison's PNG plots.
 
     Args:
@@ -226,6 +249,9 @@ def plot_all(out_dir: str, records: dict[str, Iterable[dict[str, Any]]], metric:
         records: method -> rank 0's step and eval records (workers/train.py).
         metric: the task's headline evaluation key.
         log_metric: plot the metric on a log scale (suboptimality, distances).
+        title: the run's settings, under each plot's own title.
+
+    Every axis of positive values that spans more than two decades is drawn on a log scale.
 
     Returns:
         The paths written.
@@ -243,7 +269,8 @@ def plot_all(out_dir: str, records: dict[str, Iterable[dict[str, Any]]], metric:
         series[name] = (steps, evals)
     written = []
 
-    def save(fig, name: str) -> None:
+    def save(fig, name: str, what: str) -> None:
+        fig.axes[0].set_title(f"{what}\n{title}" if title else what, fontsize=9)
         path = os.path.join(out_dir, name)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
@@ -252,26 +279,24 @@ def plot_all(out_dir: str, records: dict[str, Iterable[dict[str, Any]]], metric:
 
     def line_plot(filename: str, ylabel: str, x_of, y_of, which: int, *, logy=False, xlabel: str):
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        xs_all = []
         for i, (name, pair) in enumerate(series.items()):
             recs = pair[which]
             ys = [y_of(r) for r in recs]
             if which == 0 and ylabel.startswith("train loss"):
                 ys = _smooth(ys)
             xs = [x_of(r) for r in recs]
-            xs_all += [x for x in xs if x > 0]
             # 16+ methods: 20 distinct colours, and a second line style past them
             ax.plot(xs, ys, label=name, marker="o" if which == 1 else None, markersize=3,
                     color=colours(i % 20), linestyle="-" if i < 20 else "--")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
-        if logy:
+        if logy or _spans_decades(ax, "y"):
             ax.set_yscale("log")
-        if xlabel.startswith("MB") and xs_all and max(xs_all) > 30 * min(xs_all):
-            ax.set_xscale("log")   # compressors and fp32 differ by 30x in bytes
+        if _spans_decades(ax, "x"):
+            ax.set_xscale("log")   # e.g. the compressors' and fp32's bytes
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2 if len(series) > 8 else 1)
-        save(fig, filename)
+        save(fig, filename, f"{ylabel} vs {xlabel}")
 
     mb = lambda r: r["bytes_sent_cum"] / 1e6  # noqa: E731 (a tiny accessor)
     line_plot("loss_vs_step.png", "train loss (rank 0, EMA 0.9)", lambda r: r["step"],
@@ -301,5 +326,38 @@ def plot_all(out_dir: str, records: dict[str, Iterable[dict[str, Any]]], metric:
     ax.set_ylabel("integer magnitude")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    save(fig, "int_magnitude_vs_step.png")
+    save(fig, "int_magnitude_vs_step.png", "integer magnitudes (dotted: one worker's; int limits dashed)")
     return written
+
+
+# --- everything a finished run writes (compare and `switchagg report` share it) -----------------
+
+def settings_line(config: dict[str, Any]) -> str:
+    """The run's settings in one line, for plot titles ("digits, 4 workers, 32-bit, seed 0")."""
+    parts = [str(config.get("task", "?")), f"{config.get('workers', '?')} workers",
+             f"{config.get('bits', '?')}-bit budget", f"seed {config.get('seed', '?')}"]
+    for key in ("drop", "duplicate", "reorder"):
+        if config.get(key):
+            parts.append(f"{key} {config[key]}")
+    return ", ".join(parts)
+
+
+def write_all(out_dir: str, results: dict[str, Any], records: dict[str, list[dict]]) -> list[str]:
+    """Write results.json, table.txt and the plots of a finished run; returns the paths.
+
+    Args:
+        out_dir: the run's folder.
+        results: {"config", "methods", "provenance", ...} as results.json holds it.
+        records: method -> rank 0's step and eval records.
+    """
+    config, methods = results["config"], results["methods"]
+    metric = config.get("metric", "accuracy")
+    path = os.path.join(out_dir, "results.json")
+    write_results(path, config, methods,
+                  **{k: v for k, v in results.items() if k not in ("config", "methods", "files")})
+    table = os.path.join(out_dir, "table.txt")
+    with open(table, "w") as f:
+        f.write(format_table(methods, metric) + "\n")
+    plots = plot_all(out_dir, records, metric, log_metric=metric in ("suboptimality", "perplexity"),
+                     title=settings_line(config))
+    return [path, table, *plots]

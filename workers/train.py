@@ -74,6 +74,32 @@ class TrainConfig:
     eval_every: int | None = None
     seed: int = 0
 
+    def validate(self) -> TrainConfig:
+        """Check every field that is set; returns self.
+
+        Raises:
+            ConfigError: naming the field and its value (a ValueError).
+        """
+        from switchagg.errors import ConfigError
+
+        def bad(name: str, why: str) -> ConfigError:
+            value = getattr(self, name)
+            return ConfigError(f"TrainConfig.{name}={value!r}: {why}", field=name, value=value)
+
+        for name, low, why in (("epochs", 1, "expected a whole number of epochs >= 1"),
+                               ("batch_size", 0, "expected examples per worker >= 0 (0: the whole shard)"),
+                               ("max_steps", 1, "expected a number of steps >= 1"),
+                               ("eval_every", 1, "expected a number of epochs >= 1"),
+                               ("seed", 0, "expected a non-negative integer")):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                      or value < low):
+                raise bad(name, why)
+        if self.lr is not None and (not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr)
+                                    or self.lr <= 0):
+            raise bad("lr", "expected a positive, finite learning rate")
+        return self
+
 
 def telemetry_dict(telemetry: Any) -> dict[str, Any]:
     """A method's StepTelemetry (dataclass or object with `as_dict`) as a plain dict."""

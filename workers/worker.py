@@ -8,16 +8,21 @@ a summary per method. What it must never do: start a switch or other workers
 (that is `switchagg compare`, or compose), or wait without a bound.
 
 How it works:
+- Before anything: every option checked (workers/validate.py; exit status 2), and the switch
+  probed (workers/probe.py) for up to `--connect-timeout` seconds.
 - Identity: `--rank/--world-size/--master-addr/--master-port`, defaulting to RANK, WORLD_SIZE,
-  MASTER_ADDR, MASTER_PORT as torchrun sets them. Without a rank, the switch assigns one at JOIN
-  (only for integer methods through the switch: torch.distributed needs a rank up front).
+  MASTER_ADDR, MASTER_PORT as torchrun sets them; or `--rendezvous HOST:PORT` (compose
+  replicas): the rank and the torch.distributed store come from `switchagg rendezvous`
+  (workers/rendezvous.py), which the worker tells when it is done. Without either, the switch
+  assigns a rank at JOIN (only for integer methods: torch.distributed needs a rank up front).
 - Transports: torch.distributed (gloo on CPU, nccl on CUDA) is initialized once: the job's group
   when a rendezvous is given (needed by `sgd` and the other non-switch methods, or without
   `--switch`), else a group of this process alone, which DDP needs for its own bookkeeping while
   the hook sums through the switch. Each switch method gets its own switch job
   (`<job>-<method>`), so methods never share slots or counters.
-- Outputs (with `--out DIR`): `metrics/<method>.rank<r>.jsonl` (every step; rank 0 also the
-  evaluations) and `summaries/<method>.rank<r>.json`.
+- Outputs (with `--out DIR`): `config.json` (the run's settings and provenance),
+  `metrics/<method>.rank<r>.jsonl` (every step; rank 0 also the evaluations) and
+  `summaries/<method>.rank<r>.json`; `switchagg report DIR` merges them.
 - With `--events`, one JSON line per event goes to stdout, prefixed by `EVENT_PREFIX`: start,
   progress (rank 0, at most ~5 per second), done (with the summary), error (with the traceback).
   `switchagg compare` reads them; anything else on stdout is ignored by it.
@@ -46,28 +51,39 @@ EVENT_PREFIX = "@@switchagg-event "
 
 def add_training_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by `compare` and `worker`: task, methods, training overrides, integers."""
+    from switchagg.methods import METHOD_SETS, METHODS, OWN_LOOP
+    from switchagg.packet import VALID_K
     g = parser.add_argument_group("training")
     g.add_argument("--task", default="digits",
-                   help="digits (default, bundled), logreg, cifar10-resnet18, wikitext2-lstm")
-    g.add_argument("--data", default=None, help="local data file/folder for the task")
+                   help="digits (bundled), logreg, cifar10-resnet18, wikitext2-lstm, custom (your "
+                        "model and data: --opt model=MOD:FN --opt dataset=MOD:FN), or module:function "
+                        "for your own task factory")
+    g.add_argument("--data", default=None, help="local data file/folder for the task (default: the "
+                                                "task's bundled data, where it has some)")
     g.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
-                   help="task option, repeatable (e.g. --opt hidden=(64,) --opt lam=1e-3); "
-                        "swarmsgd's too (local_steps, quant, quant_bits, graph, degree, ...)")
+                   help="task option, repeatable (e.g. --opt hidden=(64,) --opt lam=1e-3; default: "
+                        "the task's own); swarmsgd's too (local_steps, quant, quant_bits, graph, "
+                        "degree, ...)")
     g.add_argument("--methods", default=None,
-                   help="comma-separated methods, 'all' (the default: every method of "
-                        "switchagg.methods.METHODS and OWN_LOOP), or a paper's set: paper-intsgd, "
-                        "paper-isgq")
-    g.add_argument("--epochs", type=int, default=None, help="epochs (default: the task's preset)")
-    g.add_argument("--max-steps", type=int, default=None, help="stop each method after N steps")
-    g.add_argument("--batch-size", type=int, default=None, help="examples per worker per step")
-    g.add_argument("--lr", type=float, default=None, help="initial learning rate")
-    g.add_argument("--eval-every", type=int, default=None, help="evaluate every N epochs")
+                   help=f"comma-separated methods, from {', '.join([*METHODS, *OWN_LOOP])}, "
+                        f"'all' (the default) or a paper's set: {', '.join(METHOD_SETS)}")
+    g.add_argument("--epochs", type=int, default=None, help="epochs >= 1 (default: the task's preset)")
+    g.add_argument("--max-steps", type=int, default=None,
+                   help="stop each method after N steps (default: no limit)")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="examples per worker per step, 0 for the whole shard (default: the task's "
+                        "preset)")
+    g.add_argument("--lr", type=float, default=None,
+                   help="initial learning rate > 0 (default: the task's preset)")
+    g.add_argument("--eval-every", type=int, default=None,
+                   help="evaluate every N epochs (default: the task's preset)")
     g.add_argument("--seed", type=int, default=0, help="fixes data order, init and rounding")
     g.add_argument("--bits", type=int, default=32, choices=(8, 16, 32),
                    help="integer budget per sum (workers clip to fit)")
-    g.add_argument("--k", type=int, default=64, help="int32 values per packet")
+    g.add_argument("--k", type=int, default=64, choices=VALID_K, metavar="K",
+                   help=f"int32 values per packet, one of {', '.join(map(str, VALID_K))}")
     g.add_argument("--slots", type=int, default=8192,
-                   help="switch slot pool size (the switch may grant fewer to a job)")
+                   help="switch slot pool size, 1 to 32768 (the switch may grant fewer to a job)")
     g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     g.add_argument("--timeout", type=float, default=120.0,
                    help="seconds any collective may wait before failing")
@@ -91,7 +107,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
                    help="the switch's (or the job's) token (default $SWITCHAGG_TOKEN)")
     g.add_argument("--switch-key", default=os.environ.get("SWITCHAGG_SWITCH_KEY") or None,
                    help="the switch's CURVE public key or key file (default $SWITCHAGG_SWITCH_KEY)")
-    g.add_argument("--out", default=None, help="folder for metrics and summaries")
+    g.add_argument("--connect-timeout", type=float, default=10.0,
+                   help="seconds to wait for the switch to answer a probe before starting")
+    g.add_argument("--rendezvous", default=os.environ.get("SWITCHAGG_RENDEZVOUS"), metavar="HOST:PORT",
+                   help="take a rank and the torch.distributed store from `switchagg rendezvous` "
+                        "(compose replicas; default $SWITCHAGG_RENDEZVOUS)")
+    g.add_argument("--out", default=None, help="folder for metrics and summaries (default: none written)")
     g.add_argument("--events", action="store_true", help="print JSON event lines (for compare)")
 
 
@@ -182,7 +203,12 @@ def _init_process_group(args: argparse.Namespace, names: list[str]) -> None:
     backend = "nccl" if args.device.startswith("cuda") else "gloo"
     rendezvous = None not in (args.rank, args.world_size) and args.master_addr and args.master_port
     needs_torch = not args.switch or any(collective_kind(n) in ("torch", "peer") for n in names)
-    if rendezvous:
+    if getattr(args, "store", None) is not None:  # from `switchagg rendezvous` (workers/rendezvous.py)
+        from workers.rendezvous import process_group_store
+        dist.init_process_group(backend, store=process_group_store(args.store), rank=args.rank,
+                                world_size=args.world_size,
+                                timeout=datetime.timedelta(seconds=args.timeout))
+    elif rendezvous:
         dist.init_process_group(backend, init_method=f"tcp://{args.master_addr}:{args.master_port}",
                                 rank=args.rank, world_size=args.world_size,
                                 timeout=datetime.timedelta(seconds=args.timeout))
@@ -213,7 +239,8 @@ def run_methods(args: argparse.Namespace, names: list[str], emit: "_Emitter | _T
     # the step and the switch client's heartbeats). The multi-threaded variants only where DDP's
     # buckets are large enough to use them: loaded, their threads spin beside torch's on shared
     # cores (measured: 4x slower steps of the default digits run).
-    from switchagg.kernels import PARALLEL_MIN_ELEMENTS, warm_up
+    from switchagg.kernels import PARALLEL_MIN_ELEMENTS
+    from switchagg.warmup import warm_up
     numel = sum(p.numel() for p in task.build_model().parameters())
     warm_up(parallel=numel >= PARALLEL_MIN_ELEMENTS)
     results: dict[str, dict] = {}
@@ -286,13 +313,33 @@ def main(args: argparse.Namespace) -> int:
     args.device = device_for_local_rank(args.device, os.environ.get("LOCAL_RANK"))
     emit = _Emitter(args.events, args.rank if args.rank is not None else -1)
     current = {"method": None}
+    from workers import validate
+    from workers.probe import SwitchUnreachable, wait_for_switch
     try:
-        names = method_names(args.methods)
-    except ValueError as exc:
-        log.error("%s", exc)
-        emit("error", method=None, error="ValueError", message=str(exc), traceback="")
-        return 2
+        task = validate.check_worker(args)
+        names = args.method_list
+    except validate.UsageError as exc:
+        emit("error", method=None, error="UsageError", message=str(exc), traceback="")
+        return validate.report_usage("worker", exc)
     try:
+        if args.switch and any(collective_kind(n) == "int" for n in names):
+            wait_for_switch(args.switch, args.connect_timeout)
+    except SwitchUnreachable as exc:
+        print(f"switchagg worker: error: {exc}", file=sys.stderr)
+        emit("error", method=None, error="SwitchUnreachable", message=str(exc), traceback="")
+        return 1
+    args.store = None
+    if args.rendezvous:
+        from workers.rendezvous import join
+        try:
+            args.store, args.rank = join(args.rendezvous, args.world_size, args.connect_timeout)
+        except (RuntimeError, ValueError) as exc:
+            print(f"switchagg worker: error: {exc}", file=sys.stderr)
+            return 1
+        emit.rank = args.rank
+    try:
+        if args.out:
+            _write_config(args, task)
         run_methods(args, names, _Tracked(emit, current))
     except KeyboardInterrupt:
         return 130
@@ -301,8 +348,36 @@ def main(args: argparse.Namespace) -> int:
                   type(exc).__name__, exc)
         emit("error", method=current["method"], error=type(exc).__name__, message=str(exc),
              traceback=traceback.format_exc())
+        _report(args, ok=False)
         return 1
+    _report(args, ok=True)
     return 0
+
+
+def _write_config(args: argparse.Namespace, task) -> None:
+    """`--out`/config.json: the run's settings and provenance, which `switchagg report` reads (every
+    worker writes the same; a rename makes each write whole)."""
+    import tempfile
+
+    from workers.provenance import provenance, run_config
+    os.makedirs(args.out, exist_ok=True)
+    # A temporary name of its own: containers all run as pid 1 on the one mounted folder.
+    fd, tmp = tempfile.mkstemp(prefix=".config.", suffix=".json", dir=args.out)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"config": run_config(args, task, args.world_size), "provenance": provenance()},
+                  f, indent=1, default=str)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, os.path.join(args.out, "config.json"))
+
+
+def _report(args: argparse.Namespace, ok: bool) -> None:
+    """Tell the rendezvous (if any) that this worker finished; a lost rendezvous is only logged."""
+    if args.store is not None:
+        from workers.rendezvous import report
+        try:
+            report(args.store, ok, args.rendezvous)
+        except Exception as exc:  # noqa: BLE001 - the run's own outcome stands
+            log.warning("could not report to the rendezvous: %s", exc)
 
 
 class _Tracked:

@@ -66,7 +66,7 @@ class CommStats:
         rounds: communication rounds (a stream all-reduce is two: exponents, then values).
         bytes_sent, bytes_received: bytes this worker put on / took off the wire (headers included
             where the collective is packetized; see each implementation).
-        packets_sent, packets_received: packets of DESIGN.md §4 (0 for torch.distributed, which does
+        packets_sent, packets_received: packets of `switchagg.packet` (0 for torch.distributed, which does
             not packetize).
         wraps: packets (k-element chunks) whose int32 sum wrapped around.
     """
@@ -145,7 +145,7 @@ def packets_for(numel: int, k: int) -> int:
 
 
 def wire_bytes(packets: int, k: int) -> int:
-    """Bytes on the wire for that many packets of DESIGN.md §4 (16-byte header + k int32)."""
+    """Bytes on the wire for that many packets of `switchagg.packet` (16-byte header + k int32)."""
     return packets * (HEADER_BYTES + 4 * k)
 
 

@@ -11,7 +11,7 @@ barrier keeps the slots intact until every rank has taken its copy. Integer sums
 exactly in int64, in rank order, and wrapped to int32, so wraps are counted per packet exactly as a
 switch adding contributions in rank order would see them.
 
-Accounting models the switch's wire (DESIGN.md §4): every operation ships its payload in packets of
+Accounting models the switch's wire (`switchagg.packet`): every operation ships its payload in packets of
 k 4-byte words plus a 16-byte header, up and down; the emulated exponent look-ahead costs one extra
 batch of min(slots, chunks) packets.
 """

@@ -46,8 +46,10 @@ def warm_up_kernels() -> None:
     seconds on a busy host) would silence the worker's heartbeats long enough for the switch to
     declare it dead.
     """
-    from switchagg import kernels
-    kernels.warm_up()  # every CPU kernel: numba compiles each one on its own first call
+    from switchagg.warmup import warm_up
+    # Every CPU kernel (numba compiles each one on its own first call) and the client's stream
+    # kernels, which the client would otherwise compile in each process at once.
+    warm_up(parallel=False)
 
 
 class SwitchCollective(Collective):

@@ -88,8 +88,18 @@ def warm_up(parallel: bool = False) -> None:
         parallel: also load the multi-threaded kernels that large calls (PARALLEL_MIN_ELEMENTS
             or more, e.g. a whole large gradient) use. Ask for them only where such calls will
             come: once run, their threads compete with torch's for the cores.
+
+    On a cold cache the kernels compile once per machine: processes that start together wait
+    for the first one's compilation (a file lock, `switchagg._compile`), which prints what it
+    does and how long it took.
     """
-    getattr(_cpu(), "warm_up", lambda parallel: None)(parallel=parallel)
+    backend = _cpu()
+    warm = getattr(backend, "warm_up", None)
+    if warm is None:
+        return
+    from switchagg._compile import compile_once
+    compile_once("CPU quantize kernels" + (" (with the parallel ones)" if parallel else ""),
+                 lambda: warm(parallel=parallel), backend.dispatchers(parallel))
 
 
 def require_cuda():

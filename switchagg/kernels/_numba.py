@@ -51,7 +51,7 @@ import threading
 
 import numpy as np
 
-__all__ = ["PARALLEL_MIN_ELEMENTS", "available", "warm_up", "quantize", "dequantize",
+__all__ = ["PARALLEL_MIN_ELEMENTS", "available", "warm_up", "dispatchers", "quantize", "dequantize",
            "block_max_abs", "int_squared_norm"]
 
 _SQNORM_CHUNK = 1 << 30   # elements per exact partial sum (see the int64 bound in _numpy)
@@ -109,6 +109,14 @@ def warm_up(parallel: bool = False) -> None:
             k.quantize_random_parallel(_ro(x), _ro(scales), per_block, 1, np.uint64(0), 0, 0, 0, -1, 1,
                                        ints)
             k.quantize_nearest_parallel(_ro(x), _ro(scales), per_block, 1, -1, 1, ints)
+
+
+def dispatchers(parallel: bool = False) -> list:
+    """The compiled functions `warm_up(parallel)` reaches (their cache files say cold or warm)."""
+    import numba
+    k = _impl()
+    return [v for name, v in vars(k).items() if isinstance(v, numba.core.registry.CPUDispatcher)
+            and (parallel or not name.endswith("_parallel"))]
 
 
 def _as_array(values, dtype):

@@ -1,4 +1,4 @@
-"""Scaling rules: how a float gradient's scale is chosen before rounding (DESIGN.md §6).
+"""Scaling rules: how a float gradient's scale is chosen before rounding (README.md, "The comparison job", lists them per method).
 
 - `AlphaScaler`: IntSGD's floatless alpha (Algorithms 1 and 2), `switchagg.scaling.intsgd`.
 - `block_scales`, `global_scale`: SwitchML's heuristic and its global variant, `.heuristic`.

@@ -6,8 +6,12 @@
 | `logreg`           | breast_cancer (bundled) or a LIBSVM file| x in R^d, L2-regularized| f(x) - f*    |
 | `cifar10-resnet18` | CIFAR-10 python batches (`--data`)     | ResNet18 (CIFAR)        | accuracy     |
 | `wikitext2-lstm`   | WikiText-2 raw text (`--data`)         | 3-layer LSTM, tied      | perplexity   |
+| `custom`           | a user's `dataset` function (`--opt`)  | a user's `model` function | accuracy or loss |
 
-Each task lives in its own module; the interface is `workers.tasks.base.Task`.
+Each task lives in its own module; the interface is `workers.tasks.base.Task`. A task is anything
+callable as `factory(data=..., device=..., **options) -> Task`: the classes in `TASKS` are, and so
+is a user's own, named on the command line as `--task module:function` (or `file.py:function`)
+and resolved by `make_task` the same way.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any
 
 from workers.tasks.base import ArrayShard, Preset, Shard, Task, parse_options
 from workers.tasks.cifar10 import Cifar10ResNet18
+from workers.tasks.custom import CustomTask, resolve
 from workers.tasks.digits import Digits
 from workers.tasks.logreg import LogisticRegression
 from workers.tasks.wikitext2 import WikiText2LSTM
@@ -23,18 +28,32 @@ from workers.tasks.wikitext2 import WikiText2LSTM
 __all__ = ["TASKS", "make_task", "Task", "Shard", "ArrayShard", "Preset", "parse_options"]
 
 #: task name -> Task class
-TASKS: dict[str, type[Task]] = {cls.name: cls for cls in
-                                (Digits, LogisticRegression, Cifar10ResNet18, WikiText2LSTM)}
+TASKS: dict[str, Any] = {cls.name: cls for cls in
+                                (Digits, LogisticRegression, Cifar10ResNet18, WikiText2LSTM,
+                                 CustomTask)}
 
 
 def make_task(name: str, *, data: str | None = None, device: str = "cpu", **options: Any) -> Task:
-    """Build the task called `name`.
+    """Build the task called `name`: a key of TASKS, or "module:function" for a user's own factory.
 
     Raises:
-        ValueError: for an unknown name (the message lists the valid ones) or a bad option.
+        ValueError: for an unknown name (the message lists the valid ones), a factory that cannot
+            be imported or does not return a Task, or a bad option.
     """
+    factory = TASKS.get(name)
+    if factory is None:
+        if ":" not in name:
+            raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}, "
+                             "or name your own as module:function")
+        factory = resolve(name)
     try:
-        cls = TASKS[name]
-    except KeyError:
-        raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}") from None
-    return cls(data=data, device=device, **options)
+        task = factory(data=data, device=device, **options)
+    except TypeError as exc:
+        if factory in TASKS.values() or "argument" not in str(exc):
+            raise
+        raise ValueError(f"task factory {name!r} must take (data=..., device=..., **options) and "
+                         f"return a workers.tasks.base.Task ({exc})") from None
+    if not isinstance(task, Task):
+        raise ValueError(f"task factory {name!r} returned {type(task).__name__}, not a "
+                         "workers.tasks.base.Task")
+    return task

@@ -1,0 +1,7 @@
+"""`python -m switchagg`: the `switchagg` command (compare, bench, worker, report, warmup, ...)."""
+
+import sys
+
+from workers.cli import main
+
+sys.exit(main())
