@@ -4,7 +4,8 @@ What it owns: the socket, the clock, the loss injectors' generator, the periodic
 stats, releasing held-back packets) and shutdown. What it must never do: decide anything about jobs
 (that is `_jobs.ControlPlane`) or slots (the dataplane), or touch packets one at a time in Python.
 
-How it works: every message is `[identity, FRAME_DATA | FRAME_CONTROL, body]` (protocol.py). The
+How it works: every message is `[identity, FRAME_DATA | FRAME_CONTROL, body]` (protocol.py), or a
+split data message `[identity, FRAME_DATA, header words, payloads]` (switchagg.packet). The
 loop polls for at most `POLL_MS`, then drains what is queued (at most `MAX_BATCH` messages before it
 looks at the clock again). Control frames go to the control plane and its replies are sent. A data
 frame is, per burst and never per packet:
@@ -17,7 +18,8 @@ frame is, per burst and never per packet:
      compiled pass: one pass over the burst instead of a dozen numpy passes);
   4. its completed slots are sent to every receiving worker of the job, one send per worker of the
      same buffer without copying (with egress loss, each worker gets its own subset), and the
-     retransmission answers to the sender alone.
+     retransmission answers to the sender alone. Split input is answered split (header frame,
+     payload frame), from result buffers the dataplane reuses once ZeroMQ has sent them.
 Sends use ROUTER_MANDATORY and never block: a vanished peer raises EHOSTUNREACH, which aborts its
 job at once (the others learn why instead of waiting for the liveness timeout); a full queue drops
 the burst and counts it (the worker's retransmission recovers, as after a loss).
@@ -36,10 +38,12 @@ import numpy as np
 import zmq
 
 from switch_emulator._config import SwitchConfig
+from switch_emulator._dataplane import SplitOutput
 from switch_emulator._golden import DataplaneOutput
 from switch_emulator._jobs import ControlPlane, Job, Reply
 from switch_emulator._loss import LossInjector, LossRates
-from switchagg.packet import MAX_BURST_BYTES, Kind, parse_burst, validate_burst
+from switchagg.packet import (MAX_BURST_BYTES, Kind, join_split, parse_burst, parse_split,
+                              validate_burst)
 from switchagg.protocol import FRAME_CONTROL, FRAME_DATA, Abort, encode_control
 
 __all__ = ["SwitchServer", "dataplane_factory", "POLL_MS"]
@@ -74,10 +78,11 @@ _NOBLOCK = int(zmq.NOBLOCK)
 _NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 
 
-def _send_data(sock: zmq.Socket, identity: bytes, body: zmq.Frame | np.ndarray) -> None:
-    """Send `[identity, FRAME_DATA, body]` without blocking, `body` without copying.
+def _send_data(sock: zmq.Socket, identity: bytes, *bodies: zmq.Frame | np.ndarray) -> None:
+    """Send `[identity, FRAME_DATA, *bodies]` without blocking, the bodies without copying.
 
-    What `send_multipart` does, less its per-call type checks and enum arithmetic. With
+    One body is an interleaved burst, two are a split one (header words, payloads). What
+    `send_multipart` does, less its per-call type checks and enum arithmetic. With
     ROUTER_MANDATORY an unknown peer fails on the first part, before anything is queued.
 
     Raises:
@@ -85,7 +90,9 @@ def _send_data(sock: zmq.Socket, identity: bytes, body: zmq.Frame | np.ndarray) 
     """
     sock.send(identity, _NOBLOCK_MORE)
     sock.send(FRAME_DATA, _NOBLOCK_MORE)
-    sock.send(body, _NOBLOCK, copy=False)
+    for body in bodies[:-1]:
+        sock.send(body, _NOBLOCK_MORE, copy=False)
+    sock.send(bodies[-1], _NOBLOCK, copy=False)
 
 
 def _loss_factory(config: SwitchConfig) -> Callable[[int], tuple[LossInjector | None, ...]] | None:
@@ -211,6 +218,9 @@ class SwitchServer:
 
     def _dispatch(self, frames: list[zmq.Frame], now: float) -> None:
         identity = frames[0].bytes
+        if len(frames) == 4 and frames[1].bytes == FRAME_DATA:  # a split burst
+            self._on_split(identity, frames[2], frames[3], now)
+            return
         if len(frames) != 3:
             self.control.count_malformed("frames")
             self._send_replies(self.control.refuse(
@@ -261,12 +271,54 @@ class SwitchServer:
             packets = job.ingress.apply(packets, rank)
         self._deliver(job, rank, identity, packets)
 
+    def _on_split(self, identity: bytes, heads_frame: zmq.Frame, vals_frame: zmq.Frame,
+                  now: float) -> None:
+        """A split data message: the same steps as `_on_data`; answered split by the compiled
+        pass, else joined into one burst (a copy) for the paths that take only that."""
+        admitted = self.control.admit_data(identity, now)
+        if admitted.job is None:
+            self._send_replies(admitted.replies)
+            return
+        job, rank = admitted.job, admitted.rank
+        counters = job.counters
+        counters.bursts_in += 1
+        hb, vb = heads_frame.buffer, vals_frame.buffer
+        if hb.nbytes + vb.nbytes > MAX_BURST_BYTES:
+            counters.count_malformed({"oversized": 1})
+            return
+        heads, vals, truncated = parse_split(hb, vb, job.k)
+        if truncated:
+            counters.packets_in += 1
+            counters.count_malformed({"truncated": 1})
+            return
+        counters.packets_in += len(heads)
+        fused = getattr(job.dataplane, "receive_split_checked", None)
+        if fused is not None and job.ingress is None:
+            out, bad = fused(heads, vals, rank, job.job_id)
+            if bad:
+                counters.count_malformed(bad)
+            self._send_output(job, rank, identity, out)
+            return
+        packets = join_split(heads, vals, job.k)
+        ok, bad = validate_burst(packets, kind=Kind.DATA, job=job.job_id, worker=rank,
+                                 slots=job.slots)
+        if bad:
+            counters.count_malformed(bad)
+            packets = packets[ok]
+        if job.ingress is not None:
+            packets = job.ingress.apply(packets, rank)
+        self._deliver(job, rank, identity, packets)
+
     def _deliver(self, job: Job, rank: int, identity: bytes, packets: np.ndarray) -> None:
         if len(packets):
             self._send_output(job, rank, identity, job.dataplane.receive(packets, rank))
 
-    def _send_output(self, job: Job, rank: int, identity: bytes, out: DataplaneOutput) -> None:
+    def _send_output(self, job: Job, rank: int, identity: bytes,
+                     out: DataplaneOutput | SplitOutput) -> None:
         """Multicast the completed slots to the job's receivers; unicast the shadow copies."""
+        if isinstance(out, SplitOutput):
+            self._send_split(job, rank, identity, out)
+            return
         if len(out.multicast):
             # One zero-copy frame for every receiver (libzmq refcounts it): a frame per send costs
             # about 15 us more each. With egress loss each receiver gets its own subset instead.
@@ -277,6 +329,35 @@ class SwitchServer:
                     return
         if len(out.unicast):
             self._send_results(job, rank, identity, out.unicast)
+
+    def _send_split(self, job: Job, rank: int, identity: bytes, out: SplitOutput) -> None:
+        """`_send_output` for split results: [header words, payloads] frames, never joined.
+
+        With egress loss the results are joined and take the interleaved path (each receiver its
+        own subset); without, one pair of zero-copy frames serves every receiver.
+        """
+        if job.egress is not None:
+            self._send_output(job, rank, identity, DataplaneOutput(
+                join_split(out.mc_heads, out.mc_vals, job.k),
+                join_split(out.uc_heads, out.uc_vals, job.k)))
+            return
+        sends = []
+        if len(out.mc_heads):
+            frames = (zmq.Frame(out.mc_heads), zmq.Frame(out.mc_vals))
+            sends = [(member.identity, frames, len(out.mc_heads)) for member in job.receivers()]
+        if len(out.uc_heads):
+            sends.append((identity, (out.uc_heads, out.uc_vals), len(out.uc_heads)))
+        for member_identity, frames, n in sends:
+            try:
+                _send_data(self.socket, member_identity, *frames)
+            except zmq.ZMQError as exc:
+                job.counters.send_failures += 1
+                self._send_failed(member_identity, exc)
+                if job.job_id not in self.control.jobs:  # a peer was gone: the job is aborted
+                    return
+                continue
+            job.counters.bursts_out += 1
+            job.counters.packets_out += n
 
     def _send_results(self, job: Job, rank: int, identity: bytes, results: np.ndarray,
                       frame: zmq.Frame | None = None) -> None:

@@ -9,8 +9,9 @@ How it works: the constructor starts one engine thread that owns the DEALER sock
 never touch that socket: a call puts a request on a FIFO queue and wakes the engine through an
 inproc PAIR socket (guarded by a lock: several user threads may call at once). The engine polls
 both sockets with a timeout set by the next timer (retransmission, heartbeat, liveness, progress),
-feeds data frames to the `StreamMachine`, sends what it returns (new chunks zero-copy from its
-ring, which the protocol proves free for reuse), and completes `concurrent.futures.Future`s. The
+feeds data frames to the `StreamMachine`, sends what it returns (split messages: header words from
+its ring and payloads straight from the caller's array, both zero-copy, which the protocol proves
+unchanged until the switch has them), and completes `concurrent.futures.Future`s. The
 blocking calls are the async ones plus a bounded wait.
 
 Failure handling, all ending in a `SwitchError` on every pending and later call:
@@ -563,7 +564,7 @@ class SwitchClient:
                 else:
                     query_deadline = None
                 try:
-                    bursts = m.transmit(now)
+                    bursts = m.transmit_frames(now)
                 except Exception as exc:  # a user fill() raised: this stream cannot go on
                     error = JobAborted(f"rank {self.rank} stopped job {self.job!r}: a fill "
                                        f"function raised {exc!r}", job=self.job, rank=self.rank)
@@ -624,6 +625,10 @@ class SwitchClient:
             except zmq.Again:
                 break
             self._last_heard = time.monotonic()
+            if len(frames) == 3 and frames[0].bytes == FRAME_DATA:  # split: headers, payloads
+                for call in m.receive_split(frames[1].buffer, frames[2].buffer, self._last_heard):
+                    self._complete(call)
+                continue
             if len(frames) != 2:
                 self._ctl["control_malformed"] += 1
                 continue
@@ -645,15 +650,17 @@ class SwitchClient:
                 self._ctl["control_malformed"] += 1
         return found
 
-    def _send_bursts(self, bursts: list[np.ndarray]) -> None:
-        for burst in bursts:
+    def _send_bursts(self, bursts: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        for heads, vals in bursts:
             try:
-                # copy=False: a ring slice is rewritten only after its result came back (the
-                # switch got it); retransmissions are fresh copies.
-                # Two sends, not send_multipart: it rebuilds the flags with enum arithmetic. Once
-                # the first part is queued, ZeroMQ takes the rest of the message too.
+                # A split message [FRAME_DATA, header words, payloads], copy=False: a ring slice
+                # is rewritten, and the caller's array may change, only after the result came
+                # back (the switch got it); retransmissions are fresh copies.
+                # Separate sends, not send_multipart: it rebuilds the flags with enum arithmetic.
+                # Once the first part is queued, ZeroMQ takes the rest of the message too.
                 self._sock.send(FRAME_DATA, _NOBLOCK | _SNDMORE)
-                self._sock.send(burst.view(np.uint8), _NOBLOCK, copy=False)
+                self._sock.send(heads, _NOBLOCK | _SNDMORE, copy=False)
+                self._sock.send(vals, _NOBLOCK, copy=False)
             except zmq.Again:
                 self._ctl["send_dropped"] += 1  # like a lost frame: the RTO resends it
 

@@ -12,6 +12,12 @@ never an exception.
                    pool_index u16 (bit 15 = version, bits 0..14 = slot) | exponent i8 |
                    reserved u8 | chunk u32
     payload:       k x int32
+
+A data message carries a burst in one of two layouts of the same packets: interleaved (one frame,
+packet after packet) or split (a header frame of B x 16 bytes, then a payload frame of B x 4k
+bytes; packet i is header i followed by payload i). The split layout lets a worker send payloads
+straight from the caller's array, and the switch answer with payloads it never re-interleaves.
+`parse_split` views the two frames without copying, `join_split` and `split_burst` convert.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ __all__ = [
     "MIN_K", "MAX_K", "VERSION_BIT", "SLOT_MASK", "MAX_SLOTS", "MAX_WORKERS", "MAX_BURST_BYTES",
     "HEADER_DTYPE", "packet_dtype", "packet_bytes", "check_k", "pool_index", "slot_of",
     "version_of", "parse_burst", "empty_burst", "make_burst", "validate_burst", "BAD_REASONS",
+    "HEADER_WORDS", "parse_split", "join_split", "split_burst",
 ]
 
 #: First byte of every packet. Anything else is not ours (or is misaligned) and is dropped.
@@ -70,6 +77,8 @@ HEADER_DTYPE = np.dtype([
     ("exponent", "i1"), ("reserved", "u1"), ("chunk", "<u4"),
 ])
 assert HEADER_DTYPE.itemsize == HEADER_BYTES
+#: The header as little-endian int32 words (what the compiled passes read and write).
+HEADER_WORDS = HEADER_BYTES // 4
 
 #: Reasons a received packet is dropped, in the order they are checked (a packet counts once,
 #: under its first failing reason). "truncated" counts a trailing partial packet in a frame.
@@ -166,6 +175,44 @@ def parse_burst(frame: bytes | memoryview | bytearray, k: int = DEFAULT_K) -> tu
     size = packet_bytes(k)
     whole = len(view) // size
     return np.frombuffer(view, packet_dtype(k), count=whole), len(view) - whole * size
+
+
+def parse_split(heads_frame, payload_frame, k: int = DEFAULT_K
+                ) -> tuple[np.ndarray, np.ndarray, str | None]:
+    """View a split data message (header frame, payload frame) as arrays, without copying.
+
+    Args:
+        heads_frame, payload_frame: the two frames' buffers.
+        k: the job's packet size.
+
+    Returns:
+        (heads, vals, bad): (B, 4) int32 header words and (B, k) int32 payloads, read-only; `bad`
+        is None, or "truncated" when the frames do not hold B whole headers and B whole payloads
+        (then heads and vals are empty: the message is dropped as one truncated packet).
+    """
+    hb = memoryview(heads_frame).cast("B")
+    vb = memoryview(payload_frame).cast("B")
+    n = len(hb) // HEADER_BYTES
+    if len(hb) != n * HEADER_BYTES or len(vb) != n * 4 * check_k(k):
+        return np.empty((0, HEADER_WORDS), np.int32), np.empty((0, k), np.int32), "truncated"
+    heads = np.frombuffer(hb, "<i4").reshape(n, HEADER_WORDS)
+    return heads, np.frombuffer(vb, "<i4").reshape(n, k), None
+
+
+def join_split(heads: np.ndarray, vals: np.ndarray, k: int = DEFAULT_K) -> np.ndarray:
+    """The interleaved burst (a new structured array) of header words and payloads."""
+    burst = np.empty(len(heads), packet_dtype(k))
+    words = burst.view("<i4").reshape(len(heads), HEADER_WORDS + k)
+    words[:, :HEADER_WORDS] = heads
+    words[:, HEADER_WORDS:] = vals
+    return burst
+
+
+def split_burst(burst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(header words, payloads) of an interleaved burst, as new C-contiguous int32 arrays."""
+    words = np.ascontiguousarray(burst).view("<i4").reshape(len(burst), burst.dtype.itemsize // 4)
+    return (np.ascontiguousarray(words[:, :HEADER_WORDS]),
+            np.ascontiguousarray(words[:, HEADER_WORDS:]))
 
 
 def validate_burst(packets: np.ndarray, *, kind: Kind, job: int, worker: int | None,

@@ -20,12 +20,14 @@ Inputs: rank r holds x_r[i] = (i * m_r + r) mod 2^32 viewed as int32 with an odd
 values span the whole int32 range, sums wrap, and every rank can compute the expected sum alone.
 
 The relay (the ceiling): a ROUTER with the switch's socket options and framing, `[identity,
-FRAME_DATA, body]`, that counts each message's arrivals from the N workers and, on the N-th, sends
-the last-arriving body back to every worker (one send per worker, zero-copy, as the switch
+FRAME_DATA, header words, payloads]` (the split layout the switch client sends and the switch
+answers with), that counts each message's arrivals from the N workers and, on the N-th, sends the
+last-arriving two frames back to every worker (one send per worker, zero-copy, as the switch
 multicasts). It adds nothing. Relay workers send the same message sizes as the switch workers (a
-burst of B packets of 16 + 4k bytes), self-clocked with the same window (slots / B messages in
-flight), from pre-built buffers; the first 8 bytes carry a running message number so that the
-relay can key on it and the worker can check that every reply answers the right message.
+burst of B packets: B x 16 header bytes and B x 4k payload bytes), self-clocked with the same
+window (slots / B messages in flight), from pre-built buffers; the header frame's first 8 bytes
+carry a running message number so that the relay can key on it and the worker can check that
+every reply answers the right message.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from typing import Any, Callable
 import numpy as np
 import zmq
 
-from switchagg.packet import packet_bytes
+from switchagg.packet import HEADER_BYTES
 from switchagg.protocol import FRAME_CONTROL, FRAME_DATA
 
 __all__ = ["Spec", "bench_input", "expected_sum", "gloo_worker", "relay", "relay_worker",
@@ -206,19 +208,19 @@ def relay(spec: Spec, ready, stop) -> None:
             quiet_since = time.monotonic()
             for _ in range(256):  # drain, as the switch's loop does (server.MAX_BATCH)
                 try:
-                    identity, kind, body = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                    identity, kind, *bodies = sock.recv_multipart(zmq.NOBLOCK, copy=False)
                 except zmq.Again:
                     break
+                body = bodies[-1]
                 if kind.bytes == FRAME_DATA:
-                    buf = body.buffer
-                    n = _COUNTER.unpack_from(buf)[0]
+                    n = _COUNTER.unpack_from(bodies[0].buffer)[0]
                     w = n % window
                     if number[w] != n:
                         number[w], count[w] = n, 0
                     count[w] += 1
                     if count[w] == spec.workers:
                         for member in members:
-                            sock.send_multipart([member, FRAME_DATA, buf], zmq.NOBLOCK,
+                            sock.send_multipart([member, FRAME_DATA, *bodies], zmq.NOBLOCK,
                                                 copy=False)
                 elif body.bytes == _HELLO:
                     members.append(identity.bytes)
@@ -246,30 +248,34 @@ def relay_worker(spec: Spec, rank: int, barrier, queue) -> None:
                 raise TimeoutError(f"the relay at {spec.address} sent no READY within "
                                    f"{STEP_TIMEOUT:.0f}s")
             sock.recv_multipart()
-            pkt = packet_bytes(spec.k)
             chunks = -(-spec.numel // spec.k)
-            sizes = [min(spec.burst, chunks - m * spec.burst) * pkt
+            sizes = [min(spec.burst, chunks - m * spec.burst)
                      for m in range(-(-chunks // spec.burst))]
             window = spec.window
             # Pre-built, pre-faulted send buffers (ones, not zeros: zero pages may stay shared).
-            ring = [np.ones(spec.burst * pkt, np.uint8) for _ in range(window)]
+            ring = [(np.ones(spec.burst * HEADER_BYTES, np.uint8),
+                     np.ones(spec.burst * 4 * spec.k, np.uint8)) for _ in range(window)]
+            pay = 4 * spec.k
             state = {"next": 0}  # the running message number, across all-reduces
 
             def run() -> int:
                 first, sent, done = state["next"], 0, 0
                 while done < len(sizes):
                     while sent < len(sizes) and sent - done < window:
-                        buf = ring[(first + sent) % window]
-                        _COUNTER.pack_into(buf, 0, first + sent)
-                        sock.send_multipart([FRAME_DATA, buf[:sizes[sent]]], copy=False)
+                        heads, vals = ring[(first + sent) % window]
+                        _COUNTER.pack_into(heads, 0, first + sent)
+                        n = sizes[sent]
+                        sock.send_multipart([FRAME_DATA, heads[:n * HEADER_BYTES], vals[:n * pay]],
+                                            copy=False)
                         sent += 1
                     if not sock.poll(int(STEP_TIMEOUT * 1000)):
                         raise TimeoutError(f"no reply from the relay within {STEP_TIMEOUT:.0f}s")
-                    _, reply = sock.recv_multipart(copy=False)
-                    got = _COUNTER.unpack_from(reply.buffer)[0]
-                    if got != first + done or len(reply.buffer) != sizes[done]:
-                        raise AssertionError(f"relay reply for message {got} ({len(reply.buffer)} "
-                                             f"B), expected {first + done} ({sizes[done]} B)")
+                    _, heads, vals = sock.recv_multipart(copy=False)
+                    got = _COUNTER.unpack_from(heads.buffer)[0]
+                    if got != first + done or len(vals.buffer) != sizes[done] * pay:
+                        raise AssertionError(f"relay reply for message {got} ({len(vals.buffer)} "
+                                             f"B), expected {first + done} "
+                                             f"({sizes[done] * pay} B)")
                     done += 1
                 state["next"] = first + done
                 return done
