@@ -67,6 +67,9 @@ class Spec:
         numel: int32 elements per all-reduce.
         k, slots, burst: packet size, slot pool, packets per ZeroMQ message.
         warmup, repeats: untimed and timed all-reduces.
+        netns: "" on the host; else the tag of a `_netns_links.LinkNetwork`: rank r runs in
+            namespace `<netns>-w<r>`, the relay in `<netns>-sw`, and `address` may name the
+            rank's own gateway as `{rank}` (formatted by `address_for`).
     """
 
     address: str
@@ -77,6 +80,10 @@ class Spec:
     burst: int
     warmup: int
     repeats: int
+    netns: str = ""
+
+    def address_for(self, rank: int) -> str:
+        return self.address.format(rank=rank)
 
     @property
     def window(self) -> int:
@@ -131,9 +138,20 @@ def _rounds(spec: Spec, barrier, prepare: Callable[[], None], run: Callable[[], 
     return times, cpu
 
 
-def _report(queue, rank: int, body: Callable[[], dict]) -> None:
-    """Run a worker body and put its report (or its error) on the queue; never raises."""
+def _enter_netns(spec: Spec, name: str) -> None:
+    """Join the run's network namespace `<netns>-<name>` (before any socket exists)."""
+    if spec.netns:
+        from workers._netns_links import enter
+
+        enter(f"{spec.netns}-{name}")
+
+
+def _report(queue, rank: int, body: Callable[[], dict], spec: Spec | None = None) -> None:
+    """Run a worker body (in its namespace, if any) and put its report (or its error) on the
+    queue; never raises."""
     try:
+        if spec is not None:
+            _enter_netns(spec, f"w{rank}")
         queue.put(("ok", rank, body()))
     except BaseException as exc:  # noqa: BLE001 - the parent must hear of every failure
         detail = traceback.format_exc(limit=6)
@@ -154,7 +172,7 @@ def switch_worker(spec: Spec, rank: int, barrier, queue) -> None:
         # The sums land in a buffer allocated and page-faulted here, as gloo's land in its tensor.
         out = np.zeros(spec.numel, np.int32)
         out.fill(-1)
-        with SwitchClient(spec.address, "bench", spec.workers, rank=rank, config=config) as c:
+        with SwitchClient(spec.address_for(rank), "bench", spec.workers, rank=rank, config=config) as c:
             before = {}
 
             def prepare() -> None:
@@ -175,7 +193,7 @@ def switch_worker(spec: Spec, rank: int, barrier, queue) -> None:
         timed = counted[spec.warmup:]
         return {"times": times, "cpu": cpu, **{key: sum(r[key] for r in timed) for key in timed[0]}}
 
-    _report(queue, rank, body)
+    _report(queue, rank, body, spec)
 
 
 # ---- the raw ZeroMQ ceiling ------------------------------------------------------------------
@@ -186,12 +204,14 @@ def relay(spec: Spec, ready, stop) -> None:
     Runs until every worker said bye, `stop` is set, or nothing arrives for STEP_TIMEOUT.
     `ready` is set once the socket is bound.
     """
+    _enter_netns(spec, "sw")
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
     for option, value in ((zmq.SNDHWM, HWM), (zmq.RCVHWM, HWM), (zmq.ROUTER_MANDATORY, 1),
                           (zmq.LINGER, 500)):
         sock.setsockopt(option, value)
-    sock.bind(spec.address)
+    # In a link run the relay listens on every port of the switch's namespace.
+    sock.bind(spec.address if not spec.netns else "tcp://0.0.0.0:" + spec.address.rsplit(":", 1)[1])
     ready.set()
     window = spec.window
     members: list[bytes] = []
@@ -241,7 +261,7 @@ def relay_worker(spec: Spec, rank: int, barrier, queue) -> None:
         sock = ctx.socket(zmq.DEALER)
         for option, value in ((zmq.SNDHWM, 10_000), (zmq.RCVHWM, 10_000), (zmq.LINGER, 500)):
             sock.setsockopt(option, value)
-        sock.connect(spec.address)
+        sock.connect(spec.address_for(rank))
         try:
             sock.send_multipart([FRAME_CONTROL, _HELLO])
             if not sock.poll(int(STEP_TIMEOUT * 1000)):
@@ -291,7 +311,7 @@ def relay_worker(spec: Spec, rank: int, barrier, queue) -> None:
             sock.close(linger=500)
             ctx.term()
 
-    _report(queue, rank, body)
+    _report(queue, rank, body, spec)
 
 
 # ---- gloo ------------------------------------------------------------------------------------
@@ -300,7 +320,10 @@ def gloo_worker(spec: Spec, rank: int, barrier, queue) -> None:
     """One rank of torch.distributed gloo `all_reduce(SUM)` of the same int32 tensor."""
     def body() -> dict:
         import datetime
+        import os
 
+        if spec.netns:  # gloo must use the shaped link, not guess an interface from the host name
+            os.environ["GLOO_SOCKET_IFNAME"] = "eth0"
         import torch
         import torch.distributed as dist
 
@@ -323,5 +346,5 @@ def gloo_worker(spec: Spec, rank: int, barrier, queue) -> None:
             dist.destroy_process_group()
         return {"times": times, "cpu": cpu}
 
-    _report(queue, rank, body)
+    _report(queue, rank, body, spec)
 
