@@ -41,6 +41,7 @@ from contextlib import ExitStack
 from typing import Any, Callable
 
 from switchagg.packet import VALID_K, packet_bytes
+from workers import _bench_sweep
 from workers import _bench_workers as bw
 from workers._netns_links import LinkError, LinkNetwork, check_can_build, parse_rate
 
@@ -87,6 +88,23 @@ def configure(parser: argparse.ArgumentParser) -> None:
       help="emulated links (root only): every worker in its own network namespace, joined to "
            "the switch's by a veth pair shaped to RATE each way with tc tbf (e.g. 500mbit); "
            "gloo's ring runs over the same links. Adds the link limit and ratios to it")
+    a("--sweep", action="store_true",
+      help="instead: the scaling table, ATE/s for 2, 4, 8 (16 with >= 8 cores) workers on "
+           "loopback and, with --link, on emulated links; writes a PNG (--plot)")
+    a("--sweep-workers", type=_worker_list, default=None, metavar="N,N,...",
+      help="--sweep: worker counts (default 2,4,8, and 16 with >= 8 cores)")
+    a("--plot", default="bench-sweep.png", help="--sweep: where to write the PNG "
+                                                "(default bench-sweep.png)")
+
+
+def _worker_list(text: str) -> list[int]:
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of worker counts like 2,4,8")
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: worker counts must be >= 1")
+    return counts
 
 
 def _free_tcp() -> str:
@@ -395,6 +413,11 @@ def main(args: argparse.Namespace) -> int:
     # SIGTERM unwinds like Ctrl-C, so that children, namespaces and folders are removed.
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
+        if args.sweep:
+            if args.link:
+                parse_rate(args.link)
+                check_can_build()
+            return _bench_sweep.main(args, run_bench)
         figures = run_bench(args)
     except (ValueError, LinkError) as exc:
         print(f"switchagg bench: {exc}", file=sys.stderr)
