@@ -104,6 +104,13 @@ class SwitchConfig:
         0.5,
         "Seconds the socket may spend at shutdown flushing the ABORTs to workers.",
         "1.0")
+    pipes: int = _opt(
+        1,
+        "Dataplane processes, as a Tofino has several pipes: each owns a disjoint range of every "
+        "job's slots and its own socket, workers stripe their chunks across them; joins, "
+        "liveness and aborts stay with this process. 1 runs the dataplane in this process. "
+        "Needs the fast dataplane and no loss injection.",
+        "2")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -147,6 +154,12 @@ class SwitchConfig:
             raise bad("hwm", "expected a positive number of messages")
         if not 0.0 <= self.linger <= 60:
             raise bad("linger", "expected seconds in [0, 60]")
+        if not isinstance(self.pipes, int) or not 1 <= self.pipes <= 16:
+            raise bad("pipes", "expected an integer in [1, 16]")
+        if self.pipes > 1 and (self.loss_enabled or self.dataplane != "fast"
+                               or self.bind.startswith("inproc://")):
+            raise bad("pipes", "more than one pipe needs the fast dataplane, no loss injection "
+                               "(--drop-*, --duplicate, --reorder) and a tcp:// or ipc:// bind")
 
     @property
     def loss_enabled(self) -> bool:

@@ -27,6 +27,7 @@ the burst and counts it (the worker's retransmission recovers, as after a loss).
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
@@ -42,9 +43,10 @@ from switch_emulator._dataplane import SplitOutput
 from switch_emulator._golden import DataplaneOutput
 from switch_emulator._jobs import ControlPlane, Job, Reply
 from switch_emulator._loss import LossInjector, LossRates
+from switch_emulator._pipes import PipeSet
 from switchagg.packet import (MAX_BURST_BYTES, Kind, join_split, parse_burst, parse_split,
                               validate_burst)
-from switchagg.protocol import FRAME_CONTROL, FRAME_DATA, Abort, encode_control
+from switchagg.protocol import FRAME_CONTROL, FRAME_DATA, Abort, JoinOk, encode_control
 
 __all__ = ["SwitchServer", "dataplane_factory", "POLL_MS"]
 
@@ -130,6 +132,7 @@ class SwitchServer:
                                     _loss_factory(config))
         self.socket: zmq.Socket | None = None
         self.endpoint = ""
+        self.pipes: PipeSet | None = None  # `--pipes P > 1`: the dataplane processes
 
     def bind(self) -> str:
         """Create and bind the ROUTER; return the bound endpoint (a tcp port of 0 or * is resolved).
@@ -147,6 +150,13 @@ class SwitchServer:
         except zmq.ZMQError:
             sock.close(linger=0)
             raise
+        if self.config.pipes > 1:
+            try:
+                self.pipes = PipeSet(self.config.pipes, self.config.bind, self.config.hwm,
+                                     self.context)
+            except BaseException:
+                sock.close(linger=0)
+                raise
         self.socket = sock
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         log.info("switch listening on %s (%d slots, dataplane %s, liveness %.3g s)", self.endpoint,
@@ -174,6 +184,10 @@ class SwitchServer:
                 if now >= next_liveness:
                     self._send_replies(self.control.check_liveness(now))
                     next_liveness = now + LIVENESS_CHECK_S
+                    if self.pipes is not None:
+                        if not self.pipes.alive():
+                            raise RuntimeError("a dataplane pipe process died")
+                        self.pipes.sync(self.control.jobs)
                 if now >= next_stats:
                     self._log_stats()
                     next_stats = now + interval
@@ -207,6 +221,9 @@ class SwitchServer:
         if self.socket is None:
             return
         self._send_replies(self.control.shutdown("switch shutting down"))
+        if self.pipes is not None:
+            self.pipes.close()
+            self.pipes = None
         self._log_stats()
         self.socket.close(linger=int(self.config.linger * 1000))
         self.socket = None
@@ -408,6 +425,8 @@ class SwitchServer:
         encoded: dict[int, bytes] = {}  # one READY/ABORT object goes to many workers
         gone: list[bytes] = []
         for identity, message in replies:
+            if self.pipes is not None:
+                message = self._with_pipes(message)
             body = encoded.get(id(message))
             if body is None:
                 body = encoded[id(message)] = encode_control(message)
@@ -420,6 +439,17 @@ class SwitchServer:
                     gone.append(identity)
         for identity in gone:
             self._send_replies(self.control.peer_gone(identity))
+
+    def _with_pipes(self, message):
+        """Tell the pipes what the control plane decided: a JOIN_OK admits the worker there too
+        (and names the pipes to it), an ABORT drops the job there."""
+        if isinstance(message, JoinOk):
+            key = self.pipes.admit(message.job_id, message.rank, message.world_size, message.k,
+                                   message.slots)
+            return dataclasses.replace(message, pipes=tuple(self.pipes.endpoints), pipe_key=key)
+        if isinstance(message, Abort):
+            self.pipes.drop(message.job_id)
+        return message
 
     def _send_failed(self, identity: bytes, exc: zmq.ZMQError) -> None:
         self.control.counters["send_failures"] += 1

@@ -58,7 +58,7 @@ import numpy as np
 
 from switchagg.packet import (
     HEADER_DTYPE, HEADER_WORDS, MAGIC, PROTOCOL_VERSION, Kind, SLOT_MASK, VERSION_BIT, join_split,
-    packet_bytes, parse_burst, parse_split, validate_burst,
+    packet_bytes, parse_burst, parse_split, pipe_bounds, validate_burst,
 )
 
 __all__ = ["FillFn", "RtoEstimator", "StreamCall", "StreamCounters", "StreamMachine", "array_fill",
@@ -241,17 +241,22 @@ class StreamMachine:
         rto_initial, rto_min, rto_max: retransmission timer, seconds (see `RtoEstimator`).
         compiled: use the numba kernels where they load (`load_kernels`); False forces the numpy
             reference path (tests run both).
+        pipes: the switch's dataplane pipes; first-send bursts never straddle the bounds of their
+            slot ranges (`packet.pipe_bounds`), so each burst goes to one pipe.
     """
 
     def __init__(self, *, job_id: int, rank: int, k: int, slots: int, burst: int,
                  rto_initial: float = 0.2, rto_min: float = 0.02, rto_max: float = 2.0,
-                 compiled: bool = True) -> None:
+                 compiled: bool = True, pipes: int = 1) -> None:
         if not 1 <= burst <= slots:
             raise ValueError(f"burst={burst} must be in [1, slots={slots}]")
         self.job_id, self.rank, self.k, self.slots, self.burst = job_id, rank, k, slots, burst
         self.rto = RtoEstimator(rto_initial, rto_min, rto_max)
         self.counters = StreamCounters()
         self._packet_bytes = packet_bytes(k)
+        # Where a burst starting at slot i must end at the latest: the next pipe's first slot.
+        bounds = pipe_bounds(slots, pipes)
+        self._range_end = np.repeat(bounds[1:], np.diff(bounds)) if pipes > 1 else None
         self._jit = load_kernels() if compiled else None
         # The ring: one packet per slot, as header words and a payload staging row. A plain
         # all-reduce's payload goes straight from the caller's array; the staging row serves
@@ -375,6 +380,8 @@ class StreamMachine:
         """
         start = self._next_chunk % self.slots
         cap = min(self.burst, self.slots - start, self._queued_chunks)
+        if self._range_end is not None:
+            cap = min(cap, int(self._range_end[start]) - start)
         call = self._sending_call()
         if call is not None and call.source is not None:
             cap = min(cap, call.whole - call.sent if call.sent < call.whole

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import zmq
 
+from switchagg._pipe_links import PipeLinks
 from switchagg._stream import FillFn, StreamCall, StreamMachine, array_fill, load_kernels
 from switchagg.errors import JobAborted, JoinRejected, ProtocolError, SwitchError, SwitchTimeout
 from switchagg.packet import DEFAULT_K, MAX_BURST_BYTES, MAX_SLOTS, VALID_K, packet_bytes
@@ -219,6 +220,7 @@ class SwitchClient:
         self._closed = False
         self._error: SwitchError | None = None
         self._machine: StreamMachine | None = None
+        self._pipes: PipeLinks | None = None  # the switch's dataplane pipes, if it has several
         self._ctl = dict(calls_completed=0, calls_failed=0, heartbeats_sent=0, control_sent=0,
                          control_received=0, control_malformed=0, send_dropped=0)
         self._ctx = zmq.Context()
@@ -399,6 +401,8 @@ class SwitchClient:
                 self._joined.set_exception(exc)
         finally:
             sock.close()
+            if self._pipes is not None:
+                self._pipes.close()
             self._wake_rx.close(linger=0)
 
     def _send_control(self, message: ControlMessage) -> None:
@@ -458,7 +462,11 @@ class SwitchClient:
                      cfg.burst, burst)
         self._machine = StreamMachine(job_id=msg.job_id, rank=msg.rank, k=msg.k, slots=msg.slots,
                                       burst=burst, rto_initial=cfg.rto_initial,
-                                      rto_min=cfg.rto_min, rto_max=cfg.rto_max)
+                                      rto_min=cfg.rto_min, rto_max=cfg.rto_max,
+                                      pipes=max(1, len(msg.pipes)))
+        if msg.pipes:  # `switch-emulator --pipes P`: greet every pipe now, wait for them below
+            self._pipes = PipeLinks(self._ctx, msg.pipes, addr, msg.job_id, msg.rank,
+                                    msg.pipe_key, msg.slots)
         # Wait for READY, heartbeating so that the switch does not count us dead meanwhile.
         deadline = time.monotonic() + cfg.join_timeout
         next_heartbeat = 0.0
@@ -469,6 +477,8 @@ class SwitchClient:
                 next_heartbeat = now + self._hb_interval
             msg = self._recv_control(min(deadline, next_heartbeat))
             if isinstance(msg, Ready):
+                if self._pipes is not None:
+                    self._pipes.wait_ready(deadline)
                 return
             if isinstance(msg, Abort):
                 raise JobAborted(self._abort_text(msg), job=self.job, rank=msg.rank)
@@ -504,6 +514,9 @@ class SwitchClient:
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
         poller.register(self._wake_rx, zmq.POLLIN)
+        pipe_socks = self._pipes.sockets if self._pipes is not None else []
+        for pipe_sock in pipe_socks:
+            poller.register(pipe_sock, zmq.POLLIN)
         now = time.monotonic()
         self._last_heard = now
         next_heartbeat = now + self._hb_interval
@@ -529,6 +542,9 @@ class SwitchClient:
                 # Requests are taken every turn, not only on a wake-up: a wake-up is a hint.
                 if self._take_requests():
                     return
+                for pipe_sock in pipe_socks:
+                    if pipe_sock in events:
+                        self._receive_pipe(pipe_sock)
                 if self._sock in events:
                     reply = self._receive()
                     if isinstance(reply, QueryReply) and query_deadline is not None:
@@ -650,7 +666,31 @@ class SwitchClient:
                 self._ctl["control_malformed"] += 1
         return found
 
+    def _receive_pipe(self, sock: zmq.Socket) -> None:
+        """Drain one pipe's socket: split result messages (anything else is counted)."""
+        m = self._machine
+        for _ in range(_DRAIN):
+            if not sock.getsockopt(_EVENTS) & _POLLIN:
+                break
+            frames = sock.recv_multipart(_NOBLOCK, copy=False)
+            self._last_heard = time.monotonic()
+            if len(frames) == 3 and frames[0].bytes == FRAME_DATA:
+                for call in m.receive_split(frames[1].buffer, frames[2].buffer, self._last_heard):
+                    self._complete(call)
+            else:
+                self._ctl["control_malformed"] += 1
+
     def _send_bursts(self, bursts: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        if self._pipes is not None:
+            for heads, vals in bursts:
+                for sock, h, v in self._pipes.route(heads, vals):
+                    try:
+                        sock.send(FRAME_DATA, _NOBLOCK | _SNDMORE)
+                        sock.send(h, _NOBLOCK | _SNDMORE, copy=False)
+                        sock.send(v, _NOBLOCK, copy=False)
+                    except zmq.Again:
+                        self._ctl["send_dropped"] += 1
+            return
         for heads, vals in bursts:
             try:
                 # A split message [FRAME_DATA, header words, payloads], copy=False: a ring slice

@@ -32,7 +32,7 @@ __all__ = [
     "MIN_K", "MAX_K", "VERSION_BIT", "SLOT_MASK", "MAX_SLOTS", "MAX_WORKERS", "MAX_BURST_BYTES",
     "HEADER_DTYPE", "packet_dtype", "packet_bytes", "check_k", "pool_index", "slot_of",
     "version_of", "parse_burst", "empty_burst", "make_burst", "validate_burst", "BAD_REASONS",
-    "HEADER_WORDS", "parse_split", "join_split", "split_burst",
+    "HEADER_WORDS", "parse_split", "join_split", "split_burst", "pipe_bounds",
 ]
 
 #: First byte of every packet. Anything else is not ours (or is misaligned) and is dropped.
@@ -213,6 +213,15 @@ def split_burst(burst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     words = np.ascontiguousarray(burst).view("<i4").reshape(len(burst), burst.dtype.itemsize // 4)
     return (np.ascontiguousarray(words[:, :HEADER_WORDS]),
             np.ascontiguousarray(words[:, HEADER_WORDS:]))
+
+
+def pipe_bounds(slots: int, pipes: int) -> np.ndarray:
+    """Where each dataplane pipe's slot range starts: pipe p owns slots [b[p], b[p + 1]).
+
+    The ranges are contiguous and disjoint, as equal as integers allow; both the switch and the
+    workers derive them from (slots, pipes), so nothing else needs to be agreed on.
+    """
+    return np.array([p * slots // pipes for p in range(pipes + 1)], np.int64)
 
 
 def validate_burst(packets: np.ndarray, *, kind: Kind, job: int, worker: int | None,
