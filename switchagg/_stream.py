@@ -16,12 +16,18 @@ How it works:
 - Window (self-clocking). Chunk g + s is sent only after the result of chunk g arrived, i.e. only
   into a free slot. Chunks are first sent in order; a burst of up to B packets leaves once B slots
   in a row are free (or all that is left of the queued calls fits), so bursts stay large.
-- Buffers. Packets live in a ring of s preallocated packets; chunk g's packet is ring[g mod s]. A
-  burst is a contiguous slice of the ring, built by column assignment plus one payload write by
-  the caller's `fill`, and sent without copying. The protocol proves the buffer is free again: the
-  ring entry is rewritten only for chunk g + s, after chunk g's result came back, and that result
-  exists only once the switch received our packet. Retransmissions are copies (fancy indexing),
-  so a queued retransmission can never see a rewritten entry.
+- Buffers (zero copy). A burst travels split (switchagg.packet): its header words, a contiguous
+  slice of a ring of s preallocated headers (chunk g's is ring[g mod s]), and its payloads. For a
+  plain all-reduce the payloads are a slice of the caller's own array, sent as it is; only fill
+  functions (quantizing on the fly) and a call's last, partial chunk write into the ring's
+  staging rows. A burst never straddles a call, nor the range of one switch pipe. Both are sent
+  without copying, and the protocol proves them unchanged while the switch may still need them:
+  the ring entry is rewritten only for chunk g + s, after chunk g's result came back (which
+  exists only once the switch received our packet), and the caller may not touch its array
+  before the call completes. Retransmissions are copies (fancy indexing, from the ring or the
+  caller's array), so a queued retransmission can never see a rewritten entry. Results are
+  copied once, from the received frame into the call's output (libzmq has no receive into a
+  user buffer without that copy).
 - Reception. A RESULT/RESULT_RETX burst is validated, each packet is matched to the chunk
   outstanding on its slot (same version and chunk number; anything else is a late duplicate, counted
   and ignored), and matched values are copied into the call's (chunks, k) output. With numba this is

@@ -76,6 +76,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     a("--duplicate", type=float, default=0.0, help="switch duplication probability")
     a("--reorder", type=float, default=0.0, help="switch reordering probability")
     a("--seed", type=int, default=0, help="seed of the switch's loss injection")
+    a("--pipes", type=int, default=1, help="dataplane processes of the switch "
+                                            "(switch-emulator --pipes; default 1)")
     a("--skip-gloo", action="store_true", help="do not measure torch.distributed gloo")
     a("--skip-zmq", action="store_true", help="do not measure the raw ZeroMQ ceiling")
     a("--timeout", type=float, default=600.0, help="seconds each contender may take in all")
@@ -234,13 +236,23 @@ def _median_round(reports: list[dict]) -> tuple[float, list[float], float]:
 
 
 def _cpu_seconds(pid: int) -> float:
-    """CPU seconds (user + system, all threads) a live process has used so far; 0 if unknown."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return 0.0
+    """CPU seconds (user + system, all threads) a live process and its live children (the
+    switch's pipes) have used so far; 0 if unknown."""
+    def own(p: int) -> tuple[float, int]:
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), int(fields[1])
+        except (OSError, ValueError, IndexError):
+            return 0.0, -1
+
+    total = own(pid)[0]
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != pid:
+            used, parent = own(int(entry))
+            if parent == pid:
+                total += used
+    return total
 
 
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
@@ -265,6 +277,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "burst": args.burst, "repeats": args.repeats, "warmup": args.warmup,
         "transport": "tcp" if link else args.transport, "drop": args.drop,
         "duplicate": args.duplicate, "reorder": args.reorder, "cores": os.cpu_count(),
+        "pipes": args.pipes,
         "message_bytes": args.burst * packet_bytes(args.k), "link": link,
     }
     with ExitStack() as stack:
@@ -292,7 +305,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         cmd = [sys.executable, "-m", "switch_emulator", "--bind", bind, "--log-level",
                "INFO", "--stats-interval", "0", "--slots", str(max(args.slots, 65536)),
                "--drop", str(args.drop), "--duplicate", str(args.duplicate), "--reorder",
-               str(args.reorder), "--seed", str(args.seed)]
+               str(args.reorder), "--seed", str(args.seed), "--pipes", str(args.pipes)]
         if net is not None:
             cmd = ["ip", "netns", "exec", net.switch_ns, *cmd]  # execs: the same pid
         switch, startup_s, startup_cpu = _start_switch(cmd, stack, args.timeout)
@@ -363,7 +376,8 @@ def _table(f: dict[str, Any]) -> str:
     lines = [
         f"switchagg bench: {f['workers']} workers, {f['numel']} int32 ({mib:.4g} MiB), "
         f"k={f['k']}, slots {f['slots']}, burst {f['burst']} ({f['message_bytes'] >> 10} KiB per "
-        f"message), {f['transport']}, {f['cores']} cores, drop {f['drop']} duplicate "
+        f"message), {f['transport']}, {f['cores']} cores, {f['pipes']} pipe(s), drop "
+        f"{f['drop']} duplicate "
         f"{f['duplicate']} reorder {f['reorder']}, median of {f['repeats']}",
         f"{'contender':<34}{'s/all-reduce':>13}{'M elem/s':>10}",
     ]
