@@ -37,8 +37,13 @@ _SUBNET = "10.213"          # 10.213.r.0/24 per worker: private space, routed no
 #: Token bucket depth: at least 64 KiB (a GSO super-packet passes whole), or 4 ms at RATE.
 _MIN_BURST_BYTES = 64 << 10
 _BURST_SECONDS = 0.004
-#: Longest a packet may wait in the bucket's queue: a TCP window's worth at these rates.
-_LATENCY = "50ms"
+#: Longest a packet may wait in the bucket's queue. The veth pairs add no delay of their own, so
+#: TCP needs little buffer; a deep one only adds queueing delay that every self-clocked window
+#: (the switch client's slot pool, TCP's own) must cover.
+_LATENCY = "20ms"
+#: Per-namespace TCP settings, as on a data-center host: no return to slow start after an idle
+#: moment (the pause between two timed all-reduces), for every contender alike.
+_SYSCTLS = ("net.ipv4.tcp_slow_start_after_idle=0",)
 #: Jumbo frames, as on the data-center networks in-network aggregation is built for: TCP/IP
 #: headers then cost 1% of a link instead of 4% (with 1500), for every contender alike.
 MTU = 9000
@@ -181,12 +186,13 @@ class LinkNetwork:
         _run("ip", "netns", "add", sw)
         self.made.append(sw)
         _run("ip", "-n", sw, "link", "set", "lo", "up")
-        _run("ip", "netns", "exec", sw, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
+        _run("ip", "netns", "exec", sw, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1", *_SYSCTLS)
         for r in range(self.workers):
             ns, port = self.worker_ns(r), f"w{r}"
             _run("ip", "netns", "add", ns)
             self.made.append(ns)
             _run("ip", "-n", ns, "link", "set", "lo", "up")
+            _run("ip", "netns", "exec", ns, "sysctl", "-q", "-w", *_SYSCTLS)
             # Both ends are created inside namespaces: nothing ever appears in the host's.
             _run("ip", "-n", sw, "link", "add", port, "type", "veth", "peer", "name", "eth0",
                  "netns", ns)
