@@ -51,6 +51,9 @@ log = logging.getLogger("switchagg.bench")
 
 #: Seconds a child gets to exit after the phase before it is terminated, then killed.
 _EXIT_GRACE = 3.0
+#: Seconds the switch may take to start (its pipes included) before the run fails; apart from
+#: --timeout, which bounds the timed phases.
+STARTUP_TIMEOUT = 120.0
 #: Workers a --link run may have (one namespace and one shaped veth pair each).
 MAX_LINK_WORKERS = 16
 
@@ -143,7 +146,7 @@ def _stop_popen(proc: subprocess.Popen) -> None:
 _READY_LINE = "switch listening on"
 
 
-def _start_switch(cmd: list[str], stack: ExitStack, timeout: float
+def _start_switch(cmd: list[str], stack: ExitStack, timeout: float = STARTUP_TIMEOUT
                   ) -> tuple[subprocess.Popen, float, float]:
     """Start the switch and wait until it serves; returns (process, start-up s, its CPU s then).
 
@@ -279,6 +282,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "duplicate": args.duplicate, "reorder": args.reorder, "cores": os.cpu_count(),
         "pipes": args.pipes,
         "message_bytes": args.burst * packet_bytes(args.k), "link": link,
+        "link_limit_ate_per_s": None,
     }
     with ExitStack() as stack:
         folder, net, netns = None, None, ""
@@ -308,7 +312,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                str(args.reorder), "--seed", str(args.seed), "--pipes", str(args.pipes)]
         if net is not None:
             cmd = ["ip", "netns", "exec", net.switch_ns, *cmd]  # execs: the same pid
-        switch, startup_s, startup_cpu = _start_switch(cmd, stack, args.timeout)
+        switch, startup_s, startup_cpu = _start_switch(cmd, stack)
         died = lambda: (f"the switch exited with code {switch.returncode}"  # noqa: E731
                         if switch.poll() is not None else None)
         reports = _phase("switch", bw.switch_worker, make(address), args.timeout, stack, died)
@@ -368,6 +372,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         figures["gloo_link_ceiling_ate_per_s"] = limit * n / (2 * (n - 1))
         figures["gloo_vs_link_limit"] = (figures["gloo_ate_per_s"] / limit
                                          if figures["gloo_ate_per_s"] else None)
+    for key in ("ate_vs_link_limit", "gloo_link_ceiling_ate_per_s", "gloo_vs_link_limit"):
+        figures.setdefault(key, None)
     return figures
 
 
