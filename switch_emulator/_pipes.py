@@ -42,6 +42,7 @@ import logging
 import multiprocessing as mp
 import secrets
 import shutil
+import signal
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -324,6 +325,8 @@ class _Pipe:
 def run_pipe(index: int, count: int, bind: str, control_address: str, hwm: int,
              log_level: int = logging.WARNING) -> None:
     """Body of pipe process `index` of `count`: bind, report the endpoint, serve until `stop`."""
+    # Ctrl-C at a terminal reaches the whole process group: the main process stops the pipes.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from switch_emulator.dataplane import warm_up
 

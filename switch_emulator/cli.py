@@ -97,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot bind %s: %s (is another switch running there?)", config.bind, exc)
         server.context.term()
         return 2
+    except RuntimeError as exc:  # a dataplane pipe (--pipes) did not start
+        log.error("cannot start the switch: %s", exc)
+        server.context.term()
+        return 2
     stop = threading.Event()
 
     def request_stop(signum: int, _frame: object) -> None:
