@@ -2,22 +2,28 @@
 
 What it owns: starting, timing and tearing down three local contenders over the same tensor, worker
 count, transport and (for the first two) message sizes and window, and reporting them side by side
-(issue 2 item 7; SwitchML's metric, ATE/s = aggregated tensor elements per second = numel / time of
-one all-reduce):
-  1. the emulated switch (`python -m switch_emulator`) with N `SwitchClient` workers;
-  2. the raw ZeroMQ fan-in/fan-out ceiling: a relay with the switch's socket pattern that sums
-     nothing (workers/_bench_workers.py says exactly what it does);
+(SwitchML's metric, ATE/s = aggregated tensor elements per second = numel / time of one
+all-reduce):
+  1. the emulated switch (`python -m switch_emulator`, `--pipes P` dataplane processes) with N
+     `SwitchClient` workers;
+  2. the raw ZeroMQ fan-in/fan-out ceiling: a relay with the switch's socket pattern and framing
+     that sums nothing (workers/_bench_workers.py says exactly what it does);
   3. torch.distributed gloo `all_reduce(SUM)` of the same int32 tensor among N processes.
+On loopback (ipc or tcp) by default; with `--link RATE` every process runs in a network namespace
+of its own on links shaped to RATE (workers/_netns_links.py), and the figures gain the link limit
+(what a perfect switch reaches) and the ratios to it. `--sweep` repeats the run over worker counts
+and networks (workers/_bench_sweep.py).
 What it must never do: report a figure for a wrong sum (every all-reduce is verified exactly, and a
-mismatch fails the run), leave a child running (every child is torn down on success, failure and
-Ctrl-C), or wait without a bound. It asserts no target; it prints figures.
+mismatch fails the run), leave a child or a namespace behind (everything is torn down on success,
+failure, SIGTERM and Ctrl-C), or wait without a bound. It asserts no target; it prints figures.
 
-How it works: each contender is one phase. A phase spawns its children (fresh interpreters, so
-only the gloo workers import torch), which set up and pre-fault everything, then run warm-up and
-timed rounds, each behind a start barrier; a round's time is its slowest worker's, and a phase's
-figure comes from its median round. The targets and the machine's limits are in
-../shared/reference/measured-limits.md (this 2-core box: gloo about 52 M elements/s with 4 ranks,
-a batched Python switch about 50 to 62 M).
+How it works: the switch is started first and timed until it serves (interpreter, imports, the
+compiled pass: its start-up, reported apart and kept out of its per-round CPU). Then each contender
+is one phase. A phase spawns its children (fresh interpreters, so only the gloo workers import
+torch), which set up and pre-fault everything, then run warm-up and timed rounds, each behind a
+start barrier; a round's time is its slowest worker's, and a phase's figure comes from its median
+round. On the project's 2-core VM every contender shares the same two cores on loopback, so CPU
+seconds per all-reduce (printed too) are the steadier figure there; on links the link is.
 """
 
 from __future__ import annotations
