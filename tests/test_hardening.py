@@ -366,7 +366,8 @@ def test_restarted_switch_is_noticed_within_seconds(spawn):
         first.kill()  # a crash: no ABORT reaches the client
         first.wait(10)
         spawn(argv)
-        time.sleep(3)  # the new switch is up; the client's heartbeats now reach it
+        wait_for_switch(address)  # the new switch is up (its start-up is slow on a loaded host)
+        time.sleep(1)  # the client's heartbeats now reach it
         start = time.monotonic()
         with pytest.raises(JobAborted) as info:
             c.allreduce(np.ones(8, np.int32))
@@ -453,7 +454,8 @@ def test_engine_crash_fails_the_pending_and_every_next_call_with_its_cause(switc
     def broken(now):
         raise RuntimeError("injected engine fault")
 
-    c._machine.transmit = broken  # the fault the engine must survive: any exception in its loop
+    # The fault the engine must survive: any exception in its loop (it sends `transmit_frames`).
+    c._machine.transmit_frames = broken
     for _ in range(2):
         with pytest.raises(SwitchError) as info:
             c.allreduce(np.ones(8, np.int32))
