@@ -17,7 +17,8 @@ same (chunk, call) pair, so the rule is exact and costs one pass over the burst'
 Packets the dataplane will drop (bad magic, kind, job, rank or slot) are skipped.
 
 The check is one compiled loop over the header words where numba imports (as the dataplane's
-pass), else numpy; tests hold both to the same answers.
+pass), else numpy; tests hold both to the same answers. A split burst's header frame is those
+words already (`check_split`), so both layouts get the same check from the same loop.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from switchagg.packet import MAGIC, PROTOCOL_VERSION, SLOT_MASK, Kind
+from switchagg.packet import HEADER_DTYPE, HEADER_WORDS, MAGIC, PROTOCOL_VERSION, SLOT_MASK, Kind
 
 __all__ = ["CallCheck", "Mispaired"]
 
@@ -142,3 +143,12 @@ class CallCheck:
         f = (pool >> 15) * self.slots + (pool & SLOT_MASK)
         return Mispaired(int(p["chunk"]), worker, int(p["reserved"]), int(self.rank[f]),
                          int(self.call[f]))
+
+    def check_split(self, heads: np.ndarray, job: int, worker: int) -> Mispaired | None:
+        """`check` for a split burst's (B, 4) int32 header words (`packet.parse_split`)."""
+        if not len(heads):
+            return None
+        if heads.ndim != 2 or heads.shape[1] != HEADER_WORDS:
+            raise ValueError(f"expected (B, {HEADER_WORDS}) header words, got {heads.shape}")
+        heads = np.ascontiguousarray(heads, np.int32)
+        return self.check(heads.view(HEADER_DTYPE).reshape(len(heads)), job, worker)

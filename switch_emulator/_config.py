@@ -140,6 +140,16 @@ class SwitchConfig:
         "written by `switch-emulator keygen DIR`; workers then need the public key (DIR/switch.key"
         ", their --switch-key).",
         "/etc/switchagg/switch.key_secret")
+    pipes: int = _opt(
+        1,
+        "Dataplane processes, as a Tofino has several pipes: each owns a disjoint range of every "
+        "job's slots and its own socket, workers stripe their chunks across them; joins, "
+        "liveness and aborts stay with this process. 1 runs the dataplane in this process. "
+        "Needs the fast dataplane and no loss injection. Each pipe runs the call-number check "
+        "and drops results a worker does not read (its socket's high-water mark bounds what it "
+        "queues) but not the per-peer byte budget, and its sockets have no CURVE: --pipes > 1 "
+        "is refused with --token, --token-file or --curve-secret-file.",
+        "2")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -201,6 +211,18 @@ class SwitchConfig:
         if self.curve_secret_file and not os.path.isfile(self.curve_secret_file):
             raise bad("curve_secret_file", "no such file; write one with `switch-emulator "
                                            "keygen DIR`")
+        if not isinstance(self.pipes, int) or not 1 <= self.pipes <= 16:
+            raise bad("pipes", "expected an integer in [1, 16]")
+        if self.pipes > 1 and (self.loss_enabled or self.dataplane != "fast"
+                               or self.bind.startswith("inproc://")):
+            raise bad("pipes", "more than one pipe needs the fast dataplane, no loss injection "
+                               "(--drop-*, --duplicate, --reorder) and a tcp:// or ipc:// bind")
+        if self.pipes > 1 and (self.token or self.curve_secret_file):
+            # A pipe's data socket is plain (no CURVE) and admits anyone holding the pipe key
+            # from a JOIN_OK: neither the token's nor CURVE's promise would hold on it.
+            raise bad("pipes", "more than one pipe does not support --token/--token-file or "
+                               "--curve-secret-file yet (the pipes' data sockets are neither "
+                               "encrypted nor token-checked); run with --pipes 1")
 
     @property
     def loss_enabled(self) -> bool:

@@ -10,6 +10,9 @@ tests/test_dataplane.py hold both engines to that. Like the golden model it does
 clock. `receive()` trusts its input to be validated (`switchagg.packet.validate_burst`);
 `receive_checked()` validates it in the same call (the server's path: in the compiled pass the
 checks cost nothing extra) with the same drops and per-reason counts as `validate_burst`.
+`receive_split_checked()` does the same for a split frame (header words and payloads in two
+arrays, as the client sends them) and answers in the same layout. The compiled pass writes its
+results into pooled buffers (`_buffers.RowPool`), reused once the socket has sent them.
 
 The compiled pass (read `_dataplane_jit`) walks the burst once, packet after packet, which makes
 every burst exact, repeated slots included, at the cost of one pass over its bytes. It is imported
@@ -67,17 +70,30 @@ hostile worker sends that; it holds up the switch's loop for that long, and the 
 from __future__ import annotations
 
 import sys
+from typing import NamedTuple
 
 import numpy as np
 
+from switch_emulator._buffers import RowPool
 from switch_emulator._golden import DataplaneCounters, DataplaneOutput
-from switchagg.packet import (FLAG_WRAPPED, MAX_WORKERS, Kind, SLOT_MASK, packet_dtype,
+from switchagg.packet import (FLAG_WRAPPED, MAX_WORKERS, Kind, SLOT_MASK, join_split, packet_dtype,
                               validate_burst)
 
-__all__ = ["FastDataplane", "warm_up"]
+__all__ = ["FastDataplane", "SplitOutput", "warm_up"]
 
 _UNLOADED = object()
 _kernels: object = _UNLOADED  # the _dataplane_jit module, None without numba, until first asked
+
+
+class SplitOutput(NamedTuple):
+    """Results of a split frame, as (B, 4) header words and (B, k) payloads: `mc_*` to multicast
+    (RESULT), `uc_*` to the sender alone (RESULT_RETX), each in input order. Send them as they
+    are; they are pooled buffers, reused once nothing references them."""
+
+    mc_heads: np.ndarray
+    mc_vals: np.ndarray
+    uc_heads: np.ndarray
+    uc_vals: np.ndarray
 
 
 def _compiled():
@@ -105,6 +121,17 @@ def warm_up() -> bool:
         return False
     jit.warm_up()
     return True
+
+
+def _readonly(a: np.ndarray) -> np.ndarray:
+    """`a` as a read-only, aligned C-contiguous int32 array (numba compiles one specialization per
+    writability and layout; frames from ZeroMQ are read-only)."""
+    if not (a.flags.c_contiguous and a.flags.aligned):
+        a = np.ascontiguousarray(a)
+    if a.flags.writeable:
+        a = a.view()
+        a.flags.writeable = False
+    return a
 
 
 def _rows(packets: np.ndarray, width: int) -> np.ndarray:
@@ -156,6 +183,9 @@ class FastDataplane:
         self._width = self.dtype.itemsize // 4  # int32 words per packet
         self._kernels = _compiled() if compiled else None
         self._stats = np.zeros(len(self._kernels.STAT_NAMES) if self._kernels else 0, np.int64)
+        # Result buffers, reused once sent (`_buffers`): interleaved rows, or split heads/values.
+        self._pool_rows = RowPool(self._width)
+        self._pool_h, self._pool_v = RowPool(4), RowPool(k)
         self.counters = DataplaneCounters()
 
     def is_complete(self, version: int, slot: int) -> bool:
@@ -173,8 +203,8 @@ class FastDataplane:
             worker: the sender's rank.
 
         Returns:
-            The packets to multicast and to unicast back to `worker`, each in input order, in new
-            arrays.
+            The packets to multicast and to unicast back to `worker`, each in input order, in arrays
+            nothing else references (the compiled pass reuses buffers once they are dropped).
 
         Raises:
             ValueError: the burst has another dtype, `worker` is not a rank of the job, or (compiled
@@ -216,8 +246,38 @@ class FastDataplane:
                                  slots=self.slots)
         return self._receive_vectorized(packets[ok] if bad else packets, worker), bad
 
-    def _check_call(self, packets: np.ndarray, worker: int) -> None:
-        if packets.dtype != self.dtype:
+    def receive_split_checked(self, heads: np.ndarray, vals: np.ndarray, worker: int,
+                              job: int) -> tuple[DataplaneOutput | SplitOutput, dict[str, int]]:
+        """`receive_checked` for a split frame: header words and payloads as two arrays.
+
+        Args:
+            heads: (B, 4) int32, the header frame as words (`switchagg.packet.parse_split`).
+            vals: (B, k) int32, the payload frame.
+            worker, job: as `receive_checked`.
+
+        Returns:
+            (output, bad): a `SplitOutput` (results as header words and payloads, in buffers
+            reused once nothing references them) from the compiled pass; without numba the
+            packets are joined and `receive_checked` runs, returning a `DataplaneOutput`.
+
+        Raises:
+            ValueError: a wrong rank, or heads and vals that disagree in length or width.
+        """
+        if heads.shape != (len(vals), 4) or vals.shape[1:] != (self.k,):
+            raise ValueError(f"split burst of heads {heads.shape} and values {vals.shape} is not "
+                             f"(B, 4) and (B, {self.k})")
+        if self._kernels is None:
+            return self.receive_checked(join_split(heads, vals, self.k), worker, job)
+        self._check_call(None, worker)
+        n = len(heads)
+        mc_h, mc_v = self._pool_h.take(n), self._pool_v.take(n)
+        uc_h, uc_v = self._pool_h.take(n), self._pool_v.take(n)
+        n_mc, n_uc, bad = self._run_compiled(_readonly(heads), _readonly(vals), worker, job,
+                                             mc_h, mc_v, uc_h, uc_v)
+        return SplitOutput(mc_h[:n_mc], mc_v[:n_mc], uc_h[:n_uc], uc_v[:n_uc]), bad
+
+    def _check_call(self, packets: np.ndarray | None, worker: int) -> None:
+        if packets is not None and packets.dtype != self.dtype:
             raise ValueError(f"burst dtype {packets.dtype} is not packet_dtype({self.k})")
         if not 0 <= worker < self.world_size:
             raise ValueError(f"worker={worker} is not a rank of a job of {self.world_size}")
@@ -226,16 +286,25 @@ class FastDataplane:
                           job: int | None) -> tuple[DataplaneOutput, dict[str, int]]:
         """The compiled pass (`_dataplane_jit.receive_rows`); checks the headers when `job` is
         given, else only the slot bound. Returns the output and the bad-packet counts."""
-        jit, n, width = self._kernels, len(packets), self._width
-        # Outputs as plain int32 rows: allocating and viewing structured arrays costs several
-        # microseconds each, a fifth of the Python around the pass.
-        multicast, unicast = np.empty((n, width), np.int32), np.empty((n, width), np.int32)
-        stats = self._stats
+        n, width = len(packets), self._width
+        # Outputs as plain int32 rows from the pool (reused once sent): allocating and viewing
+        # structured arrays costs several microseconds each, and fresh pages fault on every burst.
+        multicast, unicast = self._pool_rows.take(n), self._pool_rows.take(n)
+        rows = _rows(packets, width)
+        n_mc, n_uc, bad = self._run_compiled(rows[:, :4], rows[:, 4:], worker, job,
+                                             multicast[:, :4], multicast[:, 4:], unicast[:, :4],
+                                             unicast[:, 4:])
+        return DataplaneOutput(np.ndarray(n_mc, self.dtype, multicast),
+                               np.ndarray(n_uc, self.dtype, unicast)), bad
+
+    def _run_compiled(self, heads, vals, worker, job, mc_h, mc_v, uc_h, uc_v):
+        """One call of the compiled pass; folds its counters in. Returns (n_mc, n_uc, bad)."""
+        jit, stats = self._kernels, self._stats
         stats[:] = 0
-        jit.receive_rows(_rows(packets, width), int(worker), -1 if job is None else int(job),
+        jit.receive_rows(heads, vals, int(worker), -1 if job is None else int(job),
                          job is not None, self.world_size, self.slots, self.values,
-                         self.seen[worker], self.count, self.exponent, self.wrapped, multicast,
-                         unicast, stats)
+                         self.seen[worker], self.count, self.exponent, self.wrapped, mc_h, mc_v,
+                         uc_h, uc_v, stats)
         (packets_in, contributions, completions, duplicates, retx, wraps, n_mc, n_uc,
          *bad_counts) = stats.tolist()
         c = self.counters
@@ -247,8 +316,7 @@ class FastDataplane:
         c.wraps += wraps
         bad = {name: count for name, count in zip(jit.BAD_NAMES, bad_counts) if count} \
             if any(bad_counts) else {}
-        return DataplaneOutput(np.ndarray(n_mc, self.dtype, multicast),
-                               np.ndarray(n_uc, self.dtype, unicast)), bad
+        return n_mc, n_uc, bad
 
     def _receive_vectorized(self, packets: np.ndarray, worker: int) -> DataplaneOutput:
         """The numpy path: slices for a run of fresh consecutive slots, else rank-by-rank steps."""

@@ -9,15 +9,17 @@ imports it on first use), close over per-process objects (numba's on-disk cache 
 module-level qualified name: closures miss it in every process), or touch memory out of bounds
 (numba does not check indices, so every index into the state is checked here first).
 
-How it works. A burst is viewed as rows of int32 words, one row per packet (16 + 4k bytes, so the
-header is words 0..3 and the values words 4..4+k): little-endian header fields are bit fields of
-those words, so nothing is parsed. For each packet, in input order:
+How it works. A burst is viewed as rows of int32 words, one row per packet: the header's four
+words (`heads`) and the k values (`vals`), either two column ranges of one interleaved frame (16 +
+4k bytes per packet) or the two frames of a split one (DESIGN §4 packets, carried as a header frame
+and a payload frame). Little-endian header fields are bit fields of those words, so nothing is
+parsed. For each packet, in input order:
   0. (with `check`) the header checks of `validate_burst`, in its order; a packet counts once,
      under its first failing reason, and is skipped. The slot bound is checked even without
      `check`, because an out-of-range slot would write outside the state: it is counted as
      "bad_slot" and skipped, and the caller treats that as its own bug.
   1. seen bitmap of the sender (one plane, (2s,) bool): a set bit is a retransmission, answered
-     with the shadow copy (RESULT_RETX, into `uc`) if the slot is complete, else dropped. Otherwise
+     with the shadow copy (RESULT_RETX, into `uc_*`) if the slot is complete, else dropped. Otherwise
      set it, and clear the bit of the other version of the same slot.
   2. worker count: a complete slot starts a new round (count 0); count += 1.
   3. exponent max: the first contribution writes, later ones keep the max.
@@ -25,7 +27,7 @@ those words, so nothing is parsed. For each packet, in input order:
      low 32 bits (two's complement wrap-around, as the switch's adder), noting a wrap when the
      int64 sum leaves int32's range. LLVM vectorizes this loop.
   5. when count reaches n, the result (header echo, kind RESULT, flags, max exponent, reserved 0,
-     the slot's values) is written to the next row of `mc`.
+     the slot's values) is written to the next row of `mc_*`.
 Sequential order makes every burst exact, repeated slots included: a result is copied out the
 moment it is produced, before a later packet of the same burst can start a new round on its slot.
 So there is no fallback and no per-step cost; a burst costs one pass over its bytes.
@@ -84,38 +86,41 @@ def _njit(fn):
 
 
 @_njit
-def _emit(out, row, src, kind, f, values, exponent, wrapped, k):
-    """Write a result into out[row]: the header of request `src` with the slot f's fields."""
+def _emit(out_h, out_v, row, src, kind, f, values, exponent, wrapped, k):
+    """Write a result into row `row` of (out_h, out_v): the header of request `src` (its 4 header
+    words) with the slot f's fields, and the slot's values."""
     flags = _WRAPPED if wrapped[f] else 0
-    out[row, 0] = (src[0] & 0xFFFF) | (kind << 16) | (flags << 24)  # magic, version kept
-    out[row, 1] = src[1]                                            # job, worker
-    out[row, 2] = (src[2] & 0xFFFF) | ((np.int64(exponent[f]) & 0xFF) << 16)  # reserved 0
-    out[row, 3] = src[3]                                            # chunk
+    out_h[row, 0] = (src[0] & 0xFFFF) | (kind << 16) | (flags << 24)  # magic, version kept
+    out_h[row, 1] = src[1]                                            # job, worker
+    out_h[row, 2] = (src[2] & 0xFFFF) | ((np.int64(exponent[f]) & 0xFF) << 16)  # reserved 0
+    out_h[row, 3] = src[3]                                            # chunk
     for j in range(k):
-        out[row, 4 + j] = values[f, j]
+        out_v[row, j] = values[f, j]
 
 
 @_njit
-def receive_rows(rows, worker, job, check, world_size, slots, values, seen_w, count, exponent,
-                 wrapped, mc, uc, stats):
+def receive_rows(heads, vals, worker, job, check, world_size, slots, values, seen_w, count,
+                 exponent, wrapped, mc_h, mc_v, uc_h, uc_v, stats):
     """Apply a burst from `worker` to one job's slot pool; write its results; count.
 
     Args:
-        rows: (B, 4 + k) int32, the burst's packets as words (read only).
+        heads, vals: (B, 4) and (B, k) int32, the burst's header words and payloads (read only;
+            two views of one interleaved (B, 4 + k) frame, or the two frames of a split one).
         worker: the sender's rank (its plane of the seen bitmap is `seen_w`).
         job: the job id the packets must carry (with `check`).
         check: apply `validate_burst`'s checks (kind DATA, this job, this worker); without it only
             the slot bound is checked.
         world_size, slots: n and s.
         values, seen_w, count, exponent, wrapped: the pool's state (see `_dataplane`), updated.
-        mc, uc: (B, 4 + k) int32 outputs: RESULT rows, RESULT_RETX rows, each in input order.
+        mc_h, mc_v, uc_h, uc_v: (B, 4) and (B, k) int32 outputs: RESULT rows and RESULT_RETX
+            rows (header words, values), each in input order.
         stats: (len(STAT_NAMES),) int64, zeroed by the caller; incremented here.
     """
-    k = rows.shape[1] - 4
+    k = vals.shape[1]
     n_mc = 0
     n_uc = 0
-    for p in range(rows.shape[0]):
-        src = rows[p]
+    for p in range(heads.shape[0]):
+        src = heads[p]
         w0, w1, w2 = np.int64(src[0]), np.int64(src[1]), np.int64(src[2])
         slot = w2 & 0x7FFF
         if check:
@@ -145,7 +150,7 @@ def receive_rows(rows, worker, job, check, world_size, slots, values, seen_w, co
         if seen_w[f]:
             if count[f] == world_size:
                 stats[S_RETX] += 1
-                _emit(uc, n_uc, src, _RESULT_RETX, f, values, exponent, wrapped, k)
+                _emit(uc_h, uc_v, n_uc, src, _RESULT_RETX, f, values, exponent, wrapped, k)
                 n_uc += 1
             else:
                 stats[S_DUPLICATES] += 1
@@ -167,13 +172,13 @@ def receive_rows(rows, worker, job, check, world_size, slots, values, seen_w, co
             exponent[f] = e
             wrapped[f] = False
             for j in range(k):
-                values[f, j] = src[4 + j]
+                values[f, j] = vals[p, j]
         else:
             if e > exponent[f]:
                 exponent[f] = e
             wraps = False
             for j in range(k):
-                total = np.int64(values[f, j]) + np.int64(src[4 + j])
+                total = np.int64(values[f, j]) + np.int64(vals[p, j])
                 wraps |= (total < _INT32_MIN) | (total > _INT32_MAX)
                 values[f, j] = total  # the store keeps the low 32 bits: wraps
             if wraps:
@@ -182,7 +187,7 @@ def receive_rows(rows, worker, job, check, world_size, slots, values, seen_w, co
         # 5. multicast when complete.
         if count[f] == world_size:
             stats[S_COMPLETIONS] += 1
-            _emit(mc, n_mc, src, _RESULT, f, values, exponent, wrapped, k)
+            _emit(mc_h, mc_v, n_mc, src, _RESULT, f, values, exponent, wrapped, k)
             n_mc += 1
     stats[S_MULTICAST] = n_mc
     stats[S_UNICAST] = n_uc
@@ -191,14 +196,22 @@ def receive_rows(rows, worker, job, check, world_size, slots, values, seen_w, co
 def warm_up() -> None:
     """Load `receive_rows` from the cache (or compile it) with the exact types `_dataplane` passes.
 
-    A compilation takes seconds, a cache load tens of milliseconds: the switch calls this before it
-    binds, so neither delays a JOIN or a liveness deadline.
+    Two specializations: column views of one interleaved frame (and of interleaved outputs), and
+    the contiguous arrays of a split frame (and of split outputs). A compilation takes seconds, a
+    cache load tens of milliseconds: the switch calls this before it binds, so neither delays a
+    JOIN or a liveness deadline.
     """
     k, slots = 8, 2
     rows = np.zeros((1, 4 + k), np.int32)
     rows.flags.writeable = False  # frames from ZeroMQ are read-only: one specialization
+    heads, vals = np.zeros((1, 4), np.int32), np.zeros((1, k), np.int32)
+    heads.flags.writeable = vals.flags.writeable = False
     out = np.empty((1, 4 + k), np.int32)
-    receive_rows(rows, 0, 0, True, 1, slots, np.zeros((2 * slots, k), np.int32),
-                 np.zeros(2 * slots, np.bool_), np.zeros(2 * slots, np.int32),
-                 np.zeros(2 * slots, np.int8), np.zeros(2 * slots, np.bool_), out, out.copy(),
-                 np.zeros(len(STAT_NAMES), np.int64))
+    oh, ov = np.empty((1, 4), np.int32), np.empty((1, k), np.int32)
+    for args in ((rows[:, :4], rows[:, 4:], out[:, :4], out[:, 4:], out[:, :4], out[:, 4:]),
+                 (heads, vals, oh, ov, oh, ov)):
+        h, v, mc_h, mc_v, uc_h, uc_v = args
+        receive_rows(h, v, 0, 0, True, 1, slots, np.zeros((2 * slots, k), np.int32),
+                     np.zeros(2 * slots, np.bool_), np.zeros(2 * slots, np.int32),
+                     np.zeros(2 * slots, np.int8), np.zeros(2 * slots, np.bool_), mc_h, mc_v,
+                     uc_h, uc_v, np.zeros(len(STAT_NAMES), np.int64))

@@ -135,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot bind %s: %s (is another switch running there?)", config.bind, exc)
         server.context.term()
         return 2
-    except (ValueError, RuntimeError) as exc:  # an unusable CURVE key file
-        log.error("cannot use --curve-secret-file %s: %s", config.curve_secret_file, exc)
+    except (ValueError, RuntimeError) as exc:  # an unusable CURVE key file, or a pipe did not start
+        log.error("cannot start the switch: %s", exc)
         server.context.term()
         return 2
     stop = threading.Event()

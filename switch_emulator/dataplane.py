@@ -14,6 +14,8 @@ Every dataplane provides:
 and may provide
     receive_checked(packets, worker, job) -> (DataplaneOutput, bad counts): validate_burst's
         checks and receive() in one call (the fast dataplane's compiled pass)
+    receive_split_checked(heads, vals, worker, job) -> (SplitOutput | DataplaneOutput, bad
+        counts): the same for a split frame (header words, payloads), answered split
 `warm_up(name)` readies a dataplane's compiled code before the switch serves anything.
 """
 

@@ -78,7 +78,7 @@ def main(endpoint: str, timeout: float = PROBE_TIMEOUT_S, server_key: str | None
     except (SwitchTimeout, ProtocolError, zmq.ZMQError, ValueError) as exc:
         print(f"switch-emulator --probe {endpoint}: unhealthy: {exc}", flush=True)
         return 1
-    print(f"switch-emulator --probe {endpoint}: healthy ({stats.get('jobs_active', 0)} job(s), "
+    print(f"switch-emulator --probe {endpoint}: healthy ({stats.get('jobs_active', 0)} job(s)); "
           f"{stats.get('slots_free', 0)} of {stats.get('slots_total', 0)} slots free, incarnation "
-          f"{stats.get('incarnation', '?')})", flush=True)
+          f"{stats.get('incarnation', '?')}", flush=True)
     return 0

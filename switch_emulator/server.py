@@ -4,31 +4,37 @@ What it owns: the socket, the clock, the loss injectors' generator, the periodic
 stats, releasing held-back packets) and shutdown. What it must never do: decide anything about jobs
 (that is `_jobs.ControlPlane`) or slots (the dataplane), or touch packets one at a time in Python.
 
-How it works: every message is `[identity, FRAME_DATA | FRAME_CONTROL, body]` (protocol.py). The
+How it works: every message is `[identity, FRAME_DATA | FRAME_CONTROL, body]` (protocol.py), or a
+split data message `[identity, FRAME_DATA, header words, payloads]` (switchagg.packet). The
 loop polls for at most `POLL_MS`, then drains what is queued (at most `MAX_BATCH` messages before it
 looks at the clock again). Control frames go to the control plane and its replies are sent. A data
 frame is, per burst and never per packet:
   1. admitted by the control plane for the job and rank THIS connection joined with (else at most
      one refusal per second to the sender);
   2. parsed without copying (`recv(copy=False)` then `parse_burst`) and validated against that job
-     and rank: a spoofed rank, another job, a bad slot are dropped and counted by reason;
+     and rank: a spoofed rank, another job, a bad slot are dropped and counted by reason; the
+     call check (`_callseq`) runs on both layouts' header words, and a mispaired call fails the
+     job at once;
   3. passed through ingress loss injection, then `dataplane.receive` once. Without ingress loss a
      dataplane that offers `receive_checked` does steps 2 and 3 in one call (the fast dataplane's
      compiled pass: one pass over the burst instead of a dozen numpy passes);
   4. its completed slots are sent to every receiving worker of the job, one send per worker of the
      same buffer without copying (with egress loss, each worker gets its own subset), and the
-     retransmission answers to the sender alone.
+     retransmission answers to the sender alone. Split input is answered split (header frame,
+     payload frame), from result buffers the dataplane reuses once ZeroMQ has sent them.
 Sends use ROUTER_MANDATORY and never block: a vanished peer raises EHOSTUNREACH, which aborts its
 job GONE_GRACE_S later unless its LEAVE arrives meanwhile (a worker that finished sends LEAVE and
 closes; results still on their way to it must not abort the others' last call) or it reconnects
 with its identity (a TCP reset; ROUTER_HANDOVER gives the identity to the new connection), so the others
 learn why instead of waiting for the liveness timeout; a full queue drops the burst and counts it
 (the worker's retransmission recovers, as after a loss). What is queued for each peer is bounded
-in bytes (`_peerqueue`); a peer that does not read loses results, then its job.
+in bytes (`_peerqueue`), split or interleaved results alike (every frame is sent tracked); a
+peer that does not read loses results, then its job.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
@@ -40,13 +46,17 @@ import numpy as np
 import zmq
 
 from switch_emulator._admission import Policy
+from switch_emulator._callseq import Mispaired
 from switch_emulator._config import SwitchConfig
+from switch_emulator._dataplane import SplitOutput
 from switch_emulator._golden import DataplaneOutput
 from switch_emulator._jobs import ControlPlane, Job, Reply
 from switch_emulator._loss import LossInjector, LossRates
 from switch_emulator._peerqueue import PeerQueues
-from switchagg.packet import MAX_BURST_BYTES, Kind, packet_bytes, parse_burst, validate_burst
-from switchagg.protocol import FRAME_CONTROL, FRAME_DATA, Abort, encode_control
+from switch_emulator._pipes import PipeSet
+from switchagg.packet import (MAX_BURST_BYTES, Kind, join_split, packet_bytes, parse_burst,
+                              parse_split, validate_burst)
+from switchagg.protocol import FRAME_CONTROL, FRAME_DATA, Abort, JoinOk, encode_control
 
 __all__ = ["SwitchServer", "dataplane_factory", "POLL_MS"]
 
@@ -87,10 +97,11 @@ _NOBLOCK = int(zmq.NOBLOCK)
 _NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 
 
-def _send_data(sock: zmq.Socket, identity: bytes, body: zmq.Frame | np.ndarray) -> None:
-    """Send `[identity, FRAME_DATA, body]` without blocking, `body` without copying.
+def _send_data(sock: zmq.Socket, identity: bytes, *bodies: zmq.Frame | np.ndarray) -> None:
+    """Send `[identity, FRAME_DATA, *bodies]` without blocking, the bodies without copying.
 
-    What `send_multipart` does, less its per-call type checks and enum arithmetic. With
+    One body is an interleaved burst, two are a split one (header words, payloads). What
+    `send_multipart` does, less its per-call type checks and enum arithmetic. With
     ROUTER_MANDATORY an unknown peer fails on the first part, before anything is queued.
 
     Raises:
@@ -98,7 +109,9 @@ def _send_data(sock: zmq.Socket, identity: bytes, body: zmq.Frame | np.ndarray) 
     """
     sock.send(identity, _NOBLOCK_MORE)
     sock.send(FRAME_DATA, _NOBLOCK_MORE)
-    sock.send(body, _NOBLOCK, copy=False)
+    for body in bodies[:-1]:
+        sock.send(body, _NOBLOCK_MORE, copy=False)
+    sock.send(bodies[-1], _NOBLOCK, copy=False)
 
 
 def _peer_address(frame: zmq.Frame) -> str | None:
@@ -151,6 +164,7 @@ class SwitchServer:
         self._gone: dict[bytes, float] = {}
         self.socket: zmq.Socket | None = None
         self.endpoint = ""
+        self.pipes: PipeSet | None = None  # `--pipes P > 1`: the dataplane processes
 
     def bind(self) -> str:
         """Create and bind the ROUTER; return the bound endpoint (a tcp port of 0 or * is resolved).
@@ -178,6 +192,13 @@ class SwitchServer:
         except zmq.ZMQError:
             sock.close(linger=0)
             raise
+        if self.config.pipes > 1:
+            try:
+                self.pipes = PipeSet(self.config.pipes, self.config.bind, self.config.hwm,
+                                     self.context)
+            except BaseException:
+                sock.close(linger=0)
+                raise
         self.socket = sock
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         log.info("switch listening on %s (%d slots, dataplane %s, liveness %.3g s)", self.endpoint,
@@ -207,6 +228,11 @@ class SwitchServer:
                     self._judge_gone(now)
                     self._prune_queues()
                     next_liveness = now + LIVENESS_CHECK_S
+                    if self.pipes is not None:
+                        if not self.pipes.alive():
+                            raise RuntimeError("a dataplane pipe process died")
+                        self._pipe_reports()
+                        self.pipes.sync(self.control.jobs)
                 if now >= next_stats:
                     self._log_stats()
                     next_stats = now + interval
@@ -248,6 +274,9 @@ class SwitchServer:
         if self.socket is None:
             return
         self._send_replies(self.control.shutdown("switch shutting down"))
+        if self.pipes is not None:
+            self.pipes.close()
+            self.pipes = None
         self._log_stats()
         self.socket.close(linger=int(self.config.linger * 1000))
         self.socket = None
@@ -260,6 +289,9 @@ class SwitchServer:
     def _dispatch(self, frames: list[zmq.Frame], now: float) -> None:
         self._now = now
         identity = frames[0].bytes
+        if len(frames) == 4 and frames[1].bytes == FRAME_DATA:  # a split burst
+            self._on_split(identity, frames[2], frames[3], now)
+            return
         if len(frames) != 3:
             self.control.count_malformed("frames")
             self._send_replies(self.control.refuse(
@@ -317,12 +349,59 @@ class SwitchServer:
             packets = job.ingress.apply(packets, rank)
         self._deliver(job, rank, identity, packets)
 
+    def _on_split(self, identity: bytes, heads_frame: zmq.Frame, vals_frame: zmq.Frame,
+                  now: float) -> None:
+        """A split data message: the same steps as `_on_data`; answered split by the compiled
+        pass, else joined into one burst (a copy) for the paths that take only that."""
+        admitted = self.control.admit_data(identity, now)
+        if admitted.job is None:
+            self._send_replies(admitted.replies)
+            return
+        job, rank = admitted.job, admitted.rank
+        counters = job.counters
+        counters.bursts_in += 1
+        hb, vb = heads_frame.buffer, vals_frame.buffer
+        # As in `_on_data`: never more than the job's slots, whatever the layout.
+        if hb.nbytes + vb.nbytes > min(MAX_BURST_BYTES, job.slots * packet_bytes(job.k)):
+            counters.count_malformed({"oversized": 1})
+            return
+        heads, vals, truncated = parse_split(hb, vb, job.k)
+        if truncated:
+            counters.packets_in += 1
+            counters.count_malformed({"truncated": 1})
+            return
+        counters.packets_in += len(heads)
+        mispaired = job.calls.check_split(heads, job.job_id, rank)
+        if mispaired is not None:  # ranks' calls drifted apart: wrong sums if we went on
+            self._send_replies(self.control.mispaired(job, mispaired))
+            return
+        fused = getattr(job.dataplane, "receive_split_checked", None)
+        if fused is not None and job.ingress is None:
+            out, bad = fused(heads, vals, rank, job.job_id)
+            if bad:
+                counters.count_malformed(bad)
+            self._send_output(job, rank, identity, out)
+            return
+        packets = join_split(heads, vals, job.k)
+        ok, bad = validate_burst(packets, kind=Kind.DATA, job=job.job_id, worker=rank,
+                                 slots=job.slots)
+        if bad:
+            counters.count_malformed(bad)
+            packets = packets[ok]
+        if job.ingress is not None:
+            packets = job.ingress.apply(packets, rank)
+        self._deliver(job, rank, identity, packets)
+
     def _deliver(self, job: Job, rank: int, identity: bytes, packets: np.ndarray) -> None:
         if len(packets):
             self._send_output(job, rank, identity, job.dataplane.receive(packets, rank))
 
-    def _send_output(self, job: Job, rank: int, identity: bytes, out: DataplaneOutput) -> None:
+    def _send_output(self, job: Job, rank: int, identity: bytes,
+                     out: DataplaneOutput | SplitOutput) -> None:
         """Multicast the completed slots to the job's receivers; unicast the shadow copies."""
+        if isinstance(out, SplitOutput):
+            self._send_split(job, rank, identity, out)
+            return
         if len(out.multicast):
             # One zero-copy frame for every receiver (libzmq refcounts it): a frame per send costs
             # about 15 us more each. With egress loss each receiver gets its own subset instead.
@@ -334,6 +413,50 @@ class SwitchServer:
                     return
         if len(out.unicast):
             self._send_results(job, rank, identity, out.unicast)
+
+    def _send_split(self, job: Job, rank: int, identity: bytes, out: SplitOutput) -> None:
+        """`_send_output` for split results: [header words, payloads] frames, never joined.
+
+        With egress loss the results are joined and take the interleaved path (each receiver its
+        own subset); without, one pair of zero-copy frames serves every receiver.
+        """
+        if job.egress is not None:
+            self._send_output(job, rank, identity, DataplaneOutput(
+                join_split(out.mc_heads, out.mc_vals, job.k),
+                join_split(out.uc_heads, out.uc_vals, job.k)))
+            return
+        if len(out.mc_heads):
+            # One pair of zero-copy, tracked frames for every receiver (libzmq refcounts them);
+            # the pooled buffers come back once every copy is out (`_buffers`).
+            shared = (zmq.Frame(out.mc_heads, copy=False, track=True),
+                      zmq.Frame(out.mc_vals, copy=False, track=True))
+            for member in job.receivers():
+                self._send_split_tracked(job, member.rank, member.identity, shared,
+                                         len(out.mc_heads))
+                if job.job_id not in self.control.jobs:  # a peer was gone: the job is aborted
+                    return
+        if len(out.uc_heads):
+            self._send_split_tracked(job, rank, identity,
+                                     (zmq.Frame(out.uc_heads, copy=False, track=True),
+                                      zmq.Frame(out.uc_vals, copy=False, track=True)),
+                                     len(out.uc_heads))
+
+    def _send_split_tracked(self, job: Job, rank: int, identity: bytes,
+                            frames: tuple[zmq.Frame, zmq.Frame], n: int) -> None:
+        """`_send_tracked` for a split burst's two frames: the same byte budget and abort."""
+        nbytes = len(frames[0].buffer) + len(frames[1].buffer)
+        if not self._within_budget(job, rank, identity, nbytes):
+            return
+        try:
+            _send_data(self.socket, identity, *frames)
+        except zmq.ZMQError as exc:
+            job.counters.send_failures += 1
+            self._send_failed(identity, exc)
+            return
+        for frame in frames:
+            self.queues.sent(identity, frame.tracker, len(frame.buffer))
+        job.counters.bursts_out += 1
+        job.counters.packets_out += n
 
     def _send_results(self, job: Job, rank: int, identity: bytes, results: np.ndarray,
                       frame: zmq.Frame | None = None) -> None:
@@ -349,15 +472,7 @@ class SwitchServer:
         """Send within the peer's byte budget (`_peerqueue`); a peer over it for the liveness
         timeout does not read, and its job is aborted."""
         nbytes = results.nbytes
-        if not self.queues.admit(identity, nbytes, self._now):
-            job.counters.results_refused += 1
-            since = self.queues.over_since(identity)
-            if since is not None and self._now - since > self.config.liveness_timeout:
-                queued = self.queues.queued(identity)
-                self._send_replies(self.control.abort(
-                    job, f"rank {rank} of job {job.name!r} has not read its results for "
-                    f"{self._now - since:.1f} s ({queued / 2**20:.1f} MiB queued, the most one "
-                    f"peer may hold: --peer-queue-bytes {self.queues.budget})", rank))
+        if not self._within_budget(job, rank, identity, nbytes):
             return
         if frame is None:
             frame = zmq.Frame(results, copy=False, track=True)
@@ -370,6 +485,33 @@ class SwitchServer:
         self.queues.sent(identity, frame.tracker, nbytes)
         job.counters.bursts_out += 1
         job.counters.packets_out += len(results)
+
+    def _within_budget(self, job: Job, rank: int, identity: bytes, nbytes: int) -> bool:
+        """May `nbytes` more go to `identity`? If not, count the refusal, and abort the job of
+        a peer over its budget for the liveness timeout (it does not read)."""
+        if self.queues.admit(identity, nbytes, self._now):
+            return True
+        job.counters.results_refused += 1
+        since = self.queues.over_since(identity)
+        if since is not None and self._now - since > self.config.liveness_timeout:
+            queued = self.queues.queued(identity)
+            self._send_replies(self.control.abort(
+                job, f"rank {rank} of job {job.name!r} has not read its results for "
+                f"{self._now - since:.1f} s ({queued / 2**20:.1f} MiB queued, the most one "
+                f"peer may hold: --peer-queue-bytes {self.queues.budget})", rank))
+        return False
+
+    def _pipe_reports(self) -> None:
+        """Abort the jobs whose calls a pipe found mispaired (as `_on_data` does for its own)."""
+        for report in self.pipes.reports():
+            job = self.control.jobs.get(report.get("job_id"))
+            if job is None:
+                continue
+            try:
+                found = Mispaired(*(int(report[name]) for name in Mispaired._fields))
+            except (KeyError, TypeError, ValueError):
+                continue
+            self._send_replies(self.control.mispaired(job, found))
 
     def _judge_gone(self, now: float) -> None:
         """Abort the jobs of peers found gone GONE_GRACE_S ago that did not LEAVE (or come back)
@@ -417,6 +559,8 @@ class SwitchServer:
         encoded: dict[int, bytes] = {}  # one READY/ABORT object goes to many workers
         gone: list[bytes] = []
         for identity, message in replies:
+            if self.pipes is not None:
+                message = self._with_pipes(message)
             body = encoded.get(id(message))
             if body is None:
                 body = encoded[id(message)] = encode_control(message)
@@ -429,6 +573,17 @@ class SwitchServer:
                     gone.append(identity)
         for identity in gone:
             self._gone.setdefault(identity, self._now)
+
+    def _with_pipes(self, message):
+        """Tell the pipes what the control plane decided: a JOIN_OK admits the worker there too
+        (and names the pipes to it), an ABORT drops the job there."""
+        if isinstance(message, JoinOk):
+            key = self.pipes.admit(message.job_id, message.rank, message.world_size, message.k,
+                                   message.slots)
+            return dataclasses.replace(message, pipes=tuple(self.pipes.endpoints), pipe_key=key)
+        if isinstance(message, Abort):
+            self.pipes.drop(message.job_id)
+        return message
 
     def _send_failed(self, identity: bytes, exc: zmq.ZMQError) -> None:
         self.control.counters["send_failures"] += 1

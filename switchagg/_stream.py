@@ -16,12 +16,18 @@ How it works:
 - Window (self-clocking). Chunk g + s is sent only after the result of chunk g arrived, i.e. only
   into a free slot. Chunks are first sent in order; a burst of up to B packets leaves once B slots
   in a row are free (or all that is left of the queued calls fits), so bursts stay large.
-- Buffers. Packets live in a ring of s preallocated packets; chunk g's packet is ring[g mod s]. A
-  burst is a contiguous slice of the ring, built by column assignment plus one payload write by
-  the caller's `fill`, and sent without copying. The protocol proves the buffer is free again: the
-  ring entry is rewritten only for chunk g + s, after chunk g's result came back, and that result
-  exists only once the switch received our packet. Retransmissions are copies (fancy indexing),
-  so a queued retransmission can never see a rewritten entry.
+- Buffers (zero copy). A burst travels split (switchagg.packet): its header words, a contiguous
+  slice of a ring of s preallocated headers (chunk g's is ring[g mod s]), and its payloads. For a
+  plain all-reduce the payloads are a slice of the caller's own array, sent as it is; only fill
+  functions (quantizing on the fly) and a call's last, partial chunk write into the ring's
+  staging rows. A burst never straddles a call, nor the range of one switch pipe. Both are sent
+  without copying, and the protocol proves them unchanged while the switch may still need them:
+  the ring entry is rewritten only for chunk g + s, after chunk g's result came back (which
+  exists only once the switch received our packet), and the caller may not touch its array
+  before the call completes. Retransmissions are copies (fancy indexing, from the ring or the
+  caller's array), so a queued retransmission can never see a rewritten entry. Results are
+  copied once, from the received frame into the call's output (libzmq has no receive into a
+  user buffer without that copy).
 - Reception. A RESULT/RESULT_RETX burst is validated, each packet is matched to the chunk
   outstanding on its slot (same version and chunk number; anything else is a late duplicate, counted
   and ignored), and matched values are copied into the call's (chunks, k) output. With numba this is
@@ -59,7 +65,8 @@ from typing import Protocol
 import numpy as np
 
 from switchagg.packet import (
-    Kind, SLOT_MASK, VERSION_BIT, empty_burst, parse_burst, validate_burst,
+    HEADER_DTYPE, HEADER_WORDS, MAGIC, PROTOCOL_VERSION, Kind, SLOT_MASK, VERSION_BIT, join_split,
+    packet_bytes, parse_burst, parse_split, pipe_bounds, validate_burst,
 )
 
 __all__ = ["FillFn", "RtoEstimator", "StreamCall", "StreamCounters", "StreamMachine", "array_fill",
@@ -128,6 +135,7 @@ def array_fill(values: np.ndarray, k: int) -> FillFn:
             values_out[whole, tail:] = 0
         exponents_out[:] = 0
 
+    fill.source = values  # the machine sends whole chunks straight from here (no fill copy)
     return fill
 
 
@@ -204,7 +212,7 @@ class StreamCall:
     """
 
     __slots__ = ("first_chunk", "numel", "nchunks", "fill", "sums", "exponents", "sent", "done",
-                 "token", "out", "seq")
+                 "token", "out", "seq", "source", "whole")
 
     def __init__(self, first_chunk: int, numel: int, k: int, fill: FillFn, token: object,
                  out: np.ndarray | None = None, seq: int = 0) -> None:
@@ -214,6 +222,11 @@ class StreamCall:
         self.nchunks = -(-numel // k)
         self.fill = fill
         self.out = out
+        # A plain all-reduce's input, as (whole chunks, k) rows sent without copying (None for
+        # other fills); `whole` chunks come from it, the partial last one from the ring's staging.
+        source = getattr(fill, "source", None)
+        self.whole = numel // k if source is not None else 0
+        self.source = source[:self.whole * k].reshape(self.whole, k) if source is not None else None
         # Results go straight into the caller's buffer when it has no partial chunk: a fresh
         # 64 MiB output costs more to page-fault than the whole transfer (about 0.1 to 0.3 s of
         # the 2-core VM's time per call, most of it in the kernel's huge-page compaction).
@@ -250,24 +263,36 @@ class StreamMachine:
             reference path (tests run both).
         tail_resend: a tail probe resends every outstanding chunk when nothing is queued and at
             most this many are outstanding (0: always the newest one only).
+        pipes: the switch's dataplane pipes; first-send bursts never straddle the bounds of their
+            slot ranges (`packet.pipe_bounds`), so each burst goes to one pipe.
     """
 
     def __init__(self, *, job_id: int, rank: int, k: int, slots: int, burst: int,
                  rto_initial: float = 0.2, rto_min: float = 0.02, rto_max: float = 2.0,
-                 compiled: bool = True, tail_resend: int = TAIL_RESEND) -> None:
+                 compiled: bool = True, tail_resend: int = TAIL_RESEND, pipes: int = 1) -> None:
         if not 1 <= burst <= slots:
             raise ValueError(f"burst={burst} must be in [1, slots={slots}]")
         self.job_id, self.rank, self.k, self.slots, self.burst = job_id, rank, k, slots, burst
         self.rto = RtoEstimator(rto_initial, rto_min, rto_max)
         self.tail_resend = tail_resend
         self.counters = StreamCounters()
+        self._packet_bytes = packet_bytes(k)
+        # Where a burst starting at slot i must end at the latest: the next pipe's first slot.
+        bounds = pipe_bounds(slots, pipes)
+        self._range_end = np.repeat(bounds[1:], np.diff(bounds)) if pipes > 1 else None
         self._jit = load_kernels() if compiled else None
-        self._ring = empty_burst(slots, k)
-        self._ring["kind"] = Kind.DATA
-        self._ring["job"] = job_id
-        self._ring["worker"] = rank
-        self._ring_values = self._ring["values"]
-        self._ring_words = self._ring.view(np.int32).reshape(slots, 4 + k)
+        # The ring: one packet per slot, as header words and a payload staging row. A plain
+        # all-reduce's payload goes straight from the caller's array; the staging row serves
+        # fill functions and a call's last, partial chunk.
+        self._ring_heads = np.zeros(slots, HEADER_DTYPE)
+        self._ring_heads["magic"] = MAGIC
+        self._ring_heads["version"] = PROTOCOL_VERSION
+        self._ring_heads["kind"] = Kind.DATA
+        self._ring_heads["job"] = job_id
+        self._ring_heads["worker"] = rank
+        self._ring_words = self._ring_heads.view(np.int32).reshape(slots, HEADER_WORDS)
+        self._ring_values = np.zeros((slots, k), np.int32)
+        self._direct = np.zeros(slots, bool)        # per slot: payload sent from the caller's array
         self._exps = np.zeros(slots, np.int8)       # scratch: a burst's exponents
         self._other = np.zeros(slots, np.int64)     # scratch: packets of calls beyond the first
         # Per slot: is a chunk outstanding, which one (global g), when last sent, resent yet.
@@ -346,12 +371,14 @@ class StreamMachine:
 
     # ---- sending -----------------------------------------------------------------------------
 
-    def transmit(self, now: float) -> list[np.ndarray]:
+    def transmit_frames(self, now: float) -> list[tuple[np.ndarray, np.ndarray]]:
         """What to send now: resends of lost chunks, a tail probe, then new chunks.
 
         Returns:
-            Bursts (structured arrays of `packet_dtype(k)`); send each as one data frame. New
-            chunks' bursts are views of the ring (send without copying).
+            Split bursts (header words (n, 4) int32, payloads (n, k) int32): send each as one data
+            message of two frames, both without copying. New chunks' headers are views of the
+            ring and their payloads views of the caller's array (or of the ring's staging), which
+            the protocol proves unchanged until the switch has them; resends are copies.
         """
         self._last_transmit = now
         out = self._resend_lost(now) + self._probe(now)
@@ -360,33 +387,68 @@ class StreamMachine:
             if n < cap:  # wait for a full burst's worth of free slots (results are on their way)
                 break
             out.append(self._first_send(n, now))
-        for b in out:
+        for heads, _ in out:
             self.counters.bursts_sent += 1
-            self.counters.packets_sent += len(b)
-            self.counters.bytes_sent += b.nbytes
+            self.counters.packets_sent += len(heads)
+            self.counters.bytes_sent += len(heads) * self._packet_bytes
         return out
+
+    def transmit(self, now: float) -> list[np.ndarray]:
+        """`transmit_frames`, each burst joined into one interleaved packet array (a copy)."""
+        return [join_split(heads, vals, self.k) for heads, vals in self.transmit_frames(now)]
+
+    def _sending_call(self) -> StreamCall | None:
+        """The call that holds the next chunk to first-send."""
+        for call in self._calls:
+            if call.sent < call.nchunks:
+                return call
+        return None
 
     def _sendable(self, now: float) -> tuple[int, int]:
         """(free slots in a row from the next chunk's, the most one burst may take from there).
 
-        The cap is the burst size, cut at the end of the ring (a burst is one contiguous slice)
-        and at the end of the queued work.
+        The cap is the burst size, cut at the end of the ring (a burst is one contiguous slice),
+        at the end of the queued work, and, for a call sent from the caller's array, where its
+        whole chunks end (a burst's payload is one slice of one array).
         """
         start = self._next_chunk % self.slots
         cap = min(self.burst, self.slots - start, self._queued_chunks)
+        if self._range_end is not None:
+            cap = min(cap, int(self._range_end[start]) - start)
+        call = self._sending_call()
+        if call is not None and call.source is not None:
+            cap = min(cap, call.whole - call.sent if call.sent < call.whole
+                      else call.nchunks - call.sent)
         busy = self._busy[start:start + cap]
         if self._hold_max > now:
             busy = busy | (self._hold_until[start:start + cap] > now)
         hit = int(busy.argmax())
         return (hit if busy[hit] else cap), cap
 
-    def _first_send(self, n: int, now: float) -> np.ndarray:
+    def _first_send(self, n: int, now: float) -> tuple[np.ndarray, np.ndarray]:
         g0 = self._next_chunk
         start = g0 % self.slots
-        ring = self._ring[start:start + n]
-        # Fill call by call (a burst may span the end of one call and the start of the next).
-        values = self._ring_values[start:start + n]
+        ring = self._ring_heads[start:start + n]
         exps = self._exps[:n]
+        call = self._sending_call()
+        if call is not None and call.sent + n <= call.whole:  # straight from the caller's array
+            payload = call.source[call.sent:call.sent + n]
+            exps[:] = 0
+            call.sent += n
+            self._direct[start:start + n] = True
+            spans = [(0, n, call.seq & 0xFF)]
+        else:
+            payload, spans = self._fill(n, exps)
+            self._direct[start:start + n] = False
+        self._stamp(ring, g0, start, n, exps, now, spans)
+        return self._ring_words[start:start + n], payload
+
+    def _fill(self, n: int, exps: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+        """Fill the next n chunks' payloads into the ring's staging rows, call by call (a burst
+        may span the end of one call and the start of the next). Returns the rows and, per call
+        in the burst, (first row, stop row, call byte)."""
+        start = self._next_chunk % self.slots
+        values = self._ring_values[start:start + n]
         done = 0
         spans = []  # (first, stop, call byte) of each call in the burst
         for call in self._calls:
@@ -406,6 +468,13 @@ class StreamMachine:
             call.sent += m
             spans.append((done, done + m, call.seq & 0xFF))
             done += m
+        return values, spans
+
+    def _stamp(self, ring: np.ndarray, g0: int, start: int, n: int, exps: np.ndarray,
+               now: float, spans: list[tuple[int, int, int]]) -> None:
+        """Write the burst's per-packet header fields (the call byte from `spans`: rows
+        [lo, hi) belong to the call of that byte) and mark its slots outstanding. Resends copy
+        these ring headers, so they carry the same call byte."""
         if self._jit is not None:
             self._jit.stamp_headers(self._ring_words[start:start + n], g0, self.slots, exps)
         else:
@@ -429,7 +498,6 @@ class StreamMachine:
         self._next_chunk += n
         self._queued_chunks -= n
         self.counters.chunks_sent += n
-        return ring
 
     def _resend(self, slots: np.ndarray, now: float) -> list[np.ndarray]:
         """Resend the chunks on `slots` as identical copies, oldest chunk first."""
@@ -439,7 +507,16 @@ class StreamMachine:
         self._resent[slots] = True
         self._hold_until[slots] = self._hold_max = now + self.rto.minimum
         self.counters.retransmitted += len(slots)
-        return [self._ring[slots[i:i + self.burst]] for i in range(0, len(slots), self.burst)]
+        heads, vals = self._ring_words[slots], self._ring_values[slots]
+        direct = np.flatnonzero(self._direct[slots])
+        if len(direct):  # payloads sent from a caller's array: copy them from there
+            g = self._chunk[slots[direct]]
+            for call in self._calls:
+                sel = (g >= call.first_chunk) & (g < call.first_chunk + call.whole)
+                if sel.any():
+                    vals[direct[sel]] = call.source[g[sel] - call.first_chunk]
+        return [(heads[i:i + self.burst], vals[i:i + self.burst])
+                for i in range(0, len(slots), self.burst)]
 
     def _reorder_window(self) -> float:
         """How long a chunk may trail a later-sent answered one before it counts as lost.
@@ -533,10 +610,43 @@ class StreamMachine:
             c.malformed["truncated"] = c.malformed.get("truncated", 0) + 1
         if not len(packets):
             return []
+        words = packets.view(np.int32).reshape(len(packets), HEADER_WORDS + self.k)
+        return self._take(packets, words[:, :HEADER_WORDS], words[:, HEADER_WORDS:], now)
+
+    def receive_split(self, heads_frame, vals_frame, now: float) -> list[StreamCall]:
+        """Take one received split data message (header frame, payload frame) of results.
+
+        Args:
+            heads_frame, vals_frame: the two frames' bytes (any buffers).
+            now: the current time, seconds.
+
+        Returns:
+            Calls that this message completed, in order.
+        """
+        c = self.counters
+        heads, vals, bad = parse_split(heads_frame, vals_frame, self.k)
+        c.bursts_received += 1
+        c.bytes_received += memoryview(heads_frame).nbytes + memoryview(vals_frame).nbytes
+        if bad:
+            c.packets_received += 1
+            c.malformed[bad] = c.malformed.get(bad, 0) + 1
+            return []
+        c.packets_received += len(heads)
+        if not len(heads):
+            return []
+        return self._take(None, heads, vals, now)
+
+    def _take(self, packets: np.ndarray | None, heads: np.ndarray, vals: np.ndarray,
+              now: float) -> list[StreamCall]:
+        """Match a received burst (structured `packets`, or None for a split one, and its header
+        words and values) to the outstanding chunks; returns the calls it completed."""
+        c = self.counters
         matched = -1
         if self._jit is not None and self._calls:
-            matched = self._receive_compiled(packets, now)
+            matched = self._receive_compiled(heads, vals, now)
         if matched < 0:
+            if packets is None:
+                packets = join_split(heads, vals, self.k)
             matched = self._receive_reference(packets, now)
         if matched:
             self._oldest = None
@@ -561,17 +671,19 @@ class StreamMachine:
             self._rack_rtt = now - rack_sent
             self._rack_due = -np.inf  # look for chunks it proves lost at the next transmit
 
-    def _receive_compiled(self, packets: np.ndarray, now: float) -> int:
+    def _receive_compiled(self, words: np.ndarray, vals: np.ndarray, now: float) -> int:
         """The one-pass kernel; -1 if the burst has a malformed packet (nothing changed then)."""
-        words = packets.view(np.int32).reshape(len(packets), 4 + self.k)
-        if not words.flags.aligned:
+        if not (words.flags.aligned and vals.flags.aligned):
             return -1
         if words.flags.writeable:  # one compiled specialization: frames are read-only buffers
             words = words.view()
             words.flags.writeable = False
+        if vals.flags.writeable:
+            vals = vals.view()
+            vals.flags.writeable = False
         head = self._calls[0]
         matched, dups, wrapped, in_call, n_other, fresh, rack_sent, rack_chunk = (
-            self._jit.take_results(words, self.job_id, self.slots, self._busy, self._chunk,
+            self._jit.take_results(words, vals, self.job_id, self.slots, self._busy, self._chunk,
                                    self._sent_at, self._resent, float(now), self._ambiguous_rtt(),
                                    head.sums, head.exponents, head.first_chunk,
                                    head.first_chunk + head.nchunks, self._other))
@@ -583,8 +695,10 @@ class StreamMachine:
         head.done += in_call
         if n_other:  # results of later calls (a window spanning a call boundary)
             idx = self._other[:n_other].copy()
-            slot = (packets["pool_index"][idx] & SLOT_MASK).astype(np.intp)
-            self._scatter(packets, idx, self._chunk[slot])
+            w2 = words[idx, 2]
+            slot = (w2 & SLOT_MASK).astype(np.intp)
+            exps = ((w2 >> 16) & 0xFF).astype(np.uint8).view(np.int8)
+            self._scatter(vals[idx], exps, np.arange(n_other), self._chunk[slot])
         self._note_answers(now, fresh, rack_sent, rack_chunk)
         return matched
 
@@ -622,12 +736,14 @@ class StreamMachine:
             rack_sent, rack_chunk = float(sent[evidence][order]), int(g_idx[evidence][order])
         self._busy[s_idx] = False
         c.wraps += int(np.count_nonzero(packets["flags"][idx] & 1))
-        self._scatter(packets, idx, g_idx)
+        self._scatter(packets["values"], packets["exponent"], idx, g_idx)
         self._note_answers(now, fresh, rack_sent, rack_chunk)
         return len(idx)
 
-    def _scatter(self, packets: np.ndarray, idx: np.ndarray, g_idx: np.ndarray) -> None:
-        """Write accepted results into their calls' outputs (one copy per call touched)."""
+    def _scatter(self, values: np.ndarray, exponents: np.ndarray, idx: np.ndarray,
+                 g_idx: np.ndarray) -> None:
+        """Write accepted results (rows `idx` of a burst's values and exponents, chunks `g_idx`)
+        into their calls' outputs (one copy per call touched)."""
         for call in self._calls:
             lo = call.first_chunk
             hi = lo + call.nchunks
@@ -643,11 +759,11 @@ class StreamMachine:
                     and (n == 1 or bool((np.diff(rel) == 1).all()))):
                 # The usual case: consecutive chunks in consecutive packets -> slice copies.
                 p0, r0 = int(pidx[0]), int(rel[0])
-                call.sums[r0:r0 + n] = packets["values"][p0:p0 + n]
-                call.exponents[r0:r0 + n] = packets["exponent"][p0:p0 + n]
+                call.sums[r0:r0 + n] = values[p0:p0 + n]
+                call.exponents[r0:r0 + n] = exponents[p0:p0 + n]
             else:
-                call.sums[rel] = packets["values"][pidx]
-                call.exponents[rel] = packets["exponent"][pidx]
+                call.sums[rel] = values[pidx]
+                call.exponents[rel] = exponents[pidx]
             call.done += n
 
     # ---- diagnosis ---------------------------------------------------------------------------

@@ -14,9 +14,10 @@ imported before it is needed (it imports numba, about 0.5 s), or compile in the 
 thread (a multi-second compile there silenced heartbeats and the switch declared the worker dead:
 `SwitchClient.__init__` calls `warm_up` before it joins).
 
-How it works: a frame is viewed as an (n, 4 + k) int32 array of words (little-endian hosts, as the
-wire format): word 0 = magic | version << 8 | kind << 16 | flags << 24, word 1 = job | worker << 16,
-word 2 = pool_index | exponent << 16 | reserved << 24, word 3 = chunk, then the k values. Kernels are
+How it works: a frame is viewed as (n, 4) int32 header words and (n, k) int32 values (little-endian
+hosts, as the wire format; column ranges of one interleaved frame, or a split message's two frames):
+word 0 = magic | version << 8 | kind << 16 | flags << 24, word 1 = job | worker << 16,
+word 2 = pool_index | exponent << 16 | reserved << 24, word 3 = chunk. Kernels are
 module-level `njit(cache=True, nogil=True)` functions, so numba's on-disk cache (`__pycache__`
 beside this file, or NUMBA_CACHE_DIR) serves every later process; where neither is writable numba
 compiles in memory (slower to start, still correct).
@@ -40,12 +41,13 @@ _LOW32 = 0xFFFFFFFF
 
 
 @njit(**_jit)
-def take_results(words, job, slots, busy, chunk, sent_at, resent, now, ambiguous_rtt, sums, exps,
-                 lo, hi, other):
+def take_results(words, vals, job, slots, busy, chunk, sent_at, resent, now, ambiguous_rtt, sums,
+                 exps, lo, hi, other):
     """Match a RESULT burst to the outstanding chunks and copy its values out, in one pass.
 
     Args:
-        words: (n, 4 + k) int32 view of the frame.
+        words, vals: (n, 4) header words and (n, k) values of the frame (two column ranges of an
+            interleaved frame, or the two frames of a split one).
         job, slots: the job id and pool size the packets must carry.
         busy, chunk, sent_at, resent: the machine's per-slot state (busy is cleared for every
             matched packet, so a second copy in the same burst counts as a duplicate).
@@ -62,7 +64,7 @@ def take_results(words, job, slots, busy, chunk, sent_at, resent, now, ambiguous
         (rack_sent, rack_chunk) is the latest (send time, chunk) delivered (-inf, -1 if none).
     """
     n = words.shape[0]
-    k = words.shape[1] - 4
+    k = vals.shape[1]
     for i in range(n):  # validate first: a bad burst changes nothing and takes the reference path
         w0 = words[i, 0]
         w2 = words[i, 2]
@@ -99,7 +101,7 @@ def take_results(words, job, slots, busy, chunk, sent_at, resent, now, ambiguous
             e = (w2 >> 16) & 0xFF
             exps[r] = e - 256 if e >= 128 else e
             for j in range(k):
-                sums[r, j] = words[i, 4 + j]
+                sums[r, j] = vals[i, j]
             in_call += 1
         else:
             other[n_other] = i
@@ -112,7 +114,7 @@ def stamp_headers(words, g0, slots, exps):
     """Write word 2 (pool_index, exponent, reserved = 0) and word 3 (chunk) of chunks g0, g0+1, ...
 
     Args:
-        words: (n, 4 + k) int32 view of the ring slice the burst occupies.
+        words: (n, 4) int32 header words of the ring slice the burst occupies.
         g0: global index of the burst's first chunk; slots: pool size.
         exps: (n,) int8 block exponents.
     """
@@ -166,16 +168,20 @@ def oldest_sent(busy, sent_at):
 
 
 def warm_up(k: int = 8) -> None:
-    """Load (or compile) every kernel for the argument types the machine passes at run time."""
+    """Load (or compile) every kernel for the argument types the machine passes at run time:
+    interleaved frames (column views) and split ones (two contiguous arrays)."""
     slots = 4
-    ring = np.zeros((slots, 4 + k), np.int32)
+    heads = np.zeros((slots, 4), np.int32)
     exps = np.zeros(slots, np.int8)
-    stamp_headers(ring, 0, slots, exps)
-    frame = ring.copy()
+    stamp_headers(heads, 0, slots, exps)
+    frame = np.zeros((slots, 4 + k), np.int32)
     frame.flags.writeable = False  # received frames are read-only buffers
-    take_results(frame, 0, slots, np.zeros(slots, np.bool_), np.full(slots, -1, np.int64),
-                 np.zeros(slots), np.zeros(slots, np.bool_), 0.0, 0.0,
-                 np.zeros((slots, k), np.int32), exps, 0, 0, np.zeros(slots, np.int64))
+    split_h, split_v = heads.copy(), np.zeros((slots, k), np.int32)
+    split_h.flags.writeable = split_v.flags.writeable = False
+    for h, v in ((frame[:, :4], frame[:, 4:]), (split_h, split_v)):
+        take_results(h, v, 0, slots, np.zeros(slots, np.bool_), np.full(slots, -1, np.int64),
+                     np.zeros(slots), np.zeros(slots, np.bool_), 0.0, 0.0,
+                     np.zeros((slots, k), np.int32), exps, 0, 0, np.zeros(slots, np.int64))
     busy, sent_at = np.zeros(slots, np.bool_), np.zeros(slots)
     rack_lost(busy, sent_at, np.full(slots, -1, np.int64), 0.0, 0, 0.0, 0.0,
               np.zeros(slots, np.int64))

@@ -9,8 +9,9 @@ How it works: the constructor starts one engine thread that owns the DEALER sock
 never touch that socket: a call puts a request on a FIFO queue and wakes the engine through an
 inproc PAIR socket (guarded by a lock: several user threads may call at once). The engine polls
 both sockets with a timeout set by the next timer (retransmission, heartbeat, liveness, progress),
-feeds data frames to the `StreamMachine`, sends what it returns (new chunks zero-copy from its
-ring, which the protocol proves free for reuse), and completes `concurrent.futures.Future`s. The
+feeds data frames to the `StreamMachine`, sends what it returns (split messages: header words from
+its ring and payloads straight from the caller's array, both zero-copy, which the protocol proves
+unchanged until the switch has them), and completes `concurrent.futures.Future`s. The
 blocking calls are the async ones plus a bounded wait.
 
 Failure handling, all ending in a `SwitchError` on every pending and later call:
@@ -52,6 +53,7 @@ import zmq
 
 from switchagg._curve import client_options, load_public
 from switchagg._limits import check_endpoint
+from switchagg._pipe_links import PipeLinks
 from switchagg._stream import FillFn, StreamCall, StreamMachine, array_fill, load_kernels
 from switchagg.errors import (
     ConfigError, JobAborted, JoinRejected, ProtocolError, SwitchError, SwitchTimeout,
@@ -255,6 +257,7 @@ class SwitchClient:
         self._closed = False
         self._error: SwitchError | None = None
         self._machine: StreamMachine | None = None
+        self._pipes: PipeLinks | None = None  # the switch's dataplane pipes, if it has several
         self._ctl = dict(calls_completed=0, calls_failed=0, heartbeats_sent=0, control_sent=0,
                          control_received=0, control_malformed=0, send_dropped=0)
         self._ctx = zmq.Context()
@@ -453,6 +456,8 @@ class SwitchClient:
         finally:
             if sock is not None:
                 sock.close()
+            if self._pipes is not None:
+                self._pipes.close()
             self._wake_rx.close(linger=0)
 
     def _send_control(self, message: ControlMessage) -> None:
@@ -515,7 +520,11 @@ class SwitchClient:
                      cfg.burst, burst)
         self._machine = StreamMachine(job_id=msg.job_id, rank=msg.rank, k=msg.k, slots=msg.slots,
                                       burst=burst, rto_initial=cfg.rto_initial,
-                                      rto_min=cfg.rto_min, rto_max=cfg.rto_max)
+                                      rto_min=cfg.rto_min, rto_max=cfg.rto_max,
+                                      pipes=max(1, len(msg.pipes)))
+        if msg.pipes:  # `switch-emulator --pipes P`: greet every pipe now, wait for them below
+            self._pipes = PipeLinks(self._ctx, msg.pipes, addr, msg.job_id, msg.rank,
+                                    msg.pipe_key, msg.slots)
         # Wait for READY, heartbeating so that the switch does not count us dead meanwhile.
         deadline = time.monotonic() + cfg.join_timeout
         next_heartbeat = 0.0
@@ -526,6 +535,8 @@ class SwitchClient:
                 next_heartbeat = now + self._hb_interval
             msg = self._recv_control(min(deadline, next_heartbeat))
             if isinstance(msg, Ready):
+                if self._pipes is not None:
+                    self._pipes.wait_ready(deadline)
                 return
             if isinstance(msg, Abort):
                 raise JobAborted(self._abort_text(msg), job=self.job, rank=msg.rank)
@@ -561,6 +572,9 @@ class SwitchClient:
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
         poller.register(self._wake_rx, zmq.POLLIN)
+        pipe_socks = self._pipes.sockets if self._pipes is not None else []
+        for pipe_sock in pipe_socks:
+            poller.register(pipe_sock, zmq.POLLIN)
         now = time.monotonic()
         self._last_heard = now
         next_heartbeat = now + self._hb_interval
@@ -586,6 +600,9 @@ class SwitchClient:
                 # Requests are taken every turn, not only on a wake-up: a wake-up is a hint.
                 if self._take_requests():
                     return
+                for pipe_sock in pipe_socks:
+                    if pipe_sock in events:
+                        self._receive_pipe(pipe_sock)
                 if self._sock in events:
                     reply = self._receive()
                     if isinstance(reply, QueryReply) and query_deadline is not None:
@@ -621,7 +638,7 @@ class SwitchClient:
                 else:
                     query_deadline = None
                 try:
-                    bursts = m.transmit(now)
+                    bursts = m.transmit_frames(now)
                 except Exception as exc:  # a user fill() raised: this stream cannot go on
                     error = JobAborted(f"rank {self.rank} stopped job {self.job!r}: a fill "
                                        f"function raised {exc!r}", job=self.job, rank=self.rank)
@@ -683,6 +700,10 @@ class SwitchClient:
             except zmq.Again:
                 break
             self._last_heard = time.monotonic()
+            if len(frames) == 3 and frames[0].bytes == FRAME_DATA:  # split: headers, payloads
+                for call in m.receive_split(frames[1].buffer, frames[2].buffer, self._last_heard):
+                    self._complete(call)
+                continue
             if len(frames) != 2:
                 self._ctl["control_malformed"] += 1
                 continue
@@ -718,15 +739,41 @@ class SwitchClient:
                 f"{incarnation}) and lost job {self.job!r}; restart the job", job=self.job,
                 rank=self.rank))
 
-    def _send_bursts(self, bursts: list[np.ndarray]) -> None:
-        for burst in bursts:
+    def _receive_pipe(self, sock: zmq.Socket) -> None:
+        """Drain one pipe's socket: split result messages (anything else is counted)."""
+        m = self._machine
+        for _ in range(_DRAIN):
+            if not sock.getsockopt(_EVENTS) & _POLLIN:
+                break
+            frames = sock.recv_multipart(_NOBLOCK, copy=False)
+            self._last_heard = time.monotonic()
+            if len(frames) == 3 and frames[0].bytes == FRAME_DATA:
+                for call in m.receive_split(frames[1].buffer, frames[2].buffer, self._last_heard):
+                    self._complete(call)
+            else:
+                self._ctl["control_malformed"] += 1
+
+    def _send_bursts(self, bursts: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        if self._pipes is not None:
+            for heads, vals in bursts:
+                for sock, h, v in self._pipes.route(heads, vals):
+                    try:
+                        sock.send(FRAME_DATA, _NOBLOCK | _SNDMORE)
+                        sock.send(h, _NOBLOCK | _SNDMORE, copy=False)
+                        sock.send(v, _NOBLOCK, copy=False)
+                    except zmq.Again:
+                        self._ctl["send_dropped"] += 1
+            return
+        for heads, vals in bursts:
             try:
-                # copy=False: a ring slice is rewritten only after its result came back (the
-                # switch got it); retransmissions are fresh copies.
-                # Two sends, not send_multipart: it rebuilds the flags with enum arithmetic. Once
-                # the first part is queued, ZeroMQ takes the rest of the message too.
+                # A split message [FRAME_DATA, header words, payloads], copy=False: a ring slice
+                # is rewritten, and the caller's array may change, only after the result came
+                # back (the switch got it); retransmissions are fresh copies.
+                # Separate sends, not send_multipart: it rebuilds the flags with enum arithmetic.
+                # Once the first part is queued, ZeroMQ takes the rest of the message too.
                 self._sock.send(FRAME_DATA, _NOBLOCK | _SNDMORE)
-                self._sock.send(burst.view(np.uint8), _NOBLOCK, copy=False)
+                self._sock.send(heads, _NOBLOCK | _SNDMORE, copy=False)
+                self._sock.send(vals, _NOBLOCK, copy=False)
             except zmq.Again:
                 self._ctl["send_dropped"] += 1  # like a lost frame: the RTO resends it
 

@@ -1,8 +1,9 @@
 """The wire format: one packet layout, defined once, used by the switch and every worker.
 
 What it owns: the byte layout of a packet (a 16-byte header and k int32 values, little-endian,
-DESIGN.md §4), bursts of packets back to back in one ZeroMQ frame, and the vectorized checks a
-received burst must pass. What it must never do: I/O, or any aggregation rule (that is the switch's
+the project's wire contract), bursts of packets in one ZeroMQ message (interleaved in one frame, or
+split into a header frame and a payload frame), and the vectorized checks a received burst must
+pass. What it must never do: I/O, or any aggregation rule (that is the switch's
 dataplane). How it works: a burst is a numpy structured array of `packet_dtype(k)`. Parsing a frame
 is one `np.frombuffer` call (zero-copy); validating it is a handful of vectorized comparisons that
 return a mask of good packets and a count per reason, so a malformed packet is counted and dropped,
@@ -19,6 +20,14 @@ modulo 256 (its n-th call since JOIN, or the number its caller chose). The switc
 every contribution to a slot's round carries the same chunk and call (switch_emulator/_callseq.py),
 so workers whose calls drift apart get an immediate error naming both numbers instead of wrong
 sums. In RESULT and RESULT_RETX it is zero (checked as "bad_reserved").
+
+A data message carries a burst in one of two layouts of the same packets: interleaved (one frame,
+packet after packet) or split (a header frame of B x 16 bytes, then a payload frame of B x 4k
+bytes; packet i is header i followed by payload i). The split layout lets a worker send payloads
+straight from the caller's array, and the switch answer with payloads it never re-interleaves.
+`parse_split` views the two frames without copying, `join_split` and `split_burst` convert.
+As header words (little-endian int32), word 2 is pool_index | exponent << 16 | call << 24 and
+word 3 is the chunk; both layouts carry the call byte and are checked the same way.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ __all__ = [
     "MIN_K", "MAX_K", "VERSION_BIT", "SLOT_MASK", "MAX_SLOTS", "MAX_WORKERS", "MAX_BURST_BYTES",
     "HEADER_DTYPE", "packet_dtype", "packet_bytes", "check_k", "pool_index", "slot_of",
     "version_of", "parse_burst", "empty_burst", "make_burst", "validate_burst", "BAD_REASONS",
+    "HEADER_WORDS", "parse_split", "join_split", "split_burst", "pipe_bounds",
 ]
 
 #: First byte of every packet. Anything else is not ours (or is misaligned) and is dropped.
@@ -68,7 +78,7 @@ MAX_SLOTS = SLOT_MASK + 1
 #: (SwitchML's Tofino program: 32; the emulator must serve at least 64).
 MAX_WORKERS = 256
 #: Largest data frame the switch accepts: 16 MiB holds 4096 packets of k = 1024. Larger bursts gain
-#: nothing (measured-limits.md §4: the per-message cost is amortized from about 256 KiB up).
+#: nothing (each ZeroMQ message costs 70 to 95 us of CPU here, amortized from about 256 KiB up).
 MAX_BURST_BYTES = 16 << 20
 
 HEADER_DTYPE = np.dtype([
@@ -77,6 +87,8 @@ HEADER_DTYPE = np.dtype([
     ("exponent", "i1"), ("reserved", "u1"), ("chunk", "<u4"),
 ])
 assert HEADER_DTYPE.itemsize == HEADER_BYTES
+#: The header as little-endian int32 words (what the compiled passes read and write).
+HEADER_WORDS = HEADER_BYTES // 4
 
 #: Reasons a received packet is dropped, in the order they are checked (a packet counts once,
 #: under its first failing reason). "truncated" counts a trailing partial packet in a frame.
@@ -173,6 +185,53 @@ def parse_burst(frame: bytes | memoryview | bytearray, k: int = DEFAULT_K) -> tu
     size = packet_bytes(k)
     whole = len(view) // size
     return np.frombuffer(view, packet_dtype(k), count=whole), len(view) - whole * size
+
+
+def parse_split(heads_frame, payload_frame, k: int = DEFAULT_K
+                ) -> tuple[np.ndarray, np.ndarray, str | None]:
+    """View a split data message (header frame, payload frame) as arrays, without copying.
+
+    Args:
+        heads_frame, payload_frame: the two frames' buffers.
+        k: the job's packet size.
+
+    Returns:
+        (heads, vals, bad): (B, 4) int32 header words and (B, k) int32 payloads, read-only; `bad`
+        is None, or "truncated" when the frames do not hold B whole headers and B whole payloads
+        (then heads and vals are empty: the message is dropped as one truncated packet).
+    """
+    hb = memoryview(heads_frame).cast("B")
+    vb = memoryview(payload_frame).cast("B")
+    n = len(hb) // HEADER_BYTES
+    if len(hb) != n * HEADER_BYTES or len(vb) != n * 4 * check_k(k):
+        return np.empty((0, HEADER_WORDS), np.int32), np.empty((0, k), np.int32), "truncated"
+    heads = np.frombuffer(hb, "<i4").reshape(n, HEADER_WORDS)
+    return heads, np.frombuffer(vb, "<i4").reshape(n, k), None
+
+
+def join_split(heads: np.ndarray, vals: np.ndarray, k: int = DEFAULT_K) -> np.ndarray:
+    """The interleaved burst (a new structured array) of header words and payloads."""
+    burst = np.empty(len(heads), packet_dtype(k))
+    words = burst.view("<i4").reshape(len(heads), HEADER_WORDS + k)
+    words[:, :HEADER_WORDS] = heads
+    words[:, HEADER_WORDS:] = vals
+    return burst
+
+
+def split_burst(burst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(header words, payloads) of an interleaved burst, as new C-contiguous int32 arrays."""
+    words = np.ascontiguousarray(burst).view("<i4").reshape(len(burst), burst.dtype.itemsize // 4)
+    return (np.ascontiguousarray(words[:, :HEADER_WORDS]),
+            np.ascontiguousarray(words[:, HEADER_WORDS:]))
+
+
+def pipe_bounds(slots: int, pipes: int) -> np.ndarray:
+    """Where each dataplane pipe's slot range starts: pipe p owns slots [b[p], b[p + 1]).
+
+    The ranges are contiguous and disjoint, as equal as integers allow; both the switch and the
+    workers derive them from (slots, pipes), so nothing else needs to be agreed on.
+    """
+    return np.array([p * slots // pipes for p in range(pipes + 1)], np.int64)
 
 
 def validate_burst(packets: np.ndarray, *, kind: Kind, job: int, worker: int | None,

@@ -4,7 +4,8 @@ What it owns: the control plane's messages (JOIN, JOIN_OK, READY, LEAVE, HEARTBE
 STATS, STATS_REPLY, QUERY, QUERY_REPLY, ERROR, ABORT), their encoding, and the two-frame layout of
 every ZeroMQ message. What it must never do: I/O, or decide anything (the switch's control plane and
 the client decide). How it works: every message on the worker's DEALER socket is two frames,
-`[FRAME_DATA, burst]` or `[FRAME_CONTROL, json]` (the switch's ROUTER prepends the peer identity).
+`[FRAME_DATA, burst]` (or `[FRAME_DATA, header words, payloads]`, packet.py's split layout) or
+`[FRAME_CONTROL, json]` (the switch's ROUTER prepends the peer identity).
 Control messages are frozen dataclasses validated when built, so a message that exists is valid;
 `decode_control` turns a peer's bytes into one or raises `ProtocolError` naming the field, after
 `_limits.load_json` has bounded the frame's size, nesting and numbers (a peer's bytes never reach
@@ -23,6 +24,8 @@ Exchange (packets: switchagg/packet.py):
                                            with the switch token; none with summary)
     LEAVE                               ->
                                         <- ABORT(reason, rank)         a worker died / the switch stops
+With `--pipes P > 1`, JOIN_OK also names P dataplane endpoints; the worker greets each with
+PIPE_HELLO(job_id, rank, key) <- PIPE_HELLO_OK and sends each pipe the data of its slot range there.
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ __all__ = [
     "FRAME_DATA", "FRAME_CONTROL", "MAX_CONTROL_BYTES", "MAX_REPLY_BYTES", "MAX_NAME_LEN",
     "ControlMessage", "Join",
     "JoinOk", "Ready", "Leave", "Heartbeat", "HeartbeatAck", "StatsRequest", "StatsReply", "Query",
-    "QueryReply", "Error", "Abort", "encode_control", "decode_control", "MESSAGE_TYPES",
+    "QueryReply", "Error", "Abort", "PipeHello", "PipeHelloOk", "MAX_PIPES", "encode_control",
+    "decode_control", "MESSAGE_TYPES",
     # The shared checks of _limits, re-exported for the switch (which imports only this module).
     "check_endpoint", "check_name", "MAX_TEXT_LEN",
 ]
@@ -57,6 +61,8 @@ MAX_CONTROL_BYTES = 64 * 1024
 MAX_REPLY_BYTES = 4 << 20
 #: A QUERY asks about at most this many slots (the client names the stuck ones).
 MAX_QUERY_SLOTS = 1024
+#: Dataplane processes one switch may run (`switch-emulator --pipes`): a Tofino has 2 or 4.
+MAX_PIPES = 16
 
 
 def _check(cls_name: str, name: str, value: Any, kind: type | tuple, lo: Any = None,
@@ -134,9 +140,25 @@ class JoinOk(ControlMessage):
     heartbeat_interval: float
     liveness_timeout: float
     incarnation: str = ""  # random id of this run of the switch: another one means it restarted
+    # With `switch-emulator --pipes P > 1`: the P dataplane endpoints (pipe p owns slots
+    # packet.pipe_bounds(slots, P)[p:p + 2] of this job) and the key this worker greets them with.
+    pipes: tuple = ()
+    pipe_key: str = ""
 
     def validate(self) -> None:
         n = "JOIN_OK"
+        if not isinstance(self.pipes, (tuple, list)) or len(self.pipes) > MAX_PIPES:
+            raise ProtocolError(f"JOIN_OK.pipes must be a list of at most {MAX_PIPES} endpoints",
+                                field="pipes", value=str(self.pipes)[:32])
+        for endpoint in self.pipes:
+            _check(n, "pipes", endpoint, str)
+            try:
+                check_endpoint(endpoint)
+            except ValueError as exc:
+                raise ProtocolError(f"JOIN_OK.pipes: {exc}", field="pipes",
+                                    value=endpoint[:32]) from None
+        object.__setattr__(self, "pipes", tuple(self.pipes))  # JSON gives a list
+        _check(n, "pipe_key", self.pipe_key, str)
         _check(n, "job", self.job, str)
         _check(n, "job_id", self.job_id, int, 0, 0xFFFF)
         _check(n, "world_size", self.world_size, int, 1, MAX_WORKERS)
@@ -317,10 +339,38 @@ class Abort(ControlMessage):
         _check("ABORT", "rank", self.rank, int, 0, MAX_WORKERS - 1, optional=True)
 
 
+@dataclass(frozen=True, slots=True)
+class PipeHello(ControlMessage):
+    """Worker -> one dataplane pipe: this connection is `rank` of `job_id` (key from JOIN_OK)."""
+
+    TYPE: ClassVar[str] = "PIPE_HELLO"
+    job_id: int
+    rank: int
+    key: str
+
+    def validate(self) -> None:
+        _check("PIPE_HELLO", "job_id", self.job_id, int, 0, 0xFFFF)
+        _check("PIPE_HELLO", "rank", self.rank, int, 0, MAX_WORKERS - 1)
+        _check("PIPE_HELLO", "key", self.key, str)
+
+
+@dataclass(frozen=True, slots=True)
+class PipeHelloOk(ControlMessage):
+    """Pipe -> worker: data from this connection is now accepted as `rank` of `job_id`."""
+
+    TYPE: ClassVar[str] = "PIPE_HELLO_OK"
+    job_id: int
+    rank: int
+
+    def validate(self) -> None:
+        _check("PIPE_HELLO_OK", "job_id", self.job_id, int, 0, 0xFFFF)
+        _check("PIPE_HELLO_OK", "rank", self.rank, int, 0, MAX_WORKERS - 1)
+
+
 #: Message classes by their wire name; an unknown name is a ProtocolError listing these.
 MESSAGE_TYPES: dict[str, type[ControlMessage]] = {
     cls.TYPE: cls for cls in (Join, JoinOk, Ready, Leave, Heartbeat, HeartbeatAck, StatsRequest,
-                              StatsReply, Query, QueryReply, Error, Abort)
+                              StatsReply, Query, QueryReply, Error, Abort, PipeHello, PipeHelloOk)
 }
 
 

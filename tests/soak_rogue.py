@@ -62,7 +62,11 @@ def vector(step: int, rank: int, numel: int) -> np.ndarray:
 
 
 def honest(address: str, rank: int, deadline: float, out) -> None:
-    """All-reduce random lengths until the deadline; check each sum; report counts."""
+    """All-reduce random lengths until the deadline; check each sum; report counts.
+
+    Each vector carries one more element, 1 while this rank is before the deadline: the ranks stop
+    together, at the first step whose flags do not sum to WORLD (none is left waiting in a call).
+    """
     calls = exact = failures = 0
     worst = 0.0
     config = ClientConfig(k=64, slots=2048, burst=256, join_timeout=60, op_timeout=30)
@@ -72,17 +76,21 @@ def honest(address: str, rank: int, deadline: float, out) -> None:
             with SwitchClient(address, f"honest-{generation}", WORLD, rank, config=config,
                               token="honest-secret") as c:
                 step = 0
-                while time.time() < deadline:
+                while True:
                     numel = int(np.random.default_rng(step).integers(1, 200_000))
+                    mine = np.append(vector(step, rank, numel), np.int32(time.time() < deadline))
                     start = time.perf_counter()
-                    got = c.allreduce(vector(step, rank, numel), call=step)
+                    got = c.allreduce(mine, call=step)
                     worst = max(worst, time.perf_counter() - start)
                     expected = np.zeros(numel, np.int32)
                     for r in range(WORLD):
                         np.add(expected, vector(step, r, numel), out=expected)
                     calls += 1
-                    exact += bool(np.array_equal(got, expected))
+                    exact += bool(np.array_equal(got[:-1], expected))
                     step += 1
+                    if got[-1] != WORLD:
+                        break
+                break
         except SwitchError as exc:
             failures += 1
             print(f"honest rank {rank}: {exc!r}", file=sys.stderr, flush=True)

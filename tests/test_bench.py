@@ -160,3 +160,19 @@ def test_bench_quantize_prints_the_kernels_figures(spawn):
     code, figures, err = bench(spawn, "--quantize", "--numel", "4096", "--repeats", "1", "--json")
     assert code == 0, err
     assert figures["device"] == "cpu" and figures["numel"] == 4096 and figures["copy_GBps"] > 0
+
+
+def test_sweep_prints_a_row_per_point_and_writes_the_plot(spawn, tmp_path):
+    """`--sweep` on loopback: one row per worker count, every contender measured, a PNG."""
+    png = tmp_path / "sweep.png"
+    proc = spawn([PYTHON, "-m", "workers.cli", "--log-level", "WARNING", "bench", *TINY,
+                  "--sweep", "--sweep-workers", "1,2", "--skip-gloo", "--json", "--plot",
+                  str(png)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    points = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [p["workers"] for p in points] == [1, 2]
+    assert all(p["network"] == "loopback (ipc)" and p["ate_per_s"] > 0
+               and p["zmq_ceiling_ate_per_s"] > 0 and p["gloo_ate_per_s"] is None
+               for p in points)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -14,10 +14,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from switch_emulator import _dataplane
-from switch_emulator.dataplane import (DATAPLANES, DataplaneCounters, FastDataplane,
-                                       GoldenDataplane, make_dataplane, warm_up)
-from switchagg.packet import (FLAG_WRAPPED, MAGIC, Kind, make_burst, packet_dtype, parse_burst,
-                              validate_burst)
+from switch_emulator._dataplane import SplitOutput
+from switch_emulator.dataplane import (DATAPLANES, DataplaneCounters, DataplaneOutput,
+                                       FastDataplane, GoldenDataplane, make_dataplane, warm_up)
+from switchagg.packet import (FLAG_WRAPPED, MAGIC, Kind, join_split, make_burst, packet_dtype,
+                              parse_burst, split_burst, validate_burst)
 
 K = 8
 INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
@@ -460,6 +461,7 @@ def test_receive_checked_equals_validate_burst_then_golden(n, s, seed, calls):
     and the good packets of a burst, in order, do exactly what they do in the golden model."""
     rng = np.random.default_rng(seed)
     golden, compiled, vectorized = pair(n, s, K)
+    split_compiled, split_vectorized = FastDataplane(n, s, K), FastDataplane(n, s, K, False)
     job = 5
     for _ in range(calls):
         worker, size = int(rng.integers(n)), int(rng.integers(0, 16))
@@ -480,12 +482,42 @@ def test_receive_checked_equals_validate_burst_then_golden(n, s, seed, calls):
             assert out.multicast.tobytes() == g.multicast.tobytes()
             assert out.unicast.tobytes() == g.unicast.tobytes()
             assert dp.counters == golden.counters
+        # The same packets as a split frame (header words, payloads): same results and counts.
+        heads, vals = split_burst(burst)
+        heads.flags.writeable = vals.flags.writeable = False  # as frames from ZeroMQ are
+        for dp in (split_compiled, split_vectorized):
+            out, bad = dp.receive_split_checked(heads, vals, worker, job)
+            assert bad == expected_bad
+            if isinstance(out, SplitOutput):
+                out = DataplaneOutput(join_split(out.mc_heads, out.mc_vals, K),
+                                      join_split(out.uc_heads, out.uc_vals, K))
+            assert out.multicast.tobytes() == g.multicast.tobytes()
+            assert out.unicast.tobytes() == g.unicast.tobytes()
+            assert dp.counters == golden.counters
+
+
+def test_receive_reuses_result_buffers_once_dropped():
+    """Results land in pooled buffers: a dropped result's buffer comes back, a kept one does not
+    (a caller, or a socket still sending it, holds a reference)."""
+    dp = FastDataplane(1, 8, K)
+    heads, vals = split_burst(data(0, [0, 1, 2, 3]))
+    kept = dp.receive_split_checked(heads, vals, 0, 7)[0]
+    before = dp._pool_v.allocated
+    for _ in range(5):
+        out = dp.receive_split_checked(heads, vals, 0, 7)[0]
+        assert not np.shares_memory(out.mc_vals, kept.mc_vals)
+        del out
+    # Two more (results, retransmission answers: `kept` holds views of both), then the same two.
+    assert dp._pool_v.allocated == before + 2
+    assert kept.mc_vals[:, 0].tolist() == data(0, [0, 1, 2, 3])["values"][:, 0].tolist()
 
 
 @pytest.mark.parametrize("layout", ["strided", "misaligned", "read-only"])
 def test_receive_compiled_pass_takes_any_layout_with_one_specialization(layout):
     """Strided and misaligned bursts are copied; writable and read-only ones share one compiled
-    specialization (a second one would mean a second compilation at the switch's first burst)."""
+    specialization, the one warm_up loads for interleaved frames (warm_up loads exactly two:
+    interleaved and split; a third would mean a compilation at the switch's first burst)."""
+    warm_up("fast")
     burst = data(0, [2, 0, 3, 1], values=np.arange(4 * K).reshape(4, K))
     if layout == "strided":
         packets = np.repeat(burst, 2)[::2]
@@ -500,7 +532,7 @@ def test_receive_compiled_pass_takes_any_layout_with_one_specialization(layout):
     golden, compiled, _ = pair(1, 4, K)
     assert compiled.receive(packets, 0).multicast.tobytes() == \
         golden.receive(burst, 0).multicast.tobytes()
-    assert len(_dataplane._compiled().receive_rows.signatures) == 1
+    assert len(_dataplane._compiled().receive_rows.signatures) == 2
 
 
 def test_warm_up_loads_the_compiled_pass():

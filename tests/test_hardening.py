@@ -32,7 +32,7 @@ from switch_emulator.server import SwitchServer
 from switchagg import ClientConfig, JobAborted, JoinRejected, SwitchClient, SwitchError
 from switchagg._limits import MAX_DEPTH, MAX_INT_DIGITS, check_endpoint, json_depth
 from switchagg.errors import ProtocolError
-from switchagg.packet import Kind, make_burst
+from switchagg.packet import Kind, make_burst, split_burst
 from switchagg.protocol import (FRAME_CONTROL, Error, Join, JoinOk, Ready, StatsReply,
                                 StatsRequest, decode_control, encode_control)
 
@@ -297,6 +297,7 @@ def test_call_check_compiled_and_numpy_agree():
     rng = np.random.default_rng(0)
     slots = 16
     checks = [CallCheck(slots, compiled=True), CallCheck(slots, compiled=False)]
+    split_checks = [CallCheck(slots, compiled=True), CallCheck(slots, compiled=False)]
     for step in range(200):
         worker = int(rng.integers(2))
         chunks = np.arange(step * 4, step * 4 + 4)
@@ -307,6 +308,9 @@ def test_call_check_compiled_and_numpy_agree():
             burst["reserved"][int(rng.integers(4))] += 1
         results = [c.check(burst.copy(), 3, worker) for c in checks]
         assert results[0] == results[1]
+        # The split layout's header words get the same answer (each check on its own table).
+        heads = split_burst(burst)[0]
+        assert [c.check_split(heads, 3, worker) for c in split_checks] == results
         np.testing.assert_array_equal(checks[0].chunk, checks[1].chunk)
 
 
@@ -362,7 +366,8 @@ def test_restarted_switch_is_noticed_within_seconds(spawn):
         first.kill()  # a crash: no ABORT reaches the client
         first.wait(10)
         spawn(argv)
-        time.sleep(3)  # the new switch is up; the client's heartbeats now reach it
+        wait_for_switch(address)  # the new switch is up (its start-up is slow on a loaded host)
+        time.sleep(1)  # the client's heartbeats now reach it
         start = time.monotonic()
         with pytest.raises(JobAborted) as info:
             c.allreduce(np.ones(8, np.int32))
@@ -449,7 +454,8 @@ def test_engine_crash_fails_the_pending_and_every_next_call_with_its_cause(switc
     def broken(now):
         raise RuntimeError("injected engine fault")
 
-    c._machine.transmit = broken  # the fault the engine must survive: any exception in its loop
+    # The fault the engine must survive: any exception in its loop (it sends `transmit_frames`).
+    c._machine.transmit_frames = broken
     for _ in range(2):
         with pytest.raises(SwitchError) as info:
             c.allreduce(np.ones(8, np.int32))
@@ -476,6 +482,13 @@ def test_error_about_its_own_job_fails_pending_calls_at_once(ctx, switch):
 # ------------------------------------------------------------------------------- 6. memory bound
 
 
+def send_burst(sock: zmq.Socket, burst: np.ndarray, layout: str) -> None:
+    if layout == "split":
+        sock.send_multipart([b"D", *split_burst(burst)], copy=False)
+    else:
+        sock.send_multipart([b"D", burst], copy=False)
+
+
 def rss_bytes(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -494,10 +507,12 @@ def wait_for_switch(address: str, timeout: float = 30.0) -> dict:
 
 
 @pytest.mark.slow
-def test_switch_memory_stays_bounded_with_a_peer_that_never_reads(spawn, ctx):
+@pytest.mark.parametrize("layout", ["split", "interleaved"])
+def test_switch_memory_stays_bounded_with_a_peer_that_never_reads(spawn, ctx, layout):
     """A peer heartbeats and streams 200 bursts of 1.1 MB but never reads its results: the
     switch's RSS grows by at most its byte budget plus slack, the peer's job is aborted for not
-    reading, and another job is served meanwhile."""
+    reading, and another job is served meanwhile. Split bursts (what clients send) are answered
+    split, interleaved ones interleaved: the budget holds on both paths."""
     address = f"tcp://127.0.0.1:{free_port()}"
     budget = int(os.environ.get("SWITCHAGG_TEST_BUDGET", 8 << 20))  # set it huge to see the leak
     proc = spawn([PYTHON, "-m", "switch_emulator", "--bind", address, "--log-level", "WARNING",
@@ -523,7 +538,7 @@ def test_switch_memory_stays_bounded_with_a_peer_that_never_reads(spawn, ctx):
         chunks = np.arange(i * n, (i + 1) * n)
         burst = make_burst(Kind.DATA, ok.job_id, 0, chunks % slots, (chunks // slots) % 2,
                            chunks, values)
-        rogue.send_multipart([b"D", burst], copy=False)
+        send_burst(rogue, burst, layout)
         if i % 20 == 0:
             rogue.send_multipart([FRAME_CONTROL, encode_control(Heartbeat(ok.job_id, 0))])
             # The honest job goes on at its pace meanwhile.
@@ -535,7 +550,7 @@ def test_switch_memory_stays_bounded_with_a_peer_that_never_reads(spawn, ctx):
         chunks = np.arange(i * n, (i + 1) * n)
         burst = make_burst(Kind.DATA, ok.job_id, 0, chunks % slots, (chunks // slots) % 2,
                            chunks, values)
-        rogue.send_multipart([b"D", burst], copy=False)
+        send_burst(rogue, burst, layout)
     time.sleep(0.5)
     during = rss_bytes(proc.pid)
     stats = probe(address)

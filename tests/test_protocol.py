@@ -12,9 +12,9 @@ import pytest
 from switchagg.errors import ProtocolError, SwitchError
 from switchagg.packet import MAX_SLOTS, MAX_WORKERS, VALID_K
 from switchagg.protocol import (MAX_CONTROL_BYTES, MAX_NAME_LEN, MAX_QUERY_SLOTS, MESSAGE_TYPES,
-                                Abort, Error, Heartbeat, HeartbeatAck, Join, JoinOk, Leave, Query,
-                                QueryReply, Ready, StatsReply, StatsRequest, decode_control,
-                                encode_control)
+                                Abort, Error, Heartbeat, HeartbeatAck, Join, JoinOk, Leave,
+                                PipeHello, PipeHelloOk, Query, QueryReply, Ready, StatsReply,
+                                StatsRequest, decode_control, encode_control)
 
 #: One valid instance of every message, with every field set where it has a default.
 EXAMPLES = [
@@ -22,6 +22,11 @@ EXAMPLES = [
     Join(job="j", world_size=1, k=8, slots=1),
     JoinOk(job="resnet", job_id=7, rank=0, world_size=4, k=64, slots=8192,
            heartbeat_interval=0.5, liveness_timeout=5),
+    JoinOk(job="resnet", job_id=7, rank=0, world_size=4, k=64, slots=8192,
+           heartbeat_interval=0.5, liveness_timeout=5,
+           pipes=("tcp://10.0.0.5:40001", "tcp://10.0.0.5:40002"), pipe_key="0123abcd"),
+    PipeHello(job_id=7, rank=3, key="0123abcd"),
+    PipeHelloOk(job_id=7, rank=3),
     Ready(job_id=0xFFFF),
     Leave(job_id=7, rank=2, reason="out of memory"),
     Heartbeat(job_id=7, rank=MAX_WORKERS - 1),
@@ -55,6 +60,16 @@ def reject(raw: bytes, field: str | None):
 
 # ----------------------------------------------------------------------------------------------
 # round trips
+
+
+def test_join_ok_pipes_are_bounded():
+    ok = dict(job="j", job_id=1, rank=0, world_size=1, k=8, slots=8, heartbeat_interval=0.5,
+              liveness_timeout=5)
+    assert JoinOk(**ok, pipes=["tcp://h:1"] * 16).pipes == ("tcp://h:1",) * 16
+    for bad in (["tcp://h:1"] * 17, "tcp://h:1", [7], ["x" * (MAX_NAME_LEN + 1)]):
+        with pytest.raises(ProtocolError) as info:
+            JoinOk(**ok, pipes=bad)
+        assert info.value.field == "pipes"
 
 
 def test_examples_cover_every_message_type():

@@ -301,10 +301,45 @@ def test_bursts_are_views_of_the_preallocated_ring():
     m = StreamMachine(job_id=JOB_ID, rank=3, k=K, slots=S, burst=B)
     m.submit(S * K, array_fill(np.ones(S * K, np.int32), K), 0.0)
     bursts = m.transmit(0.0)
-    assert all(b.base is not None and b.flags.c_contiguous for b in bursts)
     assert {int(b["worker"][0]) for b in bursts} == {3}
     assert all((b["kind"] == Kind.DATA).all() and (b["job"] == JOB_ID).all() for b in bursts)
     assert empty_burst(1, K).dtype == bursts[0].dtype
+
+
+@pytest.mark.parametrize("numel", [S * K, S * K - 3])
+def test_payloads_are_sent_straight_from_the_callers_array(numel):
+    """Zero copy: a plain all-reduce's whole chunks leave as views of the caller's array (split
+    frames: header words from the ring, payloads from the input); only a partial last chunk is
+    staged in the ring. Every header is a view of the ring, never a fresh array."""
+    m = StreamMachine(job_id=JOB_ID, rank=3, k=K, slots=S, burst=B)
+    values = np.arange(numel, dtype=np.int32)
+    m.submit(numel, array_fill(values, K), 0.0)
+    frames = m.transmit_frames(0.0)
+    assert sum(len(h) for h, _ in frames) == S
+    for heads, vals in frames:
+        assert heads.shape[1] == 4 and vals.shape[1] == K and len(heads) == len(vals)
+        assert heads.flags.c_contiguous and vals.flags.c_contiguous
+        assert np.shares_memory(heads, m._ring_words)
+    whole = numel // K
+    direct = [v for _, v in frames if np.shares_memory(v, values)]
+    assert sum(len(v) for v in direct) == whole
+    if whole < S:  # the partial chunk: staged and zero-padded
+        assert not np.shares_memory(frames[-1][1], values)
+        assert frames[-1][1][-1].tolist() == list(range(whole * K, numel)) + [0] * (S * K - numel)
+
+
+def test_resends_copy_payloads_from_the_callers_array():
+    """A retransmitted chunk carries the same payload as its first send, also when that payload
+    was sent from the caller's array (the tail probe resends the newest outstanding chunk)."""
+    m = StreamMachine(job_id=JOB_ID, rank=0, k=K, slots=S, burst=B, rto_initial=0.1,
+                      tail_resend=0)
+    values = np.arange(S * K, dtype=np.int32) * 3
+    m.submit(S * K, array_fill(values, K), 0.0)
+    first = m.transmit(0.0)
+    (probe,) = m.transmit(0.2)
+    assert probe["chunk"].tolist() == [S - 1]
+    assert probe.tobytes() == first[-1][-1:].tobytes()
+    assert not np.shares_memory(m.transmit_frames(0.5)[0][1], values)  # a copy, not a view
 
 
 @pytest.mark.parametrize("numel", [0, 1, K - 1, K, K + 1, 10 * K, 10 * K + 3])
@@ -366,6 +401,25 @@ def test_compiled_loss_scan_and_rto_timer_agree_with_numpy_on_random_slot_states
             m._rack_due = -np.inf
         now = float(rng.integers(0, 12) / 8)
         fast, ref = (m._resend_lost(now) for m in machines)
-        assert [b.tobytes() for b in fast] == [b.tobytes() for b in ref], trial
+        assert [h.tobytes() + v.tobytes() for h, v in fast] == \
+            [h.tobytes() + v.tobytes() for h, v in ref], trial
         assert machines[0]._rack_due == machines[1]._rack_due, trial
         assert machines[0]._rto_deadline() == machines[1]._rto_deadline(), trial
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_split_frames_carry_the_call_byte_on_first_sends_and_resends(compiled):
+    """Every header the split path sends, from the caller's array, from the staging rows (a
+    partial chunk), and as a resend, carries its call's number mod 256 in the call byte."""
+    m = StreamMachine(job_id=JOB_ID, rank=0, k=K, slots=S, burst=B, rto_initial=0.1,
+                      compiled=compiled)
+    numel = 2 * K + 3  # two whole chunks sent from the array, one partial from the staging
+    m.submit(numel, array_fill(np.arange(numel, dtype=np.int32), K), 0.0, seq=300)
+    m.submit(K, array_fill(np.ones(K, np.int32), K), 0.0)  # seq 301, after the first call
+    first = m.transmit_frames(0.0)
+    heads = np.concatenate([h for h, _ in first])
+    calls = (heads[:, 2] >> 24) & 0xFF
+    assert calls.tolist() == [300 % 256] * 3 + [301 % 256]
+    resent = m.transmit_frames(0.5)  # the tail probe: every outstanding chunk again
+    heads = np.concatenate([h for h, _ in resent])
+    assert sorted(((heads[:, 2] >> 24) & 0xFF).tolist()) == [44, 44, 44, 45]

@@ -20,12 +20,14 @@ Inputs: rank r holds x_r[i] = (i * m_r + r) mod 2^32 viewed as int32 with an odd
 values span the whole int32 range, sums wrap, and every rank can compute the expected sum alone.
 
 The relay (the ceiling): a ROUTER with the switch's socket options and framing, `[identity,
-FRAME_DATA, body]`, that counts each message's arrivals from the N workers and, on the N-th, sends
-the last-arriving body back to every worker (one send per worker, zero-copy, as the switch
+FRAME_DATA, header words, payloads]` (the split layout the switch client sends and the switch
+answers with), that counts each message's arrivals from the N workers and, on the N-th, sends the
+last-arriving two frames back to every worker (one send per worker, zero-copy, as the switch
 multicasts). It adds nothing. Relay workers send the same message sizes as the switch workers (a
-burst of B packets of 16 + 4k bytes), self-clocked with the same window (slots / B messages in
-flight), from pre-built buffers; the first 8 bytes carry a running message number so that the
-relay can key on it and the worker can check that every reply answers the right message.
+burst of B packets: B x 16 header bytes and B x 4k payload bytes), self-clocked with the same
+window (slots / B messages in flight), from pre-built buffers; the header frame's first 8 bytes
+carry a running message number so that the relay can key on it and the worker can check that
+every reply answers the right message.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from typing import Any, Callable
 import numpy as np
 import zmq
 
-from switchagg.packet import packet_bytes
+from switchagg.packet import HEADER_BYTES
 from switchagg.protocol import FRAME_CONTROL, FRAME_DATA
 
 __all__ = ["Spec", "bench_input", "expected_sum", "gloo_worker", "relay", "relay_worker",
@@ -65,6 +67,9 @@ class Spec:
         numel: int32 elements per all-reduce.
         k, slots, burst: packet size, slot pool, packets per ZeroMQ message.
         warmup, repeats: untimed and timed all-reduces.
+        netns: "" on the host; else the tag of a `_netns_links.LinkNetwork`: rank r runs in
+            namespace `<netns>-w<r>`, the relay in `<netns>-sw`, and `address` may name the
+            rank's own gateway as `{rank}` (formatted by `address_for`).
     """
 
     address: str
@@ -75,6 +80,10 @@ class Spec:
     burst: int
     warmup: int
     repeats: int
+    netns: str = ""
+
+    def address_for(self, rank: int) -> str:
+        return self.address.format(rank=rank)
 
     @property
     def window(self) -> int:
@@ -129,9 +138,20 @@ def _rounds(spec: Spec, barrier, prepare: Callable[[], None], run: Callable[[], 
     return times, cpu
 
 
-def _report(queue, rank: int, body: Callable[[], dict]) -> None:
-    """Run a worker body and put its report (or its error) on the queue; never raises."""
+def _enter_netns(spec: Spec, name: str) -> None:
+    """Join the run's network namespace `<netns>-<name>` (before any socket exists)."""
+    if spec.netns:
+        from workers._netns_links import enter
+
+        enter(f"{spec.netns}-{name}")
+
+
+def _report(queue, rank: int, body: Callable[[], dict], spec: Spec | None = None) -> None:
+    """Run a worker body (in its namespace, if any) and put its report (or its error) on the
+    queue; never raises."""
     try:
+        if spec is not None:
+            _enter_netns(spec, f"w{rank}")
         queue.put(("ok", rank, body()))
     except BaseException as exc:  # noqa: BLE001 - the parent must hear of every failure
         detail = traceback.format_exc(limit=6)
@@ -152,7 +172,7 @@ def switch_worker(spec: Spec, rank: int, barrier, queue) -> None:
         # The sums land in a buffer allocated and page-faulted here, as gloo's land in its tensor.
         out = np.zeros(spec.numel, np.int32)
         out.fill(-1)
-        with SwitchClient(spec.address, "bench", spec.workers, rank=rank, config=config) as c:
+        with SwitchClient(spec.address_for(rank), "bench", spec.workers, rank=rank, config=config) as c:
             before = {}
 
             def prepare() -> None:
@@ -173,7 +193,7 @@ def switch_worker(spec: Spec, rank: int, barrier, queue) -> None:
         timed = counted[spec.warmup:]
         return {"times": times, "cpu": cpu, **{key: sum(r[key] for r in timed) for key in timed[0]}}
 
-    _report(queue, rank, body)
+    _report(queue, rank, body, spec)
 
 
 # ---- the raw ZeroMQ ceiling ------------------------------------------------------------------
@@ -184,12 +204,14 @@ def relay(spec: Spec, ready, stop) -> None:
     Runs until every worker said bye, `stop` is set, or nothing arrives for STEP_TIMEOUT.
     `ready` is set once the socket is bound.
     """
+    _enter_netns(spec, "sw")
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
     for option, value in ((zmq.SNDHWM, HWM), (zmq.RCVHWM, HWM), (zmq.ROUTER_MANDATORY, 1),
                           (zmq.LINGER, 500)):
         sock.setsockopt(option, value)
-    sock.bind(spec.address)
+    # In a link run the relay listens on every port of the switch's namespace.
+    sock.bind(spec.address if not spec.netns else "tcp://0.0.0.0:" + spec.address.rsplit(":", 1)[1])
     ready.set()
     window = spec.window
     members: list[bytes] = []
@@ -206,19 +228,19 @@ def relay(spec: Spec, ready, stop) -> None:
             quiet_since = time.monotonic()
             for _ in range(256):  # drain, as the switch's loop does (server.MAX_BATCH)
                 try:
-                    identity, kind, body = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                    identity, kind, *bodies = sock.recv_multipart(zmq.NOBLOCK, copy=False)
                 except zmq.Again:
                     break
+                body = bodies[-1]
                 if kind.bytes == FRAME_DATA:
-                    buf = body.buffer
-                    n = _COUNTER.unpack_from(buf)[0]
+                    n = _COUNTER.unpack_from(bodies[0].buffer)[0]
                     w = n % window
                     if number[w] != n:
                         number[w], count[w] = n, 0
                     count[w] += 1
                     if count[w] == spec.workers:
                         for member in members:
-                            sock.send_multipart([member, FRAME_DATA, buf], zmq.NOBLOCK,
+                            sock.send_multipart([member, FRAME_DATA, *bodies], zmq.NOBLOCK,
                                                 copy=False)
                 elif body.bytes == _HELLO:
                     members.append(identity.bytes)
@@ -239,37 +261,41 @@ def relay_worker(spec: Spec, rank: int, barrier, queue) -> None:
         sock = ctx.socket(zmq.DEALER)
         for option, value in ((zmq.SNDHWM, 10_000), (zmq.RCVHWM, 10_000), (zmq.LINGER, 500)):
             sock.setsockopt(option, value)
-        sock.connect(spec.address)
+        sock.connect(spec.address_for(rank))
         try:
             sock.send_multipart([FRAME_CONTROL, _HELLO])
             if not sock.poll(int(STEP_TIMEOUT * 1000)):
                 raise TimeoutError(f"the relay at {spec.address} sent no READY within "
                                    f"{STEP_TIMEOUT:.0f}s")
             sock.recv_multipart()
-            pkt = packet_bytes(spec.k)
             chunks = -(-spec.numel // spec.k)
-            sizes = [min(spec.burst, chunks - m * spec.burst) * pkt
+            sizes = [min(spec.burst, chunks - m * spec.burst)
                      for m in range(-(-chunks // spec.burst))]
             window = spec.window
             # Pre-built, pre-faulted send buffers (ones, not zeros: zero pages may stay shared).
-            ring = [np.ones(spec.burst * pkt, np.uint8) for _ in range(window)]
+            ring = [(np.ones(spec.burst * HEADER_BYTES, np.uint8),
+                     np.ones(spec.burst * 4 * spec.k, np.uint8)) for _ in range(window)]
+            pay = 4 * spec.k
             state = {"next": 0}  # the running message number, across all-reduces
 
             def run() -> int:
                 first, sent, done = state["next"], 0, 0
                 while done < len(sizes):
                     while sent < len(sizes) and sent - done < window:
-                        buf = ring[(first + sent) % window]
-                        _COUNTER.pack_into(buf, 0, first + sent)
-                        sock.send_multipart([FRAME_DATA, buf[:sizes[sent]]], copy=False)
+                        heads, vals = ring[(first + sent) % window]
+                        _COUNTER.pack_into(heads, 0, first + sent)
+                        n = sizes[sent]
+                        sock.send_multipart([FRAME_DATA, heads[:n * HEADER_BYTES], vals[:n * pay]],
+                                            copy=False)
                         sent += 1
                     if not sock.poll(int(STEP_TIMEOUT * 1000)):
                         raise TimeoutError(f"no reply from the relay within {STEP_TIMEOUT:.0f}s")
-                    _, reply = sock.recv_multipart(copy=False)
-                    got = _COUNTER.unpack_from(reply.buffer)[0]
-                    if got != first + done or len(reply.buffer) != sizes[done]:
-                        raise AssertionError(f"relay reply for message {got} ({len(reply.buffer)} "
-                                             f"B), expected {first + done} ({sizes[done]} B)")
+                    _, heads, vals = sock.recv_multipart(copy=False)
+                    got = _COUNTER.unpack_from(heads.buffer)[0]
+                    if got != first + done or len(vals.buffer) != sizes[done] * pay:
+                        raise AssertionError(f"relay reply for message {got} ({len(vals.buffer)} "
+                                             f"B), expected {first + done} "
+                                             f"({sizes[done] * pay} B)")
                     done += 1
                 state["next"] = first + done
                 return done
@@ -285,7 +311,7 @@ def relay_worker(spec: Spec, rank: int, barrier, queue) -> None:
             sock.close(linger=500)
             ctx.term()
 
-    _report(queue, rank, body)
+    _report(queue, rank, body, spec)
 
 
 # ---- gloo ------------------------------------------------------------------------------------
@@ -294,7 +320,10 @@ def gloo_worker(spec: Spec, rank: int, barrier, queue) -> None:
     """One rank of torch.distributed gloo `all_reduce(SUM)` of the same int32 tensor."""
     def body() -> dict:
         import datetime
+        import os
 
+        if spec.netns:  # gloo must use the shaped link, not guess an interface from the host name
+            os.environ["GLOO_SOCKET_IFNAME"] = "eth0"
         import torch
         import torch.distributed as dist
 
@@ -317,5 +346,5 @@ def gloo_worker(spec: Spec, rank: int, barrier, queue) -> None:
             dist.destroy_process_group()
         return {"times": times, "cpu": cpu}
 
-    _report(queue, rank, body)
+    _report(queue, rank, body, spec)
 

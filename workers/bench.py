@@ -2,22 +2,28 @@
 
 What it owns: starting, timing and tearing down three local contenders over the same tensor, worker
 count, transport and (for the first two) message sizes and window, and reporting them side by side
-(issue 2 item 7; SwitchML's metric, ATE/s = aggregated tensor elements per second = numel / time of
-one all-reduce):
-  1. the emulated switch (`python -m switch_emulator`) with N `SwitchClient` workers;
-  2. the raw ZeroMQ fan-in/fan-out ceiling: a relay with the switch's socket pattern that sums
-     nothing (workers/_bench_workers.py says exactly what it does);
+(SwitchML's metric, ATE/s = aggregated tensor elements per second = numel / time of one
+all-reduce):
+  1. the emulated switch (`python -m switch_emulator`, `--pipes P` dataplane processes) with N
+     `SwitchClient` workers;
+  2. the raw ZeroMQ fan-in/fan-out ceiling: a relay with the switch's socket pattern and framing
+     that sums nothing (workers/_bench_workers.py says exactly what it does);
   3. torch.distributed gloo `all_reduce(SUM)` of the same int32 tensor among N processes.
+On loopback (ipc or tcp) by default; with `--link RATE` every process runs in a network namespace
+of its own on links shaped to RATE (workers/_netns_links.py), and the figures gain the link limit
+(what a perfect switch reaches) and the ratios to it. `--sweep` repeats the run over worker counts
+and networks (workers/_bench_sweep.py).
 What it must never do: report a figure for a wrong sum (every all-reduce is verified exactly, and a
-mismatch fails the run), leave a child running (every child is torn down on success, failure and
-Ctrl-C), or wait without a bound. It asserts no target; it prints figures.
+mismatch fails the run), leave a child or a namespace behind (everything is torn down on success,
+failure, SIGTERM and Ctrl-C), or wait without a bound. It asserts no target; it prints figures.
 
-How it works: each contender is one phase. A phase spawns its children (fresh interpreters, so
-only the gloo workers import torch), which set up and pre-fault everything, then run warm-up and
-timed rounds, each behind a start barrier; a round's time is its slowest worker's, and a phase's
-figure comes from its median round. For scale, measured on the project's 2-core machine: gloo
-all-reduces about 52 M elements/s with 4 ranks, and a batched Python switch sums about 50 to 62 M
-(README.md, "Benchmarks", has the latest figures).
+How it works: the switch is started first and timed until it serves (interpreter, imports, the
+compiled pass: its start-up, reported apart and kept out of its per-round CPU). Then each contender
+is one phase. A phase spawns its children (fresh interpreters, so only the gloo workers import
+torch), which set up and pre-fault everything, then run warm-up and timed rounds, each behind a
+start barrier; a round's time is its slowest worker's, and a phase's figure comes from its median
+round. On the project's 2-core VM every contender shares the same two cores on loopback, so CPU
+seconds per all-reduce (printed too) are the steadier figure there; on links the link is.
 """
 
 from __future__ import annotations
@@ -35,12 +41,15 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from contextlib import ExitStack
 from typing import Any, Callable
 
 from switchagg.packet import VALID_K, packet_bytes
+from workers import _bench_sweep
 from workers import _bench_workers as bw
+from workers._netns_links import LinkError, LinkNetwork, check_can_build, parse_rate
 
 __all__ = ["BenchError", "configure", "main", "run_bench"]
 
@@ -48,6 +57,11 @@ log = logging.getLogger("switchagg.bench")
 
 #: Seconds a child gets to exit after the phase before it is terminated, then killed.
 _EXIT_GRACE = 3.0
+#: Seconds the switch may take to start (its pipes included) before the run fails; apart from
+#: --timeout, which bounds the timed phases.
+STARTUP_TIMEOUT = 120.0
+#: Workers a --link run may have (one namespace and one shaped veth pair each).
+MAX_LINK_WORKERS = 16
 
 
 class BenchError(RuntimeError):
@@ -71,6 +85,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     a("--duplicate", type=float, default=0.0, help="switch duplication probability")
     a("--reorder", type=float, default=0.0, help="switch reordering probability")
     a("--seed", type=int, default=0, help="seed of the switch's loss injection")
+    a("--pipes", type=int, default=1, help="dataplane processes of the switch "
+                                            "(switch-emulator --pipes; default 1)")
     a("--skip-gloo", action="store_true", help="do not measure torch.distributed gloo")
     a("--skip-zmq", action="store_true", help="do not measure the raw ZeroMQ ceiling")
     a("--timeout", type=float, default=600.0, help="seconds each contender may take in all")
@@ -79,6 +95,27 @@ def configure(parser: argparse.ArgumentParser) -> None:
       help="instead: throughput of the quantization kernels next to copy bandwidth "
            "(workers/bench_quantize.py; uses --numel, --repeats, --device)")
     a("--device", choices=("cpu", "cuda"), default="cpu", help="--quantize: where to run")
+    a("--link", metavar="RATE", default=None,
+      help="emulated links (root only): every worker in its own network namespace, joined to "
+           "the switch's by a veth pair shaped to RATE each way with tc tbf (e.g. 500mbit); "
+           "gloo's ring runs over the same links. Adds the link limit and ratios to it")
+    a("--sweep", action="store_true",
+      help="instead: the scaling table, ATE/s for 2, 4, 8 (16 with >= 8 cores) workers on "
+           "loopback and, with --link, on emulated links; writes a PNG (--plot)")
+    a("--sweep-workers", type=_worker_list, default=None, metavar="N,N,...",
+      help="--sweep: worker counts (default 2,4,8, and 16 with >= 8 cores)")
+    a("--plot", default="bench-sweep.png", help="--sweep: where to write the PNG "
+                                                "(default bench-sweep.png)")
+
+
+def _worker_list(text: str) -> list[int]:
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of worker counts like 2,4,8")
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: worker counts must be >= 1")
+    return counts
 
 
 def _free_tcp() -> str:
@@ -109,6 +146,44 @@ def _stop_popen(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(_EXIT_GRACE)
+
+
+#: What the switch logs (at INFO) once it is bound and its compiled pass is loaded.
+_READY_LINE = "switch listening on"
+
+
+def _start_switch(cmd: list[str], stack: ExitStack, timeout: float = STARTUP_TIMEOUT
+                  ) -> tuple[subprocess.Popen, float, float]:
+    """Start the switch and wait until it serves; returns (process, start-up s, its CPU s then).
+
+    Start-up is everything before the socket is bound: the interpreter, imports and loading (or
+    compiling) the dataplane's compiled pass. A thread keeps reading the switch's log (INFO) so
+    that its pipe never fills, and keeps the last lines for an error message.
+
+    Raises:
+        BenchError: the switch exited, or was not ready within `timeout` seconds.
+    """
+    start = time.perf_counter()
+    switch = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    stack.callback(_stop_popen, switch)
+    ready, tail = threading.Event(), []
+
+    def read_log() -> None:
+        for line in switch.stderr:
+            if _READY_LINE in line:
+                ready.set()
+            if "WARNING" in line or "ERROR" in line:
+                sys.stderr.write(line)
+            tail[:] = (tail + [line.rstrip()])[-5:]
+
+    threading.Thread(target=read_log, name="bench-switch-log", daemon=True).start()
+    deadline = time.monotonic() + timeout
+    while not ready.wait(0.05):
+        if switch.poll() is not None or time.monotonic() > deadline:
+            why = (f"exited with code {switch.returncode}" if switch.poll() is not None
+                   else f"was not serving within {timeout:.0f}s")
+            raise BenchError(f"the switch {why}: " + " | ".join(tail))
+    return switch, time.perf_counter() - start, _cpu_seconds(switch.pid)
 
 
 def _phase(name: str, target: Callable, spec: bw.Spec, timeout: float, stack: ExitStack,
@@ -170,13 +245,23 @@ def _median_round(reports: list[dict]) -> tuple[float, list[float], float]:
 
 
 def _cpu_seconds(pid: int) -> float:
-    """CPU seconds (user + system, all threads) a live process has used so far; 0 if unknown."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return 0.0
+    """CPU seconds (user + system, all threads) a live process and its live children (the
+    switch's pipes) have used so far; 0 if unknown."""
+    def own(p: int) -> tuple[float, int]:
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), int(fields[1])
+        except (OSError, ValueError, IndexError):
+            return 0.0, -1
+
+    total = own(pid)[0]
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != pid:
+            used, parent = own(int(entry))
+            if parent == pid:
+                total += used
+    return total
 
 
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
@@ -190,35 +275,57 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError("--workers, --numel and --repeats must be >= 1, --warmup >= 0")
     if not 1 <= args.burst <= args.slots:
         raise ValueError(f"--burst {args.burst} must be in [1, --slots {args.slots}]")
+    link = getattr(args, "link", None)
+    if link is not None:
+        if not 2 <= args.workers <= MAX_LINK_WORKERS:
+            raise ValueError(f"--link runs 2 to {MAX_LINK_WORKERS} workers, not {args.workers}")
+        parse_rate(link)  # a bad rate is a bad option, before anything is built
+        check_can_build()
     figures: dict[str, Any] = {
         "workers": args.workers, "numel": args.numel, "k": args.k, "slots": args.slots,
         "burst": args.burst, "repeats": args.repeats, "warmup": args.warmup,
-        "transport": args.transport, "drop": args.drop, "duplicate": args.duplicate,
-        "reorder": args.reorder, "cores": os.cpu_count(),
-        "message_bytes": args.burst * packet_bytes(args.k),
+        "transport": "tcp" if link else args.transport, "drop": args.drop,
+        "duplicate": args.duplicate, "reorder": args.reorder, "cores": os.cpu_count(),
+        "pipes": args.pipes,
+        "message_bytes": args.burst * packet_bytes(args.k), "link": link,
+        "link_limit_ate_per_s": None,
     }
-    make = lambda address: bw.Spec(address, args.workers, args.numel, args.k, args.slots,  # noqa
-                                   args.burst, args.warmup, args.repeats)
     with ExitStack() as stack:
-        folder = None
-        if args.transport == "ipc":
+        folder, net, netns = None, None, ""
+        if link is not None:
+            # Built first, so removed last: after every child in it has been stopped.
+            net = stack.enter_context(LinkNetwork(args.workers, link))
+            netns = net.tag
+            figures["link_limit_ate_per_s"] = net.bits_per_s / 8 / 4  # int32 per second
+            ports = iter(range(5555, 6000))
+            # The switch (or relay) binds in its namespace; rank r reaches it on its own link.
+            endpoint = lambda _: f"tcp://{net.gateway_ip('{rank}')}:{next(ports)}"  # noqa: E731
+        elif args.transport == "ipc":
             folder = tempfile.mkdtemp(prefix="switchagg-bench-")
             stack.callback(shutil.rmtree, folder, ignore_errors=True)
-        endpoint = (lambda name: f"ipc://{folder}/{name}") if folder else (lambda _: _free_tcp())
+            endpoint = lambda name: f"ipc://{folder}/{name}"  # noqa: E731
+        else:
+            endpoint = lambda _: _free_tcp()  # noqa: E731
+        make = lambda address: bw.Spec(address, args.workers, args.numel, args.k,  # noqa: E731
+                                       args.slots, args.burst, args.warmup, args.repeats, netns)
 
         # 1. The emulated switch.
         address = endpoint("switch")
-        cmd = [sys.executable, "-m", "switch_emulator", "--bind", address, "--log-level",
-               "WARNING", "--stats-interval", "0", "--slots", str(max(args.slots, 65536)),
+        bind = address if net is None else "tcp://0.0.0.0:" + address.rsplit(":", 1)[1]
+        cmd = [sys.executable, "-m", "switch_emulator", "--bind", bind, "--log-level",
+               "INFO", "--stats-interval", "0", "--slots", str(max(args.slots, 65536)),
                "--drop", str(args.drop), "--duplicate", str(args.duplicate), "--reorder",
-               str(args.reorder), "--seed", str(args.seed)]
-        switch = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
-        stack.callback(_stop_popen, switch)
+               str(args.reorder), "--seed", str(args.seed), "--pipes", str(args.pipes)]
+        if net is not None:
+            cmd = ["ip", "netns", "exec", net.switch_ns, *cmd]  # execs: the same pid
+        switch, startup_s, startup_cpu = _start_switch(cmd, stack)
         died = lambda: (f"the switch exited with code {switch.returncode}"  # noqa: E731
                         if switch.poll() is not None else None)
         reports = _phase("switch", bw.switch_worker, make(address), args.timeout, stack, died)
         rounds_run = args.warmup + args.repeats
-        switch_cpu = _cpu_seconds(switch.pid) / rounds_run  # joining included: an upper bound
+        # Start-up (imports, loading the compiled pass) is reported apart; joining stays in.
+        switch_cpu = (_cpu_seconds(switch.pid) - startup_cpu) / rounds_run
+        figures.update(switch_startup_s=startup_s, switch_startup_cpu_s=startup_cpu)
         seconds, rounds, worker_cpu = _median_round(reports)
         per_round = lambda key: sum(r[key] for r in reports) / args.repeats  # noqa: E731
         figures.update(
@@ -249,9 +356,10 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                            zmq_ceiling_worker_cpu_s=worker_cpu, zmq_ceiling_relay_cpu_s=relay_cpu,
                            zmq_ceiling_ate_per_s=args.numel / seconds)
             stop.set()
-        # 3. gloo.
+        # 3. gloo (over the links: rank 0's address in its namespace, a port free there).
         if not args.skip_gloo:
-            reports = _phase("gloo", bw.gloo_worker, make(_free_tcp()), args.timeout, stack)
+            rendezvous = _free_tcp() if net is None else f"tcp://{net.worker_ip(0)}:29500"
+            reports = _phase("gloo", bw.gloo_worker, make(rendezvous), args.timeout, stack)
             seconds, rounds, worker_cpu = _median_round(reports)
             figures.update(gloo_seconds=seconds, gloo_rounds_s=rounds, gloo_worker_cpu_s=worker_cpu,
                            gloo_ate_per_s=args.numel / seconds)
@@ -262,6 +370,16 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                                      if "zmq_ceiling_ate_per_s" in figures else None)
     figures.setdefault("gloo_ate_per_s", None)
     figures.setdefault("zmq_ceiling_ate_per_s", None)
+    limit = figures.get("link_limit_ate_per_s")
+    if limit:
+        n = args.workers
+        figures["ate_vs_link_limit"] = ate / limit
+        # A ring all-reduce sends and receives 2(n-1)/n of the tensor per worker: its ceiling.
+        figures["gloo_link_ceiling_ate_per_s"] = limit * n / (2 * (n - 1))
+        figures["gloo_vs_link_limit"] = (figures["gloo_ate_per_s"] / limit
+                                         if figures["gloo_ate_per_s"] else None)
+    for key in ("ate_vs_link_limit", "gloo_link_ceiling_ate_per_s", "gloo_vs_link_limit"):
+        figures.setdefault(key, None)
     return figures
 
 
@@ -270,7 +388,8 @@ def _table(f: dict[str, Any]) -> str:
     lines = [
         f"switchagg bench: {f['workers']} workers, {f['numel']} int32 ({mib:.4g} MiB), "
         f"k={f['k']}, slots {f['slots']}, burst {f['burst']} ({f['message_bytes'] >> 10} KiB per "
-        f"message), {f['transport']}, {f['cores']} cores, drop {f['drop']} duplicate "
+        f"message), {f['transport']}, {f['cores']} cores, {f['pipes']} pipe(s), drop "
+        f"{f['drop']} duplicate "
         f"{f['duplicate']} reorder {f['reorder']}, median of {f['repeats']}",
         f"{'contender':<34}{'s/all-reduce':>13}{'M elem/s':>10}",
     ]
@@ -288,14 +407,29 @@ def _table(f: dict[str, Any]) -> str:
     if f["gloo_ate_per_s"] is not None:
         cpu.append(f"gloo workers {f['gloo_worker_cpu_s']:.2f}")
     lines.append(f"CPU s per all-reduce ({f['cores']} cores): " + "; ".join(cpu))
+    lines.append(f"switch start-up (before the timed rounds, not in them): "
+                 f"{f['switch_startup_s']:.2f} s wall, {f['switch_startup_cpu_s']:.2f} s CPU")
     lines.append(f"switch: {f['packets_per_s'] / 1e6:.2f} M packets/s in, goodput "
                  f"{f['goodput']:.3f} (payload / wire bytes), {f['retransmitted']} retransmitted")
+    if f.get("link"):
+        n = f["workers"]
+        lines.append(f"link {f['link']} each way per worker: link limit (a perfect switch) "
+                     f"{f['link_limit_ate_per_s'] / 1e6:.2f} M elem/s, a ring's ceiling "
+                     f"(x n/(2(n-1)) = {n / (2 * (n - 1)):.2f}) "
+                     f"{f['gloo_link_ceiling_ate_per_s'] / 1e6:.2f}; switch = "
+                     f"{f['ate_vs_link_limit']:.2f} x link limit"
+                     + (f", gloo = {f['gloo_vs_link_limit']:.2f} x link limit"
+                        if f.get("gloo_vs_link_limit") is not None else ""))
     ratios = [f"ate/gloo = {f['ate_vs_gloo']:.2f}" if f["ate_vs_gloo"] is not None else "",
               f"ate/zmq ceiling = {f['ate_vs_zmq_ceiling']:.2f}"
               if f["ate_vs_zmq_ceiling"] is not None else ""]
     if any(ratios):
         lines.append("ratios: " + ", ".join(r for r in ratios if r))
     return "\n".join(lines)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -307,9 +441,16 @@ def main(args: argparse.Namespace) -> int:
         return validate.report_usage("bench", exc)
     if args.quantize:
         return _quantize(args)
+    # SIGTERM unwinds like Ctrl-C, so that children, namespaces and folders are removed.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
+        if args.sweep:
+            if args.link:
+                parse_rate(args.link)
+                check_can_build()
+            return _bench_sweep.main(args, run_bench)
         figures = run_bench(args)
-    except ValueError as exc:
+    except (ValueError, LinkError) as exc:
         print(f"switchagg bench: {exc}", file=sys.stderr)
         return 2
     except BenchError as exc:
@@ -318,6 +459,8 @@ def main(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("switchagg bench: interrupted; children stopped", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(json.dumps(figures, sort_keys=True) if args.json else _table(figures))
     return 0
 
