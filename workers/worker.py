@@ -48,7 +48,8 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by `compare` and `worker`: task, methods, training overrides, integers."""
     g = parser.add_argument_group("training")
     g.add_argument("--task", default="digits",
-                   help="digits (default, bundled), logreg, cifar10-resnet18, wikitext2-lstm")
+                   help="digits (default, bundled), logreg, fashion-mnist, cifar10-resnet18, "
+                        "wikitext2-lstm")
     g.add_argument("--data", default=None, help="local data file/folder for the task")
     g.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                    help="task option, repeatable (e.g. --opt hidden=(64,) --opt lam=1e-3)")
