@@ -40,8 +40,9 @@ def merge_ranks(summaries: list[dict[str, Any]], metric: str) -> dict[str, Any]:
     Returns:
         The entry: final_loss, final_accuracy (None where the task has none), final_metric, steps,
         wall_s, bytes_sent (all workers), bytes_sent_per_worker, packets, rounds_per_step,
-        max_abs_sum, max_abs_q, bits_needed (and both of the sum's extremes without step 0:
-        max_abs_sum_after_first_step, bits_needed_after_first_step), clip_fraction, wraps,
+        max_abs_sum, max_abs_q, bits_needed (and the same extremes without step 0:
+        max_abs_sum_after_first_step, max_abs_q_after_first_step, bits_needed_after_first_step),
+        clip_fraction, wraps,
         time_per_step (mean over
         workers), final_train_loss, replicas_agree, evaluation (rank 0's full dict).
     """
@@ -68,6 +69,8 @@ def merge_ranks(summaries: list[dict[str, Any]], metric: str) -> dict[str, Any]:
         "bits_needed": max(int(s["bits_needed"]) for s in by_rank),
         "max_abs_sum_after_first_step": max(int(s.get("max_abs_sum_after_first_step", 0))
                                             for s in by_rank),
+        "max_abs_q_after_first_step": max(int(s.get("max_abs_q_after_first_step", 0))
+                                          for s in by_rank),
         "bits_needed_after_first_step": max(int(s.get("bits_needed_after_first_step", 0))
                                             for s in by_rank),
         "clip_fraction": sum(float(s["clip_fraction"]) for s in by_rank) / n,
@@ -85,6 +88,11 @@ def _fmt(value: Any, spec: str) -> str:
     return format(value, spec)
 
 
+def _both(later: int, overall: int) -> str:
+    """"from step 1 / including step 0" of an integer extreme ("0" for float methods)."""
+    return str(later) if later == overall else f"{later}/{overall}"
+
+
 def format_table(methods: dict[str, dict[str, Any]], metric: str = "accuracy") -> str:
     """The summary table, one row per method (fixed-width text).
 
@@ -92,13 +100,15 @@ def format_table(methods: dict[str, dict[str, Any]], metric: str = "accuracy") -
     through DDP, which overlaps the reduction, + optimizer step) with compute, quantize,
     communicate (the window from the first bucket's launch to the last result, overlapping
     backward) and decode, MB sent per worker, packets per worker per step, rounds per
-    step, max |sum| and the bits the sum needed from step 1 on (IntSGD's step 0 borrows SwitchML's
-    exponent scaling; results.json has the extremes over all steps too), clip %, wraps.
+    step, the largest per-worker integer max |Q_i| (what a worker's packet must hold) and max |sum|
+    (what the switch's adders must), each as "from step 1 / including step 0" (IntSGD's step 0
+    borrows SwitchML's exponent scaling by default), the bits the sum needed from step 1 on, clip %,
+    wraps.
     """
     pct = metric == "accuracy"
     header = ["method", "loss", "acc %" if pct else metric[:10], "wall s", "ms/step",
-              "compute", "quant", "comm", "decode", "MB/wkr", "pkt/step", "rounds", "max|sum|",
-              "bits", "clip %", "wraps", "agree"]
+              "compute", "quant", "comm", "decode", "MB/wkr", "pkt/step", "rounds", "max|Q_i|",
+              "max|sum|", "bits", "clip %", "wraps", "agree"]
     rows = [header]
     for name, m in methods.items():
         t = m["time_per_step"]
@@ -114,7 +124,8 @@ def format_table(methods: dict[str, dict[str, Any]], metric: str = "accuracy") -
             _fmt(m["bytes_sent_per_worker"] / 1e6, ".2f"),
             _fmt(m["packets"] / workers / max(1, m["steps"]), ".0f"),
             _fmt(m["rounds_per_step"], ".1f"),
-            str(m.get("max_abs_sum_after_first_step", m["max_abs_sum"])),
+            _both(m.get("max_abs_q_after_first_step", m["max_abs_q"]), m["max_abs_q"]),
+            _both(m.get("max_abs_sum_after_first_step", m["max_abs_sum"]), m["max_abs_sum"]),
             str(m.get("bits_needed_after_first_step", m["bits_needed"])),
             _fmt(100 * m["clip_fraction"], ".2f"), str(m["wraps"]),
             "yes" if m["replicas_agree"] else "NO",
@@ -123,8 +134,9 @@ def format_table(methods: dict[str, dict[str, Any]], metric: str = "accuracy") -
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
              for r in rows]
     lines.insert(1, "-" * len(lines[0]))
-    lines.append("max|sum| and bits: from step 1 on (IntSGD's step 0 uses SwitchML's exponent "
-                 "scaling: r is unknown before it)")
+    lines.append("max|Q_i| (one worker's integers) and max|sum|: from step 1 / including step 0; "
+                 "bits: the sum's, from step 1 (IntSGD's step 0 uses SwitchML's exponent scaling "
+                 "by default: r is unknown before it)")
     return "\n".join(lines)
 
 

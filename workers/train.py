@@ -256,9 +256,10 @@ class _Totals:
         self.clipped = self.numel = 0
         self.max_abs_sum = self.max_abs_q = self.sum_bits = 0
         # The same extremes without step 0: IntSGD takes its first step with SwitchML's exponent
-        # scaling (r is unknown before it), which uses the whole int32 range once and would hide
-        # the integer range of its steady state.
-        self.later_max_abs_sum = self.later_sum_bits = 0
+        # scaling by default (r is unknown before it), which uses the whole int32 range once and
+        # would hide the integer range of its steady state. max |Q_i| is what one worker's b-bit
+        # packet must hold; max |sum| what the switch's adders must.
+        self.later_max_abs_sum = self.later_max_abs_q = self.later_sum_bits = 0
         self.t = {"compute": 0.0, "quantize": 0.0, "communicate": 0.0, "decode": 0.0,
                   "exposed": 0.0, "backward": 0.0, "update": 0.0}
         self.last_epoch_loss = math.nan
@@ -277,6 +278,7 @@ class _Totals:
         self.sum_bits = max(self.sum_bits, int(tel.get("sum_bits", 0)))
         if self.steps > 1:
             self.later_max_abs_sum = max(self.later_max_abs_sum, int(tel.get("max_abs_sum", 0)))
+            self.later_max_abs_q = max(self.later_max_abs_q, int(tel.get("max_abs_q", 0)))
             self.later_sum_bits = max(self.later_sum_bits, int(tel.get("sum_bits", 0)))
         for key in ("quantize", "communicate", "decode", "exposed"):
             self.t[key] += float(tel.get(f"t_{key}", 0.0))
@@ -296,6 +298,7 @@ class _Totals:
             "max_abs_sum": self.max_abs_sum, "max_abs_q": self.max_abs_q,
             "bits_needed": self.sum_bits,
             "max_abs_sum_after_first_step": self.later_max_abs_sum,
+            "max_abs_q_after_first_step": self.later_max_abs_q,
             "bits_needed_after_first_step": self.later_sum_bits,
             "time_per_step": {k: v / n for k, v in self.t.items()},
             "params_digest": digest,
