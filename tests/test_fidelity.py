@@ -1,0 +1,88 @@
+"""Fidelity to the papers and the authors' code: IntDIANA's alpha from the full step, the step-0
+rules, the float norm every worker agrees on, rounds counted from what was sent."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+
+from switchagg.collectives import LocalGroup
+from switchagg.errors import ConfigError
+from switchagg.methods import make_method
+from switchagg.scaling.exact_norm import float_sq_norm
+
+
+@pytest.mark.parametrize("values", [np.random.default_rng(0).standard_normal(5000),
+                                    [1e-45, 3e38, -2.5, 0.0, -0.0], [1e-30] * 7, []])
+def test_float_sq_norm_is_close_to_exact_and_order_free(values):
+    v = torch.tensor(np.asarray(values, dtype=np.float32))
+    exact = float(sum(Fraction(float(x)) ** 2 for x in v.tolist()))
+    got = float_sq_norm(v)
+    assert abs(got - exact) <= 1e-6 * exact
+    assert float_sq_norm(v.flip(0)) == got                # no order inside a tensor
+    assert float_sq_norm(v[:3], v[3:]) == float_sq_norm(v[:3], v[3:])
+    with pytest.raises(TypeError, match="float32"):
+        float_sq_norm(v.double())
+
+
+def _grads(rank: int, step: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(10 * rank + step)
+    # heterogeneous: each worker's gradient has its own offset (grad f_i(x*) != 0)
+    return [torch.randn(40, generator=g) + rank, torch.randn(9, generator=g) - rank]
+
+
+def _run(method: str, steps: int = 4, world: int = 3, lrs=(0.1, 0.2, 0.2, 0.05), **options):
+    def worker(c):
+        m = make_method(method, c, seed=1, **options)
+        out = []
+        for step in range(steps):
+            avg, tel = m.reduce(_grads(c.rank, step), step=step, lr=lrs[step])
+            out.append((torch.cat([a.reshape(-1) for a in avg]), tel,
+                        None if m.codec.scaler is None else m.codec.scaler.r.copy()))
+        return out
+    return LocalGroup(world, k=8).run(worker)
+
+
+def test_intdiana_alpha_follows_the_full_step():
+    lrs = (0.1, 0.2, 0.2, 0.05)
+    runs = _run("intdiana", lrs=lrs, beta=0.5)
+    r = None
+    for step, (avg, tel, r_after) in enumerate(runs[0]):
+        # The full step x^{k+1} - x^k = -eta g~^k: what every worker applied, rescaled as the
+        # scaler does when the learning rate changes.
+        sq = lrs[step] ** 2 * float(np.sum(avg.double().numpy() ** 2))
+        if r is None:
+            r = sq
+        else:
+            r = 0.5 * r * (lrs[step] / lrs[step - 1]) ** 2 + 0.5 * sq
+        assert r_after[0] == pytest.approx(r, rel=1e-5)
+    # bit-identical scales and averages on every worker
+    for other in runs[1:]:
+        assert all(torch.equal(a[0], b[0]) and a[1].alpha == b[1].alpha and
+                   np.array_equal(a[2], b[2]) for a, b in zip(runs[0], other))
+    innovation = _run("intdiana", lrs=lrs, beta=0.5, alpha_from="innovation")
+    assert innovation[0][-1][2][0] != pytest.approx(runs[0][-1][2][0], rel=1e-3)
+
+
+@pytest.mark.parametrize("method", ["intsgd-random", "intsgd-block", "intdiana"])
+def test_first_step_rules_run_and_say_which_ran(method):
+    default = _run(method, steps=2)[0]
+    assert default[0][1].scaling == "first-step-heuristic" and default[0][1].rounds == 2
+    fixed = _run(method, steps=2, first_step="fixed-alpha")[0]
+    tel = fixed[0][1]
+    assert tel.scaling == "first-step-fixed-alpha" and tel.alpha_max == 100.0 and tel.rounds == 1
+    # Q_0 = Int(100 g_0): rank 0's max |Q_i| is 100 times its largest entry, give or take rounding
+    top = float(torch.cat(_grads(0, 0)).abs().max())
+    assert abs(tel.max_abs_q - 100 * top) <= 1 + 100 * top * 1e-6
+    assert fixed[1][1].scaling == "alpha"
+    raw = _run(method, steps=2, first_step="uncompressed")[0]
+    tel = raw[0][1]
+    assert tel.scaling == "first-step-uncompressed" and tel.rounds == 1 and tel.numel_int == 0
+    mean = sum(torch.cat(_grads(r, 0)) for r in range(3)) / 3
+    assert torch.allclose(raw[0][0], mean, atol=1e-6)
+    assert raw[1][1].scaling == "alpha" and raw[1][1].max_abs_q < 100
+    with pytest.raises(ConfigError, match="first_step"):
+        _run(method, steps=1, first_step="paper")
