@@ -86,3 +86,18 @@ def test_first_step_rules_run_and_say_which_ran(method):
     assert raw[1][1].scaling == "alpha" and raw[1][1].max_abs_q < 100
     with pytest.raises(ConfigError, match="first_step"):
         _run(method, steps=1, first_step="paper")
+
+
+def test_method_opt_reaches_the_methods_that_take_it():
+    from workers.worker import check_method_options, collective_kind, method_options
+    pairs = ["first_step=uncompressed", "alpha_from=innovation"]
+    assert method_options("intdiana", pairs) == {"first_step": "uncompressed",
+                                                 "alpha_from": "innovation"}
+    assert method_options("intsgd-random", pairs) == {"first_step": "uncompressed"}
+    assert method_options("sgd", pairs) == {}
+    # floats at step 0: the method runs over torch.distributed, not the integer switch
+    assert collective_kind("intsgd-random", {"first_step": "uncompressed"}) == "torch"
+    assert collective_kind("intsgd-random", {"first_step": "fixed-alpha"}) == "int"
+    check_method_options(["sgd", "intdiana"], pairs)
+    with pytest.raises(ValueError, match="alpha_from"):
+        check_method_options(["sgd", "intsgd-random"], pairs)

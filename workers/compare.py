@@ -178,6 +178,8 @@ def _worker_argv(args: argparse.Namespace, rank: int, switch: str, master_port: 
             argv += ["--" + flag.replace("_", "-"), str(value)]
     for opt in args.opt:
         argv += ["--opt", opt]
+    for opt in args.method_opt:
+        argv += ["--method-opt", opt]
     return argv
 
 
@@ -328,10 +330,11 @@ def main(args: argparse.Namespace) -> int:
     """Entry point of `switchagg compare`; returns 0, 1 (a run failed), 2 (bad usage), 130 (Ctrl-C)."""
     from workers import report
     from workers.tasks import TASKS, make_task, parse_options
-    from workers.worker import method_names
+    from workers.worker import check_method_options, method_names
 
     try:
         args.method_list = method_names(args.methods)
+        check_method_options(args.method_list, args.method_opt)
         if args.task not in TASKS:
             raise ValueError(f"unknown task {args.task!r}; choose one of {', '.join(TASKS)}")
         if args.workers < 1:
@@ -363,6 +366,7 @@ def main(args: argparse.Namespace) -> int:
         "epochs": args.epochs if args.epochs is not None else preset.epochs,
         "batch_size": args.batch_size if args.batch_size is not None else preset.batch_size,
         "lr": args.lr if args.lr is not None else preset.lr, "max_steps": args.max_steps,
+        "method_options": list(args.method_opt),
         "bits": args.bits, "k": args.k, "slots": args.slots, "drop": args.drop,
         "duplicate": args.duplicate, "reorder": args.reorder, "device": args.device,
         "wall_s": time.monotonic() - started,

@@ -36,7 +36,8 @@ import traceback
 from typing import Any
 
 __all__ = ["EVENT_PREFIX", "configure", "main", "device_for_local_rank", "add_training_options",
-           "training_config", "run_methods", "collective_kind", "method_names"]
+           "training_config", "run_methods", "collective_kind", "method_names", "method_options",
+           "check_method_options"]
 
 log = logging.getLogger("switchagg.worker")
 
@@ -55,6 +56,10 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
                    help="task option, repeatable (e.g. --opt hidden=(64,) --opt lam=1e-3)")
     g.add_argument("--methods", default=None,
                    help="comma-separated methods (default: all of switchagg.methods.METHODS)")
+    g.add_argument("--method-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="codec option, repeatable, for every chosen method that takes it (e.g. "
+                        "--method-opt first_step=fixed-alpha; uncompressed runs over "
+                        "torch.distributed)")
     g.add_argument("--epochs", type=int, default=None, help="epochs (default: the task's preset)")
     g.add_argument("--max-steps", type=int, default=None, help="stop each method after N steps")
     g.add_argument("--batch-size", type=int, default=None, help="examples per worker per step")
@@ -137,10 +142,34 @@ class _Emitter:
             self(event="progress", method=method, step=step, total=total, loss=loss)
 
 
-def collective_kind(name: str) -> str:
-    """What the named method needs of its collective ("int": the switch will do; "torch")."""
+def collective_kind(name: str, options: dict | None = None) -> str:
+    """What the named method needs of its collective ("int": the switch will do; "torch"), with
+    its codec options (an uncompressed first step sends floats, which the switch cannot add)."""
+    from switchagg.codecs._first_step import needs_float_sum
     from switchagg.methods import collective_kind as kind_of
-    return kind_of(name)
+    return "torch" if needs_float_sum(options or {}) else kind_of(name)
+
+
+def method_options(name: str, pairs: list[str] | None) -> dict[str, Any]:
+    """The `--method-opt` settings the named method's codec takes (others are for other methods)."""
+    import inspect
+
+    from switchagg.methods import method_spec
+    from workers.tasks import parse_options
+    codec = method_spec(name).codec
+    takes = {p for cls in codec.__mro__ if "__init__" in vars(cls)
+             for p in inspect.signature(cls.__init__).parameters}
+    return {k: v for k, v in parse_options(pairs).items() if k in takes}
+
+
+def check_method_options(names: list[str], pairs: list[str] | None) -> None:
+    """Raise ValueError naming a `--method-opt` key that no chosen method takes."""
+    from workers.tasks import parse_options
+    used = set().union(*(method_options(n, pairs) for n in names)) if names else set()
+    unused = sorted(set(parse_options(pairs)) - used)
+    if unused:
+        raise ValueError(f"--method-opt {', '.join(unused)}: no chosen method ({', '.join(names)}) "
+                         f"takes it")
 
 
 def _open_client(args: argparse.Namespace, rank: int | None, world_size: int, method: str):
@@ -168,7 +197,8 @@ def _init_process_group(args: argparse.Namespace, names: list[str]) -> None:
     import torch.distributed as dist
     backend = "nccl" if args.device.startswith("cuda") else "gloo"
     rendezvous = None not in (args.rank, args.world_size) and args.master_addr and args.master_port
-    needs_torch = not args.switch or any(collective_kind(n) == "torch" for n in names)
+    needs_torch = not args.switch or any(
+        collective_kind(n, method_options(n, args.method_opt)) == "torch" for n in names)
     if rendezvous:
         dist.init_process_group(backend, init_method=f"tcp://{args.master_addr}:{args.master_port}",
                                 rank=args.rank, world_size=args.world_size,
@@ -204,14 +234,15 @@ def run_methods(args: argparse.Namespace, names: list[str], emit: "_Emitter | _T
     results: dict[str, dict] = {}
     try:
         for name in names:
-            kind = collective_kind(name)
+            options = method_options(name, args.method_opt)
+            kind = collective_kind(name, options)
             client = None
             if kind == "int" and args.switch:
                 client = _open_client(args, args.rank, args.world_size, name)
             state, _ = hook_for(name, switch=None, client=client, job=f"{args.job}-{name}",
                                 world_size=None if client else args.world_size,
                                 rank=None if client else args.rank, seed=args.seed,
-                                bits=args.bits, timeout=args.timeout)
+                                bits=args.bits, timeout=args.timeout, **options)
             rank = state.rank
             emit.rank = rank
             emit("start", method=name)
@@ -269,6 +300,7 @@ def main(args: argparse.Namespace) -> int:
     current = {"method": None}
     try:
         names = method_names(args.methods)
+        check_method_options(names, args.method_opt)
     except ValueError as exc:
         log.error("%s", exc)
         emit("error", method=None, error="ValueError", message=str(exc), traceback="")
