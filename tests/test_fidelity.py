@@ -135,3 +135,51 @@ def test_vr_logreg_converges_where_minibatch_sgd_stalls():
     assert diana < 0.05 * noisy, (diana, noisy)             # VR-IntDIANA too (measured: 0.01x)
     with pytest.raises(ValueError, match="mini-batches"):
         make_task("logreg", vr=True).shard(0, 2, 0)
+
+
+def test_presets_scale_the_lr_by_workers_with_a_five_epoch_warmup(tmp_path):
+    from workers.tasks import TASKS
+    p = TASKS["cifar10-resnet18"].preset
+    assert p.lr_at(0, world_size=16) == pytest.approx(0.1)
+    assert p.lr_at(2.5, world_size=16) == pytest.approx(0.1 * (1 + 15 * 0.5))
+    assert p.lr_at(5, world_size=16) == pytest.approx(1.6)
+    assert p.lr_at(150, world_size=16) == pytest.approx(0.16)
+    assert p.lr_at(100, world_size=1) == pytest.approx(0.1)       # one worker: the paper's lr
+    lm = TASKS["wikitext2-lstm"].preset
+    assert lm.lr_at(5, world_size=16) == pytest.approx(1.25 * 16) and lm.warmup_epochs == 5
+    from tests.test_tasks import _write_cifar
+    _write_cifar(tmp_path)
+    from workers.tasks import make_task
+    ints = make_task("cifar10-resnet18", data=str(tmp_path), width=8, recipe="intsgd").preset
+    assert ints.lr_at(5, world_size=16) == pytest.approx(3.2) and ints.momentum_before_reduce
+    assert not make_task("cifar10-resnet18", data=str(tmp_path), width=8).preset \
+        .momentum_before_reduce
+
+
+def test_momentum_before_the_reduce_equals_after_for_an_exact_average():
+    import dataclasses
+
+    import torch.distributed as tdist
+
+    from switchagg.ddp import hook_for
+    from workers.tasks import make_task
+    from workers.train import TrainConfig, train
+    if not tdist.is_initialized():
+        tdist.init_process_group("gloo", store=tdist.HashStore(), rank=0, world_size=1)
+
+    def run(before: bool, method: str = "sgd"):
+        def worker(c):
+            t = make_task("digits", hidden=(16,))
+            t.preset = dataclasses.replace(t.preset, weight_decay=1e-2, nesterov=True,
+                                           momentum_before_reduce=before)
+            state, _ = hook_for(method, collective=c, seed=0)
+            return train(t, state, rank=c.rank, world_size=2,
+                         config=TrainConfig(max_steps=8, epochs=1, seed=0))
+        return LocalGroup(2).run(worker, timeout=120)
+    after, before = run(False), run(True)
+    assert before[0]["params_digest"] == before[1]["params_digest"]
+    assert before[0]["evaluation"]["loss"] == pytest.approx(after[0]["evaluation"]["loss"],
+                                                            rel=1e-5)
+    ints = run(True, "intsgd-determ")     # the IntSGD ResNet recipe's rounding, through a codec
+    assert ints[0]["params_digest"] == ints[1]["params_digest"]
+    assert ints[0]["evaluation"]["loss"] == pytest.approx(after[0]["evaluation"]["loss"], rel=0.05)

@@ -15,6 +15,12 @@ How it works, per step (the walk of one gradient, seen from the worker):
      the quantize / communicate / decode / exposed split of this step.
   3. the task's gradient clip (on the averaged gradient, as DDP scripts do) and the optimizer
      step (momentum and weight decay after the reduce, the SGD/PowerSGD baselines' placement).
+With `preset.momentum_before_reduce` (the IntSGD authors' ResNet script), the method's hook is
+wrapped by `before_reduce_hook`: as each bucket fills, every worker adds weight decay to its own
+gradients and folds them into its own momentum buffers (per parameter, in the bucket's gradient
+views), so what the codec compresses is the locally momentum-corrected, weight-decayed vector; the
+optimizer then takes a plain SGD step (no momentum, no decay) with the average. For an exact
+average (sgd) the two placements give the same steps: momentum is linear.
 Every worker applies the same averaged gradient to the same initial weights, so replicas stay equal;
 the summary carries a digest of the parameters so a caller can check that they did. compute time
 is forward + backward less what the hook spent encoding and decoding and less the communication
@@ -42,7 +48,7 @@ from torch.nn.parallel import DistributedDataParallel
 from workers.data import derive_seed, generator_for
 from workers.tasks.base import Task
 
-__all__ = ["TrainConfig", "train", "telemetry_dict", "params_digest"]
+__all__ = ["TrainConfig", "train", "telemetry_dict", "params_digest", "before_reduce_hook"]
 
 #: Serializes seeding + building should several workers share a process (threads); dropout still
 #: draws from the global generator, so threaded runs are reproducible only without dropout.
@@ -164,10 +170,18 @@ def train(task: Task, state: Any, *, rank: int, world_size: int, config: TrainCo
     extra = {} if bucket_cap_mb is None else {"bucket_cap_mb": bucket_cap_mb}
     ddp = DistributedDataParallel(model, device_ids=device_ids, process_group=process_group,
                                   **extra)
-    ddp.register_comm_hook(state, codec_hook)
+    groups = task.param_groups(model, preset.weight_decay)
+    if preset.momentum_before_reduce:
+        ddp.register_comm_hook(state, before_reduce_hook(codec_hook, groups, preset.momentum,
+                                                         preset.nesterov))
+        groups = [{**g, "weight_decay": 0.0} for g in groups]
+        momentum = 0.0
+    else:
+        ddp.register_comm_hook(state, codec_hook)
+        momentum = preset.momentum
     view = _ModelView(ddp)
-    optimizer = torch.optim.SGD(task.param_groups(model, preset.weight_decay), lr=base_lr,
-                                momentum=preset.momentum, nesterov=preset.nesterov and preset.momentum > 0)
+    optimizer = torch.optim.SGD(groups, lr=base_lr, momentum=momentum,
+                                nesterov=preset.nesterov and momentum > 0)
     shard = task.shard(rank, world_size, batch_size)
     per_epoch = shard.steps_per_epoch
     total = epochs * per_epoch
@@ -188,7 +202,8 @@ def train(task: Task, state: Any, *, rank: int, world_size: int, config: TrainCo
         for batch in shard.batches(epoch, generator_for(config.seed, "data", rank, epoch)):
             if step >= total:
                 break
-            lr = preset.lr_at(epoch + (step - epoch * per_epoch) / per_epoch, base_lr)
+            lr = preset.lr_at(epoch + (step - epoch * per_epoch) / per_epoch, base_lr,
+                              world_size)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             state.lr = lr
@@ -245,6 +260,37 @@ def train(task: Task, state: Any, *, rank: int, world_size: int, config: TrainCo
                              digest=params_digest(model))
     summary["diverged"] = diverged
     return summary
+
+
+def before_reduce_hook(inner: Callable, groups: list[dict[str, Any]], momentum: float,
+                       nesterov: bool) -> Callable:
+    """`inner` (a DDP hook), after this worker's weight decay and momentum on each bucket.
+
+    Per parameter p of the bucket, on its gradient view g (in place, so the codec sees it):
+    g += wd_p p; buf_p = momentum buf_p + g (buf_p = g the first time); g = g + momentum buf_p
+    (Nesterov) or buf_p, as torch.optim.SGD would after the reduce.
+    """
+    decay = {id(p): float(g["weight_decay"]) for g in groups for p in g["params"]}
+    buffers: dict[int, torch.Tensor] = {}
+
+    def hook(state, bucket):
+        for p, grad in zip(bucket.parameters(), bucket.gradients()):
+            wd = decay.get(id(p), 0.0)
+            if wd:
+                grad.add_(p.detach(), alpha=wd)
+            if momentum:
+                buf = buffers.get(id(p))
+                if buf is None:
+                    buf = buffers[id(p)] = grad.detach().clone()
+                else:
+                    buf.mul_(momentum).add_(grad)
+                if nesterov:
+                    grad.add_(buf, alpha=momentum)
+                else:
+                    grad.copy_(buf)
+        return inner(state, bucket)
+
+    return hook
 
 
 class _Totals:
