@@ -41,7 +41,8 @@ def _run(method: str, steps: int = 4, world: int = 3, lrs=(0.1, 0.2, 0.2, 0.05),
         for step in range(steps):
             avg, tel = m.reduce(_grads(c.rank, step), step=step, lr=lrs[step])
             out.append((torch.cat([a.reshape(-1) for a in avg]), tel,
-                        None if m.codec.scaler is None else m.codec.scaler.r.copy()))
+                        None if getattr(m.codec, "scaler", None) is None
+                        else m.codec.scaler.r.copy()))
         return out
     return LocalGroup(world, k=8).run(worker)
 
@@ -183,3 +184,23 @@ def test_momentum_before_the_reduce_equals_after_for_an_exact_average():
     ints = run(True, "intsgd-determ")     # the IntSGD ResNet recipe's rounding, through a codec
     assert ints[0]["params_digest"] == ints[1]["params_digest"]
     assert ints[0]["evaluation"]["loss"] == pytest.approx(after[0]["evaluation"]["loss"], rel=0.05)
+
+
+def test_rounds_count_what_was_sent():
+    import torch.distributed as tdist
+
+    from switchagg.collectives.torchdist import TorchCollective
+    if not tdist.is_initialized():
+        tdist.init_process_group("gloo", store=tdist.HashStore(), rank=0, world_size=1)
+    c = TorchCollective()
+    before = c.stats.snapshot()
+    c.allgather(np.arange(3, dtype=np.int32))      # the lengths, then the padded data: two calls
+    c.allreduce_int(np.arange(3, dtype=np.int32))  # one
+    c.allreduce_int_stream(np.zeros(1, np.int8),   # emulated look-ahead: a MAX, then the SUM
+                           lambda c0, c1, e: np.zeros((c1 - c0) * c.k, np.int32))
+    assert c.stats.since(before).rounds == 2 + 1 + 2
+    # in-process: the same count for the heuristic (exponents, then values) and IntSGD (one SUM)
+    tels = _run("heuristic-switchml", steps=2)[0]
+    assert [t.rounds for _, t, _ in tels] == [2, 2]
+    tels = _run("intsgd-random", steps=3)[0]
+    assert [t.rounds for _, t, _ in tels] == [2, 1, 1]

@@ -103,7 +103,8 @@ def accuracy(results: Results, notes: list[str]) -> dict:
                          f"({gap:+.2f} points)")
     return {"verdict": "holds" if worst >= -1.0 else "does not hold",
             "measured": "; ".join(parts), "worst_gap_points": worst,
-            "rule": "holds when IntSGD's mean test accuracy is within 1 point of SGD's on every run"}
+            "rule": "holds when IntSGD's mean test accuracy is within 1 point of SGD's on every "
+                    "run"}
 
 
 def heuristic_round(results: Results, notes: list[str]) -> dict:
@@ -281,7 +282,8 @@ def evaluate(results: Results, *, quick: bool, notes: list[str], wall_s: float) 
         try:
             got = measure(results, notes)
         except Exception as exc:  # a claim's bug must not lose the others
-            got = {"verdict": "not run", "measured": f"measuring failed: {type(exc).__name__}: {exc}"}
+            got = {"verdict": "not run",
+                   "measured": f"measuring failed: {type(exc).__name__}: {exc}"}
         claims.append({"id": cid, "source": source, "claim": claim, "paper": paper, **got})
     return {"quick": quick, "wall_s": wall_s, "notes": notes, "claims": claims,
             "runs": {name: [{k: v for k, v in e.items() if k != "series"} for e in entries]
@@ -343,7 +345,7 @@ def write_report(out: str, content: dict, results: Results) -> None:
     lines += ["", "| claim | source | paper's figure | measured | verdict |",
               "|---|---|---|---|---|"]
     for c in content["claims"]:
-        cell = lambda s: str(s).replace("|", "/").replace("\n", " ")  # noqa: E731
+        cell = lambda s: str(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
         lines.append(f"| {cell(c['claim'])} | {cell(c['source'])} | {cell(c['paper'])} | "
                      f"{cell(c['measured'])} | **{c['verdict']}** |")
     lines += ["", "Rules behind the verdicts:", ""]

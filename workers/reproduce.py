@@ -1,9 +1,9 @@
 """`switchagg reproduce`: the source papers' claims, measured at small scale, in one report.
 
-What it owns: the fixed set of configurations (`RUNS`: task, workers, methods, budget, seeds), running
-them one after the other with `switchagg compare`'s machinery (`run_compare`: one switch and N worker
-processes per configuration and seed), and writing the report: `report.md` (each claim of the
-papers with the figure measured, the paper's figure where it gives one, and a verdict),
+What it owns: the fixed set of configurations (`RUNS`: task, workers, methods, budget, seeds),
+running them one after the other with `switchagg compare`'s machinery (`run_compare`: one switch
+and N worker processes per configuration and seed), and writing the report: `report.md` (each
+claim of the papers with the figure measured, the paper's figure where it gives one, a verdict),
 `claims.json` (the same, machine-readable, with every run's merged results) and the runs' own
 folders (results.json, metrics, PNG plots). The claims themselves live in `workers/claims.py`.
 What it must never do: download data (a5a comes from `--a5a PATH`; without it the logistic-
@@ -71,8 +71,8 @@ class Run:
 
 
 #: The fixed set. Sizes: digits' 200 steps per method as `switchagg compare`; the logistic
-#: regression full-batch (one step an epoch) long enough for IntSGD's integers to grow; Fashion-MNIST
-#: the task's preset (3 epochs, warm-up and decay).
+#: regression full-batch (one step an epoch) long enough for IntSGD's integers to grow;
+#: Fashion-MNIST the task's preset (3 epochs, warm-up and decay).
 RUNS: tuple[Run, ...] = (
     Run("digits-4", "digits", 4, BASE, epochs=20, quick_epochs=8, optional=BASELINES,
         estimate_s=110),
@@ -199,7 +199,8 @@ def run_all(out: str, *, quick: bool, a5a: str | None, timeout: float = 300.0,
         left = max(left - run.estimate_s * (0.3 if quick else 1.0), 0.0)
         status = "failed: " + res["error"].splitlines()[0] if res["error"] else "done"
         say(f"[{i}/{len(runs)}] {run.name} seed {seed}: {status} in {took:.0f} s "
-            f"(elapsed {(time.monotonic() - started) / 60:.1f} min, about {left / 60:.0f} min left)")
+            f"(elapsed {(time.monotonic() - started) / 60:.1f} min, "
+            f"about {left / 60:.0f} min left)")
     content = claims.evaluate(results, quick=quick, notes=notes,
                               wall_s=time.monotonic() - started)
     claims.write_report(out, content, results)

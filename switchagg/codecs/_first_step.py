@@ -35,7 +35,8 @@ def check_first_step(rule: str, alpha0: float) -> str:
     """The rule, checked (ConfigError lists the valid ones); alpha0 must be a positive float."""
     check_choice("first_step", rule)
     if not (isinstance(alpha0, (int, float)) and 0 < float(alpha0) < 2.0 ** 100):
-        raise ValueError(f"alpha0={alpha0!r}: the first step's fixed alpha must be a positive float")
+        raise ValueError(f"alpha0={alpha0!r}: the first step's fixed alpha must be a positive "
+                         f"float")
     return rule
 
 

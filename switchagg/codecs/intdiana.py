@@ -105,7 +105,8 @@ class IntDIANA(IntegerCodec):
     def _end(self) -> None:
         lr = self.lr
         if self.alpha_from == "step" or self._alpha is None:
-            # the full step (at step 0 without an alpha, h^1 = g~^0 is also the whole step): eta^2 ||h^{k+1}||^2, in key order, the same float64 everywhere
+            # the full step eta^2 ||h^{k+1}||^2, in key order, the same float64 everywhere (at
+            # step 0 without an alpha too: h^1 = g~^0)
             step_sq = (lr * lr) * float_sq_norm(*(self.h_global[k] for k in sorted(self.h_global)))
         else:
             step_sq = self.scaler_step_sq(self._int_sq, lr)
