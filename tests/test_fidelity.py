@@ -3,6 +3,7 @@ rules, the float norm every worker agrees on, rounds counted from what was sent.
 
 from __future__ import annotations
 
+import os
 from fractions import Fraction
 
 import numpy as np
@@ -204,3 +205,21 @@ def test_rounds_count_what_was_sent():
     assert [t.rounds for _, t, _ in tels] == [2, 2]
     tels = _run("intsgd-random", steps=3)[0]
     assert [t.rounds for _, t, _ in tels] == [2, 1, 1]
+
+
+A5A = os.environ.get("SWITCHAGG_A5A", "/work/shared/data/a5a")
+
+
+@pytest.mark.skipif(not os.path.exists(A5A), reason="the a5a LIBSVM file is absent (SWITCHAGG_A5A)")
+def test_logreg_reads_the_papers_a5a_file():
+    from workers.tasks import make_task
+    task = make_task("logreg", data=A5A)
+    # 123 features, the last never set in this split (the file gives the highest index used)
+    assert task.a.shape[0] == 6414 and task.a.shape[1] in (122, 123)
+    assert set(np.unique(task.b)) == {-1.0, 1.0}
+    assert np.allclose(np.linalg.norm(task.a, axis=1), 1.0)            # rows L2-normalized
+    s0, s1 = task.shard(0, 12, 0), task.shard(1, 12, 0)                 # the paper's 12 workers
+    n0 = len(s0.x)                                                      # contiguous, in file order
+    assert n0 in (534, 535) and np.allclose(s0.x.numpy(), task.a[:n0])
+    assert np.allclose(s1.x[:1].numpy(), task.a[n0:n0 + 1])
+    assert task.describe()["f_star"] is not None and task.evaluate(task.build_model())["loss"] > 0

@@ -48,7 +48,8 @@ class Run:
         opts: task options (--opt); `quick_opts` override them under `--quick`.
         optional: registered baselines that join this run.
         needs_a5a: the logistic-regression runs read the a5a file given by `--a5a`.
-        estimate_s: seconds one seed took on the project's loaded 2-core machine (full set).
+        estimate_s, quick_estimate_s: seconds one seed takes on the project's loaded 2-core
+            machine (full set; `--quick`), measured or scaled from a measured run.
         quick: part of `--quick`.
     """
 
@@ -66,6 +67,7 @@ class Run:
     optional: tuple[str, ...] = ()
     needs_a5a: bool = False
     estimate_s: float = 60.0
+    quick_estimate_s: float = 60.0
     quick: bool = True
     method_opts: tuple[str, ...] = field(default=())
 
@@ -75,12 +77,13 @@ class Run:
 #: Fashion-MNIST the task's preset (3 epochs, warm-up and decay).
 RUNS: tuple[Run, ...] = (
     Run("digits-4", "digits", 4, BASE, epochs=20, quick_epochs=8, optional=BASELINES,
-        estimate_s=110),
+        estimate_s=100, quick_estimate_s=55),
     Run("digits-16-int8", "digits", 16, ("sgd", "intsgd-random", "intsgd-determ",
                                          "heuristic-switchml"),
-        bits=8, epochs=20, quick_epochs=10, estimate_s=240),
+        bits=8, epochs=20, quick_epochs=10, estimate_s=130, quick_estimate_s=95),
     Run("logreg-a5a-4", "logreg", 4, ("sgd", "intsgd-random", "intdiana", "heuristic-switchml"),
-        epochs=2000, quick_epochs=600, eval_every=50, needs_a5a=True, estimate_s=300),
+        epochs=2000, quick_epochs=600, eval_every=50, needs_a5a=True, estimate_s=230,
+        quick_estimate_s=80),
     Run("logreg-a5a-16", "logreg", 16, ("sgd", "intsgd-random", "intdiana"), epochs=2000,
         quick_epochs=0, eval_every=100, needs_a5a=True, estimate_s=600, quick=False),
     Run("fmnist-fc-4", "fashion-mnist", 4, ("sgd", "intsgd-random", "heuristic-switchml"),
@@ -88,7 +91,7 @@ RUNS: tuple[Run, ...] = (
         quick=False),
     Run("fmnist-lenet-4", "fashion-mnist", 4, ("sgd", "intsgd-random", "heuristic-switchml"),
         epochs=3, quick_epochs=2, opts=("model='lenet'",),
-        quick_opts=("train_size=6000", "test_size=2000"), estimate_s=420),
+        quick_opts=("train_size=6000", "test_size=2000"), estimate_s=280, quick_estimate_s=60),
 )
 
 
@@ -177,7 +180,8 @@ def run_all(out: str, *, quick: bool, a5a: str | None, timeout: float = 300.0,
         runs, notes = plan(quick, a5a)
     notes = list(notes or [])
     say = progress or (lambda line: print(line, file=sys.stderr, flush=True))
-    estimate = sum(r.estimate_s for r, _ in runs) * (0.3 if quick else 1.0)
+    cost = (lambda r: r.quick_estimate_s) if quick else (lambda r: r.estimate_s)
+    estimate = sum(cost(r) for r, _ in runs)
     say(f"switchagg reproduce: {len(runs)} runs ({'quick' if quick else 'full'} set), expected "
         f"about {estimate / 60:.0f} min on a loaded 2-core machine; output in {out}")
     for note in notes:
@@ -196,7 +200,7 @@ def run_all(out: str, *, quick: bool, a5a: str | None, timeout: float = 300.0,
         res["folder"] = os.path.relpath(folder, out)
         results.setdefault(run.name, []).append(res)
         took = time.monotonic() - t0
-        left = max(left - run.estimate_s * (0.3 if quick else 1.0), 0.0)
+        left = max(left - cost(run), 0.0)
         status = "failed: " + res["error"].splitlines()[0] if res["error"] else "done"
         say(f"[{i}/{len(runs)}] {run.name} seed {seed}: {status} in {took:.0f} s "
             f"(elapsed {(time.monotonic() - started) / 60:.1f} min, "
