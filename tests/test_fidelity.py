@@ -223,3 +223,14 @@ def test_logreg_reads_the_papers_a5a_file():
     assert n0 in (534, 535) and np.allclose(s0.x.numpy(), task.a[:n0])
     assert np.allclose(s1.x[:1].numpy(), task.a[n0:n0 + 1])
     assert task.describe()["f_star"] is not None and task.evaluate(task.build_model())["loss"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_float_sq_norm_same_bits_on_cuda_and_cpu():
+    # The point of float_sq_norm: IntDIANA's alpha agrees across workers whatever their device.
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal(3_000_001) * 2.0 ** rng.integers(-30, 30, 3_000_001)).astype(np.float32)
+    cpu = torch.from_numpy(x)
+    assert float_sq_norm(cpu) == float_sq_norm(cpu.cuda())
+    assert float_sq_norm(cpu[:10], cpu[10:]) == float_sq_norm(cpu[:10].cuda(), cpu[10:].cuda())

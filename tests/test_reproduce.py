@@ -25,6 +25,11 @@ def test_plan_skips_the_a5a_runs_without_the_file_and_says_so():
     assert {r.name for r, _ in full} == {r.name for r in RUNS}
     assert len(full) > len(runs) and {s for _, s in full} == {0, 1, 2}
     assert {r.workers for r in RUNS} >= {4, 16}
+    some, notes = plan(quick=False, a5a=None, only=["digits-4"], seeds=[5])
+    assert [(r.name, s) for r, s in some] == [("digits-4", 5)]
+    assert any("not selected" in n for n in notes)
+    with pytest.raises(ValueError, match="digits-4"):
+        plan(quick=True, a5a=None, only=["nope"])
 
 
 @pytest.mark.timeout(420)

@@ -95,17 +95,34 @@ RUNS: tuple[Run, ...] = (
 )
 
 
-def plan(quick: bool, a5a: str | None) -> tuple[list[tuple[Run, int]], list[str]]:
-    """(the (run, seed) pairs to run, notes on what is skipped and why)."""
+def plan(quick: bool, a5a: str | None, *, only: list[str] | None = None,
+         seeds: list[int] | None = None) -> tuple[list[tuple[Run, int]], list[str]]:
+    """(the (run, seed) pairs to run, notes on what is skipped and why).
+
+    Args:
+        quick: the reduced set. a5a: the a5a file (None: its runs are skipped, with a note).
+        only: run names to keep (default all). seeds: override each run's seeds.
+
+    Raises:
+        ValueError: an unknown run name (the message lists them).
+    """
+    names = [r.name for r in RUNS]
+    unknown = sorted(set(only or []) - set(names))
+    if unknown:
+        raise ValueError(f"unknown run(s) {unknown}; choose from {', '.join(names)}")
     todo, notes = [], []
     for run in RUNS:
+        if only and run.name not in only:
+            notes.append(f"{run.name}: not selected (--runs)")
+            continue
         if quick and not run.quick:
+            notes.append(f"{run.name}: not in the --quick set")
             continue
         if run.needs_a5a and not a5a:
             notes.append(f"{run.name}: skipped: it reads the a5a LIBSVM file; pass --a5a PATH "
                          f"(the LIBSVM data collection's a5a)")
             continue
-        for seed in (run.seeds[:1] if quick else run.seeds):
+        for seed in seeds if seeds is not None else (run.seeds[:1] if quick else run.seeds):
             todo.append((run, seed))
     return todo, notes
 
@@ -220,6 +237,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--a5a", default=None, metavar="PATH",
                         help="the a5a LIBSVM file for the logistic-regression claims (without it "
                              "they are skipped, and the report says so)")
+    parser.add_argument("--runs", default=None, metavar="NAMES",
+                        help=f"comma-separated subset of the runs ({', '.join(r.name for r in RUNS)})")
+    parser.add_argument("--seeds", default=None, metavar="LIST",
+                        help="comma-separated seeds instead of each run's (e.g. 0)")
     parser.add_argument("--timeout", type=float, default=300.0,
                         help="seconds any collective may wait before a run fails")
 
@@ -230,8 +251,15 @@ def main(args: argparse.Namespace) -> int:
         print(f"switchagg reproduce: --a5a {args.a5a}: no such file", file=sys.stderr)
         return 2
     try:
+        only = [n.strip() for n in args.runs.split(",") if n.strip()] if args.runs else None
+        seeds = [int(v) for v in args.seeds.split(",") if v.strip()] if args.seeds else None
+        runs, notes = plan(args.quick, args.a5a, only=only, seeds=seeds)
+    except ValueError as exc:
+        print(f"switchagg reproduce: {exc}", file=sys.stderr)
+        return 2
+    try:
         content = run_all(os.path.abspath(args.out), quick=args.quick, a5a=args.a5a,
-                          timeout=args.timeout)
+                          timeout=args.timeout, runs=runs, notes=notes)
     except KeyboardInterrupt:
         print("\nswitchagg reproduce: interrupted", file=sys.stderr)
         return 130
