@@ -12,12 +12,13 @@ valid) raises `ConfigError` naming the field and the value, as SwitchML's `Confi
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
 import os
+from dataclasses import dataclass, field
 from typing import Any
 
-from switchagg.errors import ConfigError
+from switchagg.errors import ConfigError, ProtocolError
 from switchagg.packet import MAX_SLOTS
+from switchagg.protocol import check_endpoint, check_name
 
 __all__ = ["SwitchConfig", "ConfigError", "DATAPLANE_CHOICES", "DATAPLANE_ENV", "LOG_LEVELS",
            "MAX_POOL_SLOTS"]
@@ -104,6 +105,41 @@ class SwitchConfig:
         0.5,
         "Seconds the socket may spend at shutdown flushing the ABORTs to workers.",
         "1.0")
+    token: str = _opt(
+        "",
+        "Switch token: every JOIN must carry it (workers' --token), and STATS shows every job only "
+        "to its holders. Empty: anyone may create and join jobs (fine on loopback). Prefer "
+        "--token-file on a shared host: a command line is visible to every user.",
+        "s3cret-42")
+    join_timeout: float = _opt(
+        120.0,
+        "Seconds a job may wait for all its ranks after its first JOIN; then it is aborted and "
+        "its name and slots are free again (a squatter cannot hold them).",
+        "300")
+    max_job_slots: int = _opt(
+        16384,
+        "Most slots one job may ask for (twice a Tofino's 8192).",
+        "8192")
+    max_peer_slots: int = _opt(
+        65536,
+        "Most slots the live jobs created from one host (peer address) may hold together.",
+        "32768")
+    max_peer_jobs: int = _opt(
+        64,
+        "Most live jobs one host (peer address) may have created.",
+        "16")
+    peer_queue_bytes: int = _opt(
+        64 << 20,
+        "Bytes of results the switch may hold queued for one worker. Past it, results for that "
+        "worker are dropped (it recovers them by retransmission); a worker over it for the "
+        "liveness timeout does not read, and its job is aborted.",
+        "16777216")
+    curve_secret_file: str = _opt(
+        "",
+        "Turn on ZeroMQ CURVE (encryption and authentication): the switch's .key_secret file, "
+        "written by `switch-emulator keygen DIR`; workers then need the public key (DIR/switch.key"
+        ", their --switch-key).",
+        "/etc/switchagg/switch.key_secret")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -118,8 +154,10 @@ class SwitchConfig:
             value = getattr(self, name)
             return ConfigError(f"SwitchConfig.{name}={value!r}: {why}", field=name, value=value)
 
-        if not isinstance(self.bind, str) or not self.bind.startswith(("tcp://", "ipc://", "inproc://")):
-            raise bad("bind", "expected a tcp://HOST:PORT or ipc://PATH endpoint")
+        try:
+            check_endpoint(self.bind)
+        except ValueError as exc:
+            raise bad("bind", str(exc)) from None
         if not isinstance(self.slots, int) or not 1 <= self.slots <= MAX_POOL_SLOTS:
             raise bad("slots", f"expected an integer in [1, {MAX_POOL_SLOTS}] "
                                f"(one job may use at most {MAX_SLOTS})")
@@ -147,6 +185,22 @@ class SwitchConfig:
             raise bad("hwm", "expected a positive number of messages")
         if not 0.0 <= self.linger <= 60:
             raise bad("linger", "expected seconds in [0, 60]")
+        try:
+            check_name("SwitchConfig", "token", self.token)
+        except ProtocolError as exc:
+            raise bad("token", str(exc)) from None
+        if not 0.001 <= self.join_timeout <= 86400:
+            raise bad("join_timeout", "expected seconds in [0.001, 86400]")
+        if not isinstance(self.max_job_slots, int) or not 1 <= self.max_job_slots <= MAX_SLOTS:
+            raise bad("max_job_slots", f"expected an integer in [1, {MAX_SLOTS}]")
+        for name in ("max_peer_slots", "max_peer_jobs"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise bad(name, "expected a positive integer")
+        if not isinstance(self.peer_queue_bytes, int) or self.peer_queue_bytes < 1 << 16:
+            raise bad("peer_queue_bytes", "expected an integer >= 65536 bytes")
+        if self.curve_secret_file and not os.path.isfile(self.curve_secret_file):
+            raise bad("curve_secret_file", "no such file; write one with `switch-emulator "
+                                           "keygen DIR`")
 
     @property
     def loss_enabled(self) -> bool:

@@ -126,8 +126,7 @@ def receive_rows(rows, worker, job, check, world_size, slots, values, seen_w, co
                 bad = 1
             elif ((w0 >> 16) & 0xFF) != _DATA:
                 bad = 2
-            elif ((w2 >> 24) & 0xFF) != 0:
-                bad = 3
+            # byte 3 of word 2 is the call number (switchagg/packet.py): checked by _callseq
             elif (w1 & 0xFFFF) != job:
                 bad = 4
             elif ((w1 >> 16) & 0xFFFF) != worker:

@@ -136,6 +136,7 @@ class JobCounters:
     bursts_in: int = 0
     bursts_out: int = 0
     send_failures: int = 0  # results ZeroMQ could not queue (peer gone or its queue full)
+    results_refused: int = 0  # result frames not sent: the receiver was over its byte budget
     malformed: dict[str, int] = field(default_factory=dict)  # dropped packets by reason
 
     def count_malformed(self, counts: dict[str, int]) -> None:
@@ -168,6 +169,8 @@ class Job:
         self.counters = JobCounters()
         self.created_at = now
         self.reason = ""                  # why it was aborted
+        self.creator = ""                 # the peer charged with its slots (_admission)
+        self.calls: Any = None            # its call check (_callseq.CallCheck)
         self._receivers: list[Member] | None = None
 
     def transition(self, event: JobEvent) -> JobState:

@@ -8,8 +8,11 @@ is a list of `(identity, ControlMessage)` replies for the caller to send, so eve
 tested without ZeroMQ.
 
 Rules (the contract with `switchagg.client`):
-  JOIN   The first JOIN for a job name creates the job: a u16 job id, and `slots` taken from the pool
-         (ERROR pool_exhausted while it cannot hold them). Later JOINs must agree on world_size, k,
+  JOIN   With a switch token (`Policy.token`) every JOIN must carry it (ERROR bad_token). The first
+         JOIN for a job name creates the job, within the admission quotas (`_admission`: slots per
+         job, slots and jobs per creating host; ERROR quota naming the limit): a u16 job id, and
+         `slots` taken from the pool (ERROR pool_exhausted while it cannot hold them). The name is
+         bound to the job until it ends. Later JOINs must agree on world_size, k,
          slots (ERROR mismatch, naming the field and both values) and token (ERROR bad_token, values
          not echoed). rank=None takes the lowest free rank; a taken rank is ERROR rank_taken, a full
          job ERROR job_full. The reply is JOIN_OK; when the last rank joins, every worker gets READY.
@@ -20,7 +23,14 @@ Rules (the contract with `switchagg.client`):
          Otherwise the sender gets at most one refusal per `refusal_interval` (ERROR not_joined,
          not_ready or departed, or the job's ABORT again).
   LIVENESS  Any message from a worker refreshes it. A worker (JOINING or RUNNING, not departed)
-         silent for more than `liveness_timeout` aborts its job.
+         silent for more than `liveness_timeout` aborts its job; a job still JOINING
+         `Policy.join_timeout` after its creation is aborted too (a squatter cannot hold a name).
+  CALLS  Two ranks' contributions to one slot round from different calls (`_callseq`, checked by
+         the front per burst) abort the job, naming both call numbers (`mispaired`).
+  STATS  Switch-wide counters to anyone (`summary`: those alone); a job's details to its members,
+         every job's to holders of the switch token.
+  INCARNATION  A random id per ControlPlane, in JOIN_OK and HEARTBEAT_ACK: a worker that sees
+         another one, or gets ERROR not_joined / wrong_member / departed, knows its job is gone.
   LEAVE  With an empty reason the worker is done: it gets no more results, the others keep being
          served (retransmissions included); when every rank has left, the job is DONE and freed.
          Before READY, a graceful LEAVE just frees the rank. With a reason, the job is aborted.
@@ -35,19 +45,22 @@ Each job's lifecycle (JOINING -> RUNNING -> DONE / ABORTED, as data), members an
 
 from __future__ import annotations
 
-import hmac
 import logging
+import math
+import os
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from switch_emulator._admission import PeerQuotas, Policy, same_token
+from switch_emulator._callseq import CallCheck, Mispaired
 from switch_emulator._job import (TRANSITIONS, Dataplane, Job, JobCounters, JobEvent, JobState,
                                   LifecycleError, Member, SlotPool)
 from switch_emulator._loss import LossInjector
 from switchagg.errors import ProtocolError
 from switchagg.protocol import (Abort, ControlMessage, Error, Heartbeat, HeartbeatAck, Join, JoinOk,
                                 Leave, Query, QueryReply, Ready, StatsReply, StatsRequest,
-                                decode_control)
+                                MAX_NAME_LEN, MAX_TEXT_LEN, decode_control)
 
 __all__ = ["JobState", "JobEvent", "TRANSITIONS", "LifecycleError", "ErrorCode", "SlotPool", "Member",
            "JobCounters", "Job", "ControlPlane", "Admission", "Reply", "Dataplane"]
@@ -83,10 +96,15 @@ class ErrorCode:
     NOT_READY = "not_ready"            # data before READY
     DEPARTED = "departed"              # data after this worker's graceful LEAVE
     UNKNOWN_JOB = "unknown_job"        # STATS for a job id that does not exist
+    QUOTA = "quota"                    # JOIN beyond a limit of the switch's admission policy
+    FORBIDDEN = "forbidden"            # STATS of a job by one who is neither member nor operator
 
     #: Codes that answer a JOIN: the worker was not admitted (switchagg raises JoinRejected).
     JOIN_REJECTIONS = frozenset({"mismatch", "bad_token", "rank_taken", "job_full",
-                                 "pool_exhausted", "no_job_ids", "already_joined"})
+                                 "pool_exhausted", "no_job_ids", "already_joined", "quota"})
+    #: Codes that tell a joined worker the switch does not (or no longer) count it in its job:
+    #: its pending calls can never complete (switchagg fails them at once).
+    MEMBERSHIP_LOST = frozenset({"not_joined", "wrong_member", "departed"})
 
 
 class Admission(NamedTuple):
@@ -98,7 +116,8 @@ class Admission(NamedTuple):
 
 
 def _json_safe(value: Any) -> Any:
-    if value is None or isinstance(value, (bool, int, float)):
+    if value is None or isinstance(value, (bool, int)) or (isinstance(value, float)
+                                                           and math.isfinite(value)):
         return value
     return repr(value)[:64] if not isinstance(value, str) else value[:64]
 
@@ -113,13 +132,20 @@ class ControlPlane:
         dataplane_factory: `(world_size, slots, k) -> dataplane` for each new job.
         loss_factory: `job_id -> (ingress, egress)` loss injectors for a new job, or None (lossless).
         refusal_interval: seconds between two refusals of data sent to one peer.
+        policy: admission limits (`_admission.Policy`; default: admit everything).
+        incarnation: this run's id, sent in JOIN_OK and HEARTBEAT_ACK (default: random).
     """
 
     def __init__(self, total_slots: int, heartbeat_interval: float, liveness_timeout: float,
                  dataplane_factory: Callable[[int, int, int], Dataplane],
                  loss_factory: Callable[[int], tuple[LossInjector | None, LossInjector | None]]
-                 | None = None, refusal_interval: float = REFUSAL_INTERVAL_S) -> None:
+                 | None = None, refusal_interval: float = REFUSAL_INTERVAL_S,
+                 policy: Policy | None = None, incarnation: str | None = None) -> None:
         self.pool = SlotPool(total_slots)
+        self.policy = policy or Policy()
+        self.quotas = PeerQuotas(self.policy)
+        # A worker that sees another incarnation knows the switch restarted and lost its job.
+        self.incarnation = incarnation or os.urandom(8).hex()
         self.heartbeat_interval = heartbeat_interval
         self.liveness_timeout = liveness_timeout
         self.dataplane_factory = dataplane_factory
@@ -134,12 +160,15 @@ class ControlPlane:
         self.counters: dict[str, Any] = {
             "malformed": {}, "unknown_sender": 0, "control_errors": 0, "send_failures": 0,
             "peers_gone": 0, "joins": 0, "jobs_created": 0, "jobs_done": 0, "jobs_aborted": 0,
+            "jobs_expired": 0, "mispaired": 0, "internal_errors": 0,
         }
 
     # ----------------------------------------------------------------------------- entry points
 
-    def on_control(self, identity: bytes, frame: bytes | memoryview, now: float) -> list[Reply]:
-        """Handle one control frame from `identity`.
+    def on_control(self, identity: bytes, frame: bytes | memoryview, now: float,
+                   peer: str | None = None) -> list[Reply]:
+        """Handle one control frame from `identity` (`peer`: its host, for quotas; default the
+        identity itself).
 
         Returns:
             The replies to send. A malformed frame yields ERROR(malformed, field); never raises.
@@ -150,12 +179,19 @@ class ControlPlane:
             self._touch(identity, now)
             self.count_malformed(f"control:{exc.field or 'body'}")
             return [self._error(identity, ErrorCode.MALFORMED, str(exc), exc.field, exc.value)]
-        return self.on_message(identity, message, now)
+        except Exception as exc:  # noqa: BLE001 - a gap in the checks: answer, count, go on
+            log.exception("control message from %s broke the decoder", identity.hex())
+            self.count_malformed("control:internal")
+            return [self._error(identity, ErrorCode.MALFORMED,
+                                f"control message could not be decoded ({type(exc).__name__})",
+                                "body")]
+        return self.on_message(identity, message, now, peer)
 
-    def on_message(self, identity: bytes, message: ControlMessage, now: float) -> list[Reply]:
+    def on_message(self, identity: bytes, message: ControlMessage, now: float,
+                   peer: str | None = None) -> list[Reply]:
         """Handle one decoded control message from `identity` (see the module's rules)."""
         if isinstance(message, Join):
-            return self._join(identity, message, now)
+            return self._join(identity, message, now, peer or identity.hex())
         if isinstance(message, StatsRequest):
             self._touch(identity, now)
             return self._stats(identity, message)
@@ -166,7 +202,7 @@ class ControlPlane:
                 return found
             job, member = found
             if isinstance(message, Heartbeat):
-                return [(identity, HeartbeatAck(job.job_id))]
+                return [(identity, HeartbeatAck(job.job_id, self.incarnation))]
             if isinstance(message, Leave):
                 return self._leave(job, member, message.reason)
             return self._query(identity, job, message)
@@ -198,12 +234,23 @@ class ControlPlane:
         self.counters["unknown_sender"] += 1
         return Admission(None, -1, self._refuse(
             identity, now, ErrorCode.NOT_JOINED,
-            "this connection has not joined a job; send JOIN and wait for READY before data"))
+            f"this connection is in no job of switch incarnation {self.incarnation}: send JOIN "
+            "and wait for READY before data (a worker that had joined: the switch restarted and "
+            "lost its job; restart the job)"))
 
     def check_liveness(self, now: float) -> list[Reply]:
-        """Abort every job with a member silent for more than `liveness_timeout` seconds."""
+        """Abort every job with a member silent for more than `liveness_timeout` seconds, and
+        every job still short of ranks `policy.join_timeout` seconds after it was created."""
         replies: list[Reply] = []
         for job in list(self.jobs.values()):
+            if (job.state is JobState.JOINING
+                    and now - job.created_at > self.policy.join_timeout):
+                self.counters["jobs_expired"] += 1
+                replies += self.abort(job, f"job {job.name!r} had {len(job.members)} of "
+                                           f"{job.world_size} workers {self.policy.join_timeout:g} s "
+                                           "after its first JOIN (join timeout); start every "
+                                           "worker, or check --world-size", None)
+                continue
             for member in list(job.members.values()):
                 silent = now - member.last_seen
                 if not member.departed and silent > self.liveness_timeout:
@@ -248,6 +295,11 @@ class ControlPlane:
         self._release(job)
         return replies
 
+    def mispaired(self, job: Job, found: Mispaired) -> list[Reply]:
+        """Two ranks' calls met on one slot (`_callseq`): abort the job, naming both calls."""
+        self.counters["mispaired"] += 1
+        return self.abort(job, found.describe(job.name), found.rank)
+
     def count_malformed(self, reason: str, n: int = 1) -> None:
         """Count a message no job can be blamed for (bad frames, malformed control)."""
         malformed = self.counters["malformed"]
@@ -258,19 +310,26 @@ class ControlPlane:
         """An ERROR for `identity`, unless it got a refusal less than `refusal_interval` ago."""
         return self._refuse(identity, now, code, text, field_name)
 
-    def stats(self, job_id: int | None = None) -> dict[str, Any]:
-        """Switch-wide counters at the top level, per-job ones under "jobs" (keyed by str(job_id))."""
+    def stats(self, job_id: int | None = None, jobs: bool = True) -> dict[str, Any]:
+        """Switch-wide counters at the top level, per-job ones under "jobs" (keyed by str(job_id)):
+        every job's, or job `job_id`'s, or none (`jobs=False`: a summary, small whatever the
+        number of jobs)."""
         out = {key: (dict(v) if isinstance(v, dict) else v) for key, v in self.counters.items()}
         out.update(jobs_active=len(self.jobs), slots_total=self.pool.total,
-                   slots_free=self.pool.free)
-        chosen = self.jobs.values() if job_id is None else [self.jobs[job_id]]
+                   slots_free=self.pool.free, incarnation=self.incarnation,
+                   jobs_joining=sum(j.state is JobState.JOINING for j in self.jobs.values()))
+        chosen = [] if not jobs else self.jobs.values() if job_id is None else [self.jobs[job_id]]
         out["jobs"] = {str(job.job_id): job.stats() for job in chosen}
         return out
 
     # ----------------------------------------------------------------------------- JOIN
 
-    def _join(self, identity: bytes, msg: Join, now: float) -> list[Reply]:
+    def _join(self, identity: bytes, msg: Join, now: float, peer: str) -> list[Reply]:
         self.counters["joins"] += 1
+        if self.policy.token and not same_token(msg.token, self.policy.token):
+            return [self._error(identity, ErrorCode.BAD_TOKEN,
+                                "this switch admits only JOINs that carry its token (--token); "
+                                "pass the switch's token", "token")]
         self.tombstones.pop(identity, None)
         current = self.members.get(identity)
         if current is not None:
@@ -278,7 +337,7 @@ class ControlPlane:
             member.last_seen = now
             same = (job.name == msg.job and msg.rank in (None, member.rank)
                     and (msg.world_size, msg.k, msg.slots) == (job.world_size, job.k, job.slots)
-                    and hmac.compare_digest(msg.token, job.token))
+                    and same_token(msg.token, job.token))
             if not same:
                 return [self._error(identity, ErrorCode.ALREADY_JOINED,
                                     f"this connection already joined job {job.name!r} as rank "
@@ -292,7 +351,7 @@ class ControlPlane:
 
         job = self.by_name.get(msg.job)
         if job is None:
-            created = self._create(identity, msg, now)
+            created = self._create(identity, msg, now, peer)
             if not isinstance(created, Job):
                 return created
             job = created
@@ -304,7 +363,7 @@ class ControlPlane:
                                         f"JOIN.{name}={theirs} disagrees with job {msg.job!r}, "
                                         f"created with {name}={ours}; every worker of a job must "
                                         f"use the same {name}", name, theirs)]
-            if not hmac.compare_digest(msg.token, job.token):
+            if not same_token(msg.token, job.token):
                 return [self._error(identity, ErrorCode.BAD_TOKEN,
                                     f"JOIN.token does not match the token of job {msg.job!r}; "
                                     "use the job's token", "token")]
@@ -333,7 +392,11 @@ class ControlPlane:
             replies += [(m.identity, ready) for m in job.receivers()]
         return replies
 
-    def _create(self, identity: bytes, msg: Join, now: float) -> Job | list[Reply]:
+    def _create(self, identity: bytes, msg: Join, now: float, peer: str) -> Job | list[Reply]:
+        refused = self.quotas.refusal(peer, msg.job, msg.slots)
+        if refused is not None:
+            return [self._error(identity, ErrorCode.QUOTA, refused[1], refused[0],
+                                msg.slots if refused[0] == "slots" else msg.job)]
         job_id = self._allocate_job_id()
         if job_id is None:
             return [self._error(identity, ErrorCode.NO_JOB_IDS,
@@ -349,6 +412,9 @@ class ControlPlane:
         ingress, egress = self.loss_factory(job_id) if self.loss_factory else (None, None)
         job = Job(msg.job, job_id, msg.world_size, msg.k, msg.slots, msg.token, base,
                   self.dataplane_factory(msg.world_size, msg.slots, msg.k), ingress, egress, now)
+        job.creator = peer
+        job.calls = CallCheck(msg.slots)
+        self.quotas.charge(peer, msg.slots)
         self.jobs[job_id] = job
         self.by_name[msg.job] = job
         self.counters["jobs_created"] += 1
@@ -368,7 +434,7 @@ class ControlPlane:
 
     def _join_ok(self, job: Job, rank: int) -> JoinOk:
         return JoinOk(job.name, job.job_id, rank, job.world_size, job.k, job.slots,
-                      self.heartbeat_interval, self.liveness_timeout)
+                      self.heartbeat_interval, self.liveness_timeout, self.incarnation)
 
     # ----------------------------------------------------------------------------- LEAVE, QUERY, STATS
 
@@ -405,11 +471,23 @@ class ControlPlane:
         return [(identity, QueryReply(job.job_id, missing, departed))]
 
     def _stats(self, identity: bytes, msg: StatsRequest) -> list[Reply]:
+        """Operators (the switch's token) see every job; members their own; anyone the summary."""
+        if msg.summary:
+            return [(identity, StatsReply(self.stats(jobs=False)))]
+        operator = bool(self.policy.token) and same_token(msg.token, self.policy.token)
+        found = self.members.get(identity)
+        own = found[0].job_id if found is not None else None
         if msg.job_id is not None and msg.job_id not in self.jobs:
             return [self._error(identity, ErrorCode.UNKNOWN_JOB,
                                 f"no job has id {msg.job_id}; omit job_id for every job",
                                 "job_id", msg.job_id)]
-        return [(identity, StatsReply(self.stats(msg.job_id)))]
+        if operator:
+            return [(identity, StatsReply(self.stats(msg.job_id)))]
+        if msg.job_id is not None and msg.job_id != own:
+            return [self._error(identity, ErrorCode.FORBIDDEN,
+                                f"job {msg.job_id}'s details go to its members and to holders "
+                                "of the switch's token only", "job_id", msg.job_id)]
+        return [(identity, StatsReply(self.stats(own, jobs=own is not None)))]
 
     # ----------------------------------------------------------------------------- helpers
 
@@ -431,7 +509,9 @@ class ControlPlane:
             return [] if quiet_if_aborted else [(identity, tomb)]
         self.counters["unknown_sender"] += 1
         return [self._error(identity, ErrorCode.NOT_JOINED,
-                            "this connection has not joined a job; send JOIN first", "job_id",
+                            f"this connection is in no job of switch incarnation "
+                            f"{self.incarnation}: send JOIN first (a worker that had joined: the "
+                            "switch restarted and lost its job; restart the job)", "job_id",
                             job_id)]
 
     def _touch(self, identity: bytes, now: float) -> None:
@@ -442,7 +522,8 @@ class ControlPlane:
     def _release(self, job: Job) -> None:
         for member in job.members.values():
             self.members.pop(member.identity, None)
-        self.jobs.pop(job.job_id, None)
+        if self.jobs.pop(job.job_id, None) is not None:
+            self.quotas.refund(job.creator, job.slots)
         if self.by_name.get(job.name) is job:
             del self.by_name[job.name]
         self.pool.release(job.slot_base, job.slots)
@@ -450,6 +531,10 @@ class ControlPlane:
     def _error(self, identity: bytes, code: str, text: str, field_name: str | None = None,
                value: Any = None) -> Reply:
         self.counters["control_errors"] += 1
+        if len(text) > MAX_TEXT_LEN:  # it may quote a peer's bytes: keep the answer bounded
+            text = text[:MAX_TEXT_LEN - 3] + "..."
+        if field_name is not None:
+            field_name = "".join(c if "!" <= c <= "~" else "?" for c in field_name[:MAX_NAME_LEN])
         return identity, Error(code, text, field_name, _json_safe(value))
 
     def _may_refuse(self, identity: bytes, now: float) -> bool:

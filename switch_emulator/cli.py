@@ -30,6 +30,9 @@ examples:
   switch-emulator --bind tcp://10.0.0.5:5555 --slots 16384
   switch-emulator --drop 0.01 --reorder 0.001 --seed 7    # exercise the workers' recovery paths
   switch-emulator --probe tcp://127.0.0.1:5555             # healthcheck: exit 0 if a switch answers
+  switch-emulator keygen /etc/switchagg                    # CURVE keys: switch.key, switch.key_secret
+  switch-emulator --bind tcp://10.0.0.5:5555 --token-file /etc/switchagg/token \\
+      --curve-secret-file /etc/switchagg/switch.key_secret   # a shared cluster node
 """
 
 
@@ -38,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="switch-emulator", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Emulated SwitchML-style aggregation switch: workers JOIN a job, stream int32 "
-                    "packets, and receive the per-slot sums (DESIGN.md §4-5).", epilog=_EPILOG)
+                    "packets, and receive the per-slot sums.", epilog=_EPILOG)
     for f in dataclasses.fields(SwitchConfig):
         flag = "--" + f.name.replace("_", "-")
         kwargs = dict(default=None, help=SwitchConfig.describe(f.name), dest=f.name)
@@ -50,11 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             kwargs["type"] = type(f.default)
             kwargs["metavar"] = {int: "N", float: "X", str: "ENDPOINT"}[type(f.default)]
+            if f.name in ("token", "curve_secret_file"):
+                kwargs["metavar"] = "TOKEN" if f.name == "token" else "PATH"
         parser.add_argument(flag, **kwargs)
         if f.name == "drop_egress":
             parser.add_argument("--drop", type=float, default=None, metavar="P",
                                 help="Shorthand: set both --drop-ingress and --drop-egress to P "
                                      "(the specific options win).")
+    parser.add_argument("--token-file", default=None, metavar="PATH",
+                        help="Read the switch token from this file (stripped); wins over --token.")
+    parser.add_argument("--switch-key", default=None, metavar="KEY",
+                        help="With --probe: the switch's CURVE public key (z85) or its .key file.")
     parser.add_argument("--probe", default=None, metavar="ENDPOINT",
                         help="Do not run a switch: ask the one at ENDPOINT for its counters and exit "
                              "0 if it answers within 2 s, else 1 (a container healthcheck).")
@@ -72,16 +81,45 @@ def config_from_args(args: argparse.Namespace) -> SwitchConfig:
     if args.drop is not None:
         values.setdefault("drop_ingress", args.drop)
         values.setdefault("drop_egress", args.drop)
+    if args.token_file is not None:
+        try:
+            with open(args.token_file, encoding="ascii") as f:
+                values["token"] = f.read().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read the token file: {exc}", field="token_file",
+                              value=args.token_file) from None
     return SwitchConfig(**values)
+
+
+def keygen_main(argv: list[str]) -> int:
+    """`switch-emulator keygen DIR`: write DIR/switch.key (public) and DIR/switch.key_secret."""
+    parser = argparse.ArgumentParser(
+        prog="switch-emulator keygen",
+        description="Write a CURVE key pair for the switch: DIR/switch.key (public: give it to "
+                    "the workers, --switch-key) and DIR/switch.key_secret (mode 0600: pass it to "
+                    "the switch, --curve-secret-file).")
+    parser.add_argument("directory", metavar="DIR")
+    args = parser.parse_args(argv)
+    from switch_emulator._keys import keygen
+    try:
+        public, secret = keygen(args.directory)
+    except (OSError, RuntimeError) as exc:
+        print(f"switch-emulator keygen: {exc}", file=sys.stderr)
+        return 2
+    print(f"public key: {public}\nsecret key: {secret}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the switch; returns the process exit status."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["keygen"]:
+        return keygen_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.probe is not None:
         from switch_emulator import probe
-        return probe.main(args.probe)
+        return probe.main(args.probe, server_key=args.switch_key)
     try:
         config = config_from_args(args)
     except ConfigError as exc:
@@ -95,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         server.bind()
     except zmq.ZMQError as exc:
         log.error("cannot bind %s: %s (is another switch running there?)", config.bind, exc)
+        server.context.term()
+        return 2
+    except (ValueError, RuntimeError) as exc:  # an unusable CURVE key file
+        log.error("cannot use --curve-secret-file %s: %s", config.curve_secret_file, exc)
         server.context.term()
         return 2
     stop = threading.Event()

@@ -19,8 +19,12 @@ frame is, per burst and never per packet:
      same buffer without copying (with egress loss, each worker gets its own subset), and the
      retransmission answers to the sender alone.
 Sends use ROUTER_MANDATORY and never block: a vanished peer raises EHOSTUNREACH, which aborts its
-job at once (the others learn why instead of waiting for the liveness timeout); a full queue drops
-the burst and counts it (the worker's retransmission recovers, as after a loss).
+job GONE_GRACE_S later unless its LEAVE arrives meanwhile (a worker that finished sends LEAVE and
+closes; results still on their way to it must not abort the others' last call) or it reconnects
+with its identity (a TCP reset; ROUTER_HANDOVER gives the identity to the new connection), so the others
+learn why instead of waiting for the liveness timeout; a full queue drops the burst and counts it
+(the worker's retransmission recovers, as after a loss). What is queued for each peer is bounded
+in bytes (`_peerqueue`); a peer that does not read loses results, then its job.
 """
 
 from __future__ import annotations
@@ -35,11 +39,13 @@ from collections.abc import Callable
 import numpy as np
 import zmq
 
+from switch_emulator._admission import Policy
 from switch_emulator._config import SwitchConfig
 from switch_emulator._golden import DataplaneOutput
 from switch_emulator._jobs import ControlPlane, Job, Reply
 from switch_emulator._loss import LossInjector, LossRates
-from switchagg.packet import MAX_BURST_BYTES, Kind, parse_burst, validate_burst
+from switch_emulator._peerqueue import PeerQueues
+from switchagg.packet import MAX_BURST_BYTES, Kind, packet_bytes, parse_burst, validate_burst
 from switchagg.protocol import FRAME_CONTROL, FRAME_DATA, Abort, encode_control
 
 __all__ = ["SwitchServer", "dataplane_factory", "POLL_MS"]
@@ -51,6 +57,13 @@ log = logging.getLogger("switch_emulator.server")
 POLL_MS = 100
 #: Messages handled between two looks at the clock-driven work, so a flood cannot starve liveness.
 MAX_BATCH = 256
+#: Parts kept of one message; a valid one has 3 ([identity, type, body]), the rest is dropped.
+MAX_FRAMES = 8
+#: A peer that vanished is judged this long after a send found it gone: its LEAVE may still be
+#: queued behind other messages, or (a TCP reset) it reconnects with its identity, which ZeroMQ
+#: does within its 0.1 s reconnect interval; its job is aborted then unless it left gracefully or
+#: was heard from since.
+GONE_GRACE_S = 1.0
 #: Liveness is checked this often (seconds); a silent worker is noticed within timeout + this.
 LIVENESS_CHECK_S = 0.1
 
@@ -88,6 +101,14 @@ def _send_data(sock: zmq.Socket, identity: bytes, body: zmq.Frame | np.ndarray) 
     sock.send(body, _NOBLOCK, copy=False)
 
 
+def _peer_address(frame: zmq.Frame) -> str | None:
+    """The host a message came from (ZeroMQ's Peer-Address; None on ipc/inproc)."""
+    try:
+        return frame.get("Peer-Address")
+    except (zmq.ZMQError, UnicodeDecodeError):
+        return None
+
+
 def _loss_factory(config: SwitchConfig) -> Callable[[int], tuple[LossInjector | None, ...]] | None:
     if not config.loss_enabled:
         return None
@@ -118,9 +139,16 @@ class SwitchServer:
         self.clock = clock
         self._own_context = context is None
         self.context = context or zmq.Context()
+        policy = Policy(config.token, config.join_timeout, config.max_job_slots,
+                        config.max_peer_slots, config.max_peer_jobs)
         self.control = ControlPlane(config.slots, config.heartbeat_interval,
                                     config.liveness_timeout, dataplane_factory(config.dataplane),
-                                    _loss_factory(config))
+                                    _loss_factory(config), policy=policy)
+        self.queues = PeerQueues(config.peer_queue_bytes)
+        self._now = clock()
+        # Peers a send found gone, and when: judged GONE_GRACE_S later, so that a LEAVE they
+        # sent just before closing (still in our inbound queue) is read first.
+        self._gone: dict[bytes, float] = {}
         self.socket: zmq.Socket | None = None
         self.endpoint = ""
 
@@ -134,7 +162,17 @@ class SwitchServer:
         sock.setsockopt(zmq.SNDHWM, self.config.hwm)
         sock.setsockopt(zmq.RCVHWM, self.config.hwm)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # A worker that reconnects (a TCP reset) comes back with its identity: the new
+        # connection takes the identity over, so the switch still knows its rank.
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         sock.setsockopt(zmq.LINGER, int(self.config.linger * 1000))
+        if self.config.curve_secret_file:
+            from switch_emulator._keys import server_options
+            try:
+                server_options(sock, self.config.curve_secret_file)
+            except (ValueError, RuntimeError):
+                sock.close(linger=0)
+                raise
         try:
             sock.bind(self.config.bind)
         except zmq.ZMQError:
@@ -166,6 +204,8 @@ class SwitchServer:
                 now = self.clock()
                 if now >= next_liveness:
                     self._send_replies(self.control.check_liveness(now))
+                    self._judge_gone(now)
+                    self._prune_queues()
                     next_liveness = now + LIVENESS_CHECK_S
                 if now >= next_stats:
                     self._log_stats()
@@ -188,10 +228,18 @@ class SwitchServer:
             except zmq.Again:  # polled readable, yet nothing: never seen, but never wait here
                 return
             frames = [frame]
-            while frame.more:  # the parts of one message arrive together
+            while frame.more and len(frames) <= MAX_FRAMES:  # parts of a message come together
                 frame = recv(_NOBLOCK, copy=False)
                 frames.append(frame)
-            dispatch(frames, clock())
+            while frame.more:  # a message of absurdly many parts: drain and drop the rest
+                frame = recv(_NOBLOCK, copy=False)
+            try:
+                dispatch(frames, clock())
+            except Exception:  # noqa: BLE001 - a bug, not the peer's fault: no job may die of it
+                self.control.counters["internal_errors"] = (
+                    self.control.counters.get("internal_errors", 0) + 1)
+                log.exception("message from %s could not be handled; dropped",
+                              frames[0].bytes.hex())
             if not poll(0):
                 return
 
@@ -210,6 +258,7 @@ class SwitchServer:
     # ------------------------------------------------------------------------------- dispatch
 
     def _dispatch(self, frames: list[zmq.Frame], now: float) -> None:
+        self._now = now
         identity = frames[0].bytes
         if len(frames) != 3:
             self.control.count_malformed("frames")
@@ -221,7 +270,8 @@ class SwitchServer:
         if kind == FRAME_DATA:
             self._on_data(identity, frames[2], now)
         elif kind == FRAME_CONTROL:
-            self._send_replies(self.control.on_control(identity, frames[2].buffer, now))
+            self._send_replies(self.control.on_control(identity, frames[2].buffer, now,
+                                                       _peer_address(frames[0])))
         else:
             self.control.count_malformed("frame_type")
             self._send_replies(self.control.refuse(
@@ -237,13 +287,19 @@ class SwitchServer:
         counters = job.counters
         counters.bursts_in += 1
         buffer = frame.buffer
-        if buffer.nbytes > MAX_BURST_BYTES:
+        # A worker's burst never exceeds its job's slots: a larger frame is garbage, and would
+        # only grow what the switch queues for the job's receivers.
+        if buffer.nbytes > min(MAX_BURST_BYTES, job.slots * packet_bytes(job.k)):
             counters.count_malformed({"oversized": 1})
             return
         packets, trailing = parse_burst(buffer, job.k)
         counters.packets_in += len(packets)
         if trailing:
             counters.count_malformed({"truncated": 1})
+        mispaired = job.calls.check(packets, job.job_id, rank)
+        if mispaired is not None:  # ranks' calls drifted apart: wrong sums if we went on
+            self._send_replies(self.control.mispaired(job, mispaired))
+            return
         fused = getattr(job.dataplane, "receive_checked", None)
         if fused is not None and job.ingress is None:
             # The common case: checks, aggregation and results in one compiled pass.
@@ -270,7 +326,8 @@ class SwitchServer:
         if len(out.multicast):
             # One zero-copy frame for every receiver (libzmq refcounts it): a frame per send costs
             # about 15 us more each. With egress loss each receiver gets its own subset instead.
-            shared = zmq.Frame(out.multicast) if job.egress is None else None
+            shared = (zmq.Frame(out.multicast, copy=False, track=True) if job.egress is None
+                      else None)
             for member in job.receivers():
                 self._send_results(job, member.rank, member.identity, out.multicast, shared)
                 if job.job_id not in self.control.jobs:  # a peer was gone: the job is aborted
@@ -285,17 +342,55 @@ class SwitchServer:
             results, frame = job.egress.apply(results, rank), None
             if not len(results):
                 return
+        self._send_tracked(job, rank, identity, results, frame)
+
+    def _send_tracked(self, job: Job, rank: int, identity: bytes, results: np.ndarray,
+                      frame: zmq.Frame | None = None) -> None:
+        """Send within the peer's byte budget (`_peerqueue`); a peer over it for the liveness
+        timeout does not read, and its job is aborted."""
+        nbytes = results.nbytes
+        if not self.queues.admit(identity, nbytes, self._now):
+            job.counters.results_refused += 1
+            since = self.queues.over_since(identity)
+            if since is not None and self._now - since > self.config.liveness_timeout:
+                queued = self.queues.queued(identity)
+                self._send_replies(self.control.abort(
+                    job, f"rank {rank} of job {job.name!r} has not read its results for "
+                    f"{self._now - since:.1f} s ({queued / 2**20:.1f} MiB queued, the most one "
+                    f"peer may hold: --peer-queue-bytes {self.queues.budget})", rank))
+            return
+        if frame is None:
+            frame = zmq.Frame(results, copy=False, track=True)
         try:
-            _send_data(self.socket, identity, results if frame is None else frame)
+            _send_data(self.socket, identity, frame)
         except zmq.ZMQError as exc:
             job.counters.send_failures += 1
             self._send_failed(identity, exc)
             return
+        self.queues.sent(identity, frame.tracker, nbytes)
         job.counters.bursts_out += 1
         job.counters.packets_out += len(results)
 
+    def _judge_gone(self, now: float) -> None:
+        """Abort the jobs of peers found gone GONE_GRACE_S ago that did not LEAVE (or come back)
+        meanwhile."""
+        for identity, since in list(self._gone.items()):
+            if now - since >= GONE_GRACE_S:
+                del self._gone[identity]
+                found = self.control.members.get(identity)
+                if found is not None and found[1].last_seen > since:
+                    continue  # it reconnected (same identity) and spoke since
+                self._send_replies(self.control.peer_gone(identity))
+
+    def _prune_queues(self) -> None:
+        """Forget the byte accounts of peers no longer in a job whose frames are all out."""
+        members = self.control.members
+        for identity in self.queues.idle_strangers(members):
+            self.queues.forget(identity)
+
     def _release_held(self) -> None:
         """The link is quiet: deliver packets the loss injectors held back (reordering)."""
+        self._now = self.clock()
         for job in list(self.control.jobs.values()):
             for inj, ingress in ((job.ingress, True), (job.egress, False)):
                 if inj is None:
@@ -313,13 +408,8 @@ class SwitchServer:
                         break
 
     def _send_raw(self, identity: bytes, results: np.ndarray, job: Job) -> None:
-        try:
-            _send_data(self.socket, identity, results)
-            job.counters.bursts_out += 1
-            job.counters.packets_out += len(results)
-        except zmq.ZMQError as exc:
-            job.counters.send_failures += 1
-            self._send_failed(identity, exc)
+        found = self.control.members.get(identity)
+        self._send_tracked(job, found[1].rank if found else -1, identity, results)
 
     # ------------------------------------------------------------------------------- control out
 
@@ -338,13 +428,14 @@ class SwitchServer:
                 if exc.errno == errno.EHOSTUNREACH and not isinstance(message, Abort):
                     gone.append(identity)
         for identity in gone:
-            self._send_replies(self.control.peer_gone(identity))
+            self._gone.setdefault(identity, self._now)
 
     def _send_failed(self, identity: bytes, exc: zmq.ZMQError) -> None:
         self.control.counters["send_failures"] += 1
         if exc.errno == errno.EHOSTUNREACH:
-            log.info("peer %s is gone", identity.hex())
-            self._send_replies(self.control.peer_gone(identity))
+            if identity not in self._gone:
+                log.info("peer %s is gone", identity.hex())
+            self._gone.setdefault(identity, self._now)
         else:
             log.debug("send to %s failed: %s", identity.hex(), exc)
 

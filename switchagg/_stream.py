@@ -1,8 +1,8 @@
 """The worker's side of the aggregation protocol, as a machine with no I/O.
 
 What it owns: turning all-reduce calls into a stream of DATA packets and RESULT packets back into
-sums (DESIGN.md §3-5): the packetizer, the self-clocked window over the slot pool, retransmission
-with an RTT estimate, and reassembly. What it must never do: open a socket, read a clock, sleep or
+sums (the wire format: switchagg/packet.py): the packetizer, the self-clocked window over the slot
+pool, retransmission with an RTT estimate, and reassembly. What it must never do: open a socket, read a clock, sleep or
 start a thread. Like h11's `Connection`, bytes go in (`receive`), the caller passes the time, and
 what comes back says what to send (`transmit`) and when the machine next needs to be woken
 (`next_deadline`). `switchagg.client` wraps it in a ZeroMQ engine thread; tests join it to the
@@ -36,12 +36,14 @@ How it works:
      and older than that answer's RTT plus a reordering window (min RTT / 4), is lost: it is resent.
      A late peer delays every chunk after it alike and marks nothing.
   2. Tail probe (RTO). When nothing has been answered for RTO, only the newest outstanding chunk is
-     resent (one packet, as TLP resends the last segment) and the RTO doubles. If chunks were lost
+     resent (one packet, as TLP resends the last segment; all of them when at most TAIL_RESEND
+     are left, as at a call's end) and the RTO doubles. If chunks were lost
      its answer comes back ahead of theirs and rule 1 resends them at once; if a peer is merely
      late, it is answered together with the rest and nothing else is resent.
   RTO follows RFC 6298: srtt/rttvar from one sample per received burst, its fastest chunk sent once
   (Karn's rule), so that the samples measure the network and the switch rather than peer waits;
-  clamped to [rto_min, rto_max]; doubled on every probe until a fresh sample.
+  clamped to [rto_min, rto_max]; doubled on every probe, and back to srtt + 4 rttvar at the next
+  accepted result (answers to resent chunks prove the path, though they give no sample).
   Both timers scan the slot pool (s entries) once per received burst at most: with numba in one
   compiled pass each (`_stream_jit.rack_lost`, `oldest_sent`, the latter cached until the slot
   state changes), else in numpy (the reference, several passes).
@@ -66,6 +68,9 @@ __all__ = ["FillFn", "RtoEstimator", "StreamCall", "StreamCounters", "StreamMach
 log = logging.getLogger(__name__)
 
 _CHUNK_MOD = 1 << 32
+#: A tail probe resends every outstanding chunk when no more than this many are left (a few
+#: packets: cheap even when a late peer, not a loss, holds them up).
+TAIL_RESEND = 64
 _kernels = None  # the `_stream_jit` module once loaded, False if numba is unavailable
 
 
@@ -174,8 +179,16 @@ class RtoEstimator:
         self.rto = min(max(self.srtt + 4 * self.rttvar, self.minimum), self.maximum)
 
     def backoff(self) -> None:
-        """A timeout fired: double the RTO (kept until the next fresh sample)."""
+        """A timeout fired: double the RTO (kept until the next answer)."""
         self.rto = min(2 * self.rto, self.maximum)
+
+    def restore(self) -> None:
+        """An answer arrived (the path works again): undo the backoff, back to the RTO the
+        samples give, as TCP stacks do on an ACK of new data. Without it a lossy stretch leaves
+        the timer at its ceiling until a chunk sent once is answered, and near a call's end
+        every outstanding chunk has been resent (issue 15: calls of 2-12 s at 10% loss)."""
+        if self.srtt is not None:
+            self.rto = min(max(self.srtt + 4 * self.rttvar, self.minimum), self.maximum)
 
 
 class StreamCall:
@@ -191,11 +204,12 @@ class StreamCall:
     """
 
     __slots__ = ("first_chunk", "numel", "nchunks", "fill", "sums", "exponents", "sent", "done",
-                 "token", "out")
+                 "token", "out", "seq")
 
     def __init__(self, first_chunk: int, numel: int, k: int, fill: FillFn, token: object,
-                 out: np.ndarray | None = None) -> None:
+                 out: np.ndarray | None = None, seq: int = 0) -> None:
         self.first_chunk = first_chunk
+        self.seq = seq  # the call's sequence number, sent mod 256 in every packet's call byte
         self.numel = numel
         self.nchunks = -(-numel // k)
         self.fill = fill
@@ -234,15 +248,18 @@ class StreamMachine:
         rto_initial, rto_min, rto_max: retransmission timer, seconds (see `RtoEstimator`).
         compiled: use the numba kernels where they load (`load_kernels`); False forces the numpy
             reference path (tests run both).
+        tail_resend: a tail probe resends every outstanding chunk when nothing is queued and at
+            most this many are outstanding (0: always the newest one only).
     """
 
     def __init__(self, *, job_id: int, rank: int, k: int, slots: int, burst: int,
                  rto_initial: float = 0.2, rto_min: float = 0.02, rto_max: float = 2.0,
-                 compiled: bool = True) -> None:
+                 compiled: bool = True, tail_resend: int = TAIL_RESEND) -> None:
         if not 1 <= burst <= slots:
             raise ValueError(f"burst={burst} must be in [1, slots={slots}]")
         self.job_id, self.rank, self.k, self.slots, self.burst = job_id, rank, k, slots, burst
         self.rto = RtoEstimator(rto_initial, rto_min, rto_max)
+        self.tail_resend = tail_resend
         self.counters = StreamCounters()
         self._jit = load_kernels() if compiled else None
         self._ring = empty_burst(slots, k)
@@ -268,6 +285,7 @@ class StreamMachine:
         self._outstanding = 0
         self._next_chunk = 0            # global index of the next chunk to first-send
         self._calls: deque[StreamCall] = deque()   # submitted, not yet complete, in chunk order
+        self.next_seq = 0               # sequence number of the next call (packet.py: call byte)
         self._queued_chunks = 0         # chunks of submitted calls not yet first-sent
         self.last_progress = 0.0        # time of the last accepted result (or of going busy)
         # Loss detection by time order (RACK): the latest-sent chunk known delivered, its RTT,
@@ -286,19 +304,28 @@ class StreamMachine:
         return bool(self._calls)
 
     def submit(self, numel: int, fill: FillFn, now: float, token: object = None,
-               out: np.ndarray | None = None) -> StreamCall:
+               out: np.ndarray | None = None, seq: int | None = None) -> StreamCall:
         """Queue an all-reduce of `numel` values; chunks go out from the next `transmit`.
 
         Args:
             out: optional C-contiguous int32 array of numel to receive the sums (checked by the
                 caller); the call's `result()` is then `out`.
+            seq: the call's sequence number (default: one more than the previous call's). Every
+                worker must give the same call the same number: the switch refuses to add chunks
+                of calls whose numbers differ (modulo 256).
 
         Returns:
             The call; it is complete at once when numel == 0.
         """
         if numel < 0:
             raise ValueError(f"numel={numel} must be >= 0")
-        call = StreamCall(self._next_chunk + self._queued_chunks, numel, self.k, fill, token, out)
+        if seq is None:
+            seq = self.next_seq
+        elif not isinstance(seq, (int, np.integer)) or seq < 0:
+            raise ValueError(f"seq={seq!r} must be an int >= 0")
+        self.next_seq = int(seq) + 1
+        call = StreamCall(self._next_chunk + self._queued_chunks, numel, self.k, fill, token, out,
+                          int(seq))
         self.counters.calls += 1
         if call.nchunks:
             if not self._calls:
@@ -361,6 +388,7 @@ class StreamMachine:
         values = self._ring_values[start:start + n]
         exps = self._exps[:n]
         done = 0
+        spans = []  # (first, stop, call byte) of each call in the burst
         for call in self._calls:
             if done == n:
                 break
@@ -376,6 +404,7 @@ class StreamMachine:
             exps[done:done + m] = 0
             call.fill(first, first + m, returned, values[done:done + m], exps[done:done + m])
             call.sent += m
+            spans.append((done, done + m, call.seq & 0xFF))
             done += m
         if self._jit is not None:
             self._jit.stamp_headers(self._ring_words[start:start + n], g0, self.slots, exps)
@@ -384,6 +413,9 @@ class StreamMachine:
             ring["pool_index"] = (g % self.slots) | (((g // self.slots) & 1) << 15)
             ring["chunk"] = g % _CHUNK_MOD
             ring["exponent"] = exps
+        calls = ring["reserved"]  # the header's call byte (packet.py), after the stamp above
+        for lo, hi, byte in spans:
+            calls[lo:hi] = byte
         self._busy[start:start + n] = True
         self._chunk[start:start + n] = np.arange(g0, g0 + n, dtype=np.int64)
         self._sent_at[start:start + n] = now
@@ -453,14 +485,19 @@ class StreamMachine:
         return max(self._oldest_sent(), self.last_progress, self._last_probe) + self.rto.rto
 
     def _probe(self, now: float) -> list[np.ndarray]:
-        """Tail probe: nothing answered for RTO, so resend the newest outstanding chunk only."""
+        """Tail probe: nothing answered for RTO, so resend the newest outstanding chunk, or every
+        outstanding chunk when nothing is queued and at most `tail_resend` are left (the calls'
+        tail: RACK has no later answer to go by there, and one probe per RTO would recover them
+        one round trip each)."""
         if not self._outstanding or now < self._rto_deadline():
             return []
         busy = np.flatnonzero(self._busy)
-        newest = busy[self._chunk[busy].argmax()]
         self.counters.timeouts += 1
         self.rto.backoff()
         self._last_probe = now
+        if not self._queued_chunks and len(busy) <= self.tail_resend:
+            return self._resend(busy, now)
+        newest = busy[self._chunk[busy].argmax()]
         return self._resend(np.array([newest]), now)
 
     def next_deadline(self) -> float | None:
@@ -506,6 +543,7 @@ class StreamMachine:
             self._outstanding -= matched
             c.results += matched
             self.last_progress = now
+            self.rto.restore()
         completed = []
         while self._calls and self._calls[0].complete:
             completed.append(self._calls.popleft())

@@ -1,6 +1,6 @@
 """The worker's switch client: `SwitchClient`, a ZeroMQ engine thread around the sans-IO stream.
 
-What it owns: one connection to the switch for one job (DESIGN.md §4, §8): JOIN and READY, data
+What it owns: one connection to the switch for one job: JOIN and READY, data
 bursts out and results in, heartbeats, liveness, abort, and the typed errors a user sees. What it
 must never do: decide protocol rules (that is `switchagg._stream`, which it drives), touch its
 socket from more than one thread, or wait without a bound.
@@ -20,6 +20,19 @@ Failure handling, all ending in a `SwitchError` on every pending and later call:
 - No progress for `ClientConfig.op_timeout`: one QUERY asks the switch which workers it misses on
   the stuck slots; `SwitchTimeout` names them. The client then LEAVEs with a reason so the job is
   aborted for the others too instead of leaving them to time out.
+- A restarted switch: JOIN_OK and every HEARTBEAT_ACK carry the switch's incarnation (a random id
+  per run); another one, or an ERROR saying this connection is in no job (not_joined,
+  wrong_member, departed), means the switch lost the job: `JobAborted` at once, within one
+  heartbeat interval, saying the switch restarted and the job must be restarted.
+- Mispaired calls: each call has a sequence number (the n-th call, or `call=` given by the
+  caller) that rides in every packet; the switch aborts the job when two ranks' calls meet on a
+  slot, and the ABORT names both numbers.
+- The engine thread dies of an unexpected exception: every pending and later call fails with a
+  `SwitchError` whose `__cause__` is that exception.
+
+The routing identity is set once (random, or `identity=`), so a reconnect after a TCP reset
+comes back as the same connection and the switch (ROUTER_HANDOVER) still knows its rank; a JOIN
+sent again names the rank the switch granted.
 """
 
 from __future__ import annotations
@@ -27,6 +40,7 @@ from __future__ import annotations
 import concurrent.futures
 import itertools
 import logging
+import os
 import queue
 import threading
 import time
@@ -36,13 +50,15 @@ from typing import Any
 import numpy as np
 import zmq
 
+from switchagg._curve import client_options, load_public
+from switchagg._limits import check_endpoint
 from switchagg._stream import FillFn, StreamCall, StreamMachine, array_fill, load_kernels
 from switchagg.errors import (
     ConfigError, JobAborted, JoinRejected, ProtocolError, SwitchError, SwitchTimeout,
 )
 from switchagg.packet import DEFAULT_K, MAX_BURST_BYTES, MAX_SLOTS, VALID_K, packet_bytes
 from switchagg.protocol import (
-    FRAME_CONTROL, MAX_NAME_LEN, FRAME_DATA, Abort, ControlMessage, Error, Heartbeat, HeartbeatAck, Join,
+    FRAME_CONTROL, MAX_NAME_LEN, MAX_REPLY_BYTES, FRAME_DATA, Abort, ControlMessage, Error, Heartbeat, HeartbeatAck, Join,
     JoinOk, Leave, Query, QueryReply, Ready, StatsReply, StatsRequest, decode_control,
     encode_control,
 )
@@ -58,6 +74,9 @@ _WAIT_SLICE = 1.0
 _QUERY_SLOTS = 16
 #: Messages drained from the data socket per loop turn, so timers and requests still get a turn.
 _DRAIN = 64
+#: ERROR codes by which the switch says this connection is not (or no longer) in its job: pending
+#: calls can never complete (switch_emulator._jobs.ErrorCode.MEMBERSHIP_LOST).
+_MEMBERSHIP_LOST = frozenset({"not_joined", "wrong_member", "departed"})
 # Plain ints: pyzmq's flag enums cost an interpreted enum operation on every `|` and call, and the
 # engine makes several such calls per burst.
 _NOBLOCK, _SNDMORE, _EVENTS, _POLLIN = (int(zmq.NOBLOCK), int(zmq.SNDMORE), int(zmq.EVENTS),
@@ -76,7 +95,7 @@ class ClientConfig:
             Example: `slots=2048` for a small test job.
         burst: packets per ZeroMQ data frame, <= slots (cut to the granted slots). Default 1024
             (about 272 KiB at k=64: large frames amortize ZeroMQ's ~80 us per message,
-            measured-limits.md §4). Example: `burst=4096`.
+            the README's benchmarks). Example: `burst=4096`.
         join_timeout: seconds to wait for JOIN_OK, and again for READY (every worker joined).
             Default 30. Example: `join_timeout=5` in tests.
         op_timeout: seconds an all-reduce may go without any result before it fails with
@@ -86,9 +105,11 @@ class ClientConfig:
         rto_initial: retransmission timeout before the first RTT sample, seconds. Default 0.2.
         rto_min: lower bound of the retransmission timeout, seconds, and the longest a packet is
             assumed held in the network (a resent chunk's slot is not reused sooner; loss is not
-            declared sooner than this after a send). Default 0.05: the emulator's round trip is
-            1-30 ms for a burst, 10^2-10^3 x a Tofino's; a timeout only probes with one packet,
-            so firing early is cheap. Example: `rto_min=0.01`.
+            declared sooner than this after a send). Default 0.01: the emulator's round trip is
+            1-30 ms for a burst, 10^2-10^3 x a Tofino's. At 0.05 every loss cost at least 50 ms
+            (issue 15: 0.06x the lossless throughput at 1% loss; 0.23x at 0.01); at 0.005 the
+            reordering window fell under the workers' skew and 2 packets in 1 were resent for
+            nothing. Example: `rto_min=0.02`.
         rto_max: upper bound of the (exponentially backed-off) timeout, seconds. Default 2.
         leave_linger: seconds close() lets the LEAVE message flush before dropping it. Default 1.
     """
@@ -100,7 +121,7 @@ class ClientConfig:
     op_timeout: float = 60.0
     query_timeout: float = 1.0
     rto_initial: float = 0.2
-    rto_min: float = 0.05
+    rto_min: float = 0.01
     rto_max: float = 2.0
     leave_linger: float = 1.0
 
@@ -189,10 +210,14 @@ class SwitchClient:
         world_size: number of workers in the job.
         rank: this worker's rank, or None to let the switch pick a free one.
         config: a `ClientConfig` (defaults if None).
-        token: shared secret the job was created with ("" for none).
+        token: shared secret: the job's, or the switch's when it runs with --token ("" for none).
         timeout: if given, overrides config.join_timeout and config.op_timeout (seconds).
+        server_key: the switch's CURVE public key (z85, or the path of its `.key` file) when it
+            runs with --curve-secret-file; None for a plain connection.
+        identity: this client's ZeroMQ routing identity (default: random, fixed for its life).
 
     Raises:
+        ValueError: a malformed address, job name or token (before anything is started).
         JoinRejected: the switch refused the JOIN (the error's `field` names the culprit).
         SwitchTimeout: no JOIN_OK, or not every worker joined, within join_timeout.
 
@@ -202,7 +227,9 @@ class SwitchClient:
 
     def __init__(self, address: str, job: str, world_size: int, rank: int | None = None, *,
                  config: ClientConfig | None = None, token: str = "",
-                 timeout: float | None = None) -> None:
+                 timeout: float | None = None, server_key: str | bytes | None = None,
+                 identity: bytes | None = None) -> None:
+        check_endpoint(address)
         config = config or ClientConfig()
         if timeout is not None:
             config = replace(config, join_timeout=timeout, op_timeout=timeout)
@@ -217,6 +244,13 @@ class SwitchClient:
         # this worker dead.
         load_kernels()
         self._join_msg = Join(job, world_size, config.k, config.slots, token, rank)
+        if identity is not None and (not isinstance(identity, bytes) or not 1 <= len(identity) <= 255
+                                     or identity[:1] == b"\0"):
+            raise ValueError("identity must be 1-255 bytes not starting with a zero byte")
+        self.identity = identity if identity is not None else b"w" + os.urandom(15)
+        self._server_key = (server_key if isinstance(server_key, bytes) or server_key is None
+                            else load_public(server_key))
+        self.incarnation = ""  # the switch's, from JOIN_OK
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = False
         self._error: SwitchError | None = None
@@ -254,7 +288,8 @@ class SwitchClient:
         # Leaving because of an error aborts the job for everyone at once, rather than by timeout.
         self.close(reason=f"worker {self.rank} failed: {exc!r}" if exc is not None else "")
 
-    def allreduce(self, values: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    def allreduce(self, values: np.ndarray, out: np.ndarray | None = None,
+                  call: int | None = None) -> np.ndarray:
         """Sum `values` over every worker of the job, exactly (int32, wrapping like the hardware).
 
         Args:
@@ -262,6 +297,11 @@ class SwitchClient:
             out: optional array to write the sum into (int32, C-contiguous, values' shape, not
                 overlapping it). Reusing one saves page-faulting a fresh output on every call,
                 which for large vectors costs as much as the transfer.
+            call: this call's sequence number (default: one more than the previous call's; the
+                first is 0). Every worker must give the same call the same number: the switch
+                aborts the job when ranks' numbers differ (modulo 256) on the same chunks. A
+                driver that may skip calls (a step skipped on a non-finite gradient) numbers
+                them itself, e.g. step * calls_per_step + bucket.
 
         Returns:
             `out`, or a new int32 array of the same length: the element-wise sum.
@@ -270,10 +310,10 @@ class SwitchClient:
             TypeError / ValueError: values is not a 1-D int32 ndarray, or out does not fit.
             JobAborted, SwitchTimeout: the job or the switch failed (see the class docstring).
         """
-        return self._wait(self.allreduce_async(values, out=out))
+        return self._wait(self.allreduce_async(values, out=out, call=call))
 
-    def allreduce_async(self, values: np.ndarray,
-                        out: np.ndarray | None = None) -> concurrent.futures.Future:
+    def allreduce_async(self, values: np.ndarray, out: np.ndarray | None = None,
+                        call: int | None = None) -> concurrent.futures.Future:
         """Like `allreduce`, returning a Future of the sum. Do not modify `values` until it is done,
         nor read `out` before."""
         if not isinstance(values, np.ndarray):
@@ -290,7 +330,10 @@ class SwitchClient:
                                 or not out.flags.writeable or np.may_share_memory(out, values)):
             raise ValueError("out must be a writeable, C-contiguous int32 array of the same shape "
                              "as values, not overlapping it; allocate np.empty_like(values)")
-        return self._submit(len(values), array_fill(values, self.k), stream=False, out=out)
+        if call is not None and (not isinstance(call, (int, np.integer)) or call < 0):
+            raise ValueError(f"call={call!r}: pass an int >= 0, or None to count calls")
+        return self._submit(len(values), array_fill(values, self.k), stream=False, out=out,
+                            call=call)
 
     def allreduce_stream(self, numel: int, fill: FillFn) -> tuple[np.ndarray, np.ndarray]:
         """All-reduce a vector that `fill` writes chunk by chunk, with a block exponent per packet.
@@ -339,8 +382,8 @@ class SwitchClient:
 
     # ---- user-thread side --------------------------------------------------------------------
 
-    def _submit(self, numel: int, fill: FillFn, stream: bool,
-                out: np.ndarray | None = None) -> concurrent.futures.Future:
+    def _submit(self, numel: int, fill: FillFn, stream: bool, out: np.ndarray | None = None,
+                call: int | None = None) -> concurrent.futures.Future:
         future: concurrent.futures.Future = concurrent.futures.Future()
         if self._closed:
             raise JobAborted(f"this SwitchClient (rank {self.rank} of job {self.job!r}) is closed; "
@@ -348,7 +391,7 @@ class SwitchClient:
         if self._error is not None:
             future.set_exception(self._error)
             return future
-        self._requests.put(("call", numel, fill, stream, future, out))
+        self._requests.put(("call", numel, fill, stream, future, out, call))
         self._wake()
         return future
 
@@ -379,13 +422,19 @@ class SwitchClient:
     # ---- engine thread -----------------------------------------------------------------------
 
     def _engine(self) -> None:
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, int(self.config.leave_linger * 1000))
-        sock.setsockopt(zmq.SNDHWM, 10_000)
-        sock.setsockopt(zmq.RCVHWM, 10_000)
-        sock.connect(self.address)
-        self._sock = sock
+        sock = None
         try:
+            sock = self._ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, int(self.config.leave_linger * 1000))
+            sock.setsockopt(zmq.SNDHWM, 10_000)
+            sock.setsockopt(zmq.RCVHWM, 10_000)
+            # One routing identity for the client's life: after a TCP reset ZeroMQ reconnects
+            # with it, and the switch (ROUTER_HANDOVER) still knows this connection's rank.
+            sock.setsockopt(zmq.IDENTITY, self.identity)
+            if self._server_key is not None:
+                client_options(sock, self._server_key)
+            sock.connect(self.address)
+            self._sock = sock
             try:
                 self._join()
             except SwitchError as exc:
@@ -395,12 +444,15 @@ class SwitchClient:
             self._run()
         except BaseException as exc:  # a bug: fail every call rather than leave them hanging
             log.exception("switch client engine crashed")
-            self._fail_all(SwitchError(f"the switch client engine crashed: {exc!r}",
-                                       job=self.job, rank=self.rank))
+            error = SwitchError(f"the switch client engine of job {self.job!r} stopped: {exc!r}",
+                                job=self.job, rank=self.rank)
+            error.__cause__ = exc
+            self._fail_all(error)
             if not self._joined.done():
-                self._joined.set_exception(exc)
+                self._joined.set_exception(error)
         finally:
-            sock.close()
+            if sock is not None:
+                sock.close()
             self._wake_rx.close(linger=0)
 
     def _send_control(self, message: ControlMessage) -> None:
@@ -429,7 +481,7 @@ class SwitchClient:
     def _decode(self, frame) -> ControlMessage | None:
         self._ctl["control_received"] += 1
         try:
-            return decode_control(frame)
+            return decode_control(frame, MAX_REPLY_BYTES)
         except ProtocolError as exc:
             self._ctl["control_malformed"] += 1
             log.warning("dropped a malformed control message from the switch: %s", exc)
@@ -452,6 +504,9 @@ class SwitchClient:
             if isinstance(msg, JoinOk):
                 break
         self.rank, self.job_id = msg.rank, msg.job_id
+        self.incarnation = msg.incarnation
+        # Any JOIN sent again (the first JOIN_OK was lost) asks for the rank the switch granted.
+        self._join_msg = replace(self._join_msg, rank=msg.rank)
         self.k, self.slots, self.world_size = msg.k, msg.slots, msg.world_size
         self._hb_interval, self._liveness = msg.heartbeat_interval, msg.liveness_timeout
         burst = min(cfg.burst, msg.slots)
@@ -598,14 +653,15 @@ class SwitchClient:
                                           f"all-reduce pending", job=self.job, rank=self.rank))
                 self._leave(request[1])
                 return True
-            _, numel, fill, stream, future, out = request
+            _, numel, fill, stream, future, out, seq = request
             if not future.set_running_or_notify_cancel():
                 continue
             if self._error is not None:
                 self._ctl["calls_failed"] += 1
                 future.set_exception(self._error)
                 continue
-            call = m.submit(numel, fill, time.monotonic(), token=(future, stream), out=out)
+            call = m.submit(numel, fill, time.monotonic(), token=(future, stream), out=out,
+                            seq=seq)
             if call.complete:  # numel == 0
                 self._complete(call)
         return False
@@ -640,13 +696,27 @@ class SwitchClient:
                     raise _Broken(JobAborted(self._abort_text(msg), job=self.job, rank=msg.rank))
                 if isinstance(msg, QueryReply):
                     found = msg
+                elif isinstance(msg, HeartbeatAck):
+                    self._check_incarnation(msg.incarnation)
+                elif isinstance(msg, Error) and msg.code in _MEMBERSHIP_LOST:
+                    raise _Broken(JobAborted(
+                        f"the switch at {self.address} no longer counts rank {self.rank} in job "
+                        f"{self.job!r} ({msg.code}: {msg.message}); if it restarted, it lost the "
+                        "job: restart the job", job=self.job, rank=self.rank))
                 elif isinstance(msg, Error) and self._error is None:
                     log.warning("switch at %s: %s (%s)", self.address, msg.message, msg.code)
-                elif not isinstance(msg, (HeartbeatAck, StatsReply, Ready, JoinOk, type(None))):
+                elif not isinstance(msg, (StatsReply, Ready, JoinOk, type(None))):
                     log.debug("ignored %s from the switch", type(msg).__name__)
             else:
                 self._ctl["control_malformed"] += 1
         return found
+
+    def _check_incarnation(self, incarnation: str) -> None:
+        if incarnation and self.incarnation and incarnation != self.incarnation:
+            raise _Broken(JobAborted(
+                f"the switch at {self.address} restarted (incarnation {self.incarnation} is now "
+                f"{incarnation}) and lost job {self.job!r}; restart the job", job=self.job,
+                rank=self.rank))
 
     def _send_bursts(self, bursts: list[np.ndarray]) -> None:
         for burst in bursts:

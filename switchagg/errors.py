@@ -52,7 +52,7 @@ class JobAborted(SwitchError):
 
 
 class ProtocolError(SwitchError, ValueError):
-    """Bytes or fields that break the wire contract (DESIGN.md §4)."""
+    """Bytes or fields that break the wire contract (switchagg/packet.py, switchagg/protocol.py)."""
 
 
 class NonFiniteGradient(SwitchError, ValueError):

@@ -13,6 +13,10 @@ Every worker builds the same method with the same arguments. `collective_kind(na
 method needs: "int" (int32 SUM and int8 exponent MAX: the switch, or any collective) or "torch"
 (fp32 sums or all-gathers: torch.distributed or the in-process group).
 
+`OWN_LOOP` lists the methods that are not gradient reductions at all but own their training loop
+(SwarmSGD: local steps and pairwise model averaging, `switchagg.swarm`); `collective_kind` says
+"peer" for them and `make_codec` refuses them.
+
 | name               | scaling                                          | rounding      | paper           |
 |--------------------|--------------------------------------------------|---------------|-----------------|
 | sgd                | none (fp32 all-reduce)                           | -             | baseline        |
@@ -22,6 +26,23 @@ method needs: "int" (int32 SUM and int8 exponent MAX: the switch, or any collect
 | intdiana           | global alpha on g_i - h_i, shifts h_i, h (Alg. 3)| randomized    | IntDIANA        |
 | heuristic-switchml | per-packet exponent, switch MAX, look-ahead      | nearest-even  | SwitchML        |
 | heuristic-global   | one MAX all-reduce of the exponent of ||g||_inf  | nearest-even  | Heuristic IntSGD|
+
+The papers' baselines (`switchagg.codecs.baselines`; each codec's docstring says what it sends):
+
+| name            | wire (real width)                                   | bias     | collective  |
+|-----------------|-----------------------------------------------------|----------|-------------|
+| qsgd-4bit/-8bit | 4/8-bit levels + sign bit, fp32 norm per 512 coords | unbiased | all-gather  |
+| natsgd          | 1 byte: sign + exponent (C_nat)                     | unbiased | all-gather  |
+| terngrad        | 2-bit ternaries + fp32 scaler per layer             | unbiased | all-gather  |
+| terngrad-switch | int8 exponent MAX, int32 ternary SUM                | unbiased | switch      |
+| onebit-ef       | 1 bit + 2 fp32 means per layer, error feedback      | biased   | all-gather  |
+| powersgd        | rank-2 P and Q, fp32, error feedback, warm start    | biased   | fp32 SUM x2 |
+| isgq-mse        | per FC layer 3-bit codes of X, Delta + codebooks    | biased   | all-gather  |
+| isgq-dithered   | per FC layer subtractive-dither codes of X, Delta   | unbiased | all-gather  |
+
+`OWN_LOOP` lists the methods that are not gradient reductions at all but own their training loop
+(SwarmSGD: local steps and pairwise model averaging, `switchagg.swarm`); `collective_kind` says
+"peer" for them and `make_codec` refuses them.
 """
 
 from __future__ import annotations
@@ -32,11 +53,14 @@ from typing import Any
 from switchagg.codecs import (
     SGD, Codec, HeuristicGlobal, HeuristicSwitchML, IntDIANA, IntSGD,
 )
+from switchagg.codecs.baselines import (
+    ISGQ, QSGD, NatSGD, OneBitEF, PowerSGD, TernGrad, TernGradSwitch,
+)
 from switchagg.errors import ConfigError, NonFiniteGradient
 from switchagg.telemetry import StepTelemetry
 
-__all__ = ["METHODS", "MethodSpec", "StepTelemetry", "NonFiniteGradient", "collective_kind",
-           "make_codec", "make_method", "method_spec"]
+__all__ = ["METHODS", "METHOD_SETS", "OWN_LOOP", "MethodSpec", "StepTelemetry", "NonFiniteGradient",
+           "collective_kind", "make_codec", "make_method", "method_spec"]
 
 
 @dataclass(frozen=True)
@@ -69,7 +93,24 @@ METHODS: dict[str, MethodSpec] = dict([
     _spec("intdiana", IntDIANA),
     _spec("heuristic-switchml", HeuristicSwitchML),
     _spec("heuristic-global", HeuristicGlobal),
+    # -- the papers' baselines --
+    _spec("qsgd-4bit", QSGD, s=15),
+    _spec("qsgd-8bit", QSGD, s=255),
+    _spec("natsgd", NatSGD),
+    _spec("terngrad", TernGrad),
+    _spec("terngrad-switch", TernGradSwitch),
+    _spec("onebit-ef", OneBitEF),
+    _spec("powersgd", PowerSGD),
+    _spec("isgq-mse", ISGQ, quantizer="mse"),
+    _spec("isgq-dithered", ISGQ, quantizer="dithered"),
 ])
+
+#: The method sets of the papers' comparisons (`--methods paper-intsgd`, `--methods paper-isgq`).
+METHOD_SETS: dict[str, tuple[str, ...]] = {
+    "paper-intsgd": ("sgd", "intsgd-random", "intsgd-determ", "heuristic-global", "powersgd",
+                     "qsgd-8bit", "natsgd"),
+    "paper-isgq": ("sgd", "isgq-mse", "isgq-dithered", "onebit-ef", "terngrad", "qsgd-4bit"),
+}
 
 
 def method_spec(name: str) -> MethodSpec:
@@ -80,13 +121,27 @@ def method_spec(name: str) -> MethodSpec:
     """
     spec = METHODS.get(name)
     if spec is None:
-        raise ConfigError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}",
-                          field="method", value=name)
+        if name in OWN_LOOP:
+            raise ConfigError(f"{name} owns its training loop and has no codec; run it with "
+                              f"`switchagg worker` or `switchagg compare`", field="method",
+                              value=name)
+        raise ConfigError(f"unknown method {name!r}; valid methods: "
+                          f"{', '.join([*METHODS, *OWN_LOOP])}", field="method", value=name)
     return spec
 
 
+#: Methods that own their training loop (no collective, no reduce): name -> what it is.
+OWN_LOOP: dict[str, str] = {
+    "swarmsgd": "SwarmSGD: H local steps, then quantized pairwise averaging with a random peer "
+                "(switchagg.swarm; the loop is workers/swarm_train.py)",
+}
+
+
 def collective_kind(name: str) -> str:
-    """What the named method needs of its collective: "int" (the switch will do) or "torch"."""
+    """What the named method needs of its collective: "int" (the switch will do), "torch", or
+    "peer" (an `OWN_LOOP` method: no collective, it talks to its peers itself)."""
+    if name in OWN_LOOP:
+        return "peer"
     return method_spec(name).collective_kind
 
 

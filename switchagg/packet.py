@@ -10,8 +10,15 @@ never an exception.
 
     header (16 B): magic u8 | version u8 | kind u8 | flags u8 | job u16 | worker u16 |
                    pool_index u16 (bit 15 = version, bits 0..14 = slot) | exponent i8 |
-                   reserved u8 | chunk u32
+                   call u8 (the dtype field is named "reserved") | chunk u32
     payload:       k x int32
+
+The `call` byte (the header's former reserved byte; its dtype field keeps the name "reserved" so
+that existing code reads the same bytes): in DATA, the worker's all-reduce call sequence number
+modulo 256 (its n-th call since JOIN, or the number its caller chose). The switch checks that
+every contribution to a slot's round carries the same chunk and call (switch_emulator/_callseq.py),
+so workers whose calls drift apart get an immediate error naming both numbers instead of wrong
+sums. In RESULT and RESULT_RETX it is zero (checked as "bad_reserved").
 """
 
 from __future__ import annotations
@@ -189,7 +196,8 @@ def validate_burst(packets: np.ndarray, *, kind: Kind, job: int, worker: int | N
         ("bad_version", packets["version"] != PROTOCOL_VERSION),
         ("bad_kind", (packets["kind"] != kind) & ~((kind == Kind.RESULT)
                                                    & (packets["kind"] == Kind.RESULT_RETX))),
-        ("bad_reserved", packets["reserved"] != 0),
+        # The byte carries the call number in DATA (see the module essay); results leave it 0.
+        ("bad_reserved", packets["reserved"] != 0) if kind != Kind.DATA else None,
         ("bad_job", packets["job"] != job),
         ("bad_worker", packets["worker"] != worker) if worker is not None else None,
         ("bad_slot", (packets["pool_index"] & SLOT_MASK) >= slots),

@@ -6,17 +6,21 @@ every ZeroMQ message. What it must never do: I/O, or decide anything (the switch
 the client decide). How it works: every message on the worker's DEALER socket is two frames,
 `[FRAME_DATA, burst]` or `[FRAME_CONTROL, json]` (the switch's ROUTER prepends the peer identity).
 Control messages are frozen dataclasses validated when built, so a message that exists is valid;
-`decode_control` turns a peer's bytes into one or raises `ProtocolError` naming the field.
+`decode_control` turns a peer's bytes into one or raises `ProtocolError` naming the field, after
+`_limits.load_json` has bounded the frame's size, nesting and numbers (a peer's bytes never reach
+`json` unchecked, and identifiers are printable ASCII).
 
-Exchange (DESIGN.md §4):
+Exchange (packets: switchagg/packet.py):
     worker                                switch
     JOIN(job, world_size, k, slots, ...) ->
-                                        <- JOIN_OK(job_id, rank, ...) | ERROR(field, reason)
+                                        <- JOIN_OK(job_id, rank, ..., incarnation)
+                                           | ERROR(field, reason)
                                         <- READY(job_id)               once all world_size joined
     DATA bursts                         <-> RESULT / RESULT_RETX bursts
-    HEARTBEAT (every heartbeat_interval) -> HEARTBEAT_ACK
+    HEARTBEAT (every heartbeat_interval) -> HEARTBEAT_ACK(incarnation: another one = restarted)
     QUERY(slots)                        <- QUERY_REPLY(missing ranks per slot)
-    STATS                               <- STATS_REPLY(counters)
+    STATS(token, summary)               <- STATS_REPLY(counters; jobs: members' own, or all
+                                           with the switch token; none with summary)
     LEAVE                               ->
                                         <- ABORT(reason, rank)         a worker died / the switch stops
 """
@@ -29,13 +33,17 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from switchagg._limits import MAX_NAME_LEN, MAX_TEXT_LEN, check_endpoint, check_name, check_text, load_json
 from switchagg.errors import ProtocolError
 from switchagg.packet import MAX_SLOTS, MAX_WORKERS, VALID_K
 
 __all__ = [
-    "FRAME_DATA", "FRAME_CONTROL", "MAX_CONTROL_BYTES", "MAX_NAME_LEN", "ControlMessage", "Join",
+    "FRAME_DATA", "FRAME_CONTROL", "MAX_CONTROL_BYTES", "MAX_REPLY_BYTES", "MAX_NAME_LEN",
+    "ControlMessage", "Join",
     "JoinOk", "Ready", "Leave", "Heartbeat", "HeartbeatAck", "StatsRequest", "StatsReply", "Query",
     "QueryReply", "Error", "Abort", "encode_control", "decode_control", "MESSAGE_TYPES",
+    # The shared checks of _limits, re-exported for the switch (which imports only this module).
+    "check_endpoint", "check_name", "MAX_TEXT_LEN",
 ]
 
 #: Leading frame of a data message (a burst of packets follows).
@@ -44,8 +52,9 @@ FRAME_DATA = b"D"
 FRAME_CONTROL = b"C"
 #: Control messages are tiny; anything larger is garbage or abuse (a QUERY of 1024 slots fits).
 MAX_CONTROL_BYTES = 64 * 1024
-#: Job names and tokens are identifiers, not documents.
-MAX_NAME_LEN = 128
+#: What a worker accepts from the switch: a full STATS_REPLY grows with the jobs it shows (about
+#: 300 B each), so it gets more room; the probe asks for a summary, which stays small.
+MAX_REPLY_BYTES = 4 << 20
 #: A QUERY asks about at most this many slots (the client names the stuck ones).
 MAX_QUERY_SLOTS = 1024
 
@@ -59,9 +68,7 @@ def _check(cls_name: str, name: str, value: Any, kind: type | tuple, lo: Any = N
         raise ProtocolError(f"{cls_name}.{name}={value!r}: expected {getattr(kind, '__name__', kind)}",
                             field=name, value=value)
     if isinstance(value, str):
-        if len(value) > MAX_NAME_LEN:
-            raise ProtocolError(f"{cls_name}.{name} is {len(value)} characters; at most "
-                                f"{MAX_NAME_LEN} allowed", field=name, value=value[:32])
+        check_name(cls_name, name, value)
         return
     # NaN compares False with everything, so it would pass any bound (json.loads accepts NaN).
     if isinstance(value, float) and not math.isfinite(value):
@@ -105,9 +112,7 @@ class Join(ControlMessage):
 
     def validate(self) -> None:
         n = "JOIN"
-        _check(n, "job", self.job, str)
-        if not self.job:
-            raise ProtocolError("JOIN.job is empty; name the job", field="job", value=self.job)
+        check_name(n, "job", self.job, allow_empty=False)
         _check(n, "world_size", self.world_size, int, 1, MAX_WORKERS)
         _check_k(n, self.k)
         _check(n, "slots", self.slots, int, 1, MAX_SLOTS)
@@ -128,6 +133,7 @@ class JoinOk(ControlMessage):
     slots: int
     heartbeat_interval: float
     liveness_timeout: float
+    incarnation: str = ""  # random id of this run of the switch: another one means it restarted
 
     def validate(self) -> None:
         n = "JOIN_OK"
@@ -139,6 +145,7 @@ class JoinOk(ControlMessage):
         _check(n, "slots", self.slots, int, 1, MAX_SLOTS)
         _check(n, "heartbeat_interval", self.heartbeat_interval, (int, float), 0.001, 3600)
         _check(n, "liveness_timeout", self.liveness_timeout, (int, float), 0.001, 3600)
+        _check(n, "incarnation", self.incarnation, str)
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +171,7 @@ class Leave(ControlMessage):
     def validate(self) -> None:
         _check("LEAVE", "job_id", self.job_id, int, 0, 0xFFFF)
         _check("LEAVE", "rank", self.rank, int, 0, MAX_WORKERS - 1)
-        _check("LEAVE", "reason", self.reason, str)
+        check_text("LEAVE", "reason", self.reason)
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,20 +193,30 @@ class HeartbeatAck(ControlMessage):
 
     TYPE: ClassVar[str] = "HEARTBEAT_ACK"
     job_id: int
+    incarnation: str = ""  # as in JOIN_OK: a worker that sees another one knows the switch restarted
 
     def validate(self) -> None:
         _check("HEARTBEAT_ACK", "job_id", self.job_id, int, 0, 0xFFFF)
+        _check("HEARTBEAT_ACK", "incarnation", self.incarnation, str)
 
 
 @dataclass(frozen=True, slots=True)
 class StatsRequest(ControlMessage):
-    """Ask for counters: of one job (job_id), or of the whole switch (None)."""
+    """Ask for counters: of one job (job_id), or of the whole switch (None).
+
+    A job's details go only to its members, or to an operator holding the switch's `token`;
+    `summary` asks for the switch-wide counters alone (small whatever the number of jobs).
+    """
 
     TYPE: ClassVar[str] = "STATS"
     job_id: int | None = None
+    token: str = ""
+    summary: bool = False
 
     def validate(self) -> None:
         _check("STATS", "job_id", self.job_id, int, 0, 0xFFFF, optional=True)
+        _check("STATS", "token", self.token, str)
+        _check("STATS", "summary", self.summary, bool)
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,6 +266,18 @@ class QueryReply(ControlMessage):
         _check("QUERY_REPLY", "job_id", self.job_id, int, 0, 0xFFFF)
         _check("QUERY_REPLY", "missing", self.missing, list)
         _check("QUERY_REPLY", "departed", self.departed, list)
+        if len(self.missing) > MAX_QUERY_SLOTS or len(self.departed) > MAX_WORKERS:
+            raise ProtocolError("QUERY_REPLY lists more slots or ranks than a QUERY can ask for",
+                                field="missing")
+        for ranks in self.missing:
+            _check("QUERY_REPLY", "missing", ranks, list)
+            if len(ranks) > MAX_WORKERS:
+                raise ProtocolError("QUERY_REPLY.missing lists more ranks than a job has",
+                                    field="missing")
+            for r in ranks:
+                _check("QUERY_REPLY", "missing", r, int, 0, MAX_WORKERS - 1)
+        for r in self.departed:
+            _check("QUERY_REPLY", "departed", r, int, 0, MAX_WORKERS - 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,9 +292,14 @@ class Error(ControlMessage):
 
     def validate(self) -> None:
         _check("ERROR", "code", self.code, str)
-        if not isinstance(self.message, str):
-            raise ProtocolError("ERROR.message must be a string", field="message")
+        check_text("ERROR", "message", self.message)
         _check("ERROR", "field", self.field, str, optional=True)
+        # The culprit's value, echoed for context: a scalar (the switch cuts strings to 64).
+        if isinstance(self.value, str):
+            check_text("ERROR", "value", self.value)
+        elif not (self.value is None or isinstance(self.value, (bool, int))
+                  or (isinstance(self.value, float) and math.isfinite(self.value))):
+            raise ProtocolError("ERROR.value must be a scalar", field="value")
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,8 +313,7 @@ class Abort(ControlMessage):
 
     def validate(self) -> None:
         _check("ABORT", "job_id", self.job_id, int, 0, 0xFFFF)
-        if not isinstance(self.reason, str):
-            raise ProtocolError("ABORT.reason must be a string", field="reason")
+        check_text("ABORT", "reason", self.reason)
         _check("ABORT", "rank", self.rank, int, 0, MAX_WORKERS - 1, optional=True)
 
 
@@ -298,32 +331,33 @@ def encode_control(message: ControlMessage) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()
 
 
-def decode_control(frame: bytes | memoryview) -> ControlMessage:
+def decode_control(frame: bytes | memoryview, max_bytes: int = MAX_CONTROL_BYTES) -> ControlMessage:
     """Parse and validate a peer's control frame.
 
+    Args:
+        frame: the frame's bytes.
+        max_bytes: the largest frame accepted (the switch: MAX_CONTROL_BYTES; a worker reading the
+            switch's replies: MAX_REPLY_BYTES).
+
     Raises:
-        ProtocolError: not JSON, not an object, unknown type, missing/unknown/invalid field; the
-            error's `field` names the culprit.
+        ProtocolError: too large, too deep, an over-long number (`_limits.load_json`), not JSON,
+            not an object, unknown type, missing/unknown/invalid field; the error's `field` names
+            the culprit. Nothing else: any other exception would be a bug.
     """
-    if len(frame) > MAX_CONTROL_BYTES:
-        raise ProtocolError(f"control message of {len(frame)} bytes exceeds {MAX_CONTROL_BYTES}",
-                            field="length", value=len(frame))
-    try:
-        body = json.loads(bytes(frame))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError(f"control message is not JSON: {exc}", field="body") from None
+    body = load_json(frame, max_bytes)
     if not isinstance(body, dict):
         raise ProtocolError("control message must be a JSON object", field="body")
     name = body.pop("type", None)
     cls = MESSAGE_TYPES.get(name) if isinstance(name, str) else None
     if cls is None:
-        raise ProtocolError(f"unknown control message type {name!r}; valid: {sorted(MESSAGE_TYPES)}",
-                            field="type", value=name)
+        raise ProtocolError(f"unknown control message type {repr(name)[:40]}; valid: "
+                            f"{sorted(MESSAGE_TYPES)}", field="type",
+                            value=name[:32] if isinstance(name, str) else None)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(body) - known
     if unknown:
         name0 = sorted(unknown)[0]
-        raise ProtocolError(f"{cls.TYPE} has unknown field {name0!r}", field=name0)
+        raise ProtocolError(f"{cls.TYPE} has unknown field {repr(name0)[:40]}", field=name0[:32])
     try:
         return cls(**body)
     except TypeError as exc:  # a required field is missing

@@ -111,7 +111,8 @@ class Reducer:
         for index, count in enumerate(split or [len(grads)]):
             bsizes = sizes[t_index:t_index + count]
             bucket = Bucket.of_sizes(bsizes, index=index, offset=offset,
-                                     keys=range(t_index, t_index + count))
+                                     keys=range(t_index, t_index + count),
+                                     shapes=[g.shape for g in grads[t_index:t_index + count]])
             a, b = offset, offset + bucket.numel
             t0 = time.perf_counter()
             payload = timed_stream(codec.encode(flat[a:b], bucket), streamed)

@@ -38,7 +38,11 @@ class StepTelemetry:
         clip_fraction: clipped / numel.
         zero_fraction: fraction of this worker's integers that are 0.
         wraps: packets whose int32 sum wrapped (as the collective saw them).
-        bytes_sent, bytes_received, packets_sent, packets_received, rounds: wire cost this step.
+        bytes_sent, bytes_received, packets_sent, packets_received, rounds: wire cost this step
+            (the collective's count of what it really moved, packed as sent).
+        paper_bits: the bits this worker's payload takes in the method's paper's own encoding
+            (e.g. QSGD's Elias code, TernGrad's 2 bits, 9 bits per NatSGD coordinate); 0 where the
+            method has no paper count other than what it sends.
         extra_rounds: rounds beyond the one SUM (the heuristic's exponent batch or MAX round).
         t_quantize, t_communicate, t_decode: seconds spent scaling+rounding, in collectives,
             decoding (including the scale update).
@@ -66,6 +70,7 @@ class StepTelemetry:
     packets_sent: int = 0
     packets_received: int = 0
     rounds: int = 0
+    paper_bits: int = 0
     extra_rounds: int = 0
     t_quantize: float = 0.0
     t_communicate: float = 0.0

@@ -8,6 +8,7 @@ import numpy as np
 
 import pytest
 
+from switch_emulator._admission import Policy
 from switch_emulator._config import ConfigError, SwitchConfig
 from switch_emulator._golden import GoldenDataplane
 from switch_emulator._jobs import (TRANSITIONS, ControlPlane, ErrorCode, JobEvent, JobState,
@@ -42,10 +43,10 @@ def error(replies, code: str, field: str | None = None) -> Error:
     return err
 
 
-def running_job(cp: ControlPlane, n: int = 2, job: str = "j", now: float = 0.0):
+def running_job(cp: ControlPlane, n: int = 2, job: str = "j", now: float = 0.0, token: str = ""):
     ids = [f"{job}-w{r}".encode() for r in range(n)]
     for who in ids:
-        join(cp, who, job=job, n=n, now=now)
+        join(cp, who, job=job, n=n, now=now, token=token)
     return cp.by_name[job], ids
 
 
@@ -253,14 +254,35 @@ def test_query_reports_missing_ranks_from_dataplane():
 
 
 def test_stats_switch_wide_and_per_job():
-    cp = plane()
-    job, _ = running_job(cp)
-    stats = only(cp.on_message(b"monitor", StatsRequest(), 0.0), StatsReply).stats
+    cp = ControlPlane(1024, 0.5, 3.0, GoldenDataplane, policy=Policy(token="op"))
+    job, (a, _) = running_job(cp, token="op")
+    stats = only(cp.on_message(b"monitor", StatsRequest(token="op"), 0.0), StatsReply).stats
     assert stats["jobs_active"] == 1 and stats["slots_free"] == 1024 - 16
     entry = stats["jobs"][str(job.job_id)]
     assert entry["state"] == "RUNNING" and entry["completions"] == 0 and entry["packets_in"] == 0
     json.dumps(stats)
-    error(cp.on_message(b"monitor", StatsRequest(job.job_id + 7), 0.0), ErrorCode.UNKNOWN_JOB)
+    error(cp.on_message(b"monitor", StatsRequest(job.job_id + 7, "op"), 0.0), ErrorCode.UNKNOWN_JOB)
+
+
+def test_stats_details_only_for_members_and_operators():
+    cp = plane()
+    job, (a, _) = running_job(cp)
+    other, (c, _) = running_job(cp, job="other")
+    # A stranger gets the switch-wide counters, no job; naming one is refused.
+    stranger = only(cp.on_message(b"x", StatsRequest(), 0.0), StatsReply).stats
+    assert stranger["jobs"] == {} and stranger["jobs_active"] == 2
+    error(cp.on_message(b"x", StatsRequest(job.job_id), 0.0), ErrorCode.FORBIDDEN, "job_id")
+    # A member sees its own job only, whatever it asks.
+    mine = only(cp.on_message(a, StatsRequest(), 0.0), StatsReply).stats
+    assert list(mine["jobs"]) == [str(job.job_id)]
+    error(cp.on_message(a, StatsRequest(other.job_id), 0.0), ErrorCode.FORBIDDEN)
+    # A tokenless switch has no operator: a token in STATS opens nothing.
+    assert only(cp.on_message(b"x", StatsRequest(token="guess"), 0.0), StatsReply).stats["jobs"] == {}
+    # The summary is small whatever the number of jobs.
+    for i in range(200):
+        join(cp, f"s{i}".encode(), job=f"s{i}", n=2, slots=1)
+    summary = only(cp.on_message(b"x", StatsRequest(summary=True), 0.0), StatsReply)
+    assert summary.stats["jobs_active"] == 202 and len(encode_control(summary)) < 2048
 
 
 @pytest.mark.parametrize("frame", [b"\xff\x00garbage", b"[]", b'{"type":"NOPE"}',

@@ -210,7 +210,6 @@ CORRUPTIONS = {
     "bad_magic": lambda p: p.__setitem__("magic", MAGIC ^ 1),
     "bad_version": lambda p: p.__setitem__("version", PROTOCOL_VERSION + 1),
     "bad_kind": lambda p: p.__setitem__("kind", Kind.RESULT),
-    "bad_reserved": lambda p: p.__setitem__("reserved", 1),
     "bad_job": lambda p: p.__setitem__("job", JOB + 1),
     "bad_worker": lambda p: p.__setitem__("worker", RANK + 1),  # rank spoofing
     "bad_slot": lambda p: p.__setitem__("pool_index", pool_index(SLOTS, 0)),
@@ -218,7 +217,17 @@ CORRUPTIONS = {
 
 
 def test_bad_reasons_cover_every_check():
-    assert set(CORRUPTIONS) | {"truncated"} == set(BAD_REASONS)
+    assert set(CORRUPTIONS) | {"truncated", "bad_reserved"} == set(BAD_REASONS)
+
+
+def test_call_byte_is_free_in_data_and_zero_in_results():
+    burst = random_burst(np.random.default_rng(4), 10, 8)
+    burst["reserved"][[1, 4, 5]] = [1, 200, 255]  # DATA: the call number, any value
+    ok, counts = validate(burst)
+    assert counts == {} and ok.all()
+    burst["kind"] = Kind.RESULT
+    ok, counts = validate_burst(burst, kind=Kind.RESULT, job=JOB, worker=None, slots=SLOTS)
+    assert counts == {"bad_reserved": 3} and np.flatnonzero(~ok).tolist() == [1, 4, 5]
 
 
 @pytest.mark.parametrize("reason", sorted(CORRUPTIONS))

@@ -17,7 +17,9 @@ def test_make_method_rejects_unknown_names_listing_valid_ones():
     with pytest.raises(ValueError, match="intsgd-random"):
         make_method("intsgd", LocalGroup(1).member(0))
     assert set(METHODS) == {"sgd", "intsgd-random", "intsgd-determ", "intsgd-block", "intdiana",
-                            "heuristic-switchml", "heuristic-global"}
+                            "heuristic-switchml", "heuristic-global", "qsgd-4bit", "qsgd-8bit",
+                            "natsgd", "terngrad", "terngrad-switch", "onebit-ef", "powersgd",
+                            "isgq-mse", "isgq-dithered"}
 
 
 def test_collective_kind_is_known_without_building_the_method():

@@ -167,7 +167,7 @@ def test_malformed_frames_are_counted_never_raised():
 
 def test_timeout_probes_the_newest_chunk_with_backoff_then_resends_the_rest_on_its_answer():
     m = StreamMachine(job_id=JOB_ID, rank=0, k=K, slots=S, burst=B, rto_initial=0.1,
-                      rto_min=0.05, rto_max=0.4)
+                      rto_min=0.05, rto_max=0.4, tail_resend=0)
     x = np.arange(3 * K, dtype=np.int32)
     m.submit(len(x), array_fill(x, K), 0.0)
     (first,) = m.transmit(0.0)
@@ -190,6 +190,28 @@ def test_timeout_probes_the_newest_chunk_with_backoff_then_resends_the_rest_on_i
     assert again.tobytes() == first[:2].tobytes()
     # Karn's rule: the answer to a resent chunk gives no RTT sample (the RTO stays backed off).
     assert m.rto.srtt is None and m.rto.rto == 0.4 and m.counters.retransmitted == 6
+
+
+def test_tail_probe_resends_a_short_tail_at_once_and_an_answer_restores_the_rto():
+    m = StreamMachine(job_id=JOB_ID, rank=0, k=K, slots=S, burst=B, rto_initial=0.1,
+                      rto_min=0.01, rto_max=0.4)
+    x = np.arange(3 * K, dtype=np.int32)
+    m.submit(len(x), array_fill(x, K), 0.0)
+    (first,) = m.transmit(0.0)
+    first = first.copy()
+    # Chunk 0 is answered (a fresh sample: srtt 0.02), chunks 1 and 2 are lost.
+    res = make_burst(Kind.RESULT, JOB_ID, 0, [0], [0], [0], np.zeros((1, K), np.int32))
+    m.receive(res.tobytes(), 0.02)
+    rto = m.rto.rto
+    for _ in range(5):  # the RACK deadline comes first (nothing is lost by time order)
+        if probes := m.transmit(m.next_deadline()):
+            break
+    assert m.counters.timeouts == 1
+    assert b"".join(p.tobytes() for p in probes) == first[1:].tobytes()  # the whole tail
+    assert m.rto.rto == 2 * rto
+    res = make_burst(Kind.RESULT_RETX, JOB_ID, 0, [1], [0], [1], np.zeros((1, K), np.int32))
+    m.receive(res.tobytes(), m.next_deadline())
+    assert m.rto.rto == rto  # the answer proves the path: back to the measured RTO
 
 
 def test_a_late_peer_costs_one_probe_packet_per_rto_not_a_window():

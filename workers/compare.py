@@ -69,6 +69,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--duplicate", type=float, default=None, help="switch: duplication probability")
     g.add_argument("--reorder", type=float, default=None, help="switch: reordering probability")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--token", default=None, help="start the switch with this token (workers join "
+                                                 "with it)")
 
 
 def _free_port() -> int:
@@ -180,6 +182,8 @@ def _worker_argv(args: argparse.Namespace, rank: int, switch: str, master_port: 
         argv += ["--opt", opt]
     for opt in args.method_opt:
         argv += ["--method-opt", opt]
+    if args.token:
+        argv += ["--token", args.token]
     return argv
 
 
@@ -188,7 +192,7 @@ def _switch_argv(args: argparse.Namespace, port: int) -> list[str]:
             # Two jobs' worth: a fast rank joins method m+1's job while a slower one is still
             # leaving method m's, and the switch holds both pools at that moment.
             "--slots", str(2 * args.slots), "--seed", str(args.seed)]
-    for flag in ("drop", "duplicate", "reorder"):
+    for flag in ("drop", "duplicate", "reorder", "token"):
         value = getattr(args, flag)
         if value is not None:
             argv += ["--" + flag, str(value)]
@@ -339,7 +343,11 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError(f"unknown task {args.task!r}; choose one of {', '.join(TASKS)}")
         if args.workers < 1:
             raise ValueError(f"--workers must be >= 1, got {args.workers}")
-        task = make_task(args.task, data=args.data, **parse_options(args.opt))
+        from workers.swarm_train import SwarmConfig, split_options
+        task_options, swarm_options = split_options(parse_options(args.opt))
+        task = make_task(args.task, data=args.data, **task_options)
+        if "swarmsgd" in args.method_list:
+            SwarmConfig.from_options(swarm_options)   # a bad --opt fails here, not in N workers
     except (ValueError, FileNotFoundError) as exc:
         print(f"switchagg compare: {exc}", file=sys.stderr)
         return 2
@@ -378,7 +386,7 @@ def main(args: argparse.Namespace) -> int:
     for name, m in methods.items():
         if m["diverged"]:
             print(f"note: {name} diverged: {m['diverged']}")
-        if not m["replicas_agree"]:
+        if m["replicas_agree"] is False:  # None: decentralized, the models differ by design
             print(f"WARNING: {name}: workers' parameters differ at the end (a method bug)")
     if args.out:
         report.write_results(os.path.join(out_dir, "results.json"), config, methods)

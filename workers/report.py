@@ -23,7 +23,8 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["merge_ranks", "format_table", "write_results", "read_jsonl", "plot_all", "PLOT_FILES"]
+__all__ = ["merge_ranks", "wire_summary", "format_table", "write_results", "read_jsonl", "plot_all",
+           "PLOT_FILES"]
 
 #: Plots every comparison writes ("{metric}" is the task's headline metric).
 PLOT_FILES = ("loss_vs_step.png", "loss_vs_bytes.png", "{metric}_vs_step.png",
@@ -39,12 +40,16 @@ def merge_ranks(summaries: list[dict[str, Any]], metric: str) -> dict[str, Any]:
 
     Returns:
         The entry: final_loss, final_accuracy (None where the task has none), final_metric, steps,
-        wall_s, bytes_sent (all workers), bytes_sent_per_worker, packets, rounds_per_step,
+        wall_s, bytes_sent (all workers), bytes_sent_per_worker, packets, the `wire_summary`
+        (coords_per_worker, paper_bits_per_worker, bits_per_coord, paper_bits_per_coord,
+        ratio_vs_fp32), rounds_per_step,
         max_abs_sum, max_abs_q, bits_needed (and the same extremes without step 0:
         max_abs_sum_after_first_step, max_abs_q_after_first_step, bits_needed_after_first_step),
         clip_fraction, wraps,
         time_per_step (mean over
-        workers), final_train_loss, replicas_agree, evaluation (rank 0's full dict).
+        workers), final_train_loss, replicas_agree, evaluation (rank 0's full dict),
+        sync_fraction (time synchronizing over wall time, mean over workers), and for
+        decentralized methods (SwarmSGD) `decentralized` (workers/swarm_report.py).
     """
     by_rank = sorted(summaries, key=lambda s: s["rank"])
     head = by_rank[0]
@@ -52,7 +57,7 @@ def merge_ranks(summaries: list[dict[str, Any]], metric: str) -> dict[str, Any]:
     n = len(by_rank)
     times = {k: sum(s["time_per_step"][k] for s in by_rank) / n for k in head["time_per_step"]}
     bytes_total = sum(int(s["bytes_sent"]) for s in by_rank)
-    return {
+    entry = {
         "final_loss": ev.get("loss"),
         "final_accuracy": ev.get("accuracy"),
         "final_metric": ev.get(metric),
@@ -63,6 +68,7 @@ def merge_ranks(summaries: list[dict[str, Any]], metric: str) -> dict[str, Any]:
         "bytes_sent": bytes_total,
         "bytes_sent_per_worker": bytes_total / n,
         "packets": sum(int(s["packets"]) for s in by_rank),
+        **wire_summary(by_rank),
         "rounds_per_step": head["rounds_per_step"],
         "max_abs_sum": max(int(s["max_abs_sum"]) for s in by_rank),
         "max_abs_q": max(int(s["max_abs_q"]) for s in by_rank),
@@ -79,7 +85,46 @@ def merge_ranks(summaries: list[dict[str, Any]], metric: str) -> dict[str, Any]:
         "final_train_loss": head.get("final_train_loss"),
         "replicas_agree": len({s["params_digest"] for s in by_rank}) == 1,
         "evaluation": ev,
+        "sync_fraction": _sync_fraction(by_rank),
     }
+    if any(s.get("decentralized") for s in by_rank):
+        entry["replicas_agree"] = None   # every worker keeps its own model, by design
+        from workers.swarm_report import decentralized_entry
+        entry["decentralized"] = decentralized_entry(by_rank, metric)
+    return entry
+
+
+def _sync_fraction(by_rank: list[dict[str, Any]]) -> float:
+    """Mean over workers of the share of the time spent synchronizing (not computing).
+
+    A worker that reports `sync_fraction` (SwarmSGD: blocked in its own interactions / wall) gives
+    it; for the others (DDP) it is the part of forward + backward that was not compute (the
+    hook's encoding and decoding, and the communication backward waited for) over the step."""
+    fractions = []
+    for s in by_rank:
+        if "sync_fraction" in s:
+            fractions.append(float(s["sync_fraction"]))
+            continue
+        t = s["time_per_step"]
+        step = t.get("backward", 0.0) + t.get("update", 0.0)
+        sync = max(t.get("backward", 0.0) - t.get("compute", 0.0), 0.0)
+        fractions.append(sync / step if step > 0 else 0.0)
+    return sum(fractions) / len(fractions)
+
+
+def wire_summary(by_rank: list[dict[str, Any]]) -> dict[str, Any]:
+    """What each worker put on the wire per coordinate: real bits (the collective's bytes, packed
+    as sent), the paper's encoding's bits, and the compression ratio of the real bits against
+    fp32 (32 bits per coordinate)."""
+    n = max(1, len(by_rank))
+    numel = sum(int(s.get("numel", 0)) for s in by_rank) / n
+    sent = sum(int(s["bytes_sent"]) for s in by_rank) / n
+    paper = sum(int(s.get("paper_bits", 0)) for s in by_rank) / n
+    bits = 8 * sent / numel if numel else None
+    return {"coords_per_worker": numel, "paper_bits_per_worker": paper,
+            "bits_per_coord": bits,
+            "paper_bits_per_coord": paper / numel if numel and paper else None,
+            "ratio_vs_fp32": 32 / bits if bits else None}
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -99,16 +144,20 @@ def format_table(methods: dict[str, dict[str, Any]], metric: str = "accuracy") -
     Columns: final test loss and headline metric, wall time, ms per step (forward + backward
     through DDP, which overlaps the reduction, + optimizer step) with compute, quantize,
     communicate (the window from the first bucket's launch to the last result, overlapping
-    backward) and decode, MB sent per worker, packets per worker per step, rounds per
-    step, the largest per-worker integer max |Q_i| (what a worker's packet must hold) and max |sum|
-    (what the switch's adders must), each as "from step 1 / including step 0" (IntSGD's step 0
-    borrows SwitchML's exponent scaling by default), the bits the sum needed from step 1 on, clip %,
+    backward) and decode, MB sent per worker, bits per coordinate really sent (`b/coord`, from
+    those bytes), in the paper's own encoding (`paper b/c`, e.g. QSGD's Elias code; `-` where the
+    method counts none) and the real compression against fp32 (`x fp32`), packets per worker per
+    step, rounds per step, the largest per-worker integer max |Q_i| (what a worker's packet must
+    hold) and max |sum| (what the switch's adders must), each as "from step 1 / including step 0"
+    (IntSGD's step 0 borrows SwitchML's exponent scaling by default), the bits the sum needed from
+    step 1 on, clip %,
     wraps.
     """
     pct = metric == "accuracy"
     header = ["method", "loss", "acc %" if pct else metric[:10], "wall s", "ms/step",
-              "compute", "quant", "comm", "decode", "MB/wkr", "pkt/step", "rounds", "max|Q_i|",
-              "max|sum|", "bits", "clip %", "wraps", "agree"]
+              "compute", "sync %", "quant", "comm", "decode", "MB/wkr", "b/coord", "paper b/c",
+              "x fp32", "pkt/step", "rounds", "max|Q_i|", "max|sum|",
+              "bits", "clip %", "wraps", "agree"]
     rows = [header]
     for name, m in methods.items():
         t = m["time_per_step"]
@@ -119,16 +168,20 @@ def format_table(methods: dict[str, dict[str, Any]], metric: str = "accuracy") -
             name, _fmt(m["final_loss"], ".4f"),
             _fmt(100 * value if (pct and value is not None) else value, ".2f" if pct else ".4g"),
             _fmt(m["wall_s"], ".1f"), _fmt(step_ms, ".2f"),
-            _fmt(1e3 * t.get("compute", 0.0), ".2f"), _fmt(1e3 * t.get("quantize", 0.0), ".2f"),
+            _fmt(1e3 * t.get("compute", 0.0), ".2f"),
+            _fmt(100 * m["sync_fraction"] if m.get("sync_fraction") is not None else None, ".1f"),
+            _fmt(1e3 * t.get("quantize", 0.0), ".2f"),
             _fmt(1e3 * t.get("communicate", 0.0), ".2f"), _fmt(1e3 * t.get("decode", 0.0), ".2f"),
             _fmt(m["bytes_sent_per_worker"] / 1e6, ".2f"),
+            _fmt(m.get("bits_per_coord"), ".2f"), _fmt(m.get("paper_bits_per_coord"), ".2f"),
+            _fmt(m.get("ratio_vs_fp32"), ".1f"),
             _fmt(m["packets"] / workers / max(1, m["steps"]), ".0f"),
             _fmt(m["rounds_per_step"], ".1f"),
             _both(m.get("max_abs_q_after_first_step", m["max_abs_q"]), m["max_abs_q"]),
             _both(m.get("max_abs_sum_after_first_step", m["max_abs_sum"]), m["max_abs_sum"]),
             str(m.get("bits_needed_after_first_step", m["bits_needed"])),
             _fmt(100 * m["clip_fraction"], ".2f"), str(m["wraps"]),
-            "yes" if m["replicas_agree"] else "NO",
+            {True: "yes", False: "NO"}.get(m["replicas_agree"], "-"),
         ])
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
@@ -137,6 +190,10 @@ def format_table(methods: dict[str, dict[str, Any]], metric: str = "accuracy") -
     lines.append("max|Q_i| (one worker's integers) and max|sum|: from step 1 / including step 0; "
                  "bits: the sum's, from step 1 (IntSGD's step 0 uses SwitchML's exponent scaling "
                  "by default: r is unknown before it)")
+    lines.append("sync %: share of a worker's time spent synchronizing (the reduce; for swarmsgd, "
+                 "blocked in its own interactions, over wall time)")
+    from workers.swarm_report import footer_lines
+    lines += footer_lines(methods, metric)
     return "\n".join(lines)
 
 
@@ -189,6 +246,7 @@ def plot_all(out_dir: str, records: dict[str, Iterable[dict[str, Any]]], metric:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    colours = matplotlib.colormaps["tab20"]
     series = {}
     for name, recs in records.items():
         recs = list(recs)
@@ -206,19 +264,25 @@ def plot_all(out_dir: str, records: dict[str, Iterable[dict[str, Any]]], metric:
 
     def line_plot(filename: str, ylabel: str, x_of, y_of, which: int, *, logy=False, xlabel: str):
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        for name, pair in series.items():
+        xs_all = []
+        for i, (name, pair) in enumerate(series.items()):
             recs = pair[which]
             ys = [y_of(r) for r in recs]
             if which == 0 and ylabel.startswith("train loss"):
                 ys = _smooth(ys)
-            ax.plot([x_of(r) for r in recs], ys, label=name, marker="o" if which == 1 else None,
-                    markersize=3)
+            xs = [x_of(r) for r in recs]
+            xs_all += [x for x in xs if x > 0]
+            # 16+ methods: 20 distinct colours, and a second line style past them
+            ax.plot(xs, ys, label=name, marker="o" if which == 1 else None, markersize=3,
+                    color=colours(i % 20), linestyle="-" if i < 20 else "--")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         if logy:
             ax.set_yscale("log")
+        if xlabel.startswith("MB") and xs_all and max(xs_all) > 30 * min(xs_all):
+            ax.set_xscale("log")   # compressors and fp32 differ by 30x in bytes
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, ncol=2 if len(series) > 8 else 1)
         save(fig, filename)
 
     mb = lambda r: r["bytes_sent_cum"] / 1e6  # noqa: E731 (a tiny accessor)

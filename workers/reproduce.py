@@ -13,9 +13,9 @@ the full set (only sizes and seeds shrink).
 How it works: `plan(quick, a5a)` lists (run, seed) pairs; each runs into `OUT/runs/NAME-seedS/`,
 and a progress line with the elapsed time and the estimate left goes to stderr after each. A run
 that fails is recorded with its error (the claims it feeds say "not run") and the others go on.
-Methods that other issues add (baselines, SwarmSGD) join the runs that list them in `optional`
-when they are registered, and their claims are measured; otherwise those claims say "not in this
-build".
+Methods that other issues add (baselines, SwarmSGD) join the full set's runs that list them in
+`optional` when they are registered, and their claims are measured; otherwise (and under
+`--quick`) those claims say "not run" or "not in this build".
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ __all__ = ["Run", "RUNS", "plan", "configure", "main", "run_all"]
 #: Methods every run may use; `optional` ones join only when registered (other issues add them).
 BASE = ("sgd", "intsgd-random", "intsgd-determ", "intsgd-block", "intdiana", "heuristic-switchml",
         "heuristic-global")
-BASELINES = ("qsgd", "natsgd", "terngrad", "onebit", "powersgd", "isgq", "swarmsgd")
+BASELINES = ("qsgd-4bit", "qsgd-8bit", "natsgd", "terngrad", "onebit-ef", "powersgd",
+             "isgq-mse", "isgq-dithered", "swarmsgd")
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ RUNS: tuple[Run, ...] = (
     Run("logreg-a5a-16", "logreg", 16, ("sgd", "intsgd-random", "intdiana"), epochs=2000,
         quick_epochs=0, eval_every=100, needs_a5a=True, estimate_s=900, quick=False),
     Run("fmnist-fc-4", "fashion-mnist", 4, ("sgd", "intsgd-random", "heuristic-switchml"),
-        epochs=3, quick_epochs=0, opts=("model='fc'",), optional=("isgq",), estimate_s=480,
+        epochs=3, quick_epochs=0, opts=("model='fc'",), optional=("isgq-mse",), estimate_s=480,
         quick=False),
     Run("fmnist-lenet-4", "fashion-mnist", 4, ("sgd", "intsgd-random", "heuristic-switchml"),
         epochs=3, quick_epochs=2, opts=("model='lenet'",),
@@ -127,10 +128,12 @@ def plan(quick: bool, a5a: str | None, *, only: list[str] | None = None,
     return todo, notes
 
 
-def methods_of(run: Run) -> list[str]:
-    """The run's methods: its own, plus its optional ones that are registered."""
-    from switchagg.methods import METHODS
-    return [m for m in run.methods if m in METHODS] + [m for m in run.optional if m in METHODS]
+def methods_of(run: Run, quick: bool = False) -> list[str]:
+    """The run's methods: its own, plus (full set only) its optional ones that are registered."""
+    from switchagg.methods import METHODS, OWN_LOOP
+    known = {*METHODS, *OWN_LOOP}
+    extra = [] if quick else [m for m in run.optional if m in known]
+    return [m for m in run.methods if m in known] + extra
 
 
 def _compare_args(run: Run, seed: int, quick: bool, a5a: str | None, timeout: float):
@@ -140,7 +143,7 @@ def _compare_args(run: Run, seed: int, quick: bool, a5a: str | None, timeout: fl
     configure(parser)
     argv = ["--task", run.task, "--workers", str(run.workers), "--seed", str(seed),
             "--bits", str(run.bits), "--epochs", str(run.quick_epochs if quick else run.epochs),
-            "--methods", ",".join(methods_of(run)), "--timeout", str(timeout), "--no-progress"]
+            "--methods", ",".join(methods_of(run, quick)), "--timeout", str(timeout), "--no-progress"]
     if run.eval_every:
         argv += ["--eval-every", str(run.eval_every)]
     opts = dict(o.split("=", 1) for o in run.opts)

@@ -170,6 +170,8 @@ def train(task: Task, state: Any, *, rank: int, world_size: int, config: TrainCo
     extra = {} if bucket_cap_mb is None else {"bucket_cap_mb": bucket_cap_mb}
     ddp = DistributedDataParallel(model, device_ids=device_ids, process_group=process_group,
                                   **extra)
+    if hasattr(state, "attach"):
+        state.attach(model)   # methods that read activations (ISGQ) hook the model's layers
     groups = task.param_groups(model, preset.weight_decay)
     if preset.momentum_before_reduce:
         ddp.register_comm_hook(state, before_reduce_hook(codec_hook, groups, preset.momentum,
@@ -299,7 +301,7 @@ class _Totals:
     def __init__(self) -> None:
         self.steps = 0
         self.bytes_sent = self.bytes_received = self.packets = self.rounds = self.wraps = 0
-        self.clipped = self.numel = 0
+        self.clipped = self.numel = self.paper_bits = 0
         self.max_abs_sum = self.max_abs_q = self.sum_bits = 0
         # The same extremes without step 0: IntSGD takes its first step with SwitchML's exponent
         # scaling by default (r is unknown before it), which uses the whole int32 range once and
@@ -319,6 +321,7 @@ class _Totals:
         self.wraps += int(tel.get("wraps", 0))
         self.clipped += int(tel.get("clipped", 0))
         self.numel += int(tel.get("numel", 0))
+        self.paper_bits += int(tel.get("paper_bits", 0))
         self.max_abs_sum = max(self.max_abs_sum, int(tel.get("max_abs_sum", 0)))
         self.max_abs_q = max(self.max_abs_q, int(tel.get("max_abs_q", 0)))
         self.sum_bits = max(self.sum_bits, int(tel.get("sum_bits", 0)))
@@ -340,6 +343,7 @@ class _Totals:
             "evaluation": evaluation, "final_train_loss": self.last_epoch_loss,
             "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received,
             "packets": self.packets, "rounds_per_step": self.rounds / n, "wraps": self.wraps,
+            "numel": self.numel, "paper_bits": self.paper_bits,
             "clip_fraction": self.clipped / self.numel if self.numel else 0.0,
             "max_abs_sum": self.max_abs_sum, "max_abs_q": self.max_abs_q,
             "bits_needed": self.sum_bits,

@@ -53,9 +53,12 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
                         "wikitext2-lstm")
     g.add_argument("--data", default=None, help="local data file/folder for the task")
     g.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
-                   help="task option, repeatable (e.g. --opt hidden=(64,) --opt lam=1e-3)")
+                   help="task option, repeatable (e.g. --opt hidden=(64,) --opt lam=1e-3); "
+                        "swarmsgd's too (local_steps, quant, quant_bits, graph, degree, ...)")
     g.add_argument("--methods", default=None,
-                   help="comma-separated methods (default: all of switchagg.methods.METHODS)")
+                   help="comma-separated methods, 'all' (the default: every method of "
+                        "switchagg.methods.METHODS and OWN_LOOP), or a paper's set: paper-intsgd, "
+                        "paper-isgq")
     g.add_argument("--method-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="codec option, repeatable, for every chosen method that takes it (e.g. "
                         "--method-opt first_step=fixed-alpha; uncompressed runs over "
@@ -90,6 +93,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--switch", default=os.environ.get("SWITCHAGG_SWITCH"),
                    help="switch address tcp://HOST:PORT (default $SWITCHAGG_SWITCH)")
     g.add_argument("--job", default="switchagg", help="job name prefix at the switch")
+    g.add_argument("--token", default=os.environ.get("SWITCHAGG_TOKEN", ""),
+                   help="the switch's (or the job's) token (default $SWITCHAGG_TOKEN)")
+    g.add_argument("--switch-key", default=os.environ.get("SWITCHAGG_SWITCH_KEY") or None,
+                   help="the switch's CURVE public key or key file (default $SWITCHAGG_SWITCH_KEY)")
     g.add_argument("--out", default=None, help="folder for metrics and summaries")
     g.add_argument("--events", action="store_true", help="print JSON event lines (for compare)")
 
@@ -107,18 +114,24 @@ def training_config(args: argparse.Namespace):
 
 
 def method_names(spec: str | None) -> list[str]:
-    """Resolve a comma-separated method list against the registry.
+    """Resolve a comma-separated method list against the registry; "all" and the papers' sets
+    (`switchagg.methods.METHOD_SETS`: paper-intsgd, paper-isgq) expand in place, once each.
 
     Raises:
         ValueError: naming an unknown method and listing the valid ones.
     """
-    from switchagg.methods import METHODS
+    from switchagg.methods import METHOD_SETS, METHODS, OWN_LOOP
+    valid = [*METHODS, *OWN_LOOP]
     if not spec:
-        return list(METHODS)
-    names = [n.strip() for n in spec.split(",") if n.strip()]
-    unknown = [n for n in names if n not in METHODS]
+        return valid
+    names: list[str] = []
+    for n in (n.strip() for n in spec.split(",")):
+        expanded = valid if n == "all" else list(METHOD_SETS.get(n, [n] if n else []))
+        names += [m for m in expanded if m not in names]
+    unknown = [n for n in names if n not in valid]
     if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(valid)}, all, "
+                         f"{', '.join(METHOD_SETS)}")
     return names
 
 
@@ -154,9 +167,11 @@ def method_options(name: str, pairs: list[str] | None) -> dict[str, Any]:
     """The `--method-opt` settings the named method's codec takes (others are for other methods)."""
     import inspect
 
-    from switchagg.methods import method_spec
+    from switchagg.methods import METHODS
     from workers.tasks import parse_options
-    codec = method_spec(name).codec
+    if name not in METHODS:          # a method with its own loop (SwarmSGD) takes no codec options
+        return {}
+    codec = METHODS[name].codec
     takes = {p for cls in codec.__mro__ if "__init__" in vars(cls)
              for p in inspect.signature(cls.__init__).parameters}
     return {k: v for k, v in parse_options(pairs).items() if k in takes}
@@ -181,7 +196,8 @@ def _open_client(args: argparse.Namespace, rank: int | None, world_size: int, me
     while True:
         try:
             return SwitchClient(args.switch, f"{args.job}-{method}", world_size, rank=rank,
-                                config=config, timeout=args.timeout)
+                                config=config, timeout=args.timeout, token=args.token,
+                                server_key=args.switch_key)
         except JoinRejected as exc:
             # The previous method's job frees its slots only when its last worker leaves;
             # a fast worker may get here first. Anything else rejected is final.
@@ -198,14 +214,14 @@ def _init_process_group(args: argparse.Namespace, names: list[str]) -> None:
     backend = "nccl" if args.device.startswith("cuda") else "gloo"
     rendezvous = None not in (args.rank, args.world_size) and args.master_addr and args.master_port
     needs_torch = not args.switch or any(
-        collective_kind(n, method_options(n, args.method_opt)) == "torch" for n in names)
+        collective_kind(n, method_options(n, args.method_opt)) in ("torch", "peer") for n in names)
     if rendezvous:
         dist.init_process_group(backend, init_method=f"tcp://{args.master_addr}:{args.master_port}",
                                 rank=args.rank, world_size=args.world_size,
                                 timeout=datetime.timedelta(seconds=args.timeout))
     elif needs_torch:
-        raise ValueError("torch.distributed (for sgd and the other non-switch methods, or without "
-                         "--switch) needs --rank, --world-size, --master-addr and --master-port (or "
+        raise ValueError("torch.distributed (for sgd and the other non-switch methods, swarmsgd's "
+                         "rendezvous, or without --switch) needs --rank, --world-size, --master-addr and --master-port (or "
                          "RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT as torchrun sets them)")
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
@@ -217,10 +233,12 @@ def run_methods(args: argparse.Namespace, names: list[str], emit: "_Emitter | _T
 
     from switchagg.ddp import hook_for
     from workers.tasks import make_task, parse_options
+    from workers.swarm_train import split_options
     from workers.train import train
 
     config = training_config(args)
-    task = make_task(args.task, data=args.data, device=args.device, **parse_options(args.opt))
+    task_options, _ = split_options(parse_options(args.opt))  # swarmsgd's options are not the task's
+    task = make_task(args.task, data=args.data, device=args.device, **task_options)
     if args.world_size is None:
         raise ValueError("the world size is unknown: pass --world-size or set WORLD_SIZE")
     _init_process_group(args, names)
@@ -236,6 +254,10 @@ def run_methods(args: argparse.Namespace, names: list[str], emit: "_Emitter | _T
         for name in names:
             options = method_options(name, args.method_opt)
             kind = collective_kind(name, options)
+            if kind == "peer":  # SwarmSGD owns its loop and talks to its peers (no collective)
+                from workers.swarm_train import run_swarm
+                results[name] = run_swarm(args, task, name, emit, config)
+                continue
             client = None
             if kind == "int" and args.switch:
                 client = _open_client(args, args.rank, args.world_size, name)

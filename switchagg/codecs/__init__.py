@@ -3,6 +3,8 @@
 See `_base` for the interface (begin, encode, decode, end; the payload kinds Sum, Stream, Max and
 Gather) and its theory of operation. The registry of names is `switchagg.methods.METHODS`; the
 drivers are `switchagg.ddp` (DDP communication hook) and `switchagg.reducer` (in-process).
+The papers' baselines (QSGD, NatSGD, TernGrad, 1-bit SGD, PowerSGD, ISGQ) are gathered in
+`baselines`; what the gather ones share (packing, per-block random streams) is in `_wire`.
 """
 
 from switchagg.codecs._base import (

@@ -72,11 +72,13 @@ NEEDS = ("sum", "max", "stream", "gather")
 
 @dataclass(frozen=True)
 class Block:
-    """One parameter's span inside a bucket: flat[start:stop], named by a stable key."""
+    """One parameter's span inside a bucket: flat[start:stop], named by a stable key; `shape` is
+    the parameter's shape where the driver knows it (PowerSGD views matrices by it)."""
 
     key: int
     start: int
     stop: int
+    shape: tuple[int, ...] | None = None
 
     @property
     def numel(self) -> int:
@@ -105,12 +107,13 @@ class Bucket:
         return Bucket(index, offset, numel, (Block(key, 0, numel),))
 
     @staticmethod
-    def of_sizes(sizes, *, index: int = 0, offset: int = 0, keys=None) -> "Bucket":
+    def of_sizes(sizes, *, index: int = 0, offset: int = 0, keys=None, shapes=None) -> "Bucket":
         """A bucket of consecutive blocks of the given sizes (keys 0.. unless given)."""
         keys = list(range(len(sizes))) if keys is None else list(keys)
+        shapes = [None] * len(sizes) if shapes is None else [tuple(s) for s in shapes]
         blocks, a = [], 0
-        for key, size in zip(keys, sizes):
-            blocks.append(Block(int(key), a, a + int(size)))
+        for key, size, shape in zip(keys, sizes, shapes):
+            blocks.append(Block(int(key), a, a + int(size), shape))
             a += int(size)
         return Bucket(index, offset, a, tuple(blocks))
 

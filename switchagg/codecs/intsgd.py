@@ -101,6 +101,9 @@ class IntSGD(IntegerCodec):
 
     def _end(self) -> None:
         lr = self.lr
+        if self.scaler is not None and self.blocks == "global" and self._seen != self.sizes[0]:
+            raise ValueError(f"{self.name}: the gradient has {self._seen} elements, "
+                             f"{self.sizes[0]} before; the layout changed between steps")
         if self.scaler is None:
             if self.blocks == "global":
                 self.sizes = {0: self._seen}

@@ -59,6 +59,7 @@ class HookState:
         world_size, rank: default to torch.distributed's (the rank keys the rounding stream).
         config: a `switchagg.ClientConfig` for the lazily opened client.
         timeout: overrides the config's join and op timeouts (seconds).
+        token: the switch's (or the job's) token; kept out of checkpoints (`__getstate__`).
         bits: integer budget of each sum, 8, 16 or 32: every worker clips to its share.
         seed: seed of the rounding stream (the same on every rank).
         lr: the learning rate the optimizer uses, or a zero-argument callable returning it (read
@@ -74,9 +75,10 @@ class HookState:
         "method", "address", "job", "world_size", "rank", "config", "timeout", "bits", "seed",
         "lr", "options", "process_group",
         # internal state
-        "_client", "_owns_client", "_collective", "_codec", "_pending_state", "_keys", "_lock",
+        "_client", "_owns_client", "_token", "_collective", "_codec", "_pending_state", "_keys",
+        "_lock",
         "_open", "_index", "_offset", "_launched", "_completed", "_failed", "_before", "_times",
-        "_streamed",
+        "_streamed", "_model",
         # statistics
         "iteration", "buckets", "elements", "error", "last_telemetry",
     )
@@ -84,7 +86,7 @@ class HookState:
     def __init__(self, method: str | None, address: str | None = None, *, client=None,
                  collective=None, process_group=None, job: str = "ddp",
                  world_size: int | None = None, rank: int | None = None, config=None,
-                 timeout: float | None = None, bits: int = 32, seed: int = 0,
+                 timeout: float | None = None, token: str = "", bits: int = 32, seed: int = 0,
                  lr: float | Callable[[], float] = 1.0, **options) -> None:
         if method is not None:
             method_spec(method)  # an unknown name fails here, listing the valid ones
@@ -120,8 +122,10 @@ class HookState:
         self.bits, self.seed, self.lr, self.options = bits, seed, lr, dict(options)
         self.process_group = process_group
         self._client, self._owns_client = client, client is None
+        self._token = token
         self._collective = collective
         self._codec: Codec | None = None
+        self._model = None
         self._pending_state: dict | None = None
         self._keys: dict[int, int] = {}
         self._lock = threading.Lock()
@@ -171,12 +175,21 @@ class HookState:
                 warm_up_kernels()
                 try:
                     self._client = SwitchClient(self.address, self.job, self._world(), self.rank,
-                                                config=self.config, timeout=self.timeout)
+                                                config=self.config, timeout=self.timeout,
+                                                token=self._token)
                 except SwitchError as exc:
                     self.error = exc
                     raise
                 self.world_size, self.rank = self._client.world_size, self._client.rank
             return self._client
+
+    def attach(self, model) -> None:
+        """Give the codec the model, for methods that read activations (ISGQ's `attach`); a
+        no-op for the others. Call it before the first forward; kept across codec rebuilds."""
+        self._model = model
+        attach = getattr(self._codec, "attach", None)
+        if attach is not None:
+            attach(model)
 
     def step_telemetry(self) -> StepTelemetry | None:
         """Close the iteration that just ran (call after backward) and return its telemetry."""
@@ -218,7 +231,9 @@ class HookState:
                 setattr(self, name, state.get(name))
         self.error, self.last_telemetry = None, None
         self._client, self._owns_client, self._collective = None, True, None
+        self._token = ""    # never in a checkpoint: set state._token again after loading
         self._codec, self._pending_state, self._keys = None, codec_state, {}
+        self._model = None
         self._lock = threading.Lock()
         self._open, self._failed = False, False
         self._index = self._offset = self._launched = self._completed = 0
@@ -244,6 +259,9 @@ class HookState:
         if self._pending_state is not None:
             self._codec.load_state_dict(self._pending_state)
             self._pending_state = None
+        model = getattr(self, "_model", None)
+        if model is not None and hasattr(self._codec, "attach"):
+            self._codec.attach(model)
 
     def _ready(self):
         """(collective, codec), built on the first bucket. Raises SwitchError or ValueError."""
@@ -291,9 +309,12 @@ class HookState:
                                "last": None, "done": None}
                 self._streamed = [0.0]
             blocks, a = [], 0
+            keyer = getattr(codec, "param_key", None)   # a codec attached to the model
             for param in bucket.parameters():
-                key = self._keys.setdefault(id(param), len(self._keys))
-                blocks.append(Block(key, a, a + param.numel()))
+                key = keyer(param) if keyer is not None else None
+                if key is None:
+                    key = self._keys.setdefault(id(param), len(self._keys))
+                blocks.append(Block(key, a, a + param.numel(), tuple(param.shape)))
                 a += param.numel()
             if a != buf.numel():
                 raise RuntimeError(f"DDP bucket {bucket.index()}: its parameters cover {a} of "
