@@ -16,6 +16,8 @@ __all__ = ["CHOICES", "check_choice"]
 CHOICES: dict[str, tuple[str, ...]] = {
     "rounding": ("random", "deterministic"),
     "blocks": ("global", "tensor"),
+    "first_step": ("switchml", "fixed-alpha", "uncompressed"),
+    "alpha_from": ("step", "innovation"),
     "need": ("sum", "max", "stream", "gather"),
     "cpu_kernels": ("numba", "numpy"),
     "dataplane": ("fast", "golden"),

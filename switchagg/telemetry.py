@@ -27,7 +27,8 @@ class StepTelemetry:
         numel_int: elements this worker turned into integers (the telemetry's integer fields
             cover these).
         scaling: how the scale was chosen this step ("alpha", "first-step-heuristic",
-            "block-exponent", "global-exponent", "float").
+            "first-step-fixed-alpha", "first-step-uncompressed", "block-exponent",
+            "global-exponent", "float").
         alpha: the scalar scale (None for per-block or per-packet scales, or float methods).
         alpha_min, alpha_max: the range of the scales used (per block / per packet / scalar).
         max_abs_q: max |Q_i| of this worker's integers (0 for float methods).

@@ -95,7 +95,8 @@ def test_make_task_unknown_names_listed():
         make_task("mnist")
     with pytest.raises(ValueError, match="hidden"):
         make_task("digits", width=3)
-    assert set(TASKS) == {"digits", "logreg", "cifar10-resnet18", "wikitext2-lstm", "custom"}
+    assert set(TASKS) == {"digits", "logreg", "fashion-mnist", "cifar10-resnet18", "wikitext2-lstm",
+                          "custom"}
 
 
 # --- logreg ---------------------------------------------------------------------------------------

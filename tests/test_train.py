@@ -96,7 +96,14 @@ def test_intsgd_steady_state_range_excludes_the_heuristic_first_step():
     assert merged["bits_needed"] >= 30
     assert 0 < merged["max_abs_sum_after_first_step"] < merged["max_abs_sum"]
     assert merged["bits_needed_after_first_step"] < 24
-    assert str(merged["max_abs_sum_after_first_step"]) in report.format_table({"x": merged})
+    table = report.format_table({"x": merged})
+    assert f"{merged['max_abs_sum_after_first_step']}/{merged['max_abs_sum']}" in table
+    # One worker's integers too (what a b-bit packet must hold), both ways, in results.json.
+    q_later, q_all = merged["max_abs_q_after_first_step"], merged["max_abs_q"]
+    assert 0 < q_later < q_all and q_all >= 2 ** 29 and "max|Q_i|" in table
+    assert f"{q_later}/{q_all}" in table
+    sgd = report.merge_ranks(_run("sgd", steps=2)[0], "accuracy")
+    assert sgd["max_abs_q"] == sgd["max_abs_q_after_first_step"] == 0
 
 
 def test_merge_flags_disagreeing_replicas():

@@ -16,6 +16,7 @@ import sys
 SUBCOMMANDS = {
     "compare": ("workers.compare", "train with N workers through the switch, once per method, and compare"),
     "bench": ("workers.bench", "packet-level throughput of the aggregation path (and quantize kernels)"),
+    "reproduce": ("workers.reproduce", "run the papers' claims at small scale and write a report"),
     "worker": ("workers.worker", "run one worker (docker compose, torchrun, a cluster node)"),
     "report": ("workers.report_cmd", "merge a compose or cluster run's per-rank files into the "
                                      "table, results.json and plots"),

@@ -192,6 +192,8 @@ def _worker_argv(args: argparse.Namespace, rank: int, switch: str, master_port: 
             argv += ["--" + flag.replace("_", "-"), str(value)]
     for opt in args.opt:
         argv += ["--opt", opt]
+    for opt in args.method_opt:
+        argv += ["--method-opt", opt]
     if args.token:
         argv += ["--token", args.token]
     return argv

@@ -16,6 +16,9 @@ How it works:
 - CIFAR-10 is read from the python pickle batches (`data_batch_1..5`, `test_batch`: dicts with
   b'data' uint8 (N, 3072) and b'labels'); augmentation (pad-4 random crop + horizontal flip) is done
   on whole batches with tensor indexing, never per image in Python.
+- Fashion-MNIST is read from the original gzip IDX files (`train-images-idx3-ubyte.gz` and the
+  three others; Debian's `dataset-fashion-mnist` installs them under /usr/share/datasets/), checking
+  each file's magic number and dimensions against its length.
 - WikiText-2 is read from `wiki.{train,valid,test}.raw`, tokenized on whitespace with `<eos>` at each
   line end (the PyTorch word-language-model convention the PowerSGD/IntSGD code uses), and laid out
   as `batchify` columns for truncated BPTT.
@@ -34,6 +37,8 @@ __all__ = [
     "derive_seed", "generator_for", "contiguous_bounds", "steps_per_epoch", "batch_indices",
     "CIFAR_MEAN", "CIFAR_STD", "load_cifar10", "augment_crop_flip",
     "Vocabulary", "Corpus", "load_wikitext2", "batchify",
+    "FASHION_MNIST_DIR", "FASHION_MNIST_FILES", "FASHION_MNIST_PACKAGE", "read_idx",
+    "load_fashion_mnist",
 ]
 
 
@@ -99,6 +104,68 @@ def batch_indices(shard_size: int, batch_size: int, steps: int, generator: torch
                           else torch.arange(shard_size) for _ in range(need // shard_size)]
         order = torch.cat(reps)
     return list(order[:need].view(steps, batch_size))
+
+
+# --- Fashion-MNIST ------------------------------------------------------------------------------
+
+#: Where Debian's package puts the files, and the package's name (for the error message).
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
+#: The four files of the original release (Xiao, Rasul, Vollgraf 2017), in the IDX format.
+FASHION_MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+                       "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+
+
+def read_idx(path: str) -> np.ndarray:
+    """An IDX file (optionally gzip-compressed) as a numpy array of its declared shape.
+
+    The format: two zero bytes, a type byte (0x08 = uint8), the number of dimensions, then one
+    big-endian uint32 per dimension and the data, row-major.
+
+    Raises:
+        ValueError: a bad magic number, an unsupported type, or a length that does not match.
+    """
+    import gzip
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise ValueError(f"{path}: not an IDX file (bad magic number)")
+    if raw[2] != 0x08:
+        raise ValueError(f"{path}: IDX type 0x{raw[2]:02x} unsupported (only 0x08, uint8)")
+    ndim = raw[3]
+    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    start = 4 + 4 * ndim
+    if len(raw) - start != int(np.prod(dims)):
+        raise ValueError(f"{path}: IDX header declares shape {dims} ({int(np.prod(dims))} bytes) "
+                         f"but {len(raw) - start} data bytes follow")
+    return np.frombuffer(raw, dtype=np.uint8, offset=start).reshape(dims)
+
+
+def load_fashion_mnist(root: str | None = None):
+    """Fashion-MNIST as (train_x, train_y, test_x, test_y): uint8 (N, 28, 28) images, int64 labels.
+
+    Args:
+        root: folder holding the four IDX files (default: Debian's FASHION_MNIST_DIR).
+
+    Raises:
+        FileNotFoundError: a file is missing; the message names the Debian package.
+        ValueError: a file is not the IDX data it should be.
+    """
+    root = root or FASHION_MNIST_DIR
+    paths = [os.path.join(root, name) for name in FASHION_MNIST_FILES]
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing:
+        raise FileNotFoundError(
+            f"Fashion-MNIST not found: missing {', '.join(missing)}. Install Debian's package "
+            f"({'sudo ' if os.geteuid() else ''}apt-get install {FASHION_MNIST_PACKAGE}, which puts the "
+            f"files in {FASHION_MNIST_DIR}), or pass --data DIR with {', '.join(FASHION_MNIST_FILES)}")
+    train_x, train_y, test_x, test_y = (read_idx(p) for p in paths)
+    for x, y, which in ((train_x, train_y, "train"), (test_x, test_y, "t10k")):
+        if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
+            raise ValueError(f"{root}: {which} images {x.shape} and labels {y.shape} do not match")
+    return (torch.from_numpy(train_x.copy()), torch.from_numpy(train_y.astype(np.int64)),
+            torch.from_numpy(test_x.copy()), torch.from_numpy(test_y.astype(np.int64)))
 
 
 # --- CIFAR-10 ----------------------------------------------------------------------------------

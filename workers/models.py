@@ -8,6 +8,8 @@ How it works: plain `torch.nn` modules. Initialization draws from torch's global
 the training loop seeds identically on every worker, so all workers start from the same weights.
 - `LinearModel`: x in R^d, no bias, zero init (the IntSGD logistic-regression code starts at x0 = 0).
 - `MLP`: fully connected ReLU network (the embedded digits task).
+- `LeNet5`: LeCun et al. 1998's convolutional network for 28x28 images (two 5x5 convolutions with
+  pooling, then 120-84-10), with ReLU and max-pooling as in today's versions.
 - `ResNet18`: the CIFAR variant (3x3 stem, no max-pool, 4 stages of 2 BasicBlocks, 512 features),
   as in the PowerSGD/IntSGD code base (kuangliu/pytorch-cifar).
 - `LSTMLanguageModel`: embedding -> dropout -> n-layer LSTM -> dropout -> decoder tied to the
@@ -20,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["LinearModel", "MLP", "BasicBlock", "ResNet18", "LSTMLanguageModel"]
+__all__ = ["LinearModel", "MLP", "LeNet5", "BasicBlock", "ResNet18", "LSTMLanguageModel"]
 
 
 class LinearModel(nn.Module):
@@ -48,6 +50,21 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+class LeNet5(nn.Module):
+    """LeNet-5 on 1 x 28 x 28 images: conv 6@5x5 (padded) - pool - conv 16@5x5 - pool - 120 - 84 - out."""
+
+    def __init__(self, out_features: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 6, 5, padding=2)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        self.fc = MLP(16 * 5 * 5, (120, 84), out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return self.fc(x.flatten(1))
 
 
 class BasicBlock(nn.Module):

@@ -43,8 +43,9 @@ def merge_ranks(summaries: list[dict[str, Any]], metric: str) -> dict[str, Any]:
         wall_s, bytes_sent (all workers), bytes_sent_per_worker, packets, the `wire_summary`
         (coords_per_worker, paper_bits_per_worker, bits_per_coord, paper_bits_per_coord,
         ratio_vs_fp32), rounds_per_step,
-        max_abs_sum, max_abs_q, bits_needed (and both of the sum's extremes without step 0:
-        max_abs_sum_after_first_step, bits_needed_after_first_step), clip_fraction, wraps,
+        max_abs_sum, max_abs_q, bits_needed (and the same extremes without step 0:
+        max_abs_sum_after_first_step, max_abs_q_after_first_step, bits_needed_after_first_step),
+        clip_fraction, wraps,
         time_per_step (mean over
         workers), final_train_loss, replicas_agree, evaluation (rank 0's full dict),
         sync_fraction (time synchronizing over wall time, mean over workers), and for
@@ -74,6 +75,8 @@ def merge_ranks(summaries: list[dict[str, Any]], metric: str) -> dict[str, Any]:
         "bits_needed": max(int(s["bits_needed"]) for s in by_rank),
         "max_abs_sum_after_first_step": max(int(s.get("max_abs_sum_after_first_step", 0))
                                             for s in by_rank),
+        "max_abs_q_after_first_step": max(int(s.get("max_abs_q_after_first_step", 0))
+                                          for s in by_rank),
         "bits_needed_after_first_step": max(int(s.get("bits_needed_after_first_step", 0))
                                             for s in by_rank),
         "clip_fraction": sum(float(s["clip_fraction"]) for s in by_rank) / n,
@@ -130,6 +133,11 @@ def _fmt(value: Any, spec: str) -> str:
     return format(value, spec)
 
 
+def _both(later: int, overall: int) -> str:
+    """"from step 1 / including step 0" of an integer extreme ("0" for float methods)."""
+    return str(later) if later == overall else f"{later}/{overall}"
+
+
 def format_table(methods: dict[str, dict[str, Any]], metric: str = "accuracy") -> str:
     """The summary table, one row per method (fixed-width text).
 
@@ -139,14 +147,16 @@ def format_table(methods: dict[str, dict[str, Any]], metric: str = "accuracy") -
     backward) and decode, MB sent per worker, bits per coordinate really sent (`b/coord`, from
     those bytes), in the paper's own encoding (`paper b/c`, e.g. QSGD's Elias code; `-` where the
     method counts none) and the real compression against fp32 (`x fp32`), packets per worker per
-    step, rounds per step, max |sum| and the bits the sum needed from step 1 on (IntSGD's step 0
-    borrows SwitchML's exponent scaling; results.json has the extremes over all steps too), clip %,
+    step, rounds per step, the largest per-worker integer max |Q_i| (what a worker's packet must
+    hold) and max |sum| (what the switch's adders must), each as "from step 1 / including step 0"
+    (IntSGD's step 0 borrows SwitchML's exponent scaling by default), the bits the sum needed from
+    step 1 on, clip %,
     wraps.
     """
     pct = metric == "accuracy"
     header = ["method", "loss", "acc %" if pct else metric[:10], "wall s", "ms/step",
               "compute", "sync %", "quant", "comm", "decode", "MB/wkr", "b/coord", "paper b/c",
-              "x fp32", "pkt/step", "rounds", "max|sum|",
+              "x fp32", "pkt/step", "rounds", "max|Q_i|", "max|sum|",
               "bits", "clip %", "wraps", "agree"]
     rows = [header]
     for name, m in methods.items():
@@ -167,7 +177,8 @@ def format_table(methods: dict[str, dict[str, Any]], metric: str = "accuracy") -
             _fmt(m.get("ratio_vs_fp32"), ".1f"),
             _fmt(m["packets"] / workers / max(1, m["steps"]), ".0f"),
             _fmt(m["rounds_per_step"], ".1f"),
-            str(m.get("max_abs_sum_after_first_step", m["max_abs_sum"])),
+            _both(m.get("max_abs_q_after_first_step", m["max_abs_q"]), m["max_abs_q"]),
+            _both(m.get("max_abs_sum_after_first_step", m["max_abs_sum"]), m["max_abs_sum"]),
             str(m.get("bits_needed_after_first_step", m["bits_needed"])),
             _fmt(100 * m["clip_fraction"], ".2f"), str(m["wraps"]),
             {True: "yes", False: "NO"}.get(m["replicas_agree"], "-"),
@@ -176,8 +187,9 @@ def format_table(methods: dict[str, dict[str, Any]], metric: str = "accuracy") -
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
              for r in rows]
     lines.insert(1, "-" * len(lines[0]))
-    lines.append("max|sum| and bits: from step 1 on (IntSGD's step 0 uses SwitchML's exponent "
-                 "scaling: r is unknown before it)")
+    lines.append("max|Q_i| (one worker's integers) and max|sum|: from step 1 / including step 0; "
+                 "bits: the sum's, from step 1 (IntSGD's step 0 uses SwitchML's exponent scaling "
+                 "by default: r is unknown before it)")
     lines.append(TABLE_LEGEND)
     lines.append("sync %: share of a worker's time spent synchronizing (the reduce; for swarmsgd, "
                  "blocked in its own interactions, over wall time)")

@@ -15,6 +15,12 @@ How it works, per step (the walk of one gradient, seen from the worker):
      the quantize / communicate / decode / exposed split of this step.
   3. the task's gradient clip (on the averaged gradient, as DDP scripts do) and the optimizer
      step (momentum and weight decay after the reduce, the SGD/PowerSGD baselines' placement).
+With `preset.momentum_before_reduce` (the IntSGD authors' ResNet script), the method's hook is
+wrapped by `before_reduce_hook`: as each bucket fills, every worker adds weight decay to its own
+gradients and folds them into its own momentum buffers (per parameter, in the bucket's gradient
+views), so what the codec compresses is the locally momentum-corrected, weight-decayed vector; the
+optimizer then takes a plain SGD step (no momentum, no decay) with the average. For an exact
+average (sgd) the two placements give the same steps: momentum is linear.
 Every worker applies the same averaged gradient to the same initial weights, so replicas stay equal;
 the summary carries a digest of the parameters so a caller can check that they did. compute time
 is forward + backward less what the hook spent encoding and decoding and less the communication
@@ -42,7 +48,7 @@ from torch.nn.parallel import DistributedDataParallel
 from workers.data import derive_seed, generator_for
 from workers.tasks.base import Task
 
-__all__ = ["TrainConfig", "train", "telemetry_dict", "params_digest"]
+__all__ = ["TrainConfig", "train", "telemetry_dict", "params_digest", "before_reduce_hook"]
 
 #: Serializes seeding + building should several workers share a process (threads); dropout still
 #: draws from the global generator, so threaded runs are reproducible only without dropout.
@@ -192,10 +198,18 @@ def train(task: Task, state: Any, *, rank: int, world_size: int, config: TrainCo
                                   **extra)
     if hasattr(state, "attach"):
         state.attach(model)   # methods that read activations (ISGQ) hook the model's layers
-    ddp.register_comm_hook(state, codec_hook)
+    groups = task.param_groups(model, preset.weight_decay)
+    if preset.momentum_before_reduce:
+        ddp.register_comm_hook(state, before_reduce_hook(codec_hook, groups, preset.momentum,
+                                                         preset.nesterov))
+        groups = [{**g, "weight_decay": 0.0} for g in groups]
+        momentum = 0.0
+    else:
+        ddp.register_comm_hook(state, codec_hook)
+        momentum = preset.momentum
     view = _ModelView(ddp)
-    optimizer = torch.optim.SGD(task.param_groups(model, preset.weight_decay), lr=base_lr,
-                                momentum=preset.momentum, nesterov=preset.nesterov and preset.momentum > 0)
+    optimizer = torch.optim.SGD(groups, lr=base_lr, momentum=momentum,
+                                nesterov=preset.nesterov and momentum > 0)
     shard = task.shard(rank, world_size, batch_size)
     per_epoch = shard.steps_per_epoch
     total = epochs * per_epoch
@@ -216,7 +230,8 @@ def train(task: Task, state: Any, *, rank: int, world_size: int, config: TrainCo
         for batch in shard.batches(epoch, generator_for(config.seed, "data", rank, epoch)):
             if step >= total:
                 break
-            lr = preset.lr_at(epoch + (step - epoch * per_epoch) / per_epoch, base_lr)
+            lr = preset.lr_at(epoch + (step - epoch * per_epoch) / per_epoch, base_lr,
+                              world_size)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             state.lr = lr
@@ -275,6 +290,37 @@ def train(task: Task, state: Any, *, rank: int, world_size: int, config: TrainCo
     return summary
 
 
+def before_reduce_hook(inner: Callable, groups: list[dict[str, Any]], momentum: float,
+                       nesterov: bool) -> Callable:
+    """`inner` (a DDP hook), after this worker's weight decay and momentum on each bucket.
+
+    Per parameter p of the bucket, on its gradient view g (in place, so the codec sees it):
+    g += wd_p p; buf_p = momentum buf_p + g (buf_p = g the first time); g = g + momentum buf_p
+    (Nesterov) or buf_p, as torch.optim.SGD would after the reduce.
+    """
+    decay = {id(p): float(g["weight_decay"]) for g in groups for p in g["params"]}
+    buffers: dict[int, torch.Tensor] = {}
+
+    def hook(state, bucket):
+        for p, grad in zip(bucket.parameters(), bucket.gradients()):
+            wd = decay.get(id(p), 0.0)
+            if wd:
+                grad.add_(p.detach(), alpha=wd)
+            if momentum:
+                buf = buffers.get(id(p))
+                if buf is None:
+                    buf = buffers[id(p)] = grad.detach().clone()
+                else:
+                    buf.mul_(momentum).add_(grad)
+                if nesterov:
+                    grad.add_(buf, alpha=momentum)
+                else:
+                    grad.copy_(buf)
+        return inner(state, bucket)
+
+    return hook
+
+
 class _Totals:
     """Running sums and extremes of the per-step records of one run."""
 
@@ -284,9 +330,10 @@ class _Totals:
         self.clipped = self.numel = self.paper_bits = 0
         self.max_abs_sum = self.max_abs_q = self.sum_bits = 0
         # The same extremes without step 0: IntSGD takes its first step with SwitchML's exponent
-        # scaling (r is unknown before it), which uses the whole int32 range once and would hide
-        # the integer range of its steady state.
-        self.later_max_abs_sum = self.later_sum_bits = 0
+        # scaling by default (r is unknown before it), which uses the whole int32 range once and
+        # would hide the integer range of its steady state. max |Q_i| is what one worker's b-bit
+        # packet must hold; max |sum| what the switch's adders must.
+        self.later_max_abs_sum = self.later_max_abs_q = self.later_sum_bits = 0
         self.t = {"compute": 0.0, "quantize": 0.0, "communicate": 0.0, "decode": 0.0,
                   "exposed": 0.0, "backward": 0.0, "update": 0.0}
         self.last_epoch_loss = math.nan
@@ -306,6 +353,7 @@ class _Totals:
         self.sum_bits = max(self.sum_bits, int(tel.get("sum_bits", 0)))
         if self.steps > 1:
             self.later_max_abs_sum = max(self.later_max_abs_sum, int(tel.get("max_abs_sum", 0)))
+            self.later_max_abs_q = max(self.later_max_abs_q, int(tel.get("max_abs_q", 0)))
             self.later_sum_bits = max(self.later_sum_bits, int(tel.get("sum_bits", 0)))
         for key in ("quantize", "communicate", "decode", "exposed"):
             self.t[key] += float(tel.get(f"t_{key}", 0.0))
@@ -326,6 +374,7 @@ class _Totals:
             "max_abs_sum": self.max_abs_sum, "max_abs_q": self.max_abs_q,
             "bits_needed": self.sum_bits,
             "max_abs_sum_after_first_step": self.later_max_abs_sum,
+            "max_abs_q_after_first_step": self.later_max_abs_q,
             "bits_needed_after_first_step": self.later_sum_bits,
             "time_per_step": {k: v / n for k, v in self.t.items()},
             "params_digest": digest,

@@ -112,6 +112,11 @@ def check_training(args: argparse.Namespace):
         args.method_list = method_names(args.methods)
     except ValueError as exc:
         raise UsageError("--methods", args.methods, str(exc)) from None
+    from workers.worker import check_method_options
+    try:
+        check_method_options(args.method_list, getattr(args, "method_opt", []))
+    except ValueError as exc:
+        raise UsageError("--method-opt", " ".join(args.method_opt), str(exc)) from None
     check_client(args.k, args.slots)
     check_device(args.device)
     try:

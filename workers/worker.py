@@ -41,7 +41,8 @@ import traceback
 from typing import Any
 
 __all__ = ["EVENT_PREFIX", "configure", "main", "device_for_local_rank", "add_training_options",
-           "training_config", "run_methods", "collective_kind", "method_names"]
+           "training_config", "run_methods", "collective_kind", "method_names", "method_options",
+           "check_method_options"]
 
 log = logging.getLogger("switchagg.worker")
 
@@ -55,7 +56,7 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     from switchagg.packet import VALID_K
     g = parser.add_argument_group("training")
     g.add_argument("--task", default="digits",
-                   help="digits (bundled), logreg, cifar10-resnet18, wikitext2-lstm, custom (your "
+                   help="digits (bundled), logreg, fashion-mnist, cifar10-resnet18, wikitext2-lstm, custom (your "
                         "model and data: --opt model=MOD:FN --opt dataset=MOD:FN), or module:function "
                         "for your own task factory")
     g.add_argument("--data", default=None, help="local data file/folder for the task (default: the "
@@ -67,6 +68,10 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--methods", default=None,
                    help=f"comma-separated methods, from {', '.join([*METHODS, *OWN_LOOP])}, "
                         f"'all' (the default) or a paper's set: {', '.join(METHOD_SETS)}")
+    g.add_argument("--method-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="codec option, repeatable, for every chosen method that takes it (e.g. "
+                        "--method-opt first_step=fixed-alpha; uncompressed runs over "
+                        "torch.distributed; default: each method's own)")
     g.add_argument("--epochs", type=int, default=None, help="epochs >= 1 (default: the task's preset)")
     g.add_argument("--max-steps", type=int, default=None,
                    help="stop each method after N steps (default: no limit)")
@@ -170,10 +175,36 @@ class _Emitter:
             self(event="progress", method=method, step=step, total=total, loss=loss)
 
 
-def collective_kind(name: str) -> str:
-    """What the named method needs of its collective ("int": the switch will do; "torch")."""
+def collective_kind(name: str, options: dict | None = None) -> str:
+    """What the named method needs of its collective ("int": the switch will do; "torch"), with
+    its codec options (an uncompressed first step sends floats, which the switch cannot add)."""
+    from switchagg.codecs._first_step import needs_float_sum
     from switchagg.methods import collective_kind as kind_of
-    return kind_of(name)
+    return "torch" if needs_float_sum(options or {}) else kind_of(name)
+
+
+def method_options(name: str, pairs: list[str] | None) -> dict[str, Any]:
+    """The `--method-opt` settings the named method's codec takes (others are for other methods)."""
+    import inspect
+
+    from switchagg.methods import METHODS
+    from workers.tasks import parse_options
+    if name not in METHODS:          # a method with its own loop (SwarmSGD) takes no codec options
+        return {}
+    codec = METHODS[name].codec
+    takes = {p for cls in codec.__mro__ if "__init__" in vars(cls)
+             for p in inspect.signature(cls.__init__).parameters}
+    return {k: v for k, v in parse_options(pairs).items() if k in takes}
+
+
+def check_method_options(names: list[str], pairs: list[str] | None) -> None:
+    """Raise ValueError naming a `--method-opt` key that no chosen method takes."""
+    from workers.tasks import parse_options
+    used = set().union(*(method_options(n, pairs) for n in names)) if names else set()
+    unused = sorted(set(parse_options(pairs)) - used)
+    if unused:
+        raise ValueError(f"--method-opt {', '.join(unused)}: no chosen method ({', '.join(names)}) "
+                         f"takes it")
 
 
 def _open_client(args: argparse.Namespace, rank: int | None, world_size: int, method: str):
@@ -202,7 +233,8 @@ def _init_process_group(args: argparse.Namespace, names: list[str]) -> None:
     import torch.distributed as dist
     backend = "nccl" if args.device.startswith("cuda") else "gloo"
     rendezvous = None not in (args.rank, args.world_size) and args.master_addr and args.master_port
-    needs_torch = not args.switch or any(collective_kind(n) in ("torch", "peer") for n in names)
+    needs_torch = not args.switch or any(
+        collective_kind(n, method_options(n, args.method_opt)) in ("torch", "peer") for n in names)
     if getattr(args, "store", None) is not None:  # from `switchagg rendezvous` (workers/rendezvous.py)
         from workers.rendezvous import process_group_store
         dist.init_process_group(backend, store=process_group_store(args.store), rank=args.rank,
@@ -246,7 +278,8 @@ def run_methods(args: argparse.Namespace, names: list[str], emit: "_Emitter | _T
     results: dict[str, dict] = {}
     try:
         for name in names:
-            kind = collective_kind(name)
+            options = method_options(name, args.method_opt)
+            kind = collective_kind(name, options)
             if kind == "peer":  # SwarmSGD owns its loop and talks to its peers (no collective)
                 from workers.swarm_train import run_swarm
                 results[name] = run_swarm(args, task, name, emit, config)
@@ -257,7 +290,7 @@ def run_methods(args: argparse.Namespace, names: list[str], emit: "_Emitter | _T
             state, _ = hook_for(name, switch=None, client=client, job=f"{args.job}-{name}",
                                 world_size=None if client else args.world_size,
                                 rank=None if client else args.rank, seed=args.seed,
-                                bits=args.bits, timeout=args.timeout)
+                                bits=args.bits, timeout=args.timeout, **options)
             rank = state.rank
             emit.rank = rank
             emit("start", method=name)

@@ -124,10 +124,14 @@ class TorchCollective(Collective):
         return t.cpu().numpy()
 
     def _gather(self, values: np.ndarray) -> list[np.ndarray]:
-        # Lengths may differ per rank: gather them first, pad to the longest, trim after.
+        # Lengths may differ per rank: gather them first, pad to the longest, trim after. That is
+        # a round of its own on the wire (allgather counted the data's): count it.
         length = torch.tensor([values.size], dtype=torch.int64, device=self.device)
         lengths = [torch.zeros_like(length) for _ in range(self.world_size)]
         dist.all_gather(lengths, length, group=self.group)
+        self._stats.rounds += 1
+        self._stats.bytes_sent += length.numel() * length.element_size()
+        self._stats.bytes_received += length.numel() * length.element_size() * self.world_size
         lengths = [int(x.item()) for x in lengths]
         padded = np.zeros(max(lengths), dtype=values.dtype)
         padded[:values.size] = values

@@ -4,6 +4,7 @@
 |--------------------|----------------------------------------|-------------------------|--------------|
 | `digits` (default) | scikit-learn's bundled 8x8 digits      | MLP 64-128-64-10        | accuracy     |
 | `logreg`           | breast_cancer (bundled) or a LIBSVM file| x in R^d, L2-regularized| f(x) - f*    |
+| `fashion-mnist`    | Fashion-MNIST IDX files (Debian package `dataset-fashion-mnist`, or `--data`) | FC 784-1000-300-100-10 or LeNet-5 | accuracy |
 | `cifar10-resnet18` | CIFAR-10 python batches (`--data`)     | ResNet18 (CIFAR)        | accuracy     |
 | `wikitext2-lstm`   | WikiText-2 raw text (`--data`)         | 3-layer LSTM, tied      | perplexity   |
 | `custom`           | a user's `dataset` function (`--opt`)  | a user's `model` function | accuracy or loss |
@@ -22,6 +23,7 @@ from workers.tasks.base import ArrayShard, Preset, Shard, Task, parse_options
 from workers.tasks.cifar10 import Cifar10ResNet18
 from workers.tasks.custom import CustomTask, resolve
 from workers.tasks.digits import Digits
+from workers.tasks.fashion_mnist import FashionMNIST
 from workers.tasks.logreg import LogisticRegression
 from workers.tasks.wikitext2 import WikiText2LSTM
 
@@ -29,8 +31,8 @@ __all__ = ["TASKS", "make_task", "Task", "Shard", "ArrayShard", "Preset", "parse
 
 #: task name -> Task class
 TASKS: dict[str, Any] = {cls.name: cls for cls in
-                                (Digits, LogisticRegression, Cifar10ResNet18, WikiText2LSTM,
-                                 CustomTask)}
+                         (Digits, LogisticRegression, FashionMNIST, Cifar10ResNet18, WikiText2LSTM,
+                          CustomTask)}
 
 
 def make_task(name: str, *, data: str | None = None, device: str = "cpu", **options: Any) -> Task:

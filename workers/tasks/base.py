@@ -42,7 +42,14 @@ class Preset:
         decay_norm: whether normalization (BatchNorm) parameters and biases get weight decay.
         lr_milestones: epochs at which the lr is multiplied by lr_gamma.
         lr_gamma: the decay factor.
-        warmup_epochs: linear warm-up from lr/10 to lr over these epochs (0: none).
+        warmup_epochs: linear warm-up over these epochs (0: none): from lr/10 to lr, or with
+            lr_scale from lr to lr x factor.
+        lr_scale: the authors' (PowerSGD's) large-batch rule: the single-worker lr is scaled by
+            this factor, reached by a linear warm-up; "workers" means x the number of workers
+            (None: no scaling).
+        momentum_before_reduce: each worker applies weight decay and its own momentum to its
+            gradient before the reduce (the IntSGD ResNet script's placement) and the optimizer
+            then takes a plain step with the average (workers/train.py).
         grad_clip: per-worker gradient-norm clip before compression (None: none).
         eval_every: evaluate every this many epochs (and always after the last).
     """
@@ -57,13 +64,26 @@ class Preset:
     lr_milestones: tuple[int, ...] = ()
     lr_gamma: float = 0.1
     warmup_epochs: int = 0
+    lr_scale: str | float | None = None
+    momentum_before_reduce: bool = False
     grad_clip: float | None = None
     eval_every: int = 1
 
-    def lr_at(self, epoch_float: float, base_lr: float | None = None) -> float:
+    def lr_factor(self, world_size: int = 1) -> float:
+        """The factor `lr_scale` multiplies the single-worker lr by (1 without it)."""
+        if self.lr_scale is None:
+            return 1.0
+        return float(world_size) if self.lr_scale == "workers" else float(self.lr_scale)
+
+    def lr_at(self, epoch_float: float, base_lr: float | None = None, world_size: int = 1) -> float:
         """The learning rate at a fractional epoch (warm-up, then step decays)."""
         lr = self.lr if base_lr is None else base_lr
-        if self.warmup_epochs and epoch_float < self.warmup_epochs:
+        factor = self.lr_factor(world_size)
+        warming = self.warmup_epochs and epoch_float < self.warmup_epochs
+        if self.lr_scale is not None:   # PowerSGD: linear from lr to lr x factor
+            share = epoch_float / self.warmup_epochs if warming else 1.0
+            lr *= 1.0 + (factor - 1.0) * share
+        elif warming:
             lr *= 0.1 + 0.9 * epoch_float / self.warmup_epochs
         return lr * self.lr_gamma ** sum(epoch_float >= m for m in self.lr_milestones)
 

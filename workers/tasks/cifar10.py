@@ -3,20 +3,26 @@
 What it owns: reading CIFAR-10 (`--data` = the `cifar-10-batches-py` folder), the per-worker shards,
 augmentation, the ResNet18 model, test accuracy. What it must never do: download the data set.
 
-How it works: the preset is the IntSGD/PowerSGD setting (intsgd.md §4.1): lr 0.1, Nesterov momentum
-0.9 (the code's "nesterov"), weight decay 1e-4 on conv/linear weights but not on BatchNorm (nor
-biases), 300 epochs, lr x0.1 at epochs 150 and 250, 128 images per worker per step, pad-4 random
-crop and horizontal flip. Momentum and weight decay are applied after the reduce (the baselines'
-placement; the IntSGD ResNet script applied them before, see intsgd.md §7 item 9). Each worker keeps
-its own BatchNorm running statistics (only gradients are averaged); rank 0's are used to evaluate.
+How it works: the preset is the IntSGD/PowerSGD setting: single-worker lr 0.1 scaled by the number
+of workers (x16 at 16) through a linear warm-up over the first 5 epochs, Nesterov momentum 0.9,
+weight decay 1e-4 on conv/linear weights but not on BatchNorm (nor biases), 300 epochs, lr x0.1 at
+epochs 150 and 250, 128 images per worker per step, pad-4 random crop and horizontal flip. By
+default momentum and weight decay are applied after the reduce (the baselines' placement).
+`--opt recipe=intsgd` is the IntSGD authors' ResNet script instead: lr factor 32 and momentum and
+weight decay applied by each worker before the reduce (what is compressed is the locally
+momentum-corrected, weight-decayed vector; see workers/train.py for how that sits in DDP); run it
+with `--methods intsgd-determ`, the script's deterministic rounding. Each worker keeps its own
+BatchNorm running statistics (only gradients are averaged); rank 0's are used to evaluate.
 
 Options:
     width: channels of the first stage (default 64, the real ResNet18; smaller for quick tests).
     eval_batch: test images per forward pass (default 500).
+    recipe: "sgd" (default, the baselines') or "intsgd" (the IntSGD ResNet script's).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -37,13 +43,20 @@ class Cifar10ResNet18(Task):
     name = "cifar10-resnet18"
     metric = "accuracy"
     higher_is_better = True
-    option_defaults = {"width": 64, "eval_batch": 500}
+    option_defaults = {"width": 64, "eval_batch": 500, "recipe": "sgd"}
 
     preset = Preset(epochs=300, batch_size=128, lr=0.1, momentum=0.9, nesterov=True,
-                    weight_decay=1e-4, decay_norm=False, lr_milestones=(150, 250), eval_every=5)
+                    weight_decay=1e-4, decay_norm=False, lr_milestones=(150, 250),
+                    warmup_epochs=5, lr_scale="workers", eval_every=5)
 
     def __init__(self, *, data: str | None = None, device: str = "cpu", **options: Any) -> None:
         super().__init__(data=data, device=device, **options)
+        if self.options["recipe"] not in ("sgd", "intsgd"):
+            raise ValueError(f"cifar10-resnet18: recipe={self.options['recipe']!r}; choose sgd "
+                             f"or intsgd")
+        if self.options["recipe"] == "intsgd":
+            self.preset = dataclasses.replace(type(self).preset, lr_scale=32.0,
+                                              momentum_before_reduce=True)
         if data is None:
             raise ValueError("cifar10-resnet18 needs --data DIR with the CIFAR-10 python batches "
                              "(data_batch_1..5, test_batch)")

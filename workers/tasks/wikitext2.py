@@ -3,9 +3,9 @@
 What it owns: tokenizing `wiki.{train,valid,test}.raw` (`--data` = their folder), per-worker token
 streams, truncated back-propagation through time, perplexity. What it must never do: download text.
 
-How it works: the preset is the IntSGD/PowerSGD LSTM setting (intsgd.md §4.1): embedding 650,
-3 layers of 650 hidden units, tied weights, dropout 0.4, bptt 30, 64 sequences per worker, lr 1.25,
-no momentum or weight decay, 90 epochs, and per-worker gradient-norm clipping at 0.4 before
+How it works: the preset is the IntSGD/PowerSGD LSTM setting: embedding 650,
+3 layers of 650 hidden units, tied weights, dropout 0.4, bptt 30, 64 sequences per worker,
+single-worker lr 1.25 scaled by the number of workers (x16 at 16) through a 5-epoch linear warm-up, no momentum or weight decay, 90 epochs, and per-worker gradient-norm clipping at 0.4 before
 compression (which also bounds the integers). The training stream is cut into contiguous per-worker
 parts, each laid out as 64 columns; every worker walks its columns in order, carrying the hidden
 state across steps of an epoch (detached), as the word-language-model code does. Evaluation runs
@@ -56,7 +56,8 @@ class WikiText2LSTM(Task):
     option_defaults = {"emsize": 650, "nhid": 650, "nlayers": 3, "dropout": 0.4, "bptt": 30,
                        "eval_batch": 10}
 
-    preset = Preset(epochs=90, batch_size=64, lr=1.25, grad_clip=0.4, eval_every=1)
+    preset = Preset(epochs=90, batch_size=64, lr=1.25, warmup_epochs=5, lr_scale="workers",
+                    grad_clip=0.4, eval_every=1)
 
     def __init__(self, *, data: str | None = None, device: str = "cpu", **options: Any) -> None:
         super().__init__(data=data, device=device, **options)
