@@ -1,7 +1,7 @@
 """The fast dataplane: SwitchML's aggregation rules applied to a whole burst at once.
 
-What it owns: the same slot pool and the same rules as the golden model (`_golden.py`, DESIGN.md
-§5), with state as arrays, applied a burst per call by one of two engines: a compiled pass
+What it owns: the same slot pool and the same rules as the golden model (`_golden.py`, whose
+essay states them), with state as arrays, applied a burst per call by one of two engines: a compiled pass
 (`_dataplane_jit`, numba; the default wherever numba imports) or a vectorized numpy path (below;
 what runs without numba, and a second implementation the tests hold to the same contract). What it
 must never do: differ from the golden model. For any sequence of bursts, `receive()` returns

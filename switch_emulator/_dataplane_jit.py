@@ -1,6 +1,6 @@
 """The dataplane's compiled pass: a whole burst, one packet after the other, in one numba call.
 
-What it owns: `receive_rows`, the golden model's rules (`_golden.py`, DESIGN.md §5) applied to a
+What it owns: `receive_rows`, the golden model's rules (`_golden.py`, its essay) applied to a
 burst in input order, fused with the wire checks of `switchagg.packet.validate_burst` and with
 building the result packets; `warm_up`, which loads (or compiles) it. What it must never do: differ
 from the golden model or from `validate_burst` (tests/test_dataplane.py compares all three on random

@@ -1,6 +1,6 @@
 """The golden model: SwitchML's aggregation rules, one packet at a time, as plainly as possible.
 
-What it owns: the reference semantics of one job's slot pool (DESIGN.md §5; SwitchML's Algorithm 3
+What it owns: the reference semantics of one job's slot pool (SwitchML's Algorithm 3
 with shadow copies). Every faster dataplane must produce byte-identical outputs and counters for
 the same input sequence; the property tests hold them to it. What it must never do: be clever. No
 vectorization, no I/O, no clock. Speed does not matter here; obviousness does.

@@ -5,7 +5,7 @@ bursts of B packets of k int32 through a switch running in this process, each ke
 flight (self-clocked on results). It prints the aggregated elements/s (length of the reduced vector
 per second) and the switch's CPU time per burst, split into the dataplane's `receive` and the rest
 (the front: poll, receive, admit, parse, validate, fan-out sends). What it must never do: assert a
-figure; it prints them (measured-limits.md §2, §4 give the machine's ceilings to compare against).
+figure; it prints them (README.md's benchmark section gives the machine's ceilings to compare against).
 """
 
 from __future__ import annotations

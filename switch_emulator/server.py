@@ -63,7 +63,7 @@ __all__ = ["SwitchServer", "dataplane_factory", "POLL_MS"]
 log = logging.getLogger("switch_emulator.server")
 
 #: Longest the loop sleeps in poll: bounds how late a stop request, a liveness check or a held-back
-#: packet is handled (STYLE.md: at most ~100 ms).
+#: packet is handled (at most ~100 ms, so control messages never wait long).
 POLL_MS = 100
 #: Messages handled between two looks at the clock-driven work, so a flood cannot starve liveness.
 MAX_BATCH = 256

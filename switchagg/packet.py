@@ -63,7 +63,7 @@ class Kind(IntEnum):
 FLAG_WRAPPED = 0x01
 
 HEADER_BYTES = 16
-#: 64 int32 = 256 B of payload: what one Tofino pipeline pass aggregates (switchml.md §1.2).
+#: 64 int32 = 256 B of payload: what one Tofino pipeline pass aggregates (SwitchML, NSDI 2021).
 DEFAULT_K = 64
 #: k is a power of two; 1024 (4 KiB) bounds a packet well below a burst, 8 keeps headers <= 1/3.
 MIN_K, MAX_K = 8, 1024
@@ -72,7 +72,7 @@ VALID_K = tuple(1 << e for e in range(3, 11))
 #: pool_index bit 15 selects the shadow-copy set (SwitchML's "ver"); bits 0..14 are the slot.
 VERSION_BIT = 0x8000
 SLOT_MASK = 0x7FFF
-#: 15 bits of slot index. A Tofino holds 8192 slot pairs (switchml.md §2.6); the emulator allows more.
+#: 15 bits of slot index. A Tofino holds 8192 slot pairs (SwitchML's default pool); the emulator allows more.
 MAX_SLOTS = SLOT_MASK + 1
 #: Ranks are u16 on the wire; the emulator's seen bitmaps bound a job to this many workers
 #: (SwitchML's Tofino program: 32; the emulator must serve at least 64).

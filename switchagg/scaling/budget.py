@@ -5,7 +5,7 @@ do: clip anything itself (the quantize kernel clips, with these bounds, and coun
 
 The bounds are [-(2^(b-1) // n), (2^(b-1) - 1) // n] with Python floor division on the magnitudes,
 i.e. the float bounds [-2^(b-1)/n, (2^(b-1)-1)/n] truncated toward zero. That is exactly what the
-IntSGD authors' code ends up with after casting the float bound to int8 (intsgd.md §1.6, pitfall 6),
+IntSGD authors' code ends up with after casting the float bound to int8 (their int8 all-reduce),
 and it guarantees n * lo >= -2^(b-1) and n * hi <= 2^(b-1) - 1: the sum of n clipped workers can
 never wrap a b-bit (hence never an int32) adder, whatever the inputs. For n = 16, b = 8: [-8, 7].
 """

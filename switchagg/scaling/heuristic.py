@@ -4,11 +4,11 @@ What it owns: turning block exponents into per-worker scale factors, and a maxim
 exponent. What it must never do: round or communicate (the kernels round; the collective carries
 the exponents and keeps their max).
 
-- heuristic-switchml (switchml.md; intsgd.md §3.1): each packet of k values has a local exponent
+- heuristic-switchml (SwitchML, NSDI 2021; as the IntSGD paper describes it): each packet of k values has a local exponent
   e = floor(log2 max|v|) + 1 (the frexp exponent, `kernels.block_exponents`); the switch keeps the
   max over workers; every worker scales that chunk by f = M / (n 2^e_max) with M = 2^(b-1) - 1
   (2^31 - 1 for b = 32) and rounds to nearest. Since |v| < 2^e, n f |v| < M: the sum fits.
-- heuristic-global (the IntSGD authors' `HintQuantReducer`, intsgd.md §3.2): one MAX all-reduce of
+- heuristic-global (the IntSGD authors' `HintQuantReducer`): one MAX all-reduce of
   ||g_i||_inf per step, e = floor(log2 max), alpha = M / (n 2^e). Note the floor: alpha max|g| lies in
   [M/n, 2M/n), so without the budget clip the sum could exceed the range by up to 2x (pitfall 8).
 

@@ -4,7 +4,8 @@ What it owns: the EMA r of squared step lengths and alpha = eta / sqrt(2 n r / d
 block (Algorithm 1, d = all parameters) or m blocks at once (Algorithm 2, block l with its own d_l).
 What it must never do: look at a worker's local gradient or any float another worker computed
 differently. alpha must be bit-identical on every worker, or sum(Q_i) / (n alpha) is biased
-(intsgd.md §7, pitfall 1), and no float is exchanged to agree on it.
+(the sum would be decoded with a scale some worker did not use), and no float is exchanged to
+agree on it.
 
 How it stays bit-identical: its only inputs are the integer sum's exact squared norm (a Python int
 from `kernels.int_squared_norm`, the same on every worker because the sum is), the alpha it used
@@ -17,7 +18,7 @@ The step length. For plain SGD x^{k+1} - x^k = -eta_k g~^k with g~^k = S^k / (n 
 ||x^{k+1} - x^k||^2 = eta_k^2 ||S^k||^2 / (n alpha_k)^2: the paper's quantity (it includes eta; the
 authors' code tracks ||g~||^2 instead, which differs by eta^2: pitfall 3). The scaler tracks the
 paper's quantity as if the optimizer were plain SGD (momentum and weight decay applied after the
-reduce are not the compressor's business; intsgd.md §1.4).
+reduce are not the compressor's business, as in the paper's experiments).
 
 Learning-rate changes. With lr_rescale=True (default), when eta changes from eta_prev to eta, r is
 rescaled by (eta / eta_prev)^2 first, i.e. r measures the recent steps as they would be at the

@@ -4,7 +4,7 @@ What it owns: which packet of the stream carries which exponent and which payloa
 chunk is scaled by the max exponent over all workers without waiting a round trip for it. What it
 must never do: choose scales or round (the caller's `encode` does), or talk to the switch.
 
-How it works (switchml.md §1.6): a reduction of `chunks` chunks of k values becomes one stream of
+How it works (SwitchML's pipeline of exponent and values): a reduction of `chunks` chunks of k values becomes one stream of
 slots + chunks packets. Packet v carries, in its exponent field, the local exponent of chunk v;
 the switch returns the max over workers with packet v's result. Packets 0..slots-1 carry no payload
 (SwitchML's extra exponent-only batch). Packet slots + c carries chunk c's payload, encoded with the
