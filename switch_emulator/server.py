@@ -310,14 +310,21 @@ class SwitchServer:
                 identity, now, "malformed", f"first frame must be {FRAME_DATA!r} or "
                 f"{FRAME_CONTROL!r}, got {kind[:8]!r}", "frames"))
 
-    def _on_data(self, identity: bytes, frame: zmq.Frame, now: float) -> None:
+    def _admit(self, identity: bytes, now: float) -> tuple[Job, int] | None:
+        """(job, rank) of a data message's sender, counting the burst; None (answered) if refused."""
         admitted = self.control.admit_data(identity, now)
         if admitted.job is None:
             self._send_replies(admitted.replies)
+            return None
+        admitted.job.counters.bursts_in += 1
+        return admitted.job, admitted.rank
+
+    def _on_data(self, identity: bytes, frame: zmq.Frame, now: float) -> None:
+        admitted = self._admit(identity, now)
+        if admitted is None:
             return
-        job, rank = admitted.job, admitted.rank
+        job, rank = admitted
         counters = job.counters
-        counters.bursts_in += 1
         buffer = frame.buffer
         # A worker's burst never exceeds its job's slots: a larger frame is garbage, and would
         # only grow what the switch queues for the job's receivers.
@@ -340,26 +347,17 @@ class SwitchServer:
                 counters.count_malformed(bad)
             self._send_output(job, rank, identity, out)
             return
-        ok, bad = validate_burst(packets, kind=Kind.DATA, job=job.job_id, worker=rank,
-                                 slots=job.slots)
-        if bad:
-            counters.count_malformed(bad)
-            packets = packets[ok]
-        if job.ingress is not None:
-            packets = job.ingress.apply(packets, rank)
-        self._deliver(job, rank, identity, packets)
+        self._check_and_deliver(job, rank, identity, packets)
 
     def _on_split(self, identity: bytes, heads_frame: zmq.Frame, vals_frame: zmq.Frame,
                   now: float) -> None:
         """A split data message: the same steps as `_on_data`; answered split by the compiled
         pass, else joined into one burst (a copy) for the paths that take only that."""
-        admitted = self.control.admit_data(identity, now)
-        if admitted.job is None:
-            self._send_replies(admitted.replies)
+        admitted = self._admit(identity, now)
+        if admitted is None:
             return
-        job, rank = admitted.job, admitted.rank
+        job, rank = admitted
         counters = job.counters
-        counters.bursts_in += 1
         hb, vb = heads_frame.buffer, vals_frame.buffer
         # As in `_on_data`: never more than the job's slots, whatever the layout.
         if hb.nbytes + vb.nbytes > min(MAX_BURST_BYTES, job.slots * packet_bytes(job.k)):
@@ -382,11 +380,16 @@ class SwitchServer:
                 counters.count_malformed(bad)
             self._send_output(job, rank, identity, out)
             return
-        packets = join_split(heads, vals, job.k)
+        self._check_and_deliver(job, rank, identity, join_split(heads, vals, job.k))
+
+    def _check_and_deliver(self, job: Job, rank: int, identity: bytes,
+                           packets: np.ndarray) -> None:
+        """The per-packet path (loss injection, or a dataplane without the fused pass): validate,
+        inject, then deliver."""
         ok, bad = validate_burst(packets, kind=Kind.DATA, job=job.job_id, worker=rank,
                                  slots=job.slots)
         if bad:
-            counters.count_malformed(bad)
+            job.counters.count_malformed(bad)
             packets = packets[ok]
         if job.ingress is not None:
             packets = job.ingress.apply(packets, rank)
