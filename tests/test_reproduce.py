@@ -65,3 +65,9 @@ def test_reproduce_writes_its_report(tmp_path):
         assert by_id["intdiana-bounded"]["verdict"] in ("holds", "does not hold")
         assert "IntDIANA" in by_id["intdiana-bounded"]["measured"]
         assert (tmp_path / "int_ranges_logreg-a5a-4.png").stat().st_size > 1000
+    # --resume reads the finished runs back instead of running them again, to the same claims.
+    again = []
+    resumed = reproduce.run_all(str(tmp_path), quick=True, a5a=A5A, runs=tiny, notes=notes,
+                                timeout=60, progress=again.append, resume=True)
+    assert all("read back (--resume)" in line for line in again if line.startswith("["))
+    assert [c["verdict"] for c in resumed["claims"]] == [c["verdict"] for c in data["claims"]]

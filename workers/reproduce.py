@@ -10,7 +10,8 @@ What it must never do: download data (a5a comes from `--a5a PATH`; without it th
 regression claims say they were skipped), or change what a claim measures between `--quick` and
 the full set (only sizes and seeds shrink).
 
-How it works: `plan(quick, a5a)` lists (run, seed) pairs; each runs into `OUT/runs/NAME-seedS/`,
+How it works: `plan(quick, a5a)` lists (run, seed) pairs; each runs into `OUT/runs/NAME-seedS/`
+(whose `run.json` lets `--resume` read a finished run back instead of running it again),
 and a progress line with the elapsed time and the estimate left goes to stderr after each. A run
 that fails is recorded with its error (the claims it feeds say "not run") and the others go on.
 Methods that other issues add (baselines, SwarmSGD) join the full set's runs that list them in
@@ -83,15 +84,16 @@ RUNS: tuple[Run, ...] = (
                                          "heuristic-switchml"),
         bits=8, epochs=20, quick_epochs=10, estimate_s=130, quick_estimate_s=95),
     Run("logreg-a5a-4", "logreg", 4, ("sgd", "intsgd-random", "intdiana", "heuristic-switchml"),
-        epochs=2000, quick_epochs=600, eval_every=50, needs_a5a=True, estimate_s=360,
-        quick_estimate_s=80),
+        epochs=2000, quick_epochs=600, eval_every=50, needs_a5a=True, seeds=(0, 1),
+        estimate_s=360, quick_estimate_s=80),
+    # The long runs take one seed (two for LeNet) so that the full set stays near an hour here.
     Run("logreg-a5a-16", "logreg", 16, ("sgd", "intsgd-random", "intdiana"), epochs=2000,
-        quick_epochs=0, eval_every=100, needs_a5a=True, estimate_s=900, quick=False),
+        quick_epochs=0, eval_every=100, needs_a5a=True, seeds=(0,), estimate_s=900, quick=False),
     Run("fmnist-fc-4", "fashion-mnist", 4, ("sgd", "intsgd-random", "heuristic-switchml"),
-        epochs=3, quick_epochs=0, opts=("model='fc'",), optional=("isgq-mse",), estimate_s=480,
-        quick=False),
+        epochs=3, quick_epochs=0, opts=("model='fc'",), optional=("isgq-mse",), seeds=(0,),
+        estimate_s=480, quick=False),
     Run("fmnist-lenet-4", "fashion-mnist", 4, ("sgd", "intsgd-random", "heuristic-switchml"),
-        epochs=3, quick_epochs=2, opts=("model='lenet'",),
+        epochs=3, quick_epochs=2, opts=("model='lenet'",), seeds=(0, 1),
         quick_opts=("train_size=6000", "test_size=2000"), estimate_s=280, quick_estimate_s=60),
 )
 
@@ -193,8 +195,13 @@ def run_one(run: Run, seed: int, out_dir: str, *, quick: bool, a5a: str | None,
 
 def run_all(out: str, *, quick: bool, a5a: str | None, timeout: float = 300.0,
             runs: list[tuple[Run, int]] | None = None, notes: list[str] | None = None,
-            progress=None) -> dict[str, Any]:
-    """Run the plan (or the given pairs) and write the report; returns claims.json's content."""
+            progress=None, resume: bool = False) -> dict[str, Any]:
+    """Run the plan (or the given pairs) and write the report; returns claims.json's content.
+
+    Each finished run leaves `run.json` (its merged results) in its folder; with `resume`, a run
+    whose folder holds one from a run that succeeded is read back instead of run again, so an
+    interrupted full set (about an hour) goes on where it stopped.
+    """
     from workers import claims
     if runs is None:
         runs, notes = plan(quick, a5a)
@@ -212,16 +219,23 @@ def run_all(out: str, *, quick: bool, a5a: str | None, timeout: float = 300.0,
     for i, (run, seed) in enumerate(runs, 1):
         t0 = time.monotonic()
         folder = os.path.join(out, "runs", f"{run.name}-seed{seed}")
-        try:
-            res = run_one(run, seed, folder, quick=quick, a5a=a5a, timeout=timeout)
-        except Exception as exc:  # recorded; the claims it feeds say "not run"
-            res = {"config": {"run": run.name, "seed": seed}, "methods": {}, "series": {},
-                   "error": f"{type(exc).__name__}: {exc}"[:2000]}
+        res = _finished(folder) if resume else None
+        reused = res is not None
+        if res is None:
+            try:
+                res = run_one(run, seed, folder, quick=quick, a5a=a5a, timeout=timeout)
+            except Exception as exc:  # recorded; the claims it feeds say "not run"
+                res = {"config": {"run": run.name, "seed": seed}, "methods": {}, "series": {},
+                       "error": f"{type(exc).__name__}: {exc}"[:2000]}
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, "run.json"), "w") as f:
+                json.dump(res, f, default=str)
         res["folder"] = os.path.relpath(folder, out)
         results.setdefault(run.name, []).append(res)
         took = time.monotonic() - t0
         left = max(left - cost(run), 0.0)
-        status = "failed: " + res["error"].splitlines()[0] if res["error"] else "done"
+        status = ("failed: " + res["error"].splitlines()[0] if res["error"]
+                  else "read back (--resume)" if reused else "done")
         say(f"[{i}/{len(runs)}] {run.name} seed {seed}: {status} in {took:.0f} s "
             f"(elapsed {(time.monotonic() - started) / 60:.1f} min, "
             f"about {left / 60:.0f} min left)")
@@ -229,6 +243,16 @@ def run_all(out: str, *, quick: bool, a5a: str | None, timeout: float = 300.0,
                               wall_s=time.monotonic() - started)
     claims.write_report(out, content, results)
     return content
+
+
+def _finished(folder: str) -> dict[str, Any] | None:
+    """The results a succeeded run left in `folder` (run.json), or None."""
+    try:
+        with open(os.path.join(folder, "run.json")) as f:
+            res = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return res if isinstance(res, dict) and not res.get("error") and res.get("methods") else None
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -244,6 +268,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated subset of the runs ({', '.join(r.name for r in RUNS)})")
     parser.add_argument("--seeds", default=None, metavar="LIST",
                         help="comma-separated seeds instead of each run's (e.g. 0)")
+    parser.add_argument("--resume", action="store_true",
+                        help="read back the runs that an earlier call into the same --out "
+                             "finished (their run.json) and run only the others")
     parser.add_argument("--timeout", type=float, default=300.0,
                         help="seconds any collective may wait before a run fails")
 
@@ -262,7 +289,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     try:
         content = run_all(os.path.abspath(args.out), quick=args.quick, a5a=args.a5a,
-                          timeout=args.timeout, runs=runs, notes=notes)
+                          timeout=args.timeout, runs=runs, notes=notes, resume=args.resume)
     except KeyboardInterrupt:
         print("\nswitchagg reproduce: interrupted", file=sys.stderr)
         return 130
