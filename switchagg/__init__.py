@@ -4,7 +4,8 @@ Start here: `switchagg.SwitchClient` all-reduces int32 arrays through an emulate
 (`switch-emulator`). The wire format is `switchagg.packet`, the control messages
 `switchagg.protocol`, the errors `switchagg.errors`. The methods are codecs (`switchagg.codecs`,
 registered in `switchagg.methods`), driven by the DDP hook (`switchagg.ddp.hook_for`) or the
-in-process `switchagg.reducer`. Heavier parts (codecs, collectives, the DDP hook, GPU kernels) are
+in-process `switchagg.reducer`. The training harness (`switchagg compare`, `worker`, `reproduce`,
+the tasks) is `switchagg.workers`, and `switchagg.compare` runs a comparison from Python. Heavier parts (codecs, collectives, the DDP hook, GPU kernels) are
 imported on first use, so the switch and CPU-only workers never load torch or cupy unless they need
 them.
 """
@@ -25,6 +26,8 @@ _LAZY = {
     "SwitchClient": "switchagg.client",
     "ClientConfig": "switchagg.client",
     "ClientStats": "switchagg.client",
+    # The comparison on a model and data of one's own (`switchagg.compare(model_fn, dataset_fn, ...)`).
+    "compare": "switchagg.workers.api",
 }
 
 __all__ = ["SwitchError", "SwitchTimeout", "JoinRejected", "JobAborted", "ProtocolError",

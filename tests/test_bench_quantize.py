@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from workers import bench_quantize
+from switchagg.workers import bench_quantize
 
 
 def test_run_quantize_bench_reports_each_kernel_against_copy():

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.conftest import free_port
-from workers import cli
+from switchagg.workers import cli
 
 
 def _temp_runs() -> set[str]:
