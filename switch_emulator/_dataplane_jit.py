@@ -204,15 +204,15 @@ def warm_up() -> None:
     outputs). A compilation takes seconds, a cache load tens of milliseconds: the switch calls
     this before it binds, so neither delays a JOIN or a liveness deadline.
     """
-    k, slots = 8, 2
+    k, slots, n = 8, 2, 2  # two rows: a one-row column view would pass as contiguous
     for lanes in (np.int32, np.int16, np.int8):
         width = k * np.dtype(lanes).itemsize // 4
-        rows = np.zeros((1, 4 + width), np.int32)
+        rows = np.zeros((n, 4 + width), np.int32)
         rows.flags.writeable = False  # frames from ZeroMQ are read-only: one specialization
-        heads, vals = np.zeros((1, 4), np.int32), np.zeros((1, k), lanes)
+        heads, vals = np.zeros((n, 4), np.int32), np.zeros((n, k), lanes)
         heads.flags.writeable = vals.flags.writeable = False
-        out = np.empty((1, 4 + width), np.int32)
-        oh, ov = np.empty((1, 4), np.int32), np.empty((1, k), lanes)
+        out = np.empty((n, 4 + width), np.int32)
+        oh, ov = np.empty((n, 4), np.int32), np.empty((n, k), lanes)
         for args in ((rows[:, :4], rows[:, 4:].view(lanes), out[:, :4], out[:, 4:].view(lanes),
                       out[:, :4], out[:, 4:].view(lanes)),
                      (heads, vals, oh, ov, oh, ov)):
