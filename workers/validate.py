@@ -25,7 +25,7 @@ from typing import Any
 from switchagg.errors import ConfigError
 
 __all__ = ["UsageError", "FLAGS", "check_training", "check_compare", "check_worker", "check_bench",
-           "check_device",
+           "check_device", "check_budget",
            "check_out", "report_usage"]
 
 #: config field -> the option a user typed
@@ -118,6 +118,7 @@ def check_training(args: argparse.Namespace):
     except ValueError as exc:
         raise UsageError("--method-opt", " ".join(args.method_opt), str(exc)) from None
     check_client(args.k, args.slots)
+    check_budget(args)
     check_device(args.device)
     try:
         from workers.swarm_train import SwarmConfig, split_options
@@ -143,6 +144,19 @@ def check_training(args: argparse.Namespace):
                              f"task {args.task!r} cannot build its model with these options "
                              f"({type(exc).__name__}: {exc})") from None
     return task
+
+
+def check_budget(args: argparse.Namespace) -> None:
+    """--bits against --lane-bits: never wider than the lanes; without --bits, the lane width
+    (`switchagg.scaling.budget_for_lanes`). Sets args.bits to the budget in force."""
+    from switchagg.scaling import budget_for_lanes
+    lane_bits = getattr(args, "lane_bits", None)
+    try:
+        args.bits = budget_for_lanes(args.bits, lane_bits)
+    except ValueError as exc:
+        wrong_lanes = lane_bits not in (None, 8, 16, 32)
+        raise UsageError("--lane-bits" if wrong_lanes else "--bits",
+                         lane_bits if wrong_lanes else args.bits, str(exc)) from None
 
 
 def check_client(k: int, slots: int) -> None:
