@@ -11,8 +11,9 @@ looks at the clock again). Control frames go to the control plane and its replie
 frame is, per burst and never per packet:
   1. admitted by the control plane for the job and rank THIS connection joined with (else at most
      one refusal per second to the sender);
-  2. parsed without copying (`recv(copy=False)` then `parse_burst`) and validated against that job
-     and rank: a spoofed rank, another job, a bad slot are dropped and counted by reason; the
+  2. parsed without copying (`recv(copy=False)` then `parse_burst`, at the job's k and lane width:
+     a frame that is not whole packets of that size counts as truncated) and validated against
+     that job and rank: a spoofed rank, another job, a bad slot are dropped and counted by reason; the
      call check (`_callseq`) runs on both layouts' header words, and a mispaired call fails the
      job at once;
   3. passed through ingress loss injection, then `dataplane.receive` once. Without ingress loss a

@@ -31,6 +31,10 @@ Failure handling, all ending in a `SwitchError` on every pending and later call:
 - The engine thread dies of an unexpected exception: every pending and later call fails with a
   `SwitchError` whose `__cause__` is that exception.
 
+Lanes: the job's lane width (`lane_bits`, 8, 16 or 32; JOIN_OK says which) is what the packets
+carry; `allreduce` checks and packs its int32 input to it in the caller's thread (a value that
+does not fit raises ValueError at once) and the stream machine sign-extends the sums back.
+
 The routing identity is set once (random, or `identity=`), so a reconnect after a TCP reset
 comes back as the same connection and the switch (ROUTER_HANDOVER) still knows its rank; a JOIN
 sent again names the rank the switch granted.
@@ -92,7 +96,8 @@ class ClientConfig:
     """How a worker talks to the switch. Every default lives here; `validate()` checks them all.
 
     Attributes:
-        k: int32 values per packet; one of packet.VALID_K. Default 64 (256 B, a Tofino's packet).
+        k: lanes (values) per packet; one of packet.VALID_K. Default 64 (256 B of int32 lanes, a
+            Tofino's packet; 64 B of 8-bit lanes).
             Fixed per job: every worker must agree. Example: `ClientConfig(k=256)`.
         slots: slot pool size s asked for at JOIN, <= packet.MAX_SLOTS; the switch may grant fewer
             (JOIN_OK says). At most s chunks are in flight. Default 8192 (as on a Tofino).

@@ -1,10 +1,11 @@
 """The wire format: one packet layout, defined once, used by the switch and every worker.
 
 What it owns: the byte layout of a packet (a 16-byte header and k integer lanes of 8, 16 or 32
-bits, little-endian, the project's wire contract; the lane width is chosen per job at JOIN), bursts of packets in one ZeroMQ message (interleaved in one frame, or
-split into a header frame and a payload frame), and the vectorized checks a received burst must
-pass. What it must never do: I/O, or any aggregation rule (that is the switch's
-dataplane). How it works: a burst is a numpy structured array of `packet_dtype(k)`. Parsing a frame
+bits, little-endian, the project's wire contract; the lane width is chosen per job at JOIN),
+bursts of packets in one ZeroMQ message (interleaved in one frame, or split into a header frame
+and a payload frame), and the vectorized checks a received burst must pass. What it must never
+do: I/O, or any aggregation rule (that is the switch's dataplane). How it works: a burst is a
+numpy structured array of `packet_dtype(k, lane_bits)`. Parsing a frame
 is one `np.frombuffer` call (zero-copy); validating it is a handful of vectorized comparisons that
 return a mask of good packets and a count per reason, so a malformed packet is counted and dropped,
 never an exception.
@@ -19,6 +20,8 @@ it chooses k: every packet of the job then carries k lanes of that width, k * la
 payload bytes after the unchanged header (`packet_bytes(k, lane_bits)`). The switch adds in that
 width with two's-complement wrap-around. Every function here that builds or reads a burst takes
 `lane_bits` (default 32: the int32 layout, byte for byte what it was before lanes existed).
+With k >= 8, a packet is always a whole number of 32-bit words, so the compiled passes keep
+reading headers as words and view the payload's words as int16 or int8 lanes.
 
 The `call` byte (the header's former reserved byte; its dtype field keeps the name "reserved" so
 that existing code reads the same bytes): in DATA, the worker's all-reduce call sequence number
@@ -28,8 +31,8 @@ so workers whose calls drift apart get an immediate error naming both numbers in
 sums. In RESULT and RESULT_RETX it is zero (checked as "bad_reserved").
 
 A data message carries a burst in one of two layouts of the same packets: interleaved (one frame,
-packet after packet) or split (a header frame of B x 16 bytes, then a payload frame of B x k * lane_bits / 8
-bytes; packet i is header i followed by payload i). The split layout lets a worker send payloads
+packet after packet) or split (a header frame of B x 16 bytes, then a payload frame of
+B x k * lane_bits / 8 bytes; packet i is header i followed by payload i). The split layout lets a worker send payloads
 straight from the caller's array, and the switch answer with payloads it never re-interleaves.
 `parse_split` views the two frames without copying, `join_split` and `split_burst` convert.
 As header words (little-endian int32), word 2 is pool_index | exponent << 16 | call << 24 and

@@ -5,7 +5,8 @@ count, transport and (for the first two) message sizes and window, and reporting
 (SwitchML's metric, ATE/s = aggregated tensor elements per second = numel / time of one
 all-reduce):
   1. the emulated switch (`python -m switch_emulator`, `--pipes P` dataplane processes) with N
-     `SwitchClient` workers;
+     `SwitchClient` workers, in lanes of `--lane-bits` (inputs span the lanes, sums wrap there,
+     and the figures say the real bytes: 16-byte headers + k lanes per packet);
   2. the raw ZeroMQ fan-in/fan-out ceiling: a relay with the switch's socket pattern and framing
      that sums nothing (workers/_bench_workers.py says exactly what it does);
   3. torch.distributed gloo `all_reduce(SUM)` of the same int32 tensor among N processes.

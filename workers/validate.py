@@ -9,7 +9,8 @@ rule that a config object already checks (it asks the object), start a process, 
 How it works: each check builds the object from the options and lets its `validate()` raise; the
 error's `field` maps to a flag through `FLAGS`, and `UsageError` carries the flag, the value and
 the reason. The few options that belong to no config object (the device, `--out`, `--workers`,
-`--timeout`, ranks) are checked here. The task is built (and its model too: `--opt hidden=foo`
+`--timeout`, ranks) are checked here, and the budget against the lanes (`check_budget`: the rule
+is `switchagg.scaling.budget_for_lanes`'s; it sets `--bits` to the budget in force). The task is built (and its model too: `--opt hidden=foo`
 fails there, not after the workers started) and returned, so a caller never builds it twice.
 A command turns a `UsageError` into one line on stderr and exit status 2 (`report_usage`).
 """
