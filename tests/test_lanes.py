@@ -378,6 +378,22 @@ def test_compare_in_8_bit_lanes_never_wraps_and_sends_a_quarter(tmp_path):
         assert m["wraps"] == 0, (name, m["wraps"])
         assert m["max_abs_sum"] <= 127, (name, m["max_abs_sum"])
         assert m["clip_fraction"] is not None
-        # The bytes are 8-bit lanes' packets (16 + 64 bytes for k = 64): int32 ones are 34 bits
-        # per coordinate and more.
-        assert m["bits_per_coord"] < 16, (name, m["bits_per_coord"])
+        # The bytes are 8-bit lanes' packets (16 + 64 bytes for k = 64: 10 bits per coordinate
+        # and round, padding aside); int32 lanes' are 34 per round.
+        assert m["bits_per_coord"] < 12 * m["rounds_per_step"], (name, m["bits_per_coord"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_bench_in_8_bit_lanes_counts_the_real_bytes():
+    proc = subprocess.run(
+        [sys.executable, "-m", "workers.cli", "--log-level", "WARNING", "bench", "--workers", "2",
+         "--numel", "2500", "--k", "64", "--slots", "32", "--burst", "8", "--repeats", "1",
+         "--warmup", "1", "--timeout", "60", "--lane-bits", "8", "--skip-gloo", "--skip-zmq",
+         "--json"], cwd=REPO, capture_output=True, text=True, timeout=110)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    figures = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+    assert figures["lane_bits"] == 8 and figures["message_bytes"] == 8 * packet_bytes(64, 8)
+    chunks = -(-2500 // 64)
+    assert figures["bytes_sent_per_allreduce"] >= chunks * packet_bytes(64, 8)
+    assert 0 < figures["goodput"] <= 64 / (16 + 64)  # payload / (header + payload)
