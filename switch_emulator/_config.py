@@ -26,8 +26,8 @@ __all__ = ["SwitchConfig", "ConfigError", "DATAPLANE_CHOICES", "DATAPLANE_ENV", 
 #: `fast`: the vectorized dataplane (switch_emulator.dataplane); `golden`: the per-packet reference.
 DATAPLANE_CHOICES = ("fast", "golden")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-#: The pool is host memory (2 x slots x k int32 per job), not SRAM; 1 Mi slots of k = 64 would be
-#: 512 MiB if one job took it all, a sane ceiling for an emulator on one host.
+#: The pool is host memory (2 x slots x k lanes per job, int32 at most), not SRAM; 1 Mi slots of
+#: k = 64 would be 512 MiB if one job took it all, a sane ceiling for an emulator on one host.
 MAX_POOL_SLOTS = 1 << 20
 
 

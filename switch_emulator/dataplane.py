@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bench", action="store_true", help="time receive() and print figures")
     parser.add_argument("--workers", type=int, default=4, help="world size n (default 4)")
-    parser.add_argument("-k", type=int, default=64, help="int32 values per packet (default 64)")
+    parser.add_argument("-k", type=int, default=64, help="int32 lanes per packet (default 64)")
     parser.add_argument("--slots", type=int, default=8192, help="pool size (default 8192)")
     parser.add_argument("--seconds", type=float, default=1.0, help="time per figure (default 1)")
     args = parser.parse_args(argv)
