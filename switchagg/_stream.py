@@ -10,6 +10,9 @@ switch's dataplane in memory (tests/fakelink.py).
 
 How it works:
 - Chunks. A call of `numel` int32 is ceil(numel / k) chunks of k values (the last one zero-padded).
+  A global chunk counter g runs on across calls: chunk g uses slot g mod s, version (g div s) mod 2,
+  header `chunk` = g mod 2^32. So versions keep alternating between calls, as SwitchML's pool-index
+  shift does, and a late result of an earlier call can never be taken for one of this call.
 - Lanes. A job's packets carry k lanes of 8, 16 or 32 bits (`lane_bits`, from JOIN_OK). The
   machine holds everything it sends and receives in the lanes' dtype (ring staging, outputs,
   the caller's array once packed), so the wire path is the same at every width: a plain
@@ -17,9 +20,6 @@ How it works:
   vectorized: a value outside the lanes raises ValueError, it is never truncated), a fill
   function writes int32 into a scratch that is checked and packed the same way, and a call's
   sums are sign-extended back to int32 once, when it completes (`StreamCall.result`).
-  A global chunk counter g runs on across calls: chunk g uses slot g mod s, version (g div s) mod 2,
-  header `chunk` = g mod 2^32. So versions keep alternating between calls, as SwitchML's pool-index
-  shift does, and a late result of an earlier call can never be taken for one of this call.
 - Window (self-clocking). Chunk g + s is sent only after the result of chunk g arrived, i.e. only
   into a free slot. Chunks are first sent in order; a burst of up to B packets leaves once B slots
   in a row are free (or all that is left of the queued calls fits), so bursts stay large.
