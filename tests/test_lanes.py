@@ -171,6 +171,24 @@ def test_stream_machines_get_the_wrapped_sum_over_a_lossy_link(name, bits):
     assert net.clients[0].counters.wraps > 0
 
 
+def test_a_fill_that_writes_past_the_lanes_is_refused_not_truncated():
+    """Streaming calls (the heuristic's look-ahead fills) write int32 that is checked and packed
+    into the lanes before it leaves; a value outside them raises."""
+    def fill(value):
+        def write(first, stop, returned, values_out, exponents_out):
+            values_out[:] = value
+            exponents_out[:] = 3
+        return write
+
+    net = FakeNetwork(2, lane_bits=8)
+    calls = net.allreduce_stream(20, [fill(100), fill(27)])
+    assert [c.result().tolist() for c in calls] == [[127] * 20] * 2
+    assert calls[0].exponents.tolist() == [3] * 3
+    net = FakeNetwork(2, lane_bits=8)
+    with pytest.raises(ValueError, match="value 128 .*8-bit lanes"):
+        net.allreduce_stream(20, [fill(128), fill(0)])
+
+
 def test_pack_lanes_refuses_values_outside_the_lanes():
     assert pack_lanes(np.array([-128, 127], np.int32), 8).dtype == np.int8
     with pytest.raises(ValueError, match=r"value 128 \(element 1\).*8-bit lanes \[-128, 127\]"):
