@@ -185,9 +185,10 @@ def _worker_argv(args: argparse.Namespace, rank: int, switch: str, master_port: 
             "worker", "--events", "--rank", str(rank), "--world-size", str(args.workers),
             "--master-addr", "127.0.0.1", "--master-port", str(master_port), "--switch", switch,
             "--job", job, "--out", out_dir, "--task", args.task, "--seed", str(args.seed),
-            "--bits", str(args.bits), "--k", str(args.k), "--slots", str(args.slots),
+            "--k", str(args.k), "--slots", str(args.slots),
             "--device", args.device, "--timeout", str(args.timeout), "--methods", ",".join(args.method_list)]
-    for flag in ("data", "epochs", "max_steps", "batch_size", "lr", "eval_every", "lane_bits"):
+    for flag in ("data", "epochs", "max_steps", "batch_size", "lr", "eval_every", "bits",
+                 "lane_bits"):
         value = getattr(args, flag, None)
         if value is not None:
             argv += ["--" + flag.replace("_", "-"), str(value)]
