@@ -244,7 +244,7 @@ def test_hook_state_refuses_a_budget_wider_than_its_lanes():
 
 @pytest.mark.parametrize("command", ["compare", "worker"])
 def test_a_budget_wider_than_the_lanes_is_refused_before_work(command, capsys):
-    from workers import cli
+    from switchagg.workers import cli
     argv = [command, "--lane-bits", "8", "--bits", "16", "--methods", "sgd"]
     if command == "worker":
         argv += ["--rank", "0", "--world-size", "1"]
@@ -254,14 +254,14 @@ def test_a_budget_wider_than_the_lanes_is_refused_before_work(command, capsys):
 
 
 def test_bench_lane_bits_is_checked_before_start(capsys):
-    from workers import cli
+    from switchagg.workers import cli
     with pytest.raises(SystemExit) as info:
         cli.main(["bench", "--lane-bits", "12"])
     assert info.value.code == 2 and "--lane-bits" in capsys.readouterr().err
 
 
 def test_bench_inputs_span_the_lanes_and_sums_wrap_there():
-    from workers._bench_workers import bench_input, expected_sum
+    from switchagg.workers._bench_workers import bench_input, expected_sum
     x = bench_input(1, 4096, 8)
     lo, hi = lane_range(8)
     assert x.dtype == np.int32 and x.min() == lo and x.max() == hi
@@ -385,7 +385,7 @@ def test_compare_in_8_bit_lanes_never_wraps_and_sends_a_quarter(tmp_path):
     (its first step included) and the heuristic never wrap; the bytes are the real packets."""
     out = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "workers.cli", "compare", "--workers", "4", "--lane-bits", "8",
+        [sys.executable, "-m", "switchagg.workers.cli", "compare", "--workers", "4", "--lane-bits", "8",
          "--methods", "intsgd-random,heuristic-switchml", "--max-steps", "3", "--opt",
          "hidden=(16,)", "--timeout", "60", "--no-progress", "--out", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=280)
@@ -405,7 +405,7 @@ def test_compare_in_8_bit_lanes_never_wraps_and_sends_a_quarter(tmp_path):
 @pytest.mark.timeout(120)
 def test_bench_in_8_bit_lanes_counts_the_real_bytes():
     proc = subprocess.run(
-        [sys.executable, "-m", "workers.cli", "--log-level", "WARNING", "bench", "--workers", "2",
+        [sys.executable, "-m", "switchagg.workers.cli", "--log-level", "WARNING", "bench", "--workers", "2",
          "--numel", "2500", "--k", "64", "--slots", "32", "--burst", "8", "--repeats", "1",
          "--warmup", "1", "--timeout", "60", "--lane-bits", "8", "--skip-gloo", "--skip-zmq",
          "--json"], cwd=REPO, capture_output=True, text=True, timeout=110)
