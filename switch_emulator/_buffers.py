@@ -33,19 +33,21 @@ _FREE_REFS = 2
 
 
 class RowPool:
-    """(rows, width) int32 buffers, reused once nothing else references them.
+    """(rows, width) int32 buffers (or of `dtype`), reused once nothing else references them.
 
     Args:
-        width: int32 words per row.
+        width: items per row.
+        dtype: the items' dtype (default int32 words; a split payload's lanes: int16, int8).
     """
 
-    def __init__(self, width: int) -> None:
+    def __init__(self, width: int, dtype=np.int32) -> None:
         self.width = width
+        self.dtype = np.dtype(dtype)
         self._buffers: list[np.ndarray] = []
         self.allocated = 0  # buffers allocated in all (pooled or not), for tests and stats
 
     def take(self, rows: int) -> np.ndarray:
-        """A (rows, width) int32 array nobody else references (contents undefined)."""
+        """A (rows, width) array nobody else references (contents undefined)."""
         buffers = self._buffers
         for i in range(len(buffers)):  # not enumerate: its reused tuple holds a reference
             if sys.getrefcount(buffers[i]) == _FREE_REFS:
@@ -59,6 +61,6 @@ class RowPool:
 
     def _new(self, rows: int) -> np.ndarray:
         self.allocated += 1
-        buf = np.empty((max(rows, 1), self.width), np.int32)
+        buf = np.empty((max(rows, 1), self.width), self.dtype)
         buf.fill(0)  # fault the pages in now, once, rather than on each first write
         return buf

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from switchagg.errors import ConfigError, ProtocolError
-from switchagg.packet import MAX_SLOTS
+from switchagg.packet import DEFAULT_LANE_BITS, LANE_BITS, MAX_SLOTS
 from switchagg.protocol import check_endpoint, check_name
 
 __all__ = ["SwitchConfig", "ConfigError", "DATAPLANE_CHOICES", "DATAPLANE_ENV", "LOG_LEVELS",
@@ -26,8 +26,8 @@ __all__ = ["SwitchConfig", "ConfigError", "DATAPLANE_CHOICES", "DATAPLANE_ENV", 
 #: `fast`: the vectorized dataplane (switch_emulator.dataplane); `golden`: the per-packet reference.
 DATAPLANE_CHOICES = ("fast", "golden")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-#: The pool is host memory (2 x slots x k int32 per job), not SRAM; 1 Mi slots of k = 64 would be
-#: 512 MiB if one job took it all, a sane ceiling for an emulator on one host.
+#: The pool is host memory (2 x slots x k lanes per job, int32 at most), not SRAM; 1 Mi slots of
+#: k = 64 would be 512 MiB if one job took it all, a sane ceiling for an emulator on one host.
 MAX_POOL_SLOTS = 1 << 20
 
 
@@ -150,6 +150,12 @@ class SwitchConfig:
         "queues) but not the per-peer byte budget, and its sockets have no CURVE: --pipes > 1 "
         "is refused with --token, --token-file or --curve-secret-file.",
         "2")
+    lane_bits: int = _opt(
+        DEFAULT_LANE_BITS,
+        "Lane width, in bits, of jobs whose JOIN names none: packets carry k lanes of 8, 16 or 32 "
+        "bits (k * lane_bits / 8 payload bytes), added with two's-complement wrap-around at that "
+        "width. A JOIN may name its own (workers' --lane-bits); every worker of a job must agree.",
+        "8")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -211,6 +217,8 @@ class SwitchConfig:
         if self.curve_secret_file and not os.path.isfile(self.curve_secret_file):
             raise bad("curve_secret_file", "no such file; write one with `switch-emulator "
                                            "keygen DIR`")
+        if self.lane_bits not in LANE_BITS or isinstance(self.lane_bits, bool):
+            raise bad("lane_bits", f"expected one of {LANE_BITS}")
         if not isinstance(self.pipes, int) or not 1 <= self.pipes <= 16:
             raise bad("pipes", "expected an integer in [1, 16]")
         if self.pipes > 1 and (self.loss_enabled or self.dataplane != "fast"

@@ -22,7 +22,8 @@ project's shared 2-vCPU VM under load): a 1024-packet burst 54 us (numpy path: 1
 packets 180 us (674), 1024 with 1% duplicates 75 us (455).
 
 State, indexed by the flat slot id f = version * slots + slot (one fancy index reaches both sets):
-    values    (2s, k) int32   the running sum, or the shadow copy once complete
+    values    (2s, k) lanes   the running sum, or the shadow copy once complete (int32, int16 or
+                              int8: the job's lane width, chosen at JOIN)
     seen      (n, 2s) bool    seen[w, f]: worker w contributed to the round on f (one plane per
                               worker: a burst comes from one worker, so each stage reads one plane)
     count     (2s,)   int32   contributions to the round on f; == n means complete
@@ -37,9 +38,10 @@ The numpy path's rules, in the order of SwitchML's Algorithm 3, each a private f
   3. exponent max (`_exponent_max`): the first contribution writes its exponent; later ones keep
      the max.
   4. write or add (`_write_or_add`): the first contribution writes its values; later ones add with
-     int32 wrap-around. numpy's int32 add already wraps (two's complement, like the switch's bit<32>
-     adder); an element wrapped iff both operands have the same sign and the sum has the other one,
-     i.e. ((a ^ sum) & (b ^ sum)) < 0, so no int64 copy is needed.
+     wrap-around at the lane width. numpy's add of int32 (int16, int8) arrays already wraps (two's
+     complement, like the switch's bit<32> adder); an element wrapped iff both operands have the
+     same sign and the sum has the other one, i.e. ((a ^ sum) & (b ^ sum)) < 0, so no wider copy
+     is needed, whatever the lane width.
   5. multicast or shadow-copy unicast (`_results`): a completed slot goes to every worker (RESULT);
      a retransmission to a complete slot goes back to its sender alone (RESULT_RETX) with the shadow
      copy; a retransmission to a slot still in progress is dropped.
@@ -76,8 +78,8 @@ import numpy as np
 
 from switch_emulator._buffers import RowPool
 from switch_emulator._golden import DataplaneCounters, DataplaneOutput
-from switchagg.packet import (FLAG_WRAPPED, MAX_WORKERS, Kind, SLOT_MASK, join_split, packet_dtype,
-                              validate_burst)
+from switchagg.packet import (DEFAULT_LANE_BITS, FLAG_WRAPPED, MAX_WORKERS, Kind, SLOT_MASK,
+                              check_lane_bits, join_split, lane_dtype, packet_dtype, validate_burst)
 
 __all__ = ["FastDataplane", "SplitOutput", "warm_up"]
 
@@ -86,7 +88,7 @@ _kernels: object = _UNLOADED  # the _dataplane_jit module, None without numba, u
 
 
 class SplitOutput(NamedTuple):
-    """Results of a split frame, as (B, 4) header words and (B, k) payloads: `mc_*` to multicast
+    """Results of a split frame, as (B, 4) header words and (B, k) lanes: `mc_*` to multicast
     (RESULT), `uc_*` to the sender alone (RESULT_RETX), each in input order. Send them as they
     are; they are pooled buffers, reused once nothing references them."""
 
@@ -124,7 +126,7 @@ def warm_up() -> bool:
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:
-    """`a` as a read-only, aligned C-contiguous int32 array (numba compiles one specialization per
+    """`a` as a read-only, aligned C-contiguous array (numba compiles one specialization per
     writability and layout; frames from ZeroMQ are read-only)."""
     if not (a.flags.c_contiguous and a.flags.aligned):
         a = np.ascontiguousarray(a)
@@ -157,15 +159,17 @@ class FastDataplane:
     Args:
         world_size: number of workers n (1..MAX_WORKERS); a slot completes with n contributions.
         slots: pool size s; packets address slots 0..s-1 (validated before they get here).
-        k: int32 values per packet.
+        k: lanes (values) per packet.
         compiled: use the compiled pass where numba imports (the default); False keeps the
             vectorized numpy path, which is also what runs without numba.
+        lane_bits: the job's lane width, 8, 16 or 32 (default 32: int32 lanes).
 
     Raises:
-        ValueError: world_size, slots or k out of range.
+        ValueError: world_size, slots, k or lane_bits out of range.
     """
 
-    def __init__(self, world_size: int, slots: int, k: int, compiled: bool = True) -> None:
+    def __init__(self, world_size: int, slots: int, k: int, compiled: bool = True, *,
+                 lane_bits: int = DEFAULT_LANE_BITS) -> None:
         if not 1 <= world_size <= MAX_WORKERS:
             raise ValueError(f"world_size={world_size} must be in [1, {MAX_WORKERS}]")
         if not 1 <= slots <= SLOT_MASK + 1:
@@ -173,19 +177,21 @@ class FastDataplane:
         self.world_size = world_size
         self.slots = slots
         self.k = k
-        self.dtype = packet_dtype(k)
-        self.values = np.zeros((2 * slots, k), np.int32)
+        self.lane_bits = check_lane_bits(lane_bits)
+        self._lanes = lane_dtype(lane_bits)
+        self.dtype = packet_dtype(k, lane_bits)
+        self.values = np.zeros((2 * slots, k), self._lanes)
         self.seen = np.zeros((world_size, 2 * slots), bool)
         self.count = np.zeros(2 * slots, np.int32)
         self.exponent = np.zeros(2 * slots, np.int8)
         self.wrapped = np.zeros(2 * slots, bool)
-        self._scratch = _Scratch(k)
+        self._scratch = _Scratch(k, self._lanes)
         self._width = self.dtype.itemsize // 4  # int32 words per packet
         self._kernels = _compiled() if compiled else None
         self._stats = np.zeros(len(self._kernels.STAT_NAMES) if self._kernels else 0, np.int64)
         # Result buffers, reused once sent (`_buffers`): interleaved rows, or split heads/values.
         self._pool_rows = RowPool(self._width)
-        self._pool_h, self._pool_v = RowPool(4), RowPool(k)
+        self._pool_h, self._pool_v = RowPool(4), RowPool(k, self._lanes)
         self.counters = DataplaneCounters()
 
     def is_complete(self, version: int, slot: int) -> bool:
@@ -252,7 +258,7 @@ class FastDataplane:
 
         Args:
             heads: (B, 4) int32, the header frame as words (`switchagg.packet.parse_split`).
-            vals: (B, k) int32, the payload frame.
+            vals: (B, k) lanes of the job's width (int32, int16 or int8), the payload frame.
             worker, job: as `receive_checked`.
 
         Returns:
@@ -263,9 +269,10 @@ class FastDataplane:
         Raises:
             ValueError: a wrong rank, or heads and vals that disagree in length or width.
         """
-        if heads.shape != (len(vals), 4) or vals.shape[1:] != (self.k,):
-            raise ValueError(f"split burst of heads {heads.shape} and values {vals.shape} is not "
-                             f"(B, 4) and (B, {self.k})")
+        if (heads.shape != (len(vals), 4) or vals.shape[1:] != (self.k,)
+                or vals.dtype != self._lanes):
+            raise ValueError(f"split burst of heads {heads.shape} and values {vals.shape} "
+                             f"{vals.dtype} is not (B, 4) and (B, {self.k}) {self._lanes}")
         if self._kernels is None:
             return self.receive_checked(join_split(heads, vals, self.k), worker, job)
         self._check_call(None, worker)
@@ -278,7 +285,8 @@ class FastDataplane:
 
     def _check_call(self, packets: np.ndarray | None, worker: int) -> None:
         if packets is not None and packets.dtype != self.dtype:
-            raise ValueError(f"burst dtype {packets.dtype} is not packet_dtype({self.k})")
+            raise ValueError(f"burst dtype {packets.dtype} is not packet_dtype({self.k}, "
+                             f"{self.lane_bits})")
         if not 0 <= worker < self.world_size:
             raise ValueError(f"worker={worker} is not a rank of a job of {self.world_size}")
 
@@ -291,9 +299,10 @@ class FastDataplane:
         # structured arrays costs several microseconds each, and fresh pages fault on every burst.
         multicast, unicast = self._pool_rows.take(n), self._pool_rows.take(n)
         rows = _rows(packets, width)
-        n_mc, n_uc, bad = self._run_compiled(rows[:, :4], rows[:, 4:], worker, job,
-                                             multicast[:, :4], multicast[:, 4:], unicast[:, :4],
-                                             unicast[:, 4:])
+        lanes = self._lanes  # the payload's words as lanes (a view: int16 or int8 columns)
+        n_mc, n_uc, bad = self._run_compiled(rows[:, :4], rows[:, 4:].view(lanes), worker, job,
+                                             multicast[:, :4], multicast[:, 4:].view(lanes),
+                                             unicast[:, :4], unicast[:, 4:].view(lanes))
         return DataplaneOutput(np.ndarray(n_mc, self.dtype, multicast),
                                np.ndarray(n_uc, self.dtype, unicast)), bad
 
@@ -439,14 +448,15 @@ class _Scratch:
     half the time of an addition burst on the project's VMs); these buffers are faulted in once.
     """
 
-    def __init__(self, k: int) -> None:
+    def __init__(self, k: int, lanes=np.int32) -> None:
         self.k = k
+        self.lanes = lanes
         self.rows = 0
         self._grow(1024)
 
     def _grow(self, rows: int) -> None:
         self.rows = rows
-        self.a, self.b, self.total = (np.empty((rows, self.k), np.int32) for _ in range(3))
+        self.a, self.b, self.total = (np.empty((rows, self.k), self.lanes) for _ in range(3))
         self.negative = np.empty((rows, self.k), bool)
 
     def take(self, m: int):
@@ -495,7 +505,7 @@ def _exponent_max(exponent: np.ndarray, flat_new: np.ndarray, first: np.ndarray,
 def _write_or_add(values: np.ndarray, wrapped: np.ndarray, flat_new: np.ndarray,
                   first: np.ndarray, incoming: np.ndarray, rows: np.ndarray,
                   scratch: _Scratch) -> int:
-    """Stage 4: first contributions write, later ones add with int32 wrap-around.
+    """Stage 4: first contributions write, later ones add with wrap-around at the lane width.
 
     Args:
         values, wrapped: the pool's state, updated in place.
@@ -519,7 +529,7 @@ def _write_or_add(values: np.ndarray, wrapped: np.ndarray, flat_new: np.ndarray,
     a, b, total, negative = scratch.take(len(at))
     values.take(at, axis=0, out=a, mode="clip")
     incoming.take(src, axis=0, out=b, mode="clip")
-    np.add(a, b, out=total)  # int32 + int32 wraps in numpy arrays, as the switch's adder does
+    np.add(a, b, out=total)  # lanes + lanes wrap in numpy arrays, as the switch's adder does
     values[at] = total
     # Overflow iff the operands share a sign that the sum does not: sign bit of (a^t) & (b^t).
     a ^= total
@@ -582,7 +592,8 @@ def _in_order(parts: list[np.ndarray], positions: list[np.ndarray]) -> np.ndarra
     out = np.empty(sum(sizes), parts[0].dtype)
     where = np.empty(len(out), np.intp)  # where[i]: output index of the i-th result, step by step
     where[np.argsort(np.concatenate(positions), kind="stable")] = np.arange(len(out))
-    # Move whole records as rows of int32 (a record is 16 + 4k bytes): numpy's fancy indexing of
+    # Move whole records as rows of int32 (a record is 16 + k * lane_bits / 8 bytes, a multiple of
+    # 4): numpy's fancy indexing of
     # structured arrays is several times slower than of plain rows.
     width = out.dtype.itemsize // 4
     rows = out.view(np.int32).reshape(len(out), width)

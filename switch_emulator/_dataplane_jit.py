@@ -10,8 +10,9 @@ module-level qualified name: closures miss it in every process), or touch memory
 (numba does not check indices, so every index into the state is checked here first).
 
 How it works. A burst is viewed as rows of int32 words, one row per packet: the header's four
-words (`heads`) and the k values (`vals`), either two column ranges of one interleaved frame (16 +
-4k bytes per packet) or the two frames of a split one (DESIGN §4 packets, carried as a header frame
+words (`heads`) and the k lanes (`vals`), either two column ranges of one interleaved frame (16 +
+k * lane_bits / 8 bytes per packet; the lanes' columns viewed as int8 or int16 where narrower)
+or the two frames of a split one (DESIGN §4 packets, carried as a header frame
 and a payload frame). Little-endian header fields are bit fields of those words, so nothing is
 parsed. For each packet, in input order:
   0. (with `check`) the header checks of `validate_burst`, in its order; a packet counts once,
@@ -24,8 +25,10 @@ parsed. For each packet, in input order:
   2. worker count: a complete slot starts a new round (count 0); count += 1.
   3. exponent max: the first contribution writes, later ones keep the max.
   4. write or add: the first contribution copies its values; later ones add in int64 and store the
-     low 32 bits (two's complement wrap-around, as the switch's adder), noting a wrap when the
-     int64 sum leaves int32's range. LLVM vectorizes this loop.
+     lane's low bits (two's complement wrap-around at the lane width, as the switch's adder),
+     noting a wrap when the stored lane differs from the int64 sum. The lane width is the dtype
+     of `values`, `vals` and the outputs (int32, int16 or int8: one specialization each), so one
+     loop serves every width. LLVM vectorizes this loop.
   5. when count reaches n, the result (header echo, kind RESULT, flags, max exponent, reserved 0,
      the slot's values) is written to the next row of `mc_*`.
 Sequential order makes every burst exact, repeated slots included: a result is copied out the
@@ -66,7 +69,6 @@ _BAD_SLOT = S_BAD + 6
 # Globals are frozen into the compiled code as constants.
 _MAGIC, _VERSION, _DATA = MAGIC, PROTOCOL_VERSION, int(Kind.DATA)
 _RESULT, _RESULT_RETX, _WRAPPED = int(Kind.RESULT), int(Kind.RESULT_RETX), FLAG_WRAPPED
-_INT32_MIN, _INT32_MAX = -(1 << 31), (1 << 31) - 1
 
 
 _uncached: list[str] = []  # functions compiled without the on-disk cache (warned about once)
@@ -104,7 +106,8 @@ def receive_rows(heads, vals, worker, job, check, world_size, slots, values, see
     """Apply a burst from `worker` to one job's slot pool; write its results; count.
 
     Args:
-        heads, vals: (B, 4) and (B, k) int32, the burst's header words and payloads (read only;
+        heads, vals: (B, 4) int32 and (B, k) lanes (int32, int16 or int8, as `values`), the
+            burst's header words and payloads (read only;
             two views of one interleaved (B, 4 + k) frame, or the two frames of a split one).
         worker: the sender's rank (its plane of the seen bitmap is `seen_w`).
         job: the job id the packets must carry (with `check`).
@@ -112,7 +115,7 @@ def receive_rows(heads, vals, worker, job, check, world_size, slots, values, see
             the slot bound is checked.
         world_size, slots: n and s.
         values, seen_w, count, exponent, wrapped: the pool's state (see `_dataplane`), updated.
-        mc_h, mc_v, uc_h, uc_v: (B, 4) and (B, k) int32 outputs: RESULT rows and RESULT_RETX
+        mc_h, mc_v, uc_h, uc_v: (B, 4) int32 and (B, k) lane outputs: RESULT rows and RESULT_RETX
             rows (header words, values), each in input order.
         stats: (len(STAT_NAMES),) int64, zeroed by the caller; incremented here.
     """
@@ -179,8 +182,8 @@ def receive_rows(heads, vals, worker, job, check, world_size, slots, values, see
             wraps = False
             for j in range(k):
                 total = np.int64(values[f, j]) + np.int64(vals[p, j])
-                wraps |= (total < _INT32_MIN) | (total > _INT32_MAX)
-                values[f, j] = total  # the store keeps the low 32 bits: wraps
+                values[f, j] = total  # the store keeps the lane's low bits: wraps
+                wraps |= np.int64(values[f, j]) != total
             if wraps:
                 wrapped[f] = True
                 stats[S_WRAPS] += 1
@@ -196,22 +199,25 @@ def receive_rows(heads, vals, worker, job, check, world_size, slots, values, see
 def warm_up() -> None:
     """Load `receive_rows` from the cache (or compile it) with the exact types `_dataplane` passes.
 
-    Two specializations: column views of one interleaved frame (and of interleaved outputs), and
-    the contiguous arrays of a split frame (and of split outputs). A compilation takes seconds, a
-    cache load tens of milliseconds: the switch calls this before it binds, so neither delays a
-    JOIN or a liveness deadline.
+    Per lane width (int32, int16, int8), two specializations: column views of one interleaved
+    frame (and of interleaved outputs), and the contiguous arrays of a split frame (and of split
+    outputs). A compilation takes seconds, a cache load tens of milliseconds: the switch calls
+    this before it binds, so neither delays a JOIN or a liveness deadline.
     """
-    k, slots = 8, 2
-    rows = np.zeros((1, 4 + k), np.int32)
-    rows.flags.writeable = False  # frames from ZeroMQ are read-only: one specialization
-    heads, vals = np.zeros((1, 4), np.int32), np.zeros((1, k), np.int32)
-    heads.flags.writeable = vals.flags.writeable = False
-    out = np.empty((1, 4 + k), np.int32)
-    oh, ov = np.empty((1, 4), np.int32), np.empty((1, k), np.int32)
-    for args in ((rows[:, :4], rows[:, 4:], out[:, :4], out[:, 4:], out[:, :4], out[:, 4:]),
-                 (heads, vals, oh, ov, oh, ov)):
-        h, v, mc_h, mc_v, uc_h, uc_v = args
-        receive_rows(h, v, 0, 0, True, 1, slots, np.zeros((2 * slots, k), np.int32),
-                     np.zeros(2 * slots, np.bool_), np.zeros(2 * slots, np.int32),
-                     np.zeros(2 * slots, np.int8), np.zeros(2 * slots, np.bool_), mc_h, mc_v,
-                     uc_h, uc_v, np.zeros(len(STAT_NAMES), np.int64))
+    k, slots, n = 8, 2, 2  # two rows: a one-row column view would pass as contiguous
+    for lanes in (np.int32, np.int16, np.int8):
+        width = k * np.dtype(lanes).itemsize // 4
+        rows = np.zeros((n, 4 + width), np.int32)
+        rows.flags.writeable = False  # frames from ZeroMQ are read-only: one specialization
+        heads, vals = np.zeros((n, 4), np.int32), np.zeros((n, k), lanes)
+        heads.flags.writeable = vals.flags.writeable = False
+        out = np.empty((n, 4 + width), np.int32)
+        oh, ov = np.empty((n, 4), np.int32), np.empty((n, k), lanes)
+        for args in ((rows[:, :4], rows[:, 4:].view(lanes), out[:, :4], out[:, 4:].view(lanes),
+                      out[:, :4], out[:, 4:].view(lanes)),
+                     (heads, vals, oh, ov, oh, ov)):
+            h, v, mc_h, mc_v, uc_h, uc_v = args
+            receive_rows(h, v, 0, 0, True, 1, slots, np.zeros((2 * slots, k), lanes),
+                         np.zeros(2 * slots, np.bool_), np.zeros(2 * slots, np.int32),
+                         np.zeros(2 * slots, np.int8), np.zeros(2 * slots, np.bool_), mc_h, mc_v,
+                         uc_h, uc_v, np.zeros(len(STAT_NAMES), np.int64))

@@ -5,15 +5,17 @@ with shadow copies). Every faster dataplane must produce byte-identical outputs 
 the same input sequence; the property tests hold them to it. What it must never do: be clever. No
 vectorization, no I/O, no clock. Speed does not matter here; obviousness does.
 
-State per (version v, slot i): values[k] int32, seen set of ranks, count, max exponent, wrapped flag.
+State per (version v, slot i): values[k] (lanes of the job's width: 8, 16 or 32 bits), seen set of
+ranks, count, max exponent, wrapped flag.
 On a DATA packet from worker w for (v, i), in the order of Algorithm 3:
   1. seen bitmap: if w is already in seen[v][i], it is a retransmission: if the slot is complete,
      answer w alone with the shadow copy (RESULT_RETX); otherwise drop it (a duplicate).
   2. otherwise add w to seen[v][i] and remove it from seen[1-v][i] (the other set may be reused).
   3. worker count: a new round starts when the slot was complete; count += 1.
   4. exponent max: the first contribution writes its exponent, later ones keep the max.
-  5. write or add: the first contribution writes its values; later ones add with int32 wrap-around
-     (two's complement, as the hardware's bit<32> adder), noting whether any element wrapped.
+  5. write or add: the first contribution writes its values; later ones add with wrap-around at
+     the lane width b (two's complement, as the hardware's bit<b> adder: 127 + 1 = -128 in 8-bit
+     lanes), noting whether any element wrapped.
   6. multicast: when count reaches world_size the slot is complete; its values go to every worker.
 """
 
@@ -23,11 +25,10 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from switchagg.packet import FLAG_WRAPPED, Kind, packet_dtype, slot_of, version_of
+from switchagg.packet import (DEFAULT_LANE_BITS, FLAG_WRAPPED, Kind, check_lane_bits, lane_dtype,
+                              packet_dtype, slot_of, version_of)
 
 __all__ = ["DataplaneCounters", "DataplaneOutput", "GoldenDataplane"]
-
-_INT32_RANGE = 1 << 32
 
 
 @dataclass
@@ -39,7 +40,7 @@ class DataplaneCounters:
     completions: int = 0                # slots completed (each one multicast once)
     duplicates_dropped: int = 0         # retransmissions to a slot still in progress
     retransmissions_answered: int = 0   # retransmissions to a complete slot (shadow copy sent)
-    wraps: int = 0                      # additions in which at least one element wrapped int32
+    wraps: int = 0                      # additions in which at least one lane wrapped
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -60,15 +61,18 @@ class GoldenDataplane:
     Args:
         world_size: number of workers n; a slot completes with n distinct contributions.
         slots: pool size s; packets address slots 0..s-1 (validated before they get here).
-        k: int32 values per packet.
+        k: lanes (values) per packet.
+        lane_bits: the job's lane width, 8, 16 or 32 (default 32: int32 lanes).
     """
 
-    def __init__(self, world_size: int, slots: int, k: int) -> None:
+    def __init__(self, world_size: int, slots: int, k: int, *,
+                 lane_bits: int = DEFAULT_LANE_BITS) -> None:
         self.world_size = world_size
         self.slots = slots
         self.k = k
-        self.dtype = packet_dtype(k)
-        self.values = np.zeros((2, slots, k), np.int32)
+        self.lane_bits = check_lane_bits(lane_bits)
+        self.dtype = packet_dtype(k, lane_bits)
+        self.values = np.zeros((2, slots, k), lane_dtype(lane_bits))
         self.seen = [[set() for _ in range(slots)] for _ in range(2)]
         self.count = [[0] * slots for _ in range(2)]
         self.exponent = [[0] * slots for _ in range(2)]
@@ -122,14 +126,15 @@ class GoldenDataplane:
         # 4. exponent max.
         exponent = int(packet["exponent"])
         self.exponent[v][i] = exponent if first else max(self.exponent[v][i], exponent)
-        # 5. write or add with int32 wrap-around.
+        # 5. write or add with wrap-around at the lane width b.
         incoming = [int(x) for x in packet["values"]]
         if first:
             self.values[v, i] = incoming
             self.wrapped[v][i] = False
         else:
+            half = 1 << (self.lane_bits - 1)
             exact = [int(a) + b for a, b in zip(self.values[v, i], incoming)]
-            wrapped = [((x + (1 << 31)) % _INT32_RANGE) - (1 << 31) for x in exact]
+            wrapped = [((x + half) % (2 * half)) - half for x in exact]
             if wrapped != exact:
                 self.wrapped[v][i] = True
                 self.counters.wraps += 1

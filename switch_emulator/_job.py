@@ -153,11 +153,12 @@ class Job:
 
     def __init__(self, name: str, job_id: int, world_size: int, k: int, slots: int, token: str,
                  slot_base: int, dataplane: Dataplane, ingress: LossInjector | None,
-                 egress: LossInjector | None, now: float) -> None:
+                 egress: LossInjector | None, now: float, lane_bits: int = 32) -> None:
         self.name = name
         self.job_id = job_id
         self.world_size = world_size
         self.k = k
+        self.lane_bits = lane_bits        # 8, 16 or 32 bits per lane, fixed at creation
         self.slots = slots
         self.token = token
         self.slot_base = slot_base        # this job's partition of the pool: [base, base + slots)
@@ -200,7 +201,8 @@ class Job:
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "name": self.name, "job_id": self.job_id, "state": self.state.value,
-            "world_size": self.world_size, "k": self.k, "slots": self.slots,
+            "world_size": self.world_size, "k": self.k, "lane_bits": self.lane_bits,
+            "slots": self.slots,
             "slot_base": self.slot_base, "joined": len(self.members),
             "departed": sorted(r for r, m in self.members.items() if m.departed),
         }

@@ -13,7 +13,8 @@ Rules (the contract with `switchagg.client`):
          job, slots and jobs per creating host; ERROR quota naming the limit): a u16 job id, and
          `slots` taken from the pool (ERROR pool_exhausted while it cannot hold them). The name is
          bound to the job until it ends. Later JOINs must agree on world_size, k,
-         slots (ERROR mismatch, naming the field and both values) and token (ERROR bad_token, values
+         slots, lane_bits (ERROR mismatch, naming the field and both values; a JOIN that names
+         no lane width takes the switch's default, `--lane-bits`) and token (ERROR bad_token, values
          not echoed). rank=None takes the lowest free rank; a taken rank is ERROR rank_taken, a full
          job ERROR job_full. The reply is JOIN_OK; when the last rank joins, every worker gets READY.
          The same connection repeating its JOIN (its JOIN_OK was lost) gets the same JOIN_OK again
@@ -58,6 +59,7 @@ from switch_emulator._job import (TRANSITIONS, Dataplane, Job, JobCounters, JobE
                                   LifecycleError, Member, SlotPool)
 from switch_emulator._loss import LossInjector
 from switchagg.errors import ProtocolError
+from switchagg.packet import DEFAULT_LANE_BITS, check_lane_bits
 from switchagg.protocol import (Abort, ControlMessage, Error, Heartbeat, HeartbeatAck, Join, JoinOk,
                                 Leave, Query, QueryReply, Ready, StatsReply, StatsRequest,
                                 MAX_NAME_LEN, MAX_TEXT_LEN, decode_control)
@@ -84,7 +86,7 @@ class ErrorCode:
 
     MALFORMED = "malformed"            # the control message broke the protocol; `field` says where
     UNEXPECTED = "unexpected"          # a message only the switch sends (JOIN_OK, READY, ...)
-    MISMATCH = "mismatch"              # JOIN disagrees with the job on world_size, k or slots
+    MISMATCH = "mismatch"              # JOIN disagrees with the job on world_size, k, slots, lanes
     BAD_TOKEN = "bad_token"            # JOIN's token differs from the job's
     RANK_TAKEN = "rank_taken"          # JOIN asked for a rank another connection holds
     JOB_FULL = "job_full"              # JOIN to a job whose ranks are all taken
@@ -129,19 +131,24 @@ class ControlPlane:
         total_slots: the switch's slot pool, shared by every job.
         heartbeat_interval, liveness_timeout: seconds; told to workers in JOIN_OK, and the second
             one enforced by `check_liveness`.
-        dataplane_factory: `(world_size, slots, k) -> dataplane` for each new job.
+        dataplane_factory: `(world_size, slots, k) -> dataplane` for each new job; called with
+            `lane_bits=b` as a keyword too for jobs of 8 or 16-bit lanes (so a factory without it
+            serves 32-bit lanes only).
         loss_factory: `job_id -> (ingress, egress)` loss injectors for a new job, or None (lossless).
         refusal_interval: seconds between two refusals of data sent to one peer.
         policy: admission limits (`_admission.Policy`; default: admit everything).
         incarnation: this run's id, sent in JOIN_OK and HEARTBEAT_ACK (default: random).
+        lane_bits: the lane width of jobs whose JOIN names none (8, 16 or 32; default 32).
     """
 
     def __init__(self, total_slots: int, heartbeat_interval: float, liveness_timeout: float,
                  dataplane_factory: Callable[[int, int, int], Dataplane],
                  loss_factory: Callable[[int], tuple[LossInjector | None, LossInjector | None]]
                  | None = None, refusal_interval: float = REFUSAL_INTERVAL_S,
-                 policy: Policy | None = None, incarnation: str | None = None) -> None:
+                 policy: Policy | None = None, incarnation: str | None = None,
+                 lane_bits: int = DEFAULT_LANE_BITS) -> None:
         self.pool = SlotPool(total_slots)
+        self.lane_bits = check_lane_bits(lane_bits)
         self.policy = policy or Policy()
         self.quotas = PeerQuotas(self.policy)
         # A worker that sees another incarnation knows the switch restarted and lost its job.
@@ -336,7 +343,8 @@ class ControlPlane:
             job, member = current
             member.last_seen = now
             same = (job.name == msg.job and msg.rank in (None, member.rank)
-                    and (msg.world_size, msg.k, msg.slots) == (job.world_size, job.k, job.slots)
+                    and (msg.world_size, msg.k, msg.slots, self._lanes_of(msg))
+                    == (job.world_size, job.k, job.slots, job.lane_bits)
                     and same_token(msg.token, job.token))
             if not same:
                 return [self._error(identity, ErrorCode.ALREADY_JOINED,
@@ -356,8 +364,9 @@ class ControlPlane:
                 return created
             job = created
         else:
-            for name in ("world_size", "k", "slots"):
-                ours, theirs = getattr(job, name), getattr(msg, name)
+            for name in ("world_size", "k", "slots", "lane_bits"):
+                ours = getattr(job, name)
+                theirs = self._lanes_of(msg) if name == "lane_bits" else getattr(msg, name)
                 if ours != theirs:
                     return [self._error(identity, ErrorCode.MISMATCH,
                                         f"JOIN.{name}={theirs} disagrees with job {msg.job!r}, "
@@ -410,17 +419,24 @@ class ControlPlane:
                                 "end, or start the switch with a larger --slots", "slots",
                                 msg.slots)]
         ingress, egress = self.loss_factory(job_id) if self.loss_factory else (None, None)
+        lane_bits = self._lanes_of(msg)
+        wide = {} if lane_bits == DEFAULT_LANE_BITS else {"lane_bits": lane_bits}
         job = Job(msg.job, job_id, msg.world_size, msg.k, msg.slots, msg.token, base,
-                  self.dataplane_factory(msg.world_size, msg.slots, msg.k), ingress, egress, now)
+                  self.dataplane_factory(msg.world_size, msg.slots, msg.k, **wide), ingress, egress,
+                  now, lane_bits=lane_bits)
         job.creator = peer
         job.calls = CallCheck(msg.slots)
         self.quotas.charge(peer, msg.slots)
         self.jobs[job_id] = job
         self.by_name[msg.job] = job
         self.counters["jobs_created"] += 1
-        log.info("job %r created: id %d, %d workers, k=%d, slots [%d, %d)", msg.job, job_id,
-                 msg.world_size, msg.k, base, base + msg.slots)
+        log.info("job %r created: id %d, %d workers, k=%d, %d-bit lanes, slots [%d, %d)", msg.job,
+                 job_id, msg.world_size, msg.k, lane_bits, base, base + msg.slots)
         return job
+
+    def _lanes_of(self, msg: Join) -> int:
+        """The lane width a JOIN asks for: its own, or this switch's default."""
+        return self.lane_bits if msg.lane_bits is None else msg.lane_bits
 
     def _allocate_job_id(self) -> int | None:
         # Round robin, so a freed id is reused as late as possible (stale packets of an old job
@@ -434,7 +450,8 @@ class ControlPlane:
 
     def _join_ok(self, job: Job, rank: int) -> JoinOk:
         return JoinOk(job.name, job.job_id, rank, job.world_size, job.k, job.slots,
-                      self.heartbeat_interval, self.liveness_timeout, self.incarnation)
+                      self.heartbeat_interval, self.liveness_timeout, self.incarnation,
+                      lane_bits=job.lane_bits)
 
     # ----------------------------------------------------------------------------- LEAVE, QUERY, STATS
 

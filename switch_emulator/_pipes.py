@@ -10,8 +10,8 @@ per slot unchanged (each pipe runs the same `FastDataplane`).
 
 What it must never do: decide anything about jobs. The control plane stays one, in the main
 process: one JOIN, one liveness, one abort for the whole job (`_jobs.ControlPlane` unchanged). The
-main process tells the pipes what it decided: `member` (a worker joined: job, geometry, rank and
-the key the worker greets the pipe with), `drop` (the job is over), `stop`.
+main process tells the pipes what it decided: `member` (a worker joined: job, geometry (world
+size, k, slots, lane width), rank and the key the worker greets the pipe with), `drop` (the job is over), `stop`.
 
 How it works:
   main process                          pipe p (one process each)
@@ -138,14 +138,15 @@ class PipeSet:
         for control in self._controls:
             control.send(body)
 
-    def admit(self, job_id: int, rank: int, world_size: int, k: int, slots: int) -> str:
+    def admit(self, job_id: int, rank: int, world_size: int, k: int, slots: int,
+              lane_bits: int = 32) -> str:
         """A worker joined: tell every pipe; returns the key it greets them with."""
         key = self._keys.get((job_id, rank))
         if key is None:
             key = self._keys[(job_id, rank)] = secrets.token_hex(8)
         self._jobs.add(job_id)
         self._tell({"op": "member", "job_id": job_id, "rank": rank, "world_size": world_size,
-                    "k": k, "slots": slots, "key": key})
+                    "k": k, "slots": slots, "lane_bits": lane_bits, "key": key})
         return key
 
     def drop(self, job_id: int) -> None:
@@ -208,6 +209,7 @@ class _PipeJob:
     lo: int
     hi: int
     k: int
+    lane_bits: int = 32                                        # the job's lane width
     calls: CallCheck | None = None                             # the job's call check here
     failed: bool = False                                       # mispaired: reported, data dropped
     keys: dict[int, str] = field(default_factory=dict)         # rank -> key
@@ -242,9 +244,11 @@ class _Pipe:
             if job is None:
                 slots = message["slots"]
                 lo, hi = pipe_bounds(slots, self.count)[self.index:self.index + 2]
+                lane_bits = message.get("lane_bits", 32)
                 job = self.jobs[job_id] = _PipeJob(
-                    self.make_dataplane("fast", message["world_size"], slots, message["k"]),
-                    int(lo), int(hi), message["k"], CallCheck(slots))
+                    self.make_dataplane("fast", message["world_size"], slots, message["k"],
+                                        lane_bits=lane_bits),
+                    int(lo), int(hi), message["k"], lane_bits, CallCheck(slots))
             job.keys[message["rank"]] = message["key"]
             for identity, hello in list(self.waiting.items()):
                 if hello.job_id == job_id and hello.rank == message["rank"]:
@@ -299,7 +303,7 @@ class _Pipe:
         if hb.nbytes + vb.nbytes > MAX_BURST_BYTES:
             job.count("oversized")
             return
-        heads, vals, bad = parse_split(hb, vb, job.k)
+        heads, vals, bad = parse_split(hb, vb, job.k, job.lane_bits)
         if bad:
             job.count(bad)
             return

@@ -19,6 +19,7 @@ import threading
 import zmq
 
 from switch_emulator._config import DATAPLANE_CHOICES, LOG_LEVELS, ConfigError, SwitchConfig
+from switchagg.packet import LANE_BITS
 
 __all__ = ["build_parser", "config_from_args", "main"]
 
@@ -40,13 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser, one option per `SwitchConfig` field."""
     parser = argparse.ArgumentParser(
         prog="switch-emulator", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Emulated SwitchML-style aggregation switch: workers JOIN a job, stream int32 "
-                    "packets, and receive the per-slot sums.", epilog=_EPILOG)
+        description="Emulated SwitchML-style aggregation switch: workers JOIN a job, stream "
+                    "packets of 8, 16 or 32-bit integer lanes, and receive the per-slot sums.", epilog=_EPILOG)
     for f in dataclasses.fields(SwitchConfig):
         flag = "--" + f.name.replace("_", "-")
         kwargs = dict(default=None, help=SwitchConfig.describe(f.name), dest=f.name)
         if f.name == "dataplane":
             kwargs["choices"] = DATAPLANE_CHOICES
+        elif f.name == "lane_bits":
+            kwargs.update(choices=LANE_BITS, type=int, metavar="{8,16,32}")
         elif f.name == "log_level":
             kwargs["choices"] = LOG_LEVELS
             kwargs["type"] = str.upper

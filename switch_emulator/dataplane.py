@@ -2,12 +2,13 @@
 
 What it owns: the one name every dataplane is registered under, and the interface they all provide
 (as pyzmq's `zmq/backend/select.py` writes down what every backend must export). The switch server
-calls `make_dataplane(name, world_size, slots, k)` and never imports an implementation directly, so
+calls `make_dataplane(name, world_size, slots, k, lane_bits=b)` and never imports an implementation directly, so
 the same tests and the same server run over both. What it must never do: hold state or rules of its
 own. Run `python -m switch_emulator.dataplane --bench` to print packet-rate figures.
 
 Every dataplane provides:
-    __init__(world_size, slots, k); attributes world_size, slots, k, counters (DataplaneCounters)
+    __init__(world_size, slots, k, *, lane_bits=32); attributes world_size, slots, k, lane_bits,
+        dtype (the job's packet_dtype(k, lane_bits)), counters (DataplaneCounters)
     receive(packets, worker) -> DataplaneOutput(multicast, unicast)
     is_complete(version, slot) -> bool
     missing_workers(version, slot) -> list[int]
@@ -29,7 +30,7 @@ import numpy as np
 from switch_emulator._dataplane import FastDataplane
 from switch_emulator._dataplane import warm_up as _warm_up_fast
 from switch_emulator._golden import DataplaneCounters, DataplaneOutput, GoldenDataplane
-from switchagg.packet import Kind, make_burst
+from switchagg.packet import DEFAULT_LANE_BITS, Kind, make_burst
 
 __all__ = ["DATAPLANES", "DEFAULT_DATAPLANE", "make_dataplane", "warm_up", "DataplaneCounters",
            "DataplaneOutput", "GoldenDataplane", "FastDataplane"]
@@ -39,14 +40,16 @@ DATAPLANES = {"golden": GoldenDataplane, "fast": FastDataplane}
 DEFAULT_DATAPLANE = "fast"
 
 
-def make_dataplane(name: str, world_size: int, slots: int, k: int):
+def make_dataplane(name: str, world_size: int, slots: int, k: int, *,
+                   lane_bits: int = DEFAULT_LANE_BITS):
     """Build one job's slot pool.
 
     Args:
         name: a key of `DATAPLANES` ("golden" or "fast").
         world_size: number of workers of the job.
         slots: pool size s.
-        k: int32 values per packet.
+        k: lanes per packet.
+        lane_bits: the job's lane width, 8, 16 or 32 (the switch adds and wraps in it).
 
     Returns:
         A fresh dataplane with every slot empty.
@@ -59,7 +62,7 @@ def make_dataplane(name: str, world_size: int, slots: int, k: int):
     except (KeyError, TypeError):
         raise ValueError(f"unknown dataplane {name!r}; choose one of {sorted(DATAPLANES)}"
                          ) from None
-    return cls(world_size, slots, k)
+    return cls(world_size, slots, k, lane_bits=lane_bits)
 
 
 def warm_up(name: str) -> bool:
@@ -121,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bench", action="store_true", help="time receive() and print figures")
     parser.add_argument("--workers", type=int, default=4, help="world size n (default 4)")
-    parser.add_argument("-k", type=int, default=64, help="int32 values per packet (default 64)")
+    parser.add_argument("-k", type=int, default=64, help="int32 lanes per packet (default 64)")
     parser.add_argument("--slots", type=int, default=8192, help="pool size (default 8192)")
     parser.add_argument("--seconds", type=float, default=1.0, help="time per figure (default 1)")
     args = parser.parse_args(argv)

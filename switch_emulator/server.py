@@ -11,8 +11,9 @@ looks at the clock again). Control frames go to the control plane and its replie
 frame is, per burst and never per packet:
   1. admitted by the control plane for the job and rank THIS connection joined with (else at most
      one refusal per second to the sender);
-  2. parsed without copying (`recv(copy=False)` then `parse_burst`) and validated against that job
-     and rank: a spoofed rank, another job, a bad slot are dropped and counted by reason; the
+  2. parsed without copying (`recv(copy=False)` then `parse_burst`, at the job's k and lane width:
+     a frame that is not whole packets of that size counts as truncated) and validated against
+     that job and rank: a spoofed rank, another job, a bad slot are dropped and counted by reason; the
      call check (`_callseq`) runs on both layouts' header words, and a mispaired call fails the
      job at once;
   3. passed through ingress loss injection, then `dataplane.receive` once. Without ingress loss a
@@ -78,8 +79,9 @@ GONE_GRACE_S = 1.0
 LIVENESS_CHECK_S = 0.1
 
 
-def dataplane_factory(name: str) -> Callable[[int, int, int], object]:
-    """`(world_size, slots, k) -> dataplane` for the dataplane called `name` ("fast" or "golden")."""
+def dataplane_factory(name: str) -> Callable[..., object]:
+    """`(world_size, slots, k, lane_bits=32) -> dataplane` for the dataplane called `name`
+    ("fast" or "golden")."""
     from switch_emulator.dataplane import make_dataplane, warm_up
 
     make_dataplane(name, 1, 1, 8)  # fail now, with the valid names, not at the first JOIN
@@ -88,7 +90,8 @@ def dataplane_factory(name: str) -> Callable[[int, int, int], object]:
     start = time.perf_counter()
     if warm_up(name):
         log.info("dataplane %s: compiled pass ready in %.2f s", name, time.perf_counter() - start)
-    return lambda world_size, slots, k: make_dataplane(name, world_size, slots, k)
+    return lambda world_size, slots, k, lane_bits=32: make_dataplane(name, world_size, slots, k,
+                                                                     lane_bits=lane_bits)
 
 
 #: Send/receive flags as plain ints: pyzmq's flags are IntFlag members, and `IntFlag | int` builds
@@ -156,7 +159,8 @@ class SwitchServer:
                         config.max_peer_slots, config.max_peer_jobs)
         self.control = ControlPlane(config.slots, config.heartbeat_interval,
                                     config.liveness_timeout, dataplane_factory(config.dataplane),
-                                    _loss_factory(config), policy=policy)
+                                    _loss_factory(config), policy=policy,
+                                    lane_bits=config.lane_bits)
         self.queues = PeerQueues(config.peer_queue_bytes)
         self._now = clock()
         # Peers a send found gone, and when: judged GONE_GRACE_S later, so that a LEAVE they
@@ -328,10 +332,10 @@ class SwitchServer:
         buffer = frame.buffer
         # A worker's burst never exceeds its job's slots: a larger frame is garbage, and would
         # only grow what the switch queues for the job's receivers.
-        if buffer.nbytes > min(MAX_BURST_BYTES, job.slots * packet_bytes(job.k)):
+        if buffer.nbytes > min(MAX_BURST_BYTES, job.slots * packet_bytes(job.k, job.lane_bits)):
             counters.count_malformed({"oversized": 1})
             return
-        packets, trailing = parse_burst(buffer, job.k)
+        packets, trailing = parse_burst(buffer, job.k, job.lane_bits)
         counters.packets_in += len(packets)
         if trailing:
             counters.count_malformed({"truncated": 1})
@@ -360,10 +364,11 @@ class SwitchServer:
         counters = job.counters
         hb, vb = heads_frame.buffer, vals_frame.buffer
         # As in `_on_data`: never more than the job's slots, whatever the layout.
-        if hb.nbytes + vb.nbytes > min(MAX_BURST_BYTES, job.slots * packet_bytes(job.k)):
+        if hb.nbytes + vb.nbytes > min(MAX_BURST_BYTES,
+                                       job.slots * packet_bytes(job.k, job.lane_bits)):
             counters.count_malformed({"oversized": 1})
             return
-        heads, vals, truncated = parse_split(hb, vb, job.k)
+        heads, vals, truncated = parse_split(hb, vb, job.k, job.lane_bits)
         if truncated:
             counters.packets_in += 1
             counters.count_malformed({"truncated": 1})
@@ -582,7 +587,7 @@ class SwitchServer:
         (and names the pipes to it), an ABORT drops the job there."""
         if isinstance(message, JoinOk):
             key = self.pipes.admit(message.job_id, message.rank, message.world_size, message.k,
-                                   message.slots)
+                                   message.slots, message.lane_bits)
             return dataclasses.replace(message, pipes=tuple(self.pipes.endpoints), pipe_key=key)
         if isinstance(message, Abort):
             self.pipes.drop(message.job_id)

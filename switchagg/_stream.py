@@ -13,6 +13,13 @@ How it works:
   A global chunk counter g runs on across calls: chunk g uses slot g mod s, version (g div s) mod 2,
   header `chunk` = g mod 2^32. So versions keep alternating between calls, as SwitchML's pool-index
   shift does, and a late result of an earlier call can never be taken for one of this call.
+- Lanes. A job's packets carry k lanes of 8, 16 or 32 bits (`lane_bits`, from JOIN_OK). The
+  machine holds everything it sends and receives in the lanes' dtype (ring staging, outputs,
+  the caller's array once packed), so the wire path is the same at every width: a plain
+  all-reduce's int32 input is checked and packed once before it is submitted (`pack_lanes`,
+  vectorized: a value outside the lanes raises ValueError, it is never truncated), a fill
+  function writes int32 into a scratch that is checked and packed the same way, and a call's
+  sums are sign-extended back to int32 once, when it completes (`StreamCall.result`).
 - Window (self-clocking). Chunk g + s is sent only after the result of chunk g arrived, i.e. only
   into a free slot. Chunks are first sent in order; a burst of up to B packets leaves once B slots
   in a row are free (or all that is left of the queued calls fits), so bursts stay large.
@@ -65,12 +72,13 @@ from typing import Protocol
 import numpy as np
 
 from switchagg.packet import (
-    HEADER_DTYPE, HEADER_WORDS, MAGIC, PROTOCOL_VERSION, Kind, SLOT_MASK, VERSION_BIT, join_split,
-    packet_bytes, parse_burst, parse_split, pipe_bounds, validate_burst,
+    DEFAULT_LANE_BITS, HEADER_DTYPE, HEADER_WORDS, MAGIC, PROTOCOL_VERSION, Kind, SLOT_MASK,
+    VERSION_BIT, check_lane_bits, join_split, lane_dtype, lane_range, packet_bytes, parse_burst,
+    parse_split, pipe_bounds, validate_burst,
 )
 
 __all__ = ["FillFn", "RtoEstimator", "StreamCall", "StreamCounters", "StreamMachine", "array_fill",
-           "load_kernels"]
+           "load_kernels", "pack_lanes", "check_lanes"]
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +107,33 @@ def load_kernels():
     return _kernels or None
 
 
+def check_lanes(values: np.ndarray, lane_bits: int) -> None:
+    """Raise ValueError if any of `values` does not fit lanes of `lane_bits` (vectorized)."""
+    if lane_bits >= 32 or not values.size:
+        return
+    lo, hi = lane_range(lane_bits)
+    vmin, vmax = int(values.min()), int(values.max())
+    if vmin < lo or vmax > hi:
+        bad = vmin if vmin < lo else vmax
+        where = int(np.flatnonzero(values.reshape(-1) == bad)[0])
+        raise ValueError(f"value {bad} (element {where}) does not fit the job's {lane_bits}-bit "
+                         f"lanes [{lo}, {hi}]; scale or clip the values to the lanes first (an "
+                         f"integer budget of --bits {lane_bits} or less does), or join with wider "
+                         f"lanes (lane_bits=16 or 32)")
+
+
+def pack_lanes(values: np.ndarray, lane_bits: int) -> np.ndarray:
+    """int32 values as a new array of lanes of `lane_bits` (int8, int16; int32 as it is).
+
+    Raises:
+        ValueError: a value does not fit the lanes (named, with the range): never truncated.
+    """
+    if check_lane_bits(lane_bits) == 32:
+        return values
+    check_lanes(values, lane_bits)
+    return values.astype(lane_dtype(lane_bits))
+
+
 class FillFn(Protocol):
     """Writes the payload of chunks [first, stop) of a call just before they are first sent.
 
@@ -115,10 +150,10 @@ class FillFn(Protocol):
 
 
 def array_fill(values: np.ndarray, k: int) -> FillFn:
-    """The fill of a plain all-reduce: copy the int32 array in, zero the padding, exponent 0.
+    """The fill of a plain all-reduce: copy the array in, zero the padding, exponent 0.
 
     Args:
-        values: 1-D int32 array (not modified).
+        values: 1-D array (not modified) of the job's lanes (int32, or packed by `pack_lanes`).
         k: values per packet.
     """
     numel = len(values)
@@ -205,8 +240,9 @@ class StreamCall:
     Attributes:
         first_chunk: global index of the call's chunk 0.
         numel, nchunks: length of the vector, and in chunks.
-        sums: (nchunks, k) int32 output; `result()` views its first numel values. With `out`
-            and numel a multiple of k, it is `out` itself, reshaped (results land in place).
+        sums: (nchunks, k) output in the job's lanes; `result()` views its first numel values
+            (sign-extended to int32 with lanes narrower than 32). With `out`, int32 lanes and
+            numel a multiple of k, it is `out` itself, reshaped (results land in place).
         exponents: (nchunks,) int8 max exponent the switch returned per chunk.
         sent, done: chunks first-sent, and chunks whose result arrived.
     """
@@ -215,7 +251,7 @@ class StreamCall:
                  "token", "out", "seq", "source", "whole")
 
     def __init__(self, first_chunk: int, numel: int, k: int, fill: FillFn, token: object,
-                 out: np.ndarray | None = None, seq: int = 0) -> None:
+                 out: np.ndarray | None = None, seq: int = 0, lanes=np.int32) -> None:
         self.first_chunk = first_chunk
         self.seq = seq  # the call's sequence number, sent mod 256 in every packet's call byte
         self.numel = numel
@@ -230,8 +266,9 @@ class StreamCall:
         # Results go straight into the caller's buffer when it has no partial chunk: a fresh
         # 64 MiB output costs more to page-fault than the whole transfer (about 0.1 to 0.3 s of
         # the 2-core VM's time per call, most of it in the kernel's huge-page compaction).
-        self.sums = (out.reshape(self.nchunks, k) if out is not None and numel == self.nchunks * k
-                     else np.empty((self.nchunks, k), np.int32))
+        narrow = np.dtype(lanes) != np.int32
+        self.sums = (out.reshape(self.nchunks, k) if out is not None and not narrow
+                     and numel == self.nchunks * k else np.empty((self.nchunks, k), lanes))
         self.exponents = np.zeros(self.nchunks, np.int8)
         self.sent = 0
         self.done = 0
@@ -242,10 +279,11 @@ class StreamCall:
         return self.done == self.nchunks
 
     def result(self) -> np.ndarray:
-        """The int32 sums, numel long: `out` if one was given, else a view of `sums` (no copy)."""
+        """The int32 sums, numel long: `out` if one was given, else a view of `sums` (no copy;
+        with narrower lanes, a new int32 array of them sign-extended)."""
         flat = self.sums.reshape(-1)[:self.numel]
         if self.out is None:
-            return flat
+            return flat if flat.dtype == np.int32 else flat.astype(np.int32)
         if self.out.size and not np.shares_memory(flat, self.out):  # the padded case
             self.out[:] = flat
         return self.out
@@ -257,6 +295,8 @@ class StreamMachine:
     Args:
         job_id, rank: header fields from JOIN_OK.
         k, slots: packet size and pool size of the job.
+        lane_bits: the job's lane width (8, 16 or 32; JOIN_OK says): what sources, fills and
+            results are held in (see the module essay).
         burst: packets per data frame, at most `slots`.
         rto_initial, rto_min, rto_max: retransmission timer, seconds (see `RtoEstimator`).
         compiled: use the numba kernels where they load (`load_kernels`); False forces the numpy
@@ -269,14 +309,18 @@ class StreamMachine:
 
     def __init__(self, *, job_id: int, rank: int, k: int, slots: int, burst: int,
                  rto_initial: float = 0.2, rto_min: float = 0.02, rto_max: float = 2.0,
-                 compiled: bool = True, tail_resend: int = TAIL_RESEND, pipes: int = 1) -> None:
+                 compiled: bool = True, tail_resend: int = TAIL_RESEND, pipes: int = 1,
+                 lane_bits: int = DEFAULT_LANE_BITS) -> None:
         if not 1 <= burst <= slots:
             raise ValueError(f"burst={burst} must be in [1, slots={slots}]")
         self.job_id, self.rank, self.k, self.slots, self.burst = job_id, rank, k, slots, burst
+        self.lane_bits = check_lane_bits(lane_bits)
+        self._lanes = lane_dtype(lane_bits)
+        self._fill_scratch: np.ndarray | None = None  # int32 rows a fill writes (narrow lanes)
         self.rto = RtoEstimator(rto_initial, rto_min, rto_max)
         self.tail_resend = tail_resend
         self.counters = StreamCounters()
-        self._packet_bytes = packet_bytes(k)
+        self._packet_bytes = packet_bytes(k, lane_bits)
         # Where a burst starting at slot i must end at the latest: the next pipe's first slot.
         bounds = pipe_bounds(slots, pipes)
         self._range_end = np.repeat(bounds[1:], np.diff(bounds)) if pipes > 1 else None
@@ -291,7 +335,7 @@ class StreamMachine:
         self._ring_heads["job"] = job_id
         self._ring_heads["worker"] = rank
         self._ring_words = self._ring_heads.view(np.int32).reshape(slots, HEADER_WORDS)
-        self._ring_values = np.zeros((slots, k), np.int32)
+        self._ring_values = np.zeros((slots, k), self._lanes)
         self._direct = np.zeros(slots, bool)        # per slot: payload sent from the caller's array
         self._exps = np.zeros(slots, np.int8)       # scratch: a burst's exponents
         self._other = np.zeros(slots, np.int64)     # scratch: packets of calls beyond the first
@@ -349,8 +393,12 @@ class StreamMachine:
         elif not isinstance(seq, (int, np.integer)) or seq < 0:
             raise ValueError(f"seq={seq!r} must be an int >= 0")
         self.next_seq = int(seq) + 1
+        source = getattr(fill, "source", None)
+        if source is not None and source.dtype != self._lanes:
+            raise ValueError(f"a plain all-reduce's values must be packed to the job's "
+                             f"{self.lane_bits}-bit lanes first (pack_lanes), got {source.dtype}")
         call = StreamCall(self._next_chunk + self._queued_chunks, numel, self.k, fill, token, out,
-                          int(seq))
+                          int(seq), self._lanes)
         self.counters.calls += 1
         if call.nchunks:
             if not self._calls:
@@ -375,7 +423,7 @@ class StreamMachine:
         """What to send now: resends of lost chunks, a tail probe, then new chunks.
 
         Returns:
-            Split bursts (header words (n, 4) int32, payloads (n, k) int32): send each as one data
+            Split bursts (header words (n, 4) int32, payloads (n, k) lanes): send each as one data
             message of two frames, both without copying. New chunks' headers are views of the
             ring and their payloads views of the caller's array (or of the ring's staging), which
             the protocol proves unchanged until the switch has them; resends are copies.
@@ -449,6 +497,11 @@ class StreamMachine:
         in the burst, (first row, stop row, call byte)."""
         start = self._next_chunk % self.slots
         values = self._ring_values[start:start + n]
+        staged = values
+        if self.lane_bits != 32:  # fills write int32: into a scratch, checked and packed below
+            if self._fill_scratch is None:
+                self._fill_scratch = np.zeros((self.slots, self.k), np.int32)
+            values = self._fill_scratch[:n]
         done = 0
         spans = []  # (first, stop, call byte) of each call in the burst
         for call in self._calls:
@@ -468,7 +521,10 @@ class StreamMachine:
             call.sent += m
             spans.append((done, done + m, call.seq & 0xFF))
             done += m
-        return values, spans
+        if values is not staged:
+            check_lanes(values, self.lane_bits)
+            staged[:] = values
+        return staged, spans
 
     def _stamp(self, ring: np.ndarray, g0: int, start: int, n: int, exps: np.ndarray,
                now: float, spans: list[tuple[int, int, int]]) -> None:
@@ -602,7 +658,7 @@ class StreamMachine:
             Calls that this frame completed, in order.
         """
         c = self.counters
-        packets, trailing = parse_burst(frame, self.k)
+        packets, trailing = parse_burst(frame, self.k, self.lane_bits)
         c.bursts_received += 1
         c.bytes_received += packets.nbytes + trailing
         c.packets_received += len(packets) + (1 if trailing else 0)
@@ -610,8 +666,10 @@ class StreamMachine:
             c.malformed["truncated"] = c.malformed.get("truncated", 0) + 1
         if not len(packets):
             return []
-        words = packets.view(np.int32).reshape(len(packets), HEADER_WORDS + self.k)
-        return self._take(packets, words[:, :HEADER_WORDS], words[:, HEADER_WORDS:], now)
+        words = packets.view(np.int32).reshape(len(packets),
+                                               HEADER_WORDS + self.k * self.lane_bits // 32)
+        return self._take(packets, words[:, :HEADER_WORDS],
+                          words[:, HEADER_WORDS:].view(self._lanes), now)
 
     def receive_split(self, heads_frame, vals_frame, now: float) -> list[StreamCall]:
         """Take one received split data message (header frame, payload frame) of results.
@@ -624,7 +682,7 @@ class StreamMachine:
             Calls that this message completed, in order.
         """
         c = self.counters
-        heads, vals, bad = parse_split(heads_frame, vals_frame, self.k)
+        heads, vals, bad = parse_split(heads_frame, vals_frame, self.k, self.lane_bits)
         c.bursts_received += 1
         c.bytes_received += memoryview(heads_frame).nbytes + memoryview(vals_frame).nbytes
         if bad:

@@ -14,8 +14,9 @@ imported before it is needed (it imports numba, about 0.5 s), or compile in the 
 thread (a multi-second compile there silenced heartbeats and the switch declared the worker dead:
 `SwitchClient.__init__` calls `warm_up` before it joins).
 
-How it works: a frame is viewed as (n, 4) int32 header words and (n, k) int32 values (little-endian
-hosts, as the wire format; column ranges of one interleaved frame, or a split message's two frames):
+How it works: a frame is viewed as (n, 4) int32 header words and (n, k) lanes (int32, int16 or
+int8: the job's lane width; little-endian hosts, as the wire format; column ranges of one
+interleaved frame, or a split message's two frames):
 word 0 = magic | version << 8 | kind << 16 | flags << 24, word 1 = job | worker << 16,
 word 2 = pool_index | exponent << 16 | reserved << 24, word 3 = chunk. Kernels are
 module-level `njit(cache=True, nogil=True)` functions, so numba's on-disk cache (`__pycache__`
@@ -46,14 +47,14 @@ def take_results(words, vals, job, slots, busy, chunk, sent_at, resent, now, amb
     """Match a RESULT burst to the outstanding chunks and copy its values out, in one pass.
 
     Args:
-        words, vals: (n, 4) header words and (n, k) values of the frame (two column ranges of an
+        words, vals: (n, 4) header words and (n, k) lanes of the frame (two column ranges of an
             interleaved frame, or the two frames of a split one).
         job, slots: the job id and pool size the packets must carry.
         busy, chunk, sent_at, resent: the machine's per-slot state (busy is cleared for every
             matched packet, so a second copy in the same burst counts as a duplicate).
         now: the receive time; ambiguous_rtt: an answer to a resent chunk that comes sooner than
             this after the resend answers the first send, so it tells nothing about the resend.
-        sums, exps: the output (nchunks, k) int32 and (nchunks,) int8 of the call that holds
+        sums, exps: the output (nchunks, k) lanes (as `vals`) and (nchunks,) int8 of the call that holds
             chunks [lo, hi); packets of other calls are listed in `other` (packet indices).
 
     Returns:
@@ -169,19 +170,21 @@ def oldest_sent(busy, sent_at):
 
 def warm_up(k: int = 8) -> None:
     """Load (or compile) every kernel for the argument types the machine passes at run time:
-    interleaved frames (column views) and split ones (two contiguous arrays)."""
+    interleaved frames (column views) and split ones (two contiguous arrays), of each lane
+    width (int32, int16, int8: the width is known only at JOIN_OK, in the engine thread)."""
     slots = 4
     heads = np.zeros((slots, 4), np.int32)
     exps = np.zeros(slots, np.int8)
     stamp_headers(heads, 0, slots, exps)
-    frame = np.zeros((slots, 4 + k), np.int32)
-    frame.flags.writeable = False  # received frames are read-only buffers
-    split_h, split_v = heads.copy(), np.zeros((slots, k), np.int32)
-    split_h.flags.writeable = split_v.flags.writeable = False
-    for h, v in ((frame[:, :4], frame[:, 4:]), (split_h, split_v)):
-        take_results(h, v, 0, slots, np.zeros(slots, np.bool_), np.full(slots, -1, np.int64),
-                     np.zeros(slots), np.zeros(slots, np.bool_), 0.0, 0.0,
-                     np.zeros((slots, k), np.int32), exps, 0, 0, np.zeros(slots, np.int64))
+    for lanes in (np.int32, np.int16, np.int8):
+        frame = np.zeros((slots, 4 + k * np.dtype(lanes).itemsize // 4), np.int32)
+        frame.flags.writeable = False  # received frames are read-only buffers
+        split_h, split_v = heads.copy(), np.zeros((slots, k), lanes)
+        split_h.flags.writeable = split_v.flags.writeable = False
+        for h, v in ((frame[:, :4], frame[:, 4:].view(lanes)), (split_h, split_v)):
+            take_results(h, v, 0, slots, np.zeros(slots, np.bool_), np.full(slots, -1, np.int64),
+                         np.zeros(slots), np.zeros(slots, np.bool_), 0.0, 0.0,
+                         np.zeros((slots, k), lanes), exps, 0, 0, np.zeros(slots, np.int64))
     busy, sent_at = np.zeros(slots, np.bool_), np.zeros(slots)
     rack_lost(busy, sent_at, np.full(slots, -1, np.int64), 0.0, 0, 0.0, 0.0,
               np.zeros(slots, np.int64))

@@ -31,6 +31,10 @@ Failure handling, all ending in a `SwitchError` on every pending and later call:
 - The engine thread dies of an unexpected exception: every pending and later call fails with a
   `SwitchError` whose `__cause__` is that exception.
 
+Lanes: the job's lane width (`lane_bits`, 8, 16 or 32; JOIN_OK says which) is what the packets
+carry; `allreduce` checks and packs its int32 input to it in the caller's thread (a value that
+does not fit raises ValueError at once) and the stream machine sign-extends the sums back.
+
 The routing identity is set once (random, or `identity=`), so a reconnect after a TCP reset
 comes back as the same connection and the switch (ROUTER_HANDOVER) still knows its rank; a JOIN
 sent again names the rank the switch granted.
@@ -54,11 +58,13 @@ import zmq
 from switchagg._curve import client_options, load_public
 from switchagg._limits import check_endpoint
 from switchagg._pipe_links import PipeLinks
-from switchagg._stream import FillFn, StreamCall, StreamMachine, array_fill, load_kernels
+from switchagg._stream import (FillFn, StreamCall, StreamMachine, array_fill, load_kernels,
+                               pack_lanes)
 from switchagg.errors import (
     ConfigError, JobAborted, JoinRejected, ProtocolError, SwitchError, SwitchTimeout,
 )
-from switchagg.packet import DEFAULT_K, MAX_BURST_BYTES, MAX_SLOTS, VALID_K, packet_bytes
+from switchagg.packet import (DEFAULT_K, MAX_BURST_BYTES, MAX_SLOTS, VALID_K, check_lane_bits,
+                              packet_bytes)
 from switchagg.protocol import (
     FRAME_CONTROL, MAX_NAME_LEN, MAX_REPLY_BYTES, FRAME_DATA, Abort, ControlMessage, Error, Heartbeat, HeartbeatAck, Join,
     JoinOk, Leave, Query, QueryReply, Ready, StatsReply, StatsRequest, decode_control,
@@ -90,7 +96,8 @@ class ClientConfig:
     """How a worker talks to the switch. Every default lives here; `validate()` checks them all.
 
     Attributes:
-        k: int32 values per packet; one of packet.VALID_K. Default 64 (256 B, a Tofino's packet).
+        k: lanes (values) per packet; one of packet.VALID_K. Default 64 (256 B of int32 lanes, a
+            Tofino's packet; 64 B of 8-bit lanes).
             Fixed per job: every worker must agree. Example: `ClientConfig(k=256)`.
         slots: slot pool size s asked for at JOIN, <= packet.MAX_SLOTS; the switch may grant fewer
             (JOIN_OK says). At most s chunks are in flight. Default 8192 (as on a Tofino).
@@ -217,9 +224,14 @@ class SwitchClient:
         server_key: the switch's CURVE public key (z85, or the path of its `.key` file) when it
             runs with --curve-secret-file; None for a plain connection.
         identity: this client's ZeroMQ routing identity (default: random, fixed for its life).
+        lane_bits: the job's lane width, 8, 16 or 32 bits per value (packets carry k lanes,
+            k * lane_bits / 8 payload bytes); None takes the switch's default (its
+            `--lane-bits`, 32 unless set). Every worker of a job must agree. The width in force
+            is `self.lane_bits` once joined.
 
     Raises:
-        ValueError: a malformed address, job name or token (before anything is started).
+        ValueError: a malformed address, job name, token or lane width (before anything is
+            started).
         JoinRejected: the switch refused the JOIN (the error's `field` names the culprit).
         SwitchTimeout: no JOIN_OK, or not every worker joined, within join_timeout.
 
@@ -230,8 +242,10 @@ class SwitchClient:
     def __init__(self, address: str, job: str, world_size: int, rank: int | None = None, *,
                  config: ClientConfig | None = None, token: str = "",
                  timeout: float | None = None, server_key: str | bytes | None = None,
-                 identity: bytes | None = None) -> None:
+                 identity: bytes | None = None, lane_bits: int | None = None) -> None:
         check_endpoint(address)
+        if lane_bits is not None:
+            check_lane_bits(lane_bits)
         config = config or ClientConfig()
         if timeout is not None:
             config = replace(config, join_timeout=timeout, op_timeout=timeout)
@@ -241,11 +255,12 @@ class SwitchClient:
         self.rank: int = -1
         self.job_id: int = -1
         self.k, self.slots = config.k, config.slots
+        self.lane_bits: int = lane_bits or 32  # the switch's answer (JOIN_OK) once joined
         # Load (or compile, seconds on a cold cache) the stream's kernels here, before JOIN: in the
         # engine thread mid-run a compile would silence heartbeats and the switch would declare
         # this worker dead.
         load_kernels()
-        self._join_msg = Join(job, world_size, config.k, config.slots, token, rank)
+        self._join_msg = Join(job, world_size, config.k, config.slots, token, rank, lane_bits)
         if identity is not None and (not isinstance(identity, bytes) or not 1 <= len(identity) <= 255
                                      or identity[:1] == b"\0"):
             raise ValueError("identity must be 1-255 bytes not starting with a zero byte")
@@ -295,6 +310,10 @@ class SwitchClient:
                   call: int | None = None) -> np.ndarray:
         """Sum `values` over every worker of the job, exactly (int32, wrapping like the hardware).
 
+        With lanes narrower than 32 bits (`lane_bits` 8 or 16), every value must fit the lanes
+        ([-2^(b-1), 2^(b-1) - 1]); the sum comes back as int32: the exact sum wrapped to the lane
+        width (two's complement, as the switch adds), sign-extended.
+
         Args:
             values: 1-D np.ndarray of int32, any length (not modified).
             out: optional array to write the sum into (int32, C-contiguous, values' shape, not
@@ -310,7 +329,8 @@ class SwitchClient:
             `out`, or a new int32 array of the same length: the element-wise sum.
 
         Raises:
-            TypeError / ValueError: values is not a 1-D int32 ndarray, or out does not fit.
+            TypeError / ValueError: values is not a 1-D int32 ndarray, a value does not fit the
+                job's lanes (never silently truncated), or out does not fit.
             JobAborted, SwitchTimeout: the job or the switch failed (see the class docstring).
         """
         return self._wait(self.allreduce_async(values, out=out, call=call))
@@ -335,6 +355,8 @@ class SwitchClient:
                              "as values, not overlapping it; allocate np.empty_like(values)")
         if call is not None and (not isinstance(call, (int, np.integer)) or call < 0):
             raise ValueError(f"call={call!r}: pass an int >= 0, or None to count calls")
+        if self.lane_bits != 32:  # to the job's lanes: checked, then packed (one copy)
+            values = pack_lanes(values, self.lane_bits)
         return self._submit(len(values), array_fill(values, self.k), stream=False, out=out,
                             call=call)
 
@@ -349,6 +371,9 @@ class SwitchClient:
 
         Returns:
             (sums, exponents): the int32 sums (numel long) and the int8 max exponent per chunk.
+
+        With narrow lanes, what `fill` writes must fit them: a value that does not fails the call
+        (JobAborted, its cause a ValueError naming the value and the lanes).
         """
         return self._wait(self.allreduce_stream_async(numel, fill))
 
@@ -513,6 +538,7 @@ class SwitchClient:
         # Any JOIN sent again (the first JOIN_OK was lost) asks for the rank the switch granted.
         self._join_msg = replace(self._join_msg, rank=msg.rank)
         self.k, self.slots, self.world_size = msg.k, msg.slots, msg.world_size
+        self.lane_bits = msg.lane_bits
         self._hb_interval, self._liveness = msg.heartbeat_interval, msg.liveness_timeout
         burst = min(cfg.burst, msg.slots)
         if burst != cfg.burst:
@@ -521,7 +547,7 @@ class SwitchClient:
         self._machine = StreamMachine(job_id=msg.job_id, rank=msg.rank, k=msg.k, slots=msg.slots,
                                       burst=burst, rto_initial=cfg.rto_initial,
                                       rto_min=cfg.rto_min, rto_max=cfg.rto_max,
-                                      pipes=max(1, len(msg.pipes)))
+                                      pipes=max(1, len(msg.pipes)), lane_bits=msg.lane_bits)
         if msg.pipes:  # `switch-emulator --pipes P`: greet every pipe now, wait for them below
             self._pipes = PipeLinks(self._ctx, msg.pipes, addr, msg.job_id, msg.rank,
                                     msg.pipe_key, msg.slots)

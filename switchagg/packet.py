@@ -1,10 +1,11 @@
 """The wire format: one packet layout, defined once, used by the switch and every worker.
 
-What it owns: the byte layout of a packet (a 16-byte header and k int32 values, little-endian,
-the project's wire contract), bursts of packets in one ZeroMQ message (interleaved in one frame, or
-split into a header frame and a payload frame), and the vectorized checks a received burst must
-pass. What it must never do: I/O, or any aggregation rule (that is the switch's
-dataplane). How it works: a burst is a numpy structured array of `packet_dtype(k)`. Parsing a frame
+What it owns: the byte layout of a packet (a 16-byte header and k integer lanes of 8, 16 or 32
+bits, little-endian, the project's wire contract; the lane width is chosen per job at JOIN),
+bursts of packets in one ZeroMQ message (interleaved in one frame, or split into a header frame
+and a payload frame), and the vectorized checks a received burst must pass. What it must never
+do: I/O, or any aggregation rule (that is the switch's dataplane). How it works: a burst is a
+numpy structured array of `packet_dtype(k, lane_bits)`. Parsing a frame
 is one `np.frombuffer` call (zero-copy); validating it is a handful of vectorized comparisons that
 return a mask of good packets and a count per reason, so a malformed packet is counted and dropped,
 never an exception.
@@ -12,7 +13,15 @@ never an exception.
     header (16 B): magic u8 | version u8 | kind u8 | flags u8 | job u16 | worker u16 |
                    pool_index u16 (bit 15 = version, bits 0..14 = slot) | exponent i8 |
                    call u8 (the dtype field is named "reserved") | chunk u32
-    payload:       k x int32
+    payload:       k x int32 lanes (default), or k x int16 / k x int8 (`lane_bits` 16 / 8)
+
+Lanes. A job chooses its lane width at JOIN (8, 16 or 32 bits, `LANE_BITS`; 32 by default), as
+it chooses k: every packet of the job then carries k lanes of that width, k * lane_bits / 8
+payload bytes after the unchanged header (`packet_bytes(k, lane_bits)`). The switch adds in that
+width with two's-complement wrap-around. Every function here that builds or reads a burst takes
+`lane_bits` (default 32: the int32 layout, byte for byte what it was before lanes existed).
+With k >= 8, a packet is always a whole number of 32-bit words, so the compiled passes keep
+reading headers as words and view the payload's words as int16 or int8 lanes.
 
 The `call` byte (the header's former reserved byte; its dtype field keeps the name "reserved" so
 that existing code reads the same bytes): in DATA, the worker's all-reduce call sequence number
@@ -22,8 +31,8 @@ so workers whose calls drift apart get an immediate error naming both numbers in
 sums. In RESULT and RESULT_RETX it is zero (checked as "bad_reserved").
 
 A data message carries a burst in one of two layouts of the same packets: interleaved (one frame,
-packet after packet) or split (a header frame of B x 16 bytes, then a payload frame of B x 4k
-bytes; packet i is header i followed by payload i). The split layout lets a worker send payloads
+packet after packet) or split (a header frame of B x 16 bytes, then a payload frame of
+B x k * lane_bits / 8 bytes; packet i is header i followed by payload i). The split layout lets a worker send payloads
 straight from the caller's array, and the switch answer with payloads it never re-interleaves.
 `parse_split` views the two frames without copying, `join_split` and `split_burst` convert.
 As header words (little-endian int32), word 2 is pool_index | exponent << 16 | call << 24 and
@@ -43,6 +52,8 @@ __all__ = [
     "HEADER_DTYPE", "packet_dtype", "packet_bytes", "check_k", "pool_index", "slot_of",
     "version_of", "parse_burst", "empty_burst", "make_burst", "validate_burst", "BAD_REASONS",
     "HEADER_WORDS", "parse_split", "join_split", "split_burst", "pipe_bounds",
+    "LANE_BITS", "DEFAULT_LANE_BITS", "check_lane_bits", "lane_dtype", "lane_range",
+    "lane_bits_of", "payload_bytes",
 ]
 
 #: First byte of every packet. Anything else is not ours (or is misaligned) and is dropped.
@@ -81,6 +92,12 @@ MAX_WORKERS = 256
 #: nothing (each ZeroMQ message costs 70 to 95 us of CPU here, amortized from about 256 KiB up).
 MAX_BURST_BYTES = 16 << 20
 
+#: Lane widths a job may choose at JOIN (bits per value). 32 is a Tofino's adder (SwitchML);
+#: 16 and 8 carry what a 16- or 8-bit integer budget needs in half or a quarter of the bytes.
+LANE_BITS = (8, 16, 32)
+DEFAULT_LANE_BITS = 32
+_LANE_DTYPES = {8: np.dtype("i1"), 16: np.dtype("<i2"), 32: np.dtype("<i4")}
+
 HEADER_DTYPE = np.dtype([
     ("magic", "u1"), ("version", "u1"), ("kind", "u1"), ("flags", "u1"),
     ("job", "<u2"), ("worker", "<u2"), ("pool_index", "<u2"),
@@ -103,16 +120,46 @@ def check_k(k: int) -> int:
     return int(k)
 
 
+def check_lane_bits(lane_bits: int) -> int:
+    """Return lane_bits if it is a valid lane width, else raise ValueError naming the valid ones."""
+    if (not isinstance(lane_bits, (int, np.integer)) or isinstance(lane_bits, bool)
+            or int(lane_bits) not in LANE_BITS):
+        raise ValueError(f"lane_bits={lane_bits!r} is not a valid lane width; choose one of "
+                         f"{LANE_BITS}")
+    return int(lane_bits)
+
+
+def lane_dtype(lane_bits: int = DEFAULT_LANE_BITS) -> np.dtype:
+    """The numpy dtype of one lane: int8, int16 or int32 (little-endian)."""
+    return _LANE_DTYPES[check_lane_bits(lane_bits)]
+
+
+def lane_range(lane_bits: int = DEFAULT_LANE_BITS) -> tuple[int, int]:
+    """(lowest, highest) value a lane holds: [-2^(b-1), 2^(b-1) - 1]."""
+    b = check_lane_bits(lane_bits)
+    return -(1 << (b - 1)), (1 << (b - 1)) - 1
+
+
+def lane_bits_of(values: np.ndarray) -> int:
+    """The lane width of an array of lanes (its dtype's itemsize in bits)."""
+    return check_lane_bits(values.dtype.itemsize * 8)
+
+
 @functools.cache
-def packet_dtype(k: int = DEFAULT_K) -> np.dtype:
-    """The structured dtype of one packet with k int32 values (header fields, then `values`)."""
+def packet_dtype(k: int = DEFAULT_K, lane_bits: int = DEFAULT_LANE_BITS) -> np.dtype:
+    """The structured dtype of one packet with k lanes (header fields, then `values`)."""
     check_k(k)
-    return np.dtype(HEADER_DTYPE.descr + [("values", "<i4", (k,))])
+    return np.dtype(HEADER_DTYPE.descr + [("values", lane_dtype(lane_bits).str, (k,))])
 
 
-def packet_bytes(k: int = DEFAULT_K) -> int:
-    """Size in bytes of one packet with k values."""
-    return HEADER_BYTES + 4 * check_k(k)
+def payload_bytes(k: int = DEFAULT_K, lane_bits: int = DEFAULT_LANE_BITS) -> int:
+    """Bytes of one packet's payload: k lanes of lane_bits."""
+    return check_k(k) * check_lane_bits(lane_bits) // 8
+
+
+def packet_bytes(k: int = DEFAULT_K, lane_bits: int = DEFAULT_LANE_BITS) -> int:
+    """Size in bytes of one packet with k lanes (header + k * lane_bits / 8)."""
+    return HEADER_BYTES + payload_bytes(k, lane_bits)
 
 
 def pool_index(slot: np.ndarray | int, version: np.ndarray | int) -> np.ndarray | int:
@@ -132,9 +179,9 @@ def version_of(pool: np.ndarray | int) -> np.ndarray | int:
     return pool >> 15
 
 
-def empty_burst(n: int, k: int = DEFAULT_K) -> np.ndarray:
+def empty_burst(n: int, k: int = DEFAULT_K, lane_bits: int = DEFAULT_LANE_BITS) -> np.ndarray:
     """A zeroed burst of n packets with the constant header fields filled in."""
-    burst = np.zeros(n, packet_dtype(k))
+    burst = np.zeros(n, packet_dtype(k, lane_bits))
     burst["magic"] = MAGIC
     burst["version"] = PROTOCOL_VERSION
     return burst
@@ -142,23 +189,24 @@ def empty_burst(n: int, k: int = DEFAULT_K) -> np.ndarray:
 
 def make_burst(kind: Kind, job: int, worker: int, slots: np.ndarray, versions: np.ndarray,
                chunks: np.ndarray, values: np.ndarray, exponents: np.ndarray | int = 0,
-               k: int | None = None) -> np.ndarray:
+               k: int | None = None, lane_bits: int = DEFAULT_LANE_BITS) -> np.ndarray:
     """Build a burst from column arrays (one entry per packet).
 
     Args:
         kind: packet kind for every packet of the burst.
         job, worker: header fields shared by the burst.
         slots, versions, chunks: per-packet header fields.
-        values: (n, k) int32 payloads.
+        values: (n, k) payloads (cast to the lanes: give values that fit them).
         exponents: per-packet int8 block exponents (or one for all).
         k: packet size; defaults to values.shape[1].
+        lane_bits: the job's lane width (default 32).
 
     Returns:
         A new structured array of `packet_dtype(k)`; send it with `burst.data` (no copy).
     """
     values = np.asarray(values)
     k = values.shape[1] if k is None else k
-    burst = empty_burst(len(slots), k)
+    burst = empty_burst(len(slots), k, lane_bits)
     burst["kind"] = kind
     burst["job"] = job
     burst["worker"] = worker
@@ -169,12 +217,14 @@ def make_burst(kind: Kind, job: int, worker: int, slots: np.ndarray, versions: n
     return burst
 
 
-def parse_burst(frame: bytes | memoryview | bytearray, k: int = DEFAULT_K) -> tuple[np.ndarray, int]:
+def parse_burst(frame: bytes | memoryview | bytearray, k: int = DEFAULT_K,
+                lane_bits: int = DEFAULT_LANE_BITS) -> tuple[np.ndarray, int]:
     """View a received frame as a burst of packets, without copying.
 
     Args:
         frame: the raw bytes of one data frame (any buffer; a zmq.Frame's `.buffer` works).
         k: the job's packet size.
+        lane_bits: the job's lane width.
 
     Returns:
         (packets, trailing): a read-only structured array over the whole packets in the frame, and the
@@ -182,47 +232,58 @@ def parse_burst(frame: bytes | memoryview | bytearray, k: int = DEFAULT_K) -> tu
         caller counts it as one "truncated" packet).
     """
     view = memoryview(frame).cast("B")
-    size = packet_bytes(k)
+    size = packet_bytes(k, lane_bits)
     whole = len(view) // size
-    return np.frombuffer(view, packet_dtype(k), count=whole), len(view) - whole * size
+    return (np.frombuffer(view, packet_dtype(k, lane_bits), count=whole),
+            len(view) - whole * size)
 
 
-def parse_split(heads_frame, payload_frame, k: int = DEFAULT_K
-                ) -> tuple[np.ndarray, np.ndarray, str | None]:
+def parse_split(heads_frame, payload_frame, k: int = DEFAULT_K,
+                lane_bits: int = DEFAULT_LANE_BITS) -> tuple[np.ndarray, np.ndarray, str | None]:
     """View a split data message (header frame, payload frame) as arrays, without copying.
 
     Args:
         heads_frame, payload_frame: the two frames' buffers.
-        k: the job's packet size.
+        k: the job's packet size; lane_bits: its lane width.
 
     Returns:
-        (heads, vals, bad): (B, 4) int32 header words and (B, k) int32 payloads, read-only; `bad`
+        (heads, vals, bad): (B, 4) int32 header words and (B, k) payloads (lanes of
+        `lane_dtype(lane_bits)`), read-only; `bad`
         is None, or "truncated" when the frames do not hold B whole headers and B whole payloads
         (then heads and vals are empty: the message is dropped as one truncated packet).
     """
     hb = memoryview(heads_frame).cast("B")
     vb = memoryview(payload_frame).cast("B")
     n = len(hb) // HEADER_BYTES
-    if len(hb) != n * HEADER_BYTES or len(vb) != n * 4 * check_k(k):
-        return np.empty((0, HEADER_WORDS), np.int32), np.empty((0, k), np.int32), "truncated"
+    lanes = lane_dtype(lane_bits)
+    if len(hb) != n * HEADER_BYTES or len(vb) != n * payload_bytes(k, lane_bits):
+        return np.empty((0, HEADER_WORDS), np.int32), np.empty((0, k), lanes), "truncated"
     heads = np.frombuffer(hb, "<i4").reshape(n, HEADER_WORDS)
-    return heads, np.frombuffer(vb, "<i4").reshape(n, k), None
+    return heads, np.frombuffer(vb, lanes).reshape(n, k), None
 
 
 def join_split(heads: np.ndarray, vals: np.ndarray, k: int = DEFAULT_K) -> np.ndarray:
-    """The interleaved burst (a new structured array) of header words and payloads."""
-    burst = np.empty(len(heads), packet_dtype(k))
-    words = burst.view("<i4").reshape(len(heads), HEADER_WORDS + k)
+    """The interleaved burst (a new structured array) of header words and payloads (the lane
+    width is that of `vals`: int32, int16 or int8)."""
+    lane_bits = lane_bits_of(vals)
+    burst = np.empty(len(heads), packet_dtype(k, lane_bits))
+    words = burst.view("<i4").reshape(len(heads), HEADER_WORDS + k * lane_bits // 32)
     words[:, :HEADER_WORDS] = heads
-    words[:, HEADER_WORDS:] = vals
+    if lane_bits == 32:
+        words[:, HEADER_WORDS:] = vals
+    else:
+        burst["values"] = vals
     return burst
 
 
 def split_burst(burst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(header words, payloads) of an interleaved burst, as new C-contiguous int32 arrays."""
+    """(header words, payloads) of an interleaved burst, as new C-contiguous arrays (int32
+    words; lanes of the burst's width)."""
     words = np.ascontiguousarray(burst).view("<i4").reshape(len(burst), burst.dtype.itemsize // 4)
-    return (np.ascontiguousarray(words[:, :HEADER_WORDS]),
-            np.ascontiguousarray(words[:, HEADER_WORDS:]))
+    heads = np.ascontiguousarray(words[:, :HEADER_WORDS])
+    if burst.dtype["values"].base.itemsize == 4:
+        return heads, np.ascontiguousarray(words[:, HEADER_WORDS:])
+    return heads, np.ascontiguousarray(burst["values"])
 
 
 def pipe_bounds(slots: int, pipes: int) -> np.ndarray:

@@ -13,8 +13,9 @@ Control messages are frozen dataclasses validated when built, so a message that 
 
 Exchange (packets: switchagg/packet.py):
     worker                                switch
-    JOIN(job, world_size, k, slots, ...) ->
-                                        <- JOIN_OK(job_id, rank, ..., incarnation)
+    JOIN(job, world_size, k, slots, ...,   ->
+         lane_bits)
+                                        <- JOIN_OK(job_id, rank, ..., incarnation, lane_bits)
                                            | ERROR(field, reason)
                                         <- READY(job_id)               once all world_size joined
     DATA bursts                         <-> RESULT / RESULT_RETX bursts
@@ -38,7 +39,7 @@ from typing import Any, ClassVar
 
 from switchagg._limits import MAX_NAME_LEN, MAX_TEXT_LEN, check_endpoint, check_name, check_text, load_json
 from switchagg.errors import ProtocolError
-from switchagg.packet import MAX_SLOTS, MAX_WORKERS, VALID_K
+from switchagg.packet import LANE_BITS, MAX_SLOTS, MAX_WORKERS, VALID_K
 
 __all__ = [
     "FRAME_DATA", "FRAME_CONTROL", "MAX_CONTROL_BYTES", "MAX_REPLY_BYTES", "MAX_NAME_LEN",
@@ -91,6 +92,13 @@ def _check_k(cls_name: str, k: Any) -> None:
         raise ProtocolError(f"{cls_name}.k={k} is not one of {VALID_K}", field="k", value=k)
 
 
+def _check_lane_bits(cls_name: str, lane_bits: Any, optional: bool = False) -> None:
+    _check(cls_name, "lane_bits", lane_bits, int, optional=optional)
+    if lane_bits is not None and lane_bits not in LANE_BITS:
+        raise ProtocolError(f"{cls_name}.lane_bits={lane_bits} is not one of {LANE_BITS}",
+                            field="lane_bits", value=lane_bits)
+
+
 @dataclass(frozen=True, slots=True)
 class ControlMessage:
     """Base of every control message; subclasses validate their fields when built."""
@@ -106,7 +114,11 @@ class ControlMessage:
 
 @dataclass(frozen=True, slots=True)
 class Join(ControlMessage):
-    """Ask to join `job` (created by the first JOIN; later ones must agree with it)."""
+    """Ask to join `job` (created by the first JOIN; later ones must agree with it).
+
+    `lane_bits` is the width of the job's lanes (8, 16 or 32 bits per value; packets carry k of
+    them); None takes the switch's default (`switch-emulator --lane-bits`, 32 unless set).
+    """
 
     TYPE: ClassVar[str] = "JOIN"
     job: str
@@ -115,6 +127,7 @@ class Join(ControlMessage):
     slots: int
     token: str = ""
     rank: int | None = None
+    lane_bits: int | None = None
 
     def validate(self) -> None:
         n = "JOIN"
@@ -124,6 +137,7 @@ class Join(ControlMessage):
         _check(n, "slots", self.slots, int, 1, MAX_SLOTS)
         _check(n, "token", self.token, str)
         _check(n, "rank", self.rank, int, 0, self.world_size - 1, optional=True)
+        _check_lane_bits(n, self.lane_bits, optional=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +158,7 @@ class JoinOk(ControlMessage):
     # packet.pipe_bounds(slots, P)[p:p + 2] of this job) and the key this worker greets them with.
     pipes: tuple = ()
     pipe_key: str = ""
+    lane_bits: int = 32  # the job's lane width (what the JOIN named, or the switch's default)
 
     def validate(self) -> None:
         n = "JOIN_OK"
@@ -168,6 +183,7 @@ class JoinOk(ControlMessage):
         _check(n, "heartbeat_interval", self.heartbeat_interval, (int, float), 0.001, 3600)
         _check(n, "liveness_timeout", self.liveness_timeout, (int, float), 0.001, 3600)
         _check(n, "incarnation", self.incarnation, str)
+        _check_lane_bits(n, self.lane_bits)
 
 
 @dataclass(frozen=True, slots=True)

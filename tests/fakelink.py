@@ -20,7 +20,7 @@ import heapq
 import numpy as np
 
 from switch_emulator._golden import GoldenDataplane
-from switchagg._stream import FillFn, StreamCall, StreamMachine, array_fill
+from switchagg._stream import FillFn, StreamCall, StreamMachine, array_fill, pack_lanes
 from switchagg.packet import Kind, parse_burst, validate_burst
 
 __all__ = ["FakeNetwork", "dataplane_factories"]
@@ -35,7 +35,8 @@ def dataplane_factories() -> dict[str, object]:
         from switch_emulator.dataplane import make_dataplane
     except ImportError:
         return factories
-    factories["fast"] = lambda n, s, k: make_dataplane("fast", n, s, k)
+    factories["fast"] = lambda n, s, k, lane_bits=32: make_dataplane("fast", n, s, k,
+                                                                     lane_bits=lane_bits)
     return factories
 
 
@@ -49,17 +50,20 @@ class FakeNetwork:
         seed: seeds every impairment.
         latency: one-way delay of a frame, fake seconds.
         rto_min: the clients' minimum RTO; reordering delays stay below it.
+        lane_bits: the job's lane width (8, 16 or 32).
     """
 
     def __init__(self, world_size: int, *, k: int = 8, slots: int = 16, burst: int = 4,
                  dataplane=GoldenDataplane, drop: float = 0.0, duplicate: float = 0.0,
                  reorder: float = 0.0, seed: int = 0, latency: float = 0.001,
-                 rto_min: float = 0.01) -> None:
-        self.k, self.slots = k, slots
+                 rto_min: float = 0.01, lane_bits: int = 32) -> None:
+        self.k, self.slots, self.lane_bits = k, slots, lane_bits
         self.clients = [StreamMachine(job_id=JOB_ID, rank=r, k=k, slots=slots, burst=burst,
-                                      rto_initial=0.05, rto_min=rto_min, rto_max=1.0)
+                                      rto_initial=0.05, rto_min=rto_min, rto_max=1.0,
+                                      lane_bits=lane_bits)
                         for r in range(world_size)]
-        self.switch = dataplane(world_size, slots, k)
+        wide = {} if lane_bits == 32 else {"lane_bits": lane_bits}
+        self.switch = dataplane(world_size, slots, k, **wide)
         self.drop, self.duplicate, self.reorder = drop, duplicate, reorder
         self.rng = np.random.default_rng(seed)
         self.latency, self.max_jitter = latency, rto_min / 2
@@ -96,7 +100,7 @@ class FakeNetwork:
         self.frames_delivered += 1
         if direction == "down":
             return self.clients[rank].receive(frame, self.now)
-        packets, _ = parse_burst(frame, self.k)
+        packets, _ = parse_burst(frame, self.k, self.lane_bits)
         ok, bad = validate_burst(packets, kind=Kind.DATA, job=JOB_ID, worker=rank,
                                  slots=self.slots)
         self.switch_rejected += sum(bad.values())
@@ -134,7 +138,7 @@ class FakeNetwork:
 
     def allreduce(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
         """One plain all-reduce: rank r contributes inputs[r]; returns each rank's result."""
-        calls = [c.submit(len(x), array_fill(x, self.k), self.now)
+        calls = [c.submit(len(x), array_fill(pack_lanes(x, self.lane_bits), self.k), self.now)
                  for c, x in zip(self.clients, inputs)]
         self.run(calls)
         return [call.result() for call in calls]

@@ -17,8 +17,8 @@ from switch_emulator import _dataplane
 from switch_emulator._dataplane import SplitOutput
 from switch_emulator.dataplane import (DATAPLANES, DataplaneCounters, DataplaneOutput,
                                        FastDataplane, GoldenDataplane, make_dataplane, warm_up)
-from switchagg.packet import (FLAG_WRAPPED, MAGIC, Kind, join_split, make_burst, packet_dtype,
-                              parse_burst, split_burst, validate_burst)
+from switchagg.packet import (FLAG_WRAPPED, LANE_BITS, MAGIC, Kind, join_split, make_burst,
+                              packet_dtype, parse_burst, split_burst, validate_burst)
 
 K = 8
 INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
@@ -515,8 +515,9 @@ def test_receive_reuses_result_buffers_once_dropped():
 @pytest.mark.parametrize("layout", ["strided", "misaligned", "read-only"])
 def test_receive_compiled_pass_takes_any_layout_with_one_specialization(layout):
     """Strided and misaligned bursts are copied; writable and read-only ones share one compiled
-    specialization, the one warm_up loads for interleaved frames (warm_up loads exactly two:
-    interleaved and split; a third would mean a compilation at the switch's first burst)."""
+    specialization, the one warm_up loads for interleaved frames (warm_up loads exactly two per
+    lane width: interleaved and split; one more would mean a compilation at the switch's first
+    burst)."""
     warm_up("fast")
     burst = data(0, [2, 0, 3, 1], values=np.arange(4 * K).reshape(4, K))
     if layout == "strided":
@@ -532,7 +533,7 @@ def test_receive_compiled_pass_takes_any_layout_with_one_specialization(layout):
     golden, compiled, _ = pair(1, 4, K)
     assert compiled.receive(packets, 0).multicast.tobytes() == \
         golden.receive(burst, 0).multicast.tobytes()
-    assert len(_dataplane._compiled().receive_rows.signatures) == 2
+    assert len(_dataplane._compiled().receive_rows.signatures) == 2 * len(LANE_BITS)
 
 
 def test_warm_up_loads_the_compiled_pass():

@@ -70,6 +70,8 @@ class Spec:
         netns: "" on the host; else the tag of a `_netns_links.LinkNetwork`: rank r runs in
             namespace `<netns>-w<r>`, the relay in `<netns>-sw`, and `address` may name the
             rank's own gateway as `{rank}` (formatted by `address_for`).
+        lane_bits: the switch job's lane width (8, 16, 32): the switch worker's inputs span the
+            lanes' range and its sums wrap at that width (the relay and gloo move int32).
     """
 
     address: str
@@ -81,6 +83,7 @@ class Spec:
     warmup: int
     repeats: int
     netns: str = ""
+    lane_bits: int = 32
 
     def address_for(self, rank: int) -> str:
         return self.address.format(rank=rank)
@@ -91,21 +94,27 @@ class Spec:
         return max(1, self.slots // self.burst)
 
 
-def bench_input(rank: int, numel: int) -> np.ndarray:
-    """Rank `rank`'s input: all over the int32 range, cheap to build, different for every rank."""
+def bench_input(rank: int, numel: int, lane_bits: int = 32) -> np.ndarray:
+    """Rank `rank`'s input: all over the int32 range (or the range of `lane_bits` lanes, as
+    int32), cheap to build, different for every rank."""
     multiplier = np.uint32((0x9E3779B1 * (2 * rank + 1)) & 0xFFFFFFFF)  # odd: a bijection
     x = np.arange(numel, dtype=np.uint32)
     x *= multiplier
     x += np.uint32(rank)
-    return x.view(np.int32)
+    x = x.view(np.int32)
+    if lane_bits < 32:  # the top bits, sign-extended: every value of the lanes occurs
+        x >>= 32 - lane_bits
+    return x
 
 
-def expected_sum(workers: int, numel: int) -> np.ndarray:
-    """The exact wrapping int32 sum of every rank's `bench_input` (numpy's int32 add wraps)."""
-    total = np.zeros(numel, np.int32)
+def expected_sum(workers: int, numel: int, lane_bits: int = 32) -> np.ndarray:
+    """The exact sum of every rank's `bench_input`, wrapped at the lane width (numpy's add of
+    int32, int16 or int8 arrays wraps), as int32."""
+    lanes = {8: np.int8, 16: np.int16, 32: np.int32}[lane_bits]
+    total = np.zeros(numel, lanes)
     for r in range(workers):
-        np.add(total, bench_input(r, numel), out=total)
-    return total
+        np.add(total, bench_input(r, numel, lane_bits).astype(lanes), out=total)
+    return total.astype(np.int32)
 
 
 def _verify(result: np.ndarray, expected: np.ndarray, what: str) -> None:
@@ -165,14 +174,15 @@ def switch_worker(spec: Spec, rank: int, barrier, queue) -> None:
     def body() -> dict:
         from switchagg import ClientConfig, SwitchClient
 
-        values = bench_input(rank, spec.numel)
-        expected = expected_sum(spec.workers, spec.numel)
+        values = bench_input(rank, spec.numel, spec.lane_bits)
+        expected = expected_sum(spec.workers, spec.numel, spec.lane_bits)
         config = ClientConfig(k=spec.k, slots=spec.slots, burst=spec.burst,
                               join_timeout=STEP_TIMEOUT, op_timeout=STEP_TIMEOUT)
         # The sums land in a buffer allocated and page-faulted here, as gloo's land in its tensor.
         out = np.zeros(spec.numel, np.int32)
         out.fill(-1)
-        with SwitchClient(spec.address_for(rank), "bench", spec.workers, rank=rank, config=config) as c:
+        with SwitchClient(spec.address_for(rank), "bench", spec.workers, rank=rank, config=config,
+                          lane_bits=spec.lane_bits) as c:
             before = {}
 
             def prepare() -> None:

@@ -5,7 +5,8 @@ count, transport and (for the first two) message sizes and window, and reporting
 (SwitchML's metric, ATE/s = aggregated tensor elements per second = numel / time of one
 all-reduce):
   1. the emulated switch (`python -m switch_emulator`, `--pipes P` dataplane processes) with N
-     `SwitchClient` workers;
+     `SwitchClient` workers, in lanes of `--lane-bits` (inputs span the lanes, sums wrap there,
+     and the figures say the real bytes: 16-byte headers + k lanes per packet);
   2. the raw ZeroMQ fan-in/fan-out ceiling: a relay with the switch's socket pattern and framing
      that sums nothing (workers/_bench_workers.py says exactly what it does);
   3. torch.distributed gloo `all_reduce(SUM)` of the same int32 tensor among N processes.
@@ -46,7 +47,7 @@ import time
 from contextlib import ExitStack
 from typing import Any, Callable
 
-from switchagg.packet import VALID_K, packet_bytes
+from switchagg.packet import LANE_BITS, VALID_K, packet_bytes
 from switchagg.workers import _bench_sweep
 from switchagg.workers import _bench_workers as bw
 from switchagg.workers._netns_links import LinkError, LinkNetwork, check_can_build, parse_rate
@@ -74,7 +75,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     a("--workers", type=int, default=4, help="worker processes N (default 4)")
     a("--numel", type=int, default=16 << 20, help="int32 elements per all-reduce (default 16Mi "
                                                   "= 64 MiB)")
-    a("--k", type=int, default=64, choices=VALID_K, help="int32 values per packet (default 64)")
+    a("--k", type=int, default=64, choices=VALID_K, help="lanes (values) per packet (default 64)")
+    a("--lane-bits", type=int, default=32, choices=LANE_BITS,
+      help="the switch job's lane width: packets carry k lanes of 8, 16 or 32 bits, inputs span "
+           "that range and sums wrap at it (default 32; the relay and gloo move int32)")
     a("--slots", type=int, default=8192, help="slot pool per job: the window (default 8192)")
     a("--burst", type=int, default=1024, help="packets per ZeroMQ message (default 1024)")
     a("--repeats", type=int, default=5, help="timed all-reduces per contender (default 5)")
@@ -287,7 +291,9 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "transport": "tcp" if link else args.transport, "drop": args.drop,
         "duplicate": args.duplicate, "reorder": args.reorder, "cores": os.cpu_count(),
         "pipes": args.pipes,
-        "message_bytes": args.burst * packet_bytes(args.k), "link": link,
+        "lane_bits": getattr(args, "lane_bits", 32),
+        "message_bytes": args.burst * packet_bytes(args.k, getattr(args, "lane_bits", 32)),
+        "link": link,
         "link_limit_ate_per_s": None,
     }
     with ExitStack() as stack:
@@ -307,7 +313,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         else:
             endpoint = lambda _: _free_tcp()  # noqa: E731
         make = lambda address: bw.Spec(address, args.workers, args.numel, args.k,  # noqa: E731
-                                       args.slots, args.burst, args.warmup, args.repeats, netns)
+                                       args.slots, args.burst, args.warmup, args.repeats, netns,
+                                       getattr(args, "lane_bits", 32))
 
         # 1. The emulated switch.
         address = endpoint("switch")
@@ -333,7 +340,9 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             worker_cpu_s=worker_cpu, switch_cpu_s=switch_cpu,
             packets_per_s=per_round("packets_sent") / seconds,
             retransmitted=sum(r["retransmitted"] for r in reports),
-            goodput=args.numel * 4 * args.workers / per_round("bytes_sent"))
+            bytes_sent_per_allreduce=per_round("bytes_sent") / args.workers,
+            goodput=args.numel * figures["lane_bits"] // 8 * args.workers
+            / per_round("bytes_sent"))
         _stop_popen(switch)
 
         # 2. The raw ZeroMQ ceiling.
@@ -387,7 +396,7 @@ def _table(f: dict[str, Any]) -> str:
     mib = f["numel"] * 4 / (1 << 20)
     lines = [
         f"switchagg bench: {f['workers']} workers, {f['numel']} int32 ({mib:.4g} MiB), "
-        f"k={f['k']}, slots {f['slots']}, burst {f['burst']} ({f['message_bytes'] >> 10} KiB per "
+        f"{f.get('lane_bits', 32)}-bit lanes, k={f['k']}, slots {f['slots']}, burst {f['burst']} ({f['message_bytes'] >> 10} KiB per "
         f"message), {f['transport']}, {f['cores']} cores, {f['pipes']} pipe(s), drop "
         f"{f['drop']} duplicate "
         f"{f['duplicate']} reorder {f['reorder']}, median of {f['repeats']}",
@@ -409,8 +418,10 @@ def _table(f: dict[str, Any]) -> str:
     lines.append(f"CPU s per all-reduce ({f['cores']} cores): " + "; ".join(cpu))
     lines.append(f"switch start-up (before the timed rounds, not in them): "
                  f"{f['switch_startup_s']:.2f} s wall, {f['switch_startup_cpu_s']:.2f} s CPU")
-    lines.append(f"switch: {f['packets_per_s'] / 1e6:.2f} M packets/s in, goodput "
-                 f"{f['goodput']:.3f} (payload / wire bytes), {f['retransmitted']} retransmitted")
+    lines.append(f"switch: {f['packets_per_s'] / 1e6:.2f} M packets/s in, "
+                 f"{f['bytes_sent_per_allreduce'] / 1e6:.2f} MB sent per worker per all-reduce, "
+                 f"goodput {f['goodput']:.3f} (payload / wire bytes), {f['retransmitted']} "
+                 "retransmitted")
     if f.get("link"):
         n = f["workers"]
         lines.append(f"link {f['link']} each way per worker: link limit (a perfect switch) "

@@ -8,7 +8,7 @@ sources this project works from, the report says so.
 
 Verdicts: "holds", "does not hold", "not run" (its runs were skipped or failed: the reason is
 given), "not in this build" (a method another issue adds), "not measurable" (what it needs does
-not exist yet, e.g. 8-bit lanes on the wire).
+not exist yet).
 """
 
 from __future__ import annotations
@@ -184,11 +184,35 @@ def diana_converges(results: Results, notes: list[str]) -> dict:
             "rule": "holds when IntDIANA ends within 10x of full-precision GD's distance to x*"}
 
 
+def _lanes(results: Results, run: str) -> int:
+    """The lane width a run's switch jobs used (32 for results from before lanes existed)."""
+    widths = {int(e["config"].get("lane_bits") or 32) for e in _ok(results.get(run, []))}
+    return min(widths) if widths else 32
+
+
+def _bytes_ratio(results: Results, run: str, method: str = "intsgd-random") -> str:
+    """The byte ratios of a run: `method` against fp32 SGD of the same run, and its bits per
+    coordinate against the int32-lane run digits-4 (same model and data)."""
+    b_i = _mean(_method(results, run, method, "bytes_sent_per_worker"))
+    b_s = _mean(_method(results, run, "sgd", "bytes_sent_per_worker"))
+    c_i = _mean(_method(results, run, method, "bits_per_coord"))
+    text = []
+    if b_i == b_i and b_s == b_s and b_s:
+        text.append(f"IntSGD sent {b_i / b_s:.3f}x SGD's fp32 bytes ({b_i / 1e6:.2f} vs "
+                    f"{b_s / 1e6:.2f} MB per worker, packet headers included)")
+    c_32 = _mean(_method(results, "digits-4", method, "bits_per_coord"))
+    if c_i == c_i and c_32 == c_32 and c_32 and _lanes(results, "digits-4") == 32:
+        text.append(f"{c_i:.2f} bits per coordinate against {c_32:.2f} in digits-4's int32 "
+                    f"lanes ({c_i / c_32:.3f}x)")
+    return "; ".join(text)
+
+
 def int8_sufficient(results: Results, notes: list[str]) -> dict:
     run = "digits-16-int8"
     why = _missing(results, (run,), notes)
     if why:
         return {"verdict": "not run", "measured": why}
+    lanes = _lanes(results, run)
     acc_i = _method(results, run, "intsgd-random", "final_accuracy")
     acc_s = _method(results, run, "sgd", "final_accuracy")
     clip = _method(results, run, "intsgd-random", "clip_fraction")
@@ -197,27 +221,40 @@ def int8_sufficient(results: Results, notes: list[str]) -> dict:
     h_acc = _method(results, run, "heuristic-switchml", "final_accuracy")
     gap = 100 * (_mean(acc_i) - _mean(acc_s))
     holds = max(wraps, default=1) == 0 and gap >= -1.0
-    text = (f"16 workers, 8-bit budget (per-worker range [-8, 7]) over int32 lanes: IntSGD "
+    text = (f"16 workers, 8-bit budget (per-worker range [-8, 7]) in {lanes}-bit lanes: IntSGD "
             f"{_spread(acc_i, 100)}% vs SGD (fp32) {_spread(acc_s, 100)}% ({gap:+.2f} points); "
-            f"clip fraction {_spread(clip, 100, '.3f')}%, wraps {int(max(wraps, default=0))}, "
-            f"max |Q_i| from step 1 {_spread(q, 1, '.0f')}")
+            f"clip fraction {_spread(clip, 100, '.3f')}%, wraps {int(max(wraps, default=0))} "
+            f"(counted by the switch at the lane width), max |Q_i| from step 1 "
+            f"{_spread(q, 1, '.0f')}")
     if h_acc:
         text += f"; the heuristic scaled into 8 bits: {_spread(h_acc, 100)}%"
+    ratio = _bytes_ratio(results, run)
+    if ratio:
+        text += f"; bytes: {ratio}"
     return {"verdict": "holds" if holds else "does not hold", "measured": text,
             "rule": "holds when no packet wrapped and IntSGD is within 1 point of SGD",
-            "lanes": "int32 (8-bit lanes are another issue's: this measures the 8-bit budget)"}
+            "lanes": f"{lanes}-bit lanes on the wire"}
 
 
 def int8_bytes(results: Results, notes: list[str]) -> dict:
-    run = "digits-4"
-    ratio = ""
-    if _ok(results.get(run, [])):
-        b_i = _mean(_method(results, run, "intsgd-random", "bytes_sent_per_worker"))
-        b_s = _mean(_method(results, run, "sgd", "bytes_sent_per_worker"))
-        ratio = f"; today, with int32 lanes, IntSGD sends {b_i / b_s:.3f}x SGD's fp32 bytes " \
-                f"(packet headers included)"
-    return {"verdict": "not measurable",
-            "measured": "the switch carries 32-bit lanes only in this build" + ratio}
+    run = "digits-16-int8"
+    why = _missing(results, (run,), notes)
+    if why:
+        return {"verdict": "not run", "measured": why}
+    lanes = _lanes(results, run)
+    if lanes != 8:
+        return {"verdict": "not measurable",
+                "measured": f"{run} ran in {lanes}-bit lanes (results from before 8-bit lanes)"}
+    bits = _mean(_method(results, run, "intsgd-random", "bits_per_coord"))
+    # A packet of k = 64 one-byte lanes has a 16-byte header: 2 bits per coordinate on top.
+    payload = bits - 8 * 16 / 64
+    holds = payload <= 8 * 1.1
+    return {"verdict": "holds" if holds else "does not hold",
+            "measured": f"{run}, 8-bit lanes: {_bytes_ratio(results, run)}; less the headers' "
+                        f"2 bits, {payload:.2f} bits of payload per coordinate (the first step's "
+                        f"exponent round and last chunks' padding included)",
+            "rule": "holds when IntSGD's bits per coordinate, less the packet headers' share, "
+                    "are within 10% of 8"}
 
 
 def baseline(method: str, what: str) -> Callable[[Results, list[str]], dict]:

@@ -66,6 +66,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                      "  switchagg compare --methods sgd,intsgd-random --workers 2 --out runs/a\n"
                      "  switchagg compare --task logreg --epochs 200 --out runs/logreg\n"
                      "  switchagg compare --drop 0.01 --bits 8              # loss and an int8 budget\n"
+                     "  switchagg compare --lane-bits 8 --workers 16        # 8-bit lanes, 8-bit budget\n"
                      "  switchagg compare --task cifar10-resnet18 --data ~/cifar-10-batches-py --device cuda")
     add_training_options(parser)
     g = parser.add_argument_group("comparison")
@@ -184,10 +185,11 @@ def _worker_argv(args: argparse.Namespace, rank: int, switch: str, master_port: 
             "worker", "--events", "--rank", str(rank), "--world-size", str(args.workers),
             "--master-addr", "127.0.0.1", "--master-port", str(master_port), "--switch", switch,
             "--job", job, "--out", out_dir, "--task", args.task, "--seed", str(args.seed),
-            "--bits", str(args.bits), "--k", str(args.k), "--slots", str(args.slots),
+            "--k", str(args.k), "--slots", str(args.slots),
             "--device", args.device, "--timeout", str(args.timeout), "--methods", ",".join(args.method_list)]
-    for flag in ("data", "epochs", "max_steps", "batch_size", "lr", "eval_every"):
-        value = getattr(args, flag)
+    for flag in ("data", "epochs", "max_steps", "batch_size", "lr", "eval_every", "bits",
+                 "lane_bits"):
+        value = getattr(args, flag, None)
         if value is not None:
             argv += ["--" + flag.replace("_", "-"), str(value)]
     for opt in args.opt:
@@ -416,7 +418,8 @@ def print_results(args: argparse.Namespace, results: dict[str, Any]) -> None:
     from switchagg.workers import report
     config, methods = results["config"], results["methods"]
     print(f"\n{config['task']}, {config['workers']} workers, seed {config['seed']}, "
-          f"{config['bits']}-bit budget (wall {config['wall_s']:.0f} s)")
+          f"{config['bits']}-bit budget in {config.get('lane_bits', 32)}-bit lanes "
+          f"(wall {config['wall_s']:.0f} s)")
     print(report.format_table(methods, config["metric"]))
     for name, m in methods.items():
         if m.get("diverged"):

@@ -75,7 +75,8 @@ def run_config(args: Any, task: Any, workers: int | None) -> dict[str, Any]:
         "batch_size": args.batch_size if args.batch_size is not None else preset.batch_size,
         "lr": args.lr if args.lr is not None else preset.lr, "max_steps": args.max_steps,
         "method_options": list(getattr(args, "method_opt", None) or []),
-        "bits": args.bits, "k": args.k, "slots": args.slots,
+        "bits": args.bits, "lane_bits": getattr(args, "lane_bits", None) or 32, "k": args.k,
+        "slots": args.slots,
         "drop": getattr(args, "drop", None), "duplicate": getattr(args, "duplicate", None),
         "reorder": getattr(args, "reorder", None), "device": args.device,
     }

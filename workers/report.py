@@ -202,9 +202,12 @@ def format_table(methods: dict[str, dict[str, Any]], metric: str = "accuracy") -
 TABLE_LEGEND = "\n".join((
     "units: loss, metric: on the test set (acc %: percent); wall s: seconds per method;",
     "  ms/step and its split (compute, quant, comm, decode): milliseconds per step, mean over workers;",
-    "  MB/wkr: megabytes (1e6 B) each worker sent; pkt/step: packets per worker per step; rounds:",
+    "  MB/wkr: megabytes (1e6 B) each worker sent, as counted on the wire (on the switch: 16-byte",
+    "  headers + k lanes of the job's width per packet); b/coord: those bits per coordinate;",
+    "  pkt/step: packets per worker per step; rounds:",
     "  collective rounds per step; max|sum|: largest integer in a sum; bits: bits that sum needs;",
-    "  clip %: elements clipped; wraps: int32 wrap-arounds; agree: replicas' parameters bit-identical"))
+    "  clip %: elements clipped; wraps: sums that wrapped their lanes (int32 unless --lane-bits);",
+    "  agree: replicas' parameters bit-identical"))
 
 
 def write_results(path: str, config: dict[str, Any], methods: dict[str, dict[str, Any]],

@@ -62,6 +62,7 @@ class Run:
     epochs: int
     quick_epochs: int
     bits: int = 32
+    lane_bits: int = 32
     seeds: tuple[int, ...] = (0, 1, 2)
     opts: tuple[str, ...] = ()
     quick_opts: tuple[str, ...] = ()
@@ -82,7 +83,7 @@ RUNS: tuple[Run, ...] = (
         estimate_s=100, quick_estimate_s=55),
     Run("digits-16-int8", "digits", 16, ("sgd", "intsgd-random", "intsgd-determ",
                                          "heuristic-switchml"),
-        bits=8, epochs=20, quick_epochs=10, estimate_s=130, quick_estimate_s=95),
+        bits=8, lane_bits=8, epochs=20, quick_epochs=10, estimate_s=130, quick_estimate_s=95),
     Run("logreg-a5a-4", "logreg", 4, ("sgd", "intsgd-random", "intdiana", "heuristic-switchml"),
         epochs=2000, quick_epochs=600, eval_every=50, needs_a5a=True, seeds=(0, 1),
         estimate_s=360, quick_estimate_s=80),
@@ -146,6 +147,8 @@ def _compare_args(run: Run, seed: int, quick: bool, a5a: str | None, timeout: fl
     argv = ["--task", run.task, "--workers", str(run.workers), "--seed", str(seed),
             "--bits", str(run.bits), "--epochs", str(run.quick_epochs if quick else run.epochs),
             "--methods", ",".join(methods_of(run, quick)), "--timeout", str(timeout), "--no-progress"]
+    if run.lane_bits != 32:  # the switch's lanes (packets of k lanes of this width)
+        argv += ["--lane-bits", str(run.lane_bits)]
     if run.eval_every:
         argv += ["--eval-every", str(run.eval_every)]
     opts = dict(o.split("=", 1) for o in run.opts)
@@ -178,7 +181,8 @@ def run_one(run: Run, seed: int, out_dir: str, *, quick: bool, a5a: str | None,
         methods[name]["diverged"] = next((s.get("diverged") for s in per_rank
                                           if s.get("diverged")), None)
     config = {**task.describe(), "run": run.name, "workers": run.workers, "seed": seed,
-              "bits": run.bits, "epochs": args.epochs, "methods": args.method_list,
+              "bits": run.bits, "lane_bits": run.lane_bits, "epochs": args.epochs,
+              "methods": args.method_list,
               "wall_s": time.monotonic() - started}
     report.write_results(os.path.join(out_dir, "results.json"), config, methods)
     records = {m: report.read_jsonl(os.path.join(out_dir, "metrics", f"{m}.rank0.jsonl"))

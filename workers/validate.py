@@ -9,7 +9,8 @@ rule that a config object already checks (it asks the object), start a process, 
 How it works: each check builds the object from the options and lets its `validate()` raise; the
 error's `field` maps to a flag through `FLAGS`, and `UsageError` carries the flag, the value and
 the reason. The few options that belong to no config object (the device, `--out`, `--workers`,
-`--timeout`, ranks) are checked here. The task is built (and its model too: `--opt hidden=foo`
+`--timeout`, ranks) are checked here, and the budget against the lanes (`check_budget`: the rule
+is `switchagg.scaling.budget_for_lanes`'s; it sets `--bits` to the budget in force). The task is built (and its model too: `--opt hidden=foo`
 fails there, not after the workers started) and returned, so a caller never builds it twice.
 A command turns a `UsageError` into one line on stderr and exit status 2 (`report_usage`).
 """
@@ -25,7 +26,7 @@ from typing import Any
 from switchagg.errors import ConfigError
 
 __all__ = ["UsageError", "FLAGS", "check_training", "check_compare", "check_worker", "check_bench",
-           "check_device",
+           "check_device", "check_budget",
            "check_out", "report_usage"]
 
 #: config field -> the option a user typed
@@ -118,6 +119,7 @@ def check_training(args: argparse.Namespace):
     except ValueError as exc:
         raise UsageError("--method-opt", " ".join(args.method_opt), str(exc)) from None
     check_client(args.k, args.slots)
+    check_budget(args)
     check_device(args.device)
     try:
         from switchagg.workers.swarm_train import SwarmConfig, split_options
@@ -143,6 +145,19 @@ def check_training(args: argparse.Namespace):
                              f"task {args.task!r} cannot build its model with these options "
                              f"({type(exc).__name__}: {exc})") from None
     return task
+
+
+def check_budget(args: argparse.Namespace) -> None:
+    """--bits against --lane-bits: never wider than the lanes; without --bits, the lane width
+    (`switchagg.scaling.budget_for_lanes`). Sets args.bits to the budget in force."""
+    from switchagg.scaling import budget_for_lanes
+    lane_bits = getattr(args, "lane_bits", None)
+    try:
+        args.bits = budget_for_lanes(args.bits, lane_bits)
+    except ValueError as exc:
+        wrong_lanes = lane_bits not in (None, 8, 16, 32)
+        raise UsageError("--lane-bits" if wrong_lanes else "--bits",
+                         lane_bits if wrong_lanes else args.bits, str(exc)) from None
 
 
 def check_client(k: int, slots: int) -> None:

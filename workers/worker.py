@@ -53,7 +53,7 @@ EVENT_PREFIX = "@@switchagg-event "
 def add_training_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by `compare` and `worker`: task, methods, training overrides, integers."""
     from switchagg.methods import METHOD_SETS, METHODS, OWN_LOOP
-    from switchagg.packet import VALID_K
+    from switchagg.packet import LANE_BITS, VALID_K
     g = parser.add_argument_group("training")
     g.add_argument("--task", default="digits",
                    help="digits (bundled), logreg, fashion-mnist, cifar10-resnet18, wikitext2-lstm, custom (your "
@@ -83,10 +83,15 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-every", type=int, default=None,
                    help="evaluate every N epochs (default: the task's preset)")
     g.add_argument("--seed", type=int, default=0, help="fixes data order, init and rounding")
-    g.add_argument("--bits", type=int, default=32, choices=(8, 16, 32),
-                   help="integer budget per sum (workers clip to fit)")
+    g.add_argument("--bits", type=int, default=None, choices=(8, 16, 32),
+                   help="integer budget per sum (workers clip to fit); at most the lane width "
+                        "(default: the lane width, 32 unless --lane-bits says otherwise)")
+    g.add_argument("--lane-bits", type=int, default=None, choices=LANE_BITS,
+                   help="width of the switch's lanes: packets carry k lanes of 8, 16 or 32 bits "
+                        "(k * lane_bits / 8 payload bytes; default: the switch's, 32 unless it "
+                        "runs with --lane-bits)")
     g.add_argument("--k", type=int, default=64, choices=VALID_K, metavar="K",
-                   help=f"int32 values per packet, one of {', '.join(map(str, VALID_K))}")
+                   help=f"lanes (values) per packet, one of {', '.join(map(str, VALID_K))}")
     g.add_argument("--slots", type=int, default=8192,
                    help="switch slot pool size, 1 to 32768 (the switch may grant fewer to a job)")
     g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
@@ -217,7 +222,8 @@ def _open_client(args: argparse.Namespace, rank: int | None, world_size: int, me
         try:
             return SwitchClient(args.switch, f"{args.job}-{method}", world_size, rank=rank,
                                 config=config, timeout=args.timeout, token=args.token,
-                                server_key=args.switch_key)
+                                server_key=args.switch_key,
+                                lane_bits=getattr(args, "lane_bits", None))
         except JoinRejected as exc:
             # The previous method's job frees its slots only when its last worker leaves;
             # a fast worker may get here first. Anything else rejected is final.
@@ -290,7 +296,8 @@ def run_methods(args: argparse.Namespace, names: list[str], emit: "_Emitter | _T
             state, _ = hook_for(name, switch=None, client=client, job=f"{args.job}-{name}",
                                 world_size=None if client else args.world_size,
                                 rank=None if client else args.rank, seed=args.seed,
-                                bits=args.bits, timeout=args.timeout, **options)
+                                bits=args.bits, lane_bits=getattr(args, "lane_bits", None),
+                                timeout=args.timeout, **options)
             rank = state.rank
             emit.rank = rank
             emit("start", method=name)

@@ -7,7 +7,10 @@ collective_kind "torch" and runs on TorchCollective or LocalCollective), block i
 engine thread, or own the client's lifetime unless it built it.
 
 Payloads launch asynchronously, one client call each (a `Sum` is `allreduce_async`); the Future
-completes in the client's engine thread, where the drivers decode. A payload's int32 values cross
+completes in the client's engine thread, where the drivers decode. Payloads stay int32 at every
+lane width (`lane_bits`, the client's job's: 8, 16 or 32): the client checks that they fit the
+lanes (a ValueError, never a silent truncation; a codec's budget no wider than the lanes always
+fits) and sign-extends the sums back, so only the bytes on the wire change. A payload's int32 values cross
 to the host (a view on CPU, a pinned copy from a GPU); the sums come back to the payload's device.
 
 How the look-ahead works on this client: `SwitchClient.allreduce_stream` hands each chunk's fill
@@ -73,6 +76,11 @@ class SwitchCollective(Collective):
     @property
     def slots(self) -> int:
         return int(self.client.slots)
+
+    @property
+    def lane_bits(self) -> int:
+        """The lane width of the client's job (8, 16 or 32 bits per value on the wire)."""
+        return int(getattr(self.client, "lane_bits", 32))
 
     @property
     def stats(self) -> CommStats:

@@ -153,7 +153,8 @@ def hook_for(name: str, switch: str | None = "tcp://127.0.0.1:5555", *, job: str
         world_size, rank: default to torch.distributed's.
         lr: the learning rate, or a callable returning it (IntSGD's alpha is proportional to it).
         seed: seed of the rounding stream (same on every rank).
-        options: `HookState` settings (bits, config, timeout, client, collective, process_group)
+        options: `HookState` settings (bits, lane_bits, config, timeout, client, collective,
+            process_group)
             and the method's own (rounding, beta, eps, ...).
 
     Returns:

@@ -1,6 +1,7 @@
 """`HookState`: what the codec hook keeps between buckets and iterations.
 
-What it owns: the hyperparameters (method, switch address and job, budget, seed, learning rate,
+What it owns: the hyperparameters (method, switch address and job, budget and lane width, seed,
+learning rate,
 the method's own options), the lazily built collective (a `SwitchClient` for methods the switch
 can reduce, torch.distributed otherwise) and codec, the iteration bookkeeping (bucket positions,
 offsets, stable parameter keys), the step's telemetry and the statistics. What it must never do:
@@ -36,7 +37,7 @@ from switchagg.codecs._base import Block, Bucket, Codec
 from switchagg.errors import ConfigError, JobAborted, SwitchError
 from switchagg.methods import make_codec, method_spec
 from switchagg.reducer import fill_costs
-from switchagg.scaling import clip_bounds
+from switchagg.scaling import budget_for_lanes, clip_bounds
 from switchagg.telemetry import StepTelemetry
 
 __all__ = ["HookState"]
@@ -60,7 +61,13 @@ class HookState:
         config: a `switchagg.ClientConfig` for the lazily opened client.
         timeout: overrides the config's join and op timeouts (seconds).
         token: the switch's (or the job's) token; kept out of checkpoints (`__getstate__`).
-        bits: integer budget of each sum, 8, 16 or 32: every worker clips to its share.
+        bits: integer budget of each sum, 8, 16 or 32: every worker clips to its share. Default:
+            the lane width (32 unless `lane_bits` says otherwise); never wider than the lanes
+            (ValueError naming both).
+        lane_bits: the switch job's lane width, 8, 16 or 32 bits per value (packets carry k
+            lanes: 8-bit lanes send a quarter of int32's payload bytes). Default None: the
+            JOIN names none and the switch's default applies (its --lane-bits, 32 unless set);
+            joining checks the budget against the width it grants.
         seed: seed of the rounding stream (the same on every rank).
         lr: the learning rate the optimizer uses, or a zero-argument callable returning it (read
             once per iteration; it must agree on every rank).
@@ -73,7 +80,7 @@ class HookState:
     __slots__ = (
         # user hyperparameters
         "method", "address", "job", "world_size", "rank", "config", "timeout", "bits", "seed",
-        "lr", "options", "process_group",
+        "lr", "options", "process_group", "lane_bits",
         # internal state
         "_client", "_owns_client", "_token", "_collective", "_codec", "_pending_state", "_keys",
         "_lock",
@@ -86,8 +93,9 @@ class HookState:
     def __init__(self, method: str | None, address: str | None = None, *, client=None,
                  collective=None, process_group=None, job: str = "ddp",
                  world_size: int | None = None, rank: int | None = None, config=None,
-                 timeout: float | None = None, token: str = "", bits: int = 32, seed: int = 0,
-                 lr: float | Callable[[], float] = 1.0, **options) -> None:
+                 timeout: float | None = None, token: str = "", bits: int | None = None,
+                 seed: int = 0, lr: float | Callable[[], float] = 1.0,
+                 lane_bits: int | None = None, **options) -> None:
         if method is not None:
             method_spec(method)  # an unknown name fails here, listing the valid ones
         if client is not None and address is not None:
@@ -112,6 +120,16 @@ class HookState:
         if not callable(lr) and not (isinstance(lr, (int, float)) and 0 < lr < math.inf):
             raise ValueError(f"lr={lr!r}: expected a positive finite learning rate or a callable "
                              f"returning one")
+        joined = collective if collective is not None else client  # already has its lanes
+        joined_lanes = getattr(joined, "lane_bits", None)
+        if joined_lanes is not None and lane_bits not in (None, joined_lanes):
+            raise ValueError(f"lane_bits={lane_bits!r}: the given client's job has "
+                             f"{joined_lanes}-bit lanes")
+        try:
+            bits = budget_for_lanes(bits, lane_bits if joined_lanes is None else joined_lanes)
+        except ValueError as exc:
+            raise ValueError(f"bits={bits!r}: {exc}") from None
+        lane_bits = lane_bits if joined_lanes is None else joined_lanes
         if world_size is not None:
             try:
                 clip_bounds(bits, world_size)
@@ -121,6 +139,7 @@ class HookState:
         self.world_size, self.rank, self.config, self.timeout = world_size, rank, config, timeout
         self.bits, self.seed, self.lr, self.options = bits, seed, lr, dict(options)
         self.process_group = process_group
+        self.lane_bits = lane_bits
         self._client, self._owns_client = client, client is None
         self._token = token
         self._collective = collective
@@ -141,8 +160,9 @@ class HookState:
         if method is not None and world_size is not None and rank is not None:
             self._build_codec(world_size, rank)  # bad options fail now, not on the first bucket
         log.info("HookState: method %s, switch %s job %r, world size %s, rank %s, %d-bit budget, "
-                 "seed %d, lr %s, options %s", method, address, job, world_size, rank, bits, seed,
-                 "callable" if callable(lr) else lr, self.options)
+                 "lanes %s, seed %d, lr %s, options %s", method, address, job, world_size, rank,
+                 bits, lane_bits or "the switch's", seed, "callable" if callable(lr) else lr,
+                 self.options)
 
     # ---- public ----------------------------------------------------------------------------
 
@@ -176,10 +196,19 @@ class HookState:
                 try:
                     self._client = SwitchClient(self.address, self.job, self._world(), self.rank,
                                                 config=self.config, timeout=self.timeout,
-                                                token=self._token)
+                                                token=self._token, lane_bits=self.lane_bits)
                 except SwitchError as exc:
                     self.error = exc
                     raise
+                if self.bits > self._client.lane_bits:  # the switch's default lanes are narrower
+                    client, self._client = self._client, None
+                    client.close(reason="budget wider than the job's lanes")
+                    self.error = ConfigError(
+                        f"bits={self.bits}: the switch gave job {self.job!r} "
+                        f"{client.lane_bits}-bit lanes (its --lane-bits); a {self.bits}-bit "
+                        f"budget would wrap them: pass bits <= {client.lane_bits} or "
+                        f"lane_bits={self.bits}", field="bits", value=self.bits)
+                    raise self.error
                 self.world_size, self.rank = self._client.world_size, self._client.rank
             return self._client
 

@@ -10,12 +10,13 @@
 Pure math: no I/O, no rounding, no communication.
 """
 
-from switchagg.scaling.budget import VALID_BITS, clip_bounds, max_magnitude
+from switchagg.scaling.budget import VALID_BITS, budget_for_lanes, clip_bounds, max_magnitude
 from switchagg.scaling.exact_norm import float_sq_norm
 from switchagg.scaling.heuristic import block_scales, global_exponent, global_scale
 from switchagg.scaling.intsgd import ALPHA_MAX, AlphaScaler
 from switchagg.scaling.lookahead import NO_EXPONENT, lookahead_fill, lookahead_numel, lookahead_sums
 
-__all__ = ["AlphaScaler", "ALPHA_MAX", "VALID_BITS", "clip_bounds", "max_magnitude",
+__all__ = ["AlphaScaler", "ALPHA_MAX", "VALID_BITS", "budget_for_lanes", "clip_bounds",
+           "max_magnitude",
            "block_scales", "global_exponent", "global_scale", "NO_EXPONENT", "lookahead_fill",
            "lookahead_numel", "lookahead_sums", "float_sq_norm"]
