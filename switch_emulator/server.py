@@ -195,7 +195,8 @@ class SwitchServer:
         if self.config.pipes > 1:
             try:
                 self.pipes = PipeSet(self.config.pipes, self.config.bind, self.config.hwm,
-                                     self.context)
+                                     self.context, self.config.peer_queue_bytes,
+                                     self.config.liveness_timeout, self.config.curve_secret_file)
             except BaseException:
                 sock.close(linger=0)
                 raise
@@ -505,10 +506,23 @@ class SwitchServer:
         return False
 
     def _pipe_reports(self) -> None:
-        """Abort the jobs whose calls a pipe found mispaired (as `_on_data` does for its own)."""
+        """Abort the jobs whose calls a pipe found mispaired (as `_on_data` does for its own),
+        or with a member that has not read its results there (as `_within_budget` does)."""
         for report in self.pipes.reports():
             job = self.control.jobs.get(report.get("job_id"))
             if job is None:
+                continue
+            if report["op"] == "not_reading":
+                rank = report.get("rank")
+                try:
+                    seconds, queued = float(report["seconds"]), int(report["queued"])
+                except (KeyError, TypeError, ValueError):
+                    continue
+                self._send_replies(self.control.abort(
+                    job, f"rank {rank} of job {job.name!r} has not read its results from a "
+                    f"dataplane pipe for {seconds:.1f} s ({queued / 2**20:.1f} MiB queued, the "
+                    f"most one peer may hold: --peer-queue-bytes {self.queues.budget})",
+                    rank if isinstance(rank, int) else None))
                 continue
             try:
                 found = Mispaired(*(int(report[name]) for name in Mispaired._fields))
