@@ -429,8 +429,10 @@ def run_pipe(index: int, count: int, bind: str, control_address: str, hwm: int,
     # Ctrl-C at a terminal reaches the whole process group: the main process stops the pipes.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from switch_emulator._alloc import start_trimming
     from switch_emulator.dataplane import warm_up
 
+    start_trimming()  # as the main process does (switch_emulator/_alloc.py)
     ctx = zmq.Context()
     control = ctx.socket(zmq.PAIR)
     control.connect(control_address)
