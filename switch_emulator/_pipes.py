@@ -438,7 +438,7 @@ def run_pipe(index: int, count: int, bind: str, control_address: str, hwm: int,
     control.connect(control_address)
     sock = ctx.socket(zmq.ROUTER)
     for option, value in ((zmq.SNDHWM, hwm), (zmq.RCVHWM, hwm), (zmq.ROUTER_MANDATORY, 1),
-                          (zmq.LINGER, 500)):
+                          (zmq.LINGER, 500), (zmq.MAXMSGSIZE, MAX_BURST_BYTES)):
         sock.setsockopt(option, value)
     try:
         if curve_secret_file:  # the switch's own key pair: workers reach pipes as the switch

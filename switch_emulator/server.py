@@ -179,6 +179,9 @@ class SwitchServer:
         # A worker that reconnects (a TCP reset) comes back with its identity: the new
         # connection takes the identity over, so the switch still knows its rank.
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        # No valid frame is larger than a burst: libzmq drops a peer that announces more before
+        # buffering it (a 4 GiB frame would otherwise be 4 GiB of this process).
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_BURST_BYTES)
         sock.setsockopt(zmq.LINGER, int(self.config.linger * 1000))
         if self.config.curve_secret_file:
             from switch_emulator._keys import server_options

@@ -434,3 +434,39 @@ def test_pipes_with_a_token_and_curve_give_exact_sums_and_refuse_keyless_peers(t
         stop.set()
         thread.join(10)
     assert not thread.is_alive()
+
+
+def test_a_frame_larger_than_any_burst_never_reaches_the_switch_or_a_pipe():
+    """libzmq drops a peer whose frame exceeds MAX_BURST_BYTES (ZMQ_MAXMSGSIZE) before buffering
+    it: no ERROR comes back (the control plane never saw the frame, which it would answer), and
+    the switch serves the next job."""
+    from switchagg.packet import MAX_BURST_BYTES
+    config = SwitchConfig(bind=f"tcp://127.0.0.1:{free_port()}", stats_interval=0, linger=0.0,
+                          pipes=2, log_level="WARNING")
+    server = SwitchServer(config)
+    server.bind()
+    stop = threading.Event()
+    thread = threading.Thread(target=server.run, args=(stop,), daemon=True)
+    thread.start()
+    ctx = zmq.Context()
+    try:
+        for endpoint in (server.endpoint, *server.pipes.endpoints):
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(endpoint)
+            sock.send_multipart([FRAME_CONTROL, b"{" + b" " * MAX_BURST_BYTES + b"}"])
+            assert not sock.poll(500), endpoint
+            sock.close()
+        sock = ctx.socket(zmq.DEALER)   # the same bytes under the cap are answered (main socket)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(server.endpoint)
+        sock.send_multipart([FRAME_CONTROL, b"{" + b" " * (MAX_BURST_BYTES - 2) + b"}"])
+        assert reply(sock).code == "malformed"
+        with SwitchClient(server.endpoint, "after", 1, config=CONFIG) as client:
+            x = np.arange(300, dtype=np.int32)
+            np.testing.assert_array_equal(client.allreduce(x), x)
+    finally:
+        ctx.destroy(linger=0)
+        stop.set()
+        thread.join(10)
+    assert not thread.is_alive()
