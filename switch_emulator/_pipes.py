@@ -234,7 +234,7 @@ class _PipeJob:
     k: int
     slots: int
     calls: CallCheck | None = None                             # the job's call check here
-    failed: bool = False                                       # mispaired: reported, data dropped
+    failed: bool = False              # mispaired or not reading: reported, data dropped
     keys: dict[int, str] = field(default_factory=dict)         # rank -> key
     members: dict[int, bytes] = field(default_factory=dict)    # rank -> identity on this pipe
     counters: dict[str, int] = field(default_factory=dict)
