@@ -11,8 +11,10 @@ carry a job token: refused), and a one-worker job it floods with bursts. The hon
 random-length vectors in a loop and check every sum against the exact one; their job (with a job
 token) is running before the rogue starts. Every 5 s the monitor
 samples the switch's RSS and asks it (`--probe`'s summary) for its counters. The script prints one
-JSON line of figures and exits 0 if every honest all-reduce was exact, none failed, the switch is
-alive and its RSS stayed under --rss-bound-mib.
+JSON line of figures (the RSS every 30 s among them) and exits 0 if every honest all-reduce was
+exact, none failed, the switch is alive and its RSS stayed under --rss-bound-mib. To see what holds
+the switch's memory, run with SWITCHAGG_TRACEMALLOC=FILE (switch_emulator/_memtrace.py; it slows
+the switch several times); --switch-args passes more options to it.
 """
 
 from __future__ import annotations
