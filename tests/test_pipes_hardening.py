@@ -145,7 +145,7 @@ def test_pipe_counts_every_malformed_message_and_still_sums(rig):
     assert not w.poll(100)   # nothing of that was summed
     r.deliver(w, FRAME_DATA, *split_burst(burst(0)))                  # a good one
     assert w.poll(2000)
-    kind, h, v = w.recv_multipart()
+    kind, _, v = w.recv_multipart()
     assert kind == FRAME_DATA
     np.testing.assert_array_equal(np.frombuffer(v, "<i4"), np.ones(8 * K, np.int32))
 
@@ -322,7 +322,7 @@ def test_pipes_memory_stays_bounded_with_a_peer_that_never_reads(spawn):
     but never reads. The pipes' RSS grows by at most the byte budget plus slack, the peer's
     job is aborted for not reading, and another job is served through the pipes meanwhile."""
     address = f"tcp://127.0.0.1:{free_port()}"
-    budget = int(os.environ.get("SWITCHAGG_TEST_BUDGET", 8 << 20))  # set it huge to see the leak
+    budget = int(os.environ.get("SWITCHAGG_TEST_BUDGET", str(8 << 20)))  # huge: see the leak
     proc = spawn([PYTHON, "-m", "switch_emulator", "--bind", address, "--log-level", "WARNING",
                   "--pipes", "2", "--liveness-timeout", "2", "--heartbeat-interval", "0.2",
                   "--peer-queue-bytes", str(budget), "--stats-interval", "0"])
@@ -375,7 +375,7 @@ def test_pipes_memory_stays_bounded_with_a_peer_that_never_reads(spawn):
         abort = None
         while abort is None and time.monotonic() < deadline:
             if main.poll(200):
-                kind, body = main.recv_multipart()
+                _, body = main.recv_multipart()
                 message = decode_control(body)
                 if type(message).__name__ == "Abort":
                     abort = message
