@@ -146,9 +146,9 @@ class SwitchConfig:
         "job's slots and its own socket, workers stripe their chunks across them; joins, "
         "liveness and aborts stay with this process. 1 runs the dataplane in this process. "
         "Needs the fast dataplane and no loss injection. Each pipe runs the call-number check "
-        "and drops results a worker does not read (its socket's high-water mark bounds what it "
-        "queues) but not the per-peer byte budget, and its sockets have no CURVE: --pipes > 1 "
-        "is refused with --token, --token-file or --curve-secret-file.",
+        "and the per-worker byte budget (--peer-queue-bytes); with --curve-secret-file its "
+        "socket is a CURVE server with the same key, and it admits only connections that "
+        "greet it with the key of a JOIN_OK (which --token guards).",
         "2")
     lane_bits: int = _opt(
         DEFAULT_LANE_BITS,
@@ -225,12 +225,6 @@ class SwitchConfig:
                                or self.bind.startswith("inproc://")):
             raise bad("pipes", "more than one pipe needs the fast dataplane, no loss injection "
                                "(--drop-*, --duplicate, --reorder) and a tcp:// or ipc:// bind")
-        if self.pipes > 1 and (self.token or self.curve_secret_file):
-            # A pipe's data socket is plain (no CURVE) and admits anyone holding the pipe key
-            # from a JOIN_OK: neither the token's nor CURVE's promise would hold on it.
-            raise bad("pipes", "more than one pipe does not support --token/--token-file or "
-                               "--curve-secret-file yet (the pipes' data sockets are neither "
-                               "encrypted nor token-checked); run with --pipes 1")
 
     @property
     def loss_enabled(self) -> bool:

@@ -4,7 +4,8 @@ grow the switch's memory.
 What it owns: per peer identity, the result frames handed to ZeroMQ and not yet released by it
 (written to the kernel, or dropped with the connection), their bytes, and since when the peer has
 been over its budget. What it must never do: send, or decide a job's fate (the server asks
-`over_since` and aborts the job).
+`over_since` and aborts the job; a dataplane pipe, `_pipes`, keeps its own accounts and reports
+such a peer to the server).
 
 Why bytes: ZeroMQ's high-water mark counts messages, and a result burst is anywhere from 1 to 4096
 packets (up to MAX_BURST_BYTES), so a peer that heartbeats but never reads held gigabytes within

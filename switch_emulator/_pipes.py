@@ -33,11 +33,17 @@ Liveness needs nothing from the pipes: workers heartbeat the main socket whateve
 Each pipe runs the call check (`_callseq`) on its slots; a mispaired call is reported to the main
 process on the control channel (`mispaired`), which aborts the job as it does for its own socket
 (within its liveness tick, 0.1 s), and the pipe drops the job's data meanwhile.
+What a pipe queues for a worker is bounded in bytes as on the main socket (`_peerqueue`, the
+same --peer-queue-bytes): past it results are dropped (counted results_refused; the worker
+recovers them by retransmission), and a worker over it for the liveness timeout is reported
+(`not_reading`) and its job aborted by the main process with that reason, while other jobs go on.
+A message a pipe cannot use (ungreeted, wrong frames, oversized, truncated, another job's or
+rank's packets, slots out of its range) is dropped and counted, never a crash. Security: with
+--curve-secret-file each pipe's socket is a CURVE server with the switch's key pair; --token
+guards JOIN, the only way to learn a pipe key (8 random bytes per worker, compared in constant
+time), so a pipe admits only workers the main socket admitted.
 Limits: no loss injection in pipes (the config refuses it); the main process's STATS counts
-control traffic only, and each pipe logs its data counters when it stops. Not hardened yet: a
-pipe's results for a worker are bounded by the socket's high-water mark (messages, not the
-per-peer byte budget of `_peerqueue`), and a pipe's data socket has no CURVE and is admitted by
-the pipe key alone, so the config refuses --pipes > 1 with a token or CURVE.
+control traffic only, and each pipe logs its data counters when it stops.
 """
 
 from __future__ import annotations
@@ -51,13 +57,15 @@ import shutil
 import signal
 import tempfile
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
 import zmq
 
 from switch_emulator._callseq import CallCheck
-from switchagg.packet import MAX_BURST_BYTES, SLOT_MASK, parse_split, pipe_bounds
+from switch_emulator._peerqueue import DEFAULT_BUDGET, PeerQueues
+from switchagg.packet import MAX_BURST_BYTES, SLOT_MASK, packet_bytes, parse_split, pipe_bounds
 from switchagg.protocol import (FRAME_CONTROL, FRAME_DATA, Error, PipeHello, PipeHelloOk,
                                 decode_control, encode_control)
 from switchagg.errors import ProtocolError
@@ -72,6 +80,11 @@ START_TIMEOUT = 60.0
 STOP_TIMEOUT = 5.0
 POLL_MS = 100
 MAX_BATCH = 256
+#: Greetings kept while their `member` is on its way (a worker's PIPE_HELLO can overtake it by a
+#: poll or two); past this many the oldest is forgotten, so greetings from ever-new identities
+#: (a rogue's) cannot grow a pipe's memory. A worker whose greeting was forgotten times out in
+#: `PipeLinks.wait_ready` with a message naming the pipe.
+MAX_WAITING = 256
 _NOBLOCK = int(zmq.NOBLOCK)
 _NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 
@@ -92,12 +105,19 @@ class PipeSet:
         bind: the switch's endpoint (each pipe binds beside it, see `pipe_bind`).
         hwm: the pipes' high-water marks (SwitchConfig.hwm).
         context: the ZeroMQ context for the control sockets.
+        budget: bytes of results a pipe may hold queued for one worker (`_peerqueue`).
+        liveness_timeout: seconds a worker may stay over that budget before its pipe reports
+            it (`not_reading`) and the main process aborts its job.
+        curve_secret_file: the switch's CURVE secret key: the pipes' sockets are CURVE servers
+            with it too ("" for plain sockets).
 
     Raises:
         RuntimeError: a pipe did not start, or could not bind, within START_TIMEOUT.
     """
 
-    def __init__(self, pipes: int, bind: str, hwm: int, context: zmq.Context) -> None:
+    def __init__(self, pipes: int, bind: str, hwm: int, context: zmq.Context,
+                 budget: int = DEFAULT_BUDGET, liveness_timeout: float = 3.0,
+                 curve_secret_file: str = "") -> None:
         self.count = pipes
         self._folder = tempfile.mkdtemp(prefix="switchagg-pipes-")
         self._keys: dict[tuple[int, int], str] = {}
@@ -115,7 +135,8 @@ class PipeSet:
                 self._controls.append(control)
                 proc = ctx.Process(target=run_pipe, name=f"switch-pipe-{p}", daemon=True,
                                    args=(p, pipes, pipe_bind(bind, p), address, hwm,
-                                         logging.getLogger().level))
+                                         logging.getLogger().level, budget,
+                                         liveness_timeout, curve_secret_file))
                 proc.start()
                 self._procs.append(proc)
             deadline = time.monotonic() + START_TIMEOUT
@@ -157,8 +178,9 @@ class PipeSet:
             self._tell({"op": "drop", "job_id": job_id})
 
     def reports(self) -> list[dict]:
-        """What the pipes reported since the last call (without waiting): `mispaired` messages,
-        each a job whose calls drifted apart on a pipe (`_callseq.Mispaired`'s fields)."""
+        """What the pipes reported since the last call (without waiting): `mispaired` messages
+        (a job whose calls drifted apart on a pipe: `_callseq.Mispaired`'s fields) and
+        `not_reading` ones (job_id, rank, seconds over budget, bytes queued, budget)."""
         found = []
         for control in self._controls:
             for _ in range(64):
@@ -170,7 +192,8 @@ class PipeSet:
                     message = json.loads(body)
                 except ValueError:
                     continue
-                if isinstance(message, dict) and message.get("op") == "mispaired":
+                if isinstance(message, dict) and message.get("op") in ("mispaired",
+                                                                        "not_reading"):
                     found.append(message)
         return found
 
@@ -205,13 +228,15 @@ class PipeSet:
 
 @dataclass
 class _PipeJob:
+    job_id: int
     dataplane: object
     lo: int
     hi: int
     k: int
+    slots: int
     lane_bits: int = 32                                        # the job's lane width
     calls: CallCheck | None = None                             # the job's call check here
-    failed: bool = False                                       # mispaired: reported, data dropped
+    failed: bool = False              # mispaired or not reading: reported, data dropped
     keys: dict[int, str] = field(default_factory=dict)         # rank -> key
     members: dict[int, bytes] = field(default_factory=dict)    # rank -> identity on this pipe
     counters: dict[str, int] = field(default_factory=dict)
@@ -223,7 +248,8 @@ class _PipeJob:
 class _Pipe:
     """One pipe's state and loop (runs in its own process; see the module essay)."""
 
-    def __init__(self, index: int, count: int, sock: zmq.Socket, control: zmq.Socket) -> None:
+    def __init__(self, index: int, count: int, sock: zmq.Socket, control: zmq.Socket,
+                 budget: int = DEFAULT_BUDGET, liveness_timeout: float = 3.0) -> None:
         from switch_emulator.dataplane import make_dataplane
 
         self.index, self.count = index, count
@@ -231,7 +257,9 @@ class _Pipe:
         self.make_dataplane = make_dataplane
         self.jobs: dict[int, _PipeJob] = {}
         self.peers: dict[bytes, tuple[int, int]] = {}   # identity -> (job_id, rank)
-        self.waiting: dict[bytes, PipeHello] = {}       # greetings ahead of their `member`
+        self.waiting: OrderedDict[bytes, PipeHello] = OrderedDict()  # ahead of their `member`
+        self.queues = PeerQueues(budget)                # results queued per identity, in bytes
+        self.liveness_timeout = liveness_timeout
 
     def on_control(self, message: dict) -> bool:
         """One message from the main process; False on `stop`."""
@@ -246,9 +274,9 @@ class _Pipe:
                 lo, hi = pipe_bounds(slots, self.count)[self.index:self.index + 2]
                 lane_bits = message.get("lane_bits", 32)
                 job = self.jobs[job_id] = _PipeJob(
-                    self.make_dataplane("fast", message["world_size"], slots, message["k"],
-                                        lane_bits=lane_bits),
-                    int(lo), int(hi), message["k"], lane_bits, CallCheck(slots))
+                    job_id, self.make_dataplane("fast", message["world_size"], slots, message["k"],
+                                                lane_bits=lane_bits),
+                    int(lo), int(hi), message["k"], slots, lane_bits, CallCheck(slots))
             job.keys[message["rank"]] = message["key"]
             for identity, hello in list(self.waiting.items()):
                 if hello.job_id == job_id and hello.rank == message["rank"]:
@@ -260,12 +288,17 @@ class _Pipe:
                 log.info("pipe %d: job %d counters %s", self.index, message["job_id"],
                          json.dumps(job.counters, sort_keys=True))
                 self.peers = {i: jr for i, jr in self.peers.items() if jr[0] != message["job_id"]}
+                for identity in job.members.values():
+                    self.queues.forget(identity)
         return True
 
     def greet(self, identity: bytes, hello: PipeHello) -> None:
         job = self.jobs.get(hello.job_id)
         if job is None or hello.rank not in job.keys:
             self.waiting[identity] = hello  # its `member` is on the way
+            self.waiting.move_to_end(identity)
+            while len(self.waiting) > MAX_WAITING:
+                self.waiting.popitem(last=False)
             return
         if not secrets.compare_digest(job.keys[hello.rank], hello.key):
             self.reply(identity, Error("rejected", f"pipe {self.index}: wrong key for rank "
@@ -300,7 +333,9 @@ class _Pipe:
             job.count("malformed_frames")
             return
         hb, vb = frames[2].buffer, frames[3].buffer
-        if hb.nbytes + vb.nbytes > MAX_BURST_BYTES:
+        # As on the main socket: never more than the job's slots, whatever the layout.
+        if hb.nbytes + vb.nbytes > min(MAX_BURST_BYTES,
+                                       job.slots * packet_bytes(job.k, job.lane_bits)):
             job.count("oversized")
             return
         heads, vals, bad = parse_split(hb, vb, job.k, job.lane_bits)
@@ -319,32 +354,59 @@ class _Pipe:
         if mispaired is not None:  # the main process aborts the job, naming both calls
             job.failed = True
             job.count("mispaired")
-            try:
-                self.control.send(json.dumps({"op": "mispaired", "job_id": found[0],
-                                              **mispaired._asdict()}).encode(), _NOBLOCK)
-            except zmq.ZMQError:
-                pass
+            self.report({"op": "mispaired", "job_id": found[0], **mispaired._asdict()})
             return
         out, bad = job.dataplane.receive_split_checked(heads, vals, found[1], found[0])
         for reason, n in bad.items():
             job.count(reason, n)
-        if len(out.mc_heads):
-            frames_out = (zmq.Frame(out.mc_heads), zmq.Frame(out.mc_vals))
-            for identity_out in job.members.values():
-                self.send_data(job, identity_out, frames_out)
+        if len(out.mc_heads):  # one pair of tracked zero-copy frames for every member
+            frames_out = (zmq.Frame(out.mc_heads, copy=False, track=True),
+                          zmq.Frame(out.mc_vals, copy=False, track=True))
+            for rank_out, identity_out in list(job.members.items()):
+                self.send_data(job, rank_out, identity_out, frames_out)
         if len(out.uc_heads):
-            self.send_data(job, identity, (out.uc_heads, out.uc_vals))
+            self.send_data(job, found[1], identity,
+                           (zmq.Frame(out.uc_heads, copy=False, track=True),
+                            zmq.Frame(out.uc_vals, copy=False, track=True)))
 
-    def send_data(self, job: _PipeJob, identity: bytes, bodies) -> None:
+    def send_data(self, job: _PipeJob, rank: int, identity: bytes,
+                  frames: tuple[zmq.Frame, zmq.Frame]) -> None:
+        """Send within the member's byte budget (`_peerqueue`, as the main socket does); a
+        member over it for the liveness timeout does not read: reported to the main process,
+        which aborts the job, and the job's data is dropped here meanwhile."""
+        nbytes = len(frames[0].buffer) + len(frames[1].buffer)
+        now = time.monotonic()
+        if not self.queues.admit(identity, nbytes, now):
+            job.count("results_refused")
+            since = self.queues.over_since(identity)
+            if since is not None and now - since > self.liveness_timeout and not job.failed:
+                job.failed = True
+                self.report({"op": "not_reading", "job_id": job.job_id, "rank": rank,
+                             "seconds": round(now - since, 1),
+                             "queued": self.queues.queued(identity),
+                             "budget": self.queues.budget})
+            return
         try:
             self.sock.send(identity, _NOBLOCK_MORE)
             self.sock.send(FRAME_DATA, _NOBLOCK_MORE)
-            self.sock.send(bodies[0], _NOBLOCK_MORE, copy=False)
-            self.sock.send(bodies[1], _NOBLOCK, copy=False)
+            self.sock.send(frames[0], _NOBLOCK_MORE, copy=False)
+            self.sock.send(frames[1], _NOBLOCK, copy=False)
         except zmq.ZMQError as exc:  # gone or full: the control plane's liveness decides
             job.count("send_failures")
             if exc.errno == errno.EHOSTUNREACH:
                 self.peers.pop(identity, None)
+                self.queues.forget(identity)
+            return
+        for frame in frames:
+            self.queues.sent(identity, frame.tracker, len(frame.buffer))
+
+    def report(self, message: dict) -> None:
+        """Tell the main process (never blocks: a full channel loses the report, and the
+        job's liveness still ends it)."""
+        try:
+            self.control.send(json.dumps(message).encode(), _NOBLOCK)
+        except zmq.ZMQError:
+            pass
 
     def run(self) -> None:
         poller = zmq.Poller()
@@ -366,27 +428,35 @@ class _Pipe:
 
 
 def run_pipe(index: int, count: int, bind: str, control_address: str, hwm: int,
-             log_level: int = logging.WARNING) -> None:
+             log_level: int = logging.WARNING, budget: int = DEFAULT_BUDGET,
+             liveness_timeout: float = 3.0, curve_secret_file: str = "") -> None:
     """Body of pipe process `index` of `count`: bind, report the endpoint, serve until `stop`."""
     # Ctrl-C at a terminal reaches the whole process group: the main process stops the pipes.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from switch_emulator._alloc import start_trimming
     from switch_emulator.dataplane import warm_up
 
+    start_trimming()  # as the main process does (switch_emulator/_alloc.py)
     ctx = zmq.Context()
     control = ctx.socket(zmq.PAIR)
     control.connect(control_address)
     sock = ctx.socket(zmq.ROUTER)
     for option, value in ((zmq.SNDHWM, hwm), (zmq.RCVHWM, hwm), (zmq.ROUTER_MANDATORY, 1),
-                          (zmq.LINGER, 500)):
+                          (zmq.LINGER, 500), (zmq.MAXMSGSIZE, MAX_BURST_BYTES)):
         sock.setsockopt(option, value)
     try:
+        if curve_secret_file:  # the switch's own key pair: workers reach pipes as the switch
+            from switch_emulator._keys import server_options
+            server_options(sock, curve_secret_file)
         warm_up("fast")  # before binding: no worker waits on a compile
         sock.bind(bind)
         control.send(json.dumps({"endpoint": sock.getsockopt_string(zmq.LAST_ENDPOINT)}).encode())
-        _Pipe(index, count, sock, control).run()
+        _Pipe(index, count, sock, control, budget, liveness_timeout).run()
     except zmq.ZMQError as exc:
         control.send(json.dumps({"error": f"cannot bind {bind}: {exc}"}).encode())
+    except (ValueError, RuntimeError) as exc:  # an unusable CURVE key file
+        control.send(json.dumps({"error": str(exc)}).encode())
     finally:
         sock.close(linger=500)
         control.close(linger=0)

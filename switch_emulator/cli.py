@@ -129,7 +129,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--{exc.field.replace('_', '-')}: {exc}")
     logging.basicConfig(level=getattr(logging, config.log_level),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from switch_emulator._alloc import start_trimming
+    from switch_emulator._memtrace import start_from_env
     from switch_emulator.server import SwitchServer  # after logging is set, so binding is logged
+
+    if start_from_env():  # SWITCHAGG_TRACEMALLOC=PATH: a soak's memory figures (slow)
+        log.warning("tracing memory allocations (SWITCHAGG_TRACEMALLOC): slower than usual")
+    start_trimming()  # freed buffers go back to the system (switch_emulator/_alloc.py)
 
     server = SwitchServer(config)
     try:

@@ -183,6 +183,9 @@ class SwitchServer:
         # A worker that reconnects (a TCP reset) comes back with its identity: the new
         # connection takes the identity over, so the switch still knows its rank.
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        # No valid frame is larger than a burst: libzmq drops a peer that announces more before
+        # buffering it (a 4 GiB frame would otherwise be 4 GiB of this process).
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_BURST_BYTES)
         sock.setsockopt(zmq.LINGER, int(self.config.linger * 1000))
         if self.config.curve_secret_file:
             from switch_emulator._keys import server_options
@@ -199,7 +202,8 @@ class SwitchServer:
         if self.config.pipes > 1:
             try:
                 self.pipes = PipeSet(self.config.pipes, self.config.bind, self.config.hwm,
-                                     self.context)
+                                     self.context, self.config.peer_queue_bytes,
+                                     self.config.liveness_timeout, self.config.curve_secret_file)
             except BaseException:
                 sock.close(linger=0)
                 raise
@@ -510,10 +514,23 @@ class SwitchServer:
         return False
 
     def _pipe_reports(self) -> None:
-        """Abort the jobs whose calls a pipe found mispaired (as `_on_data` does for its own)."""
+        """Abort the jobs whose calls a pipe found mispaired (as `_on_data` does for its own),
+        or with a member that has not read its results there (as `_within_budget` does)."""
         for report in self.pipes.reports():
             job = self.control.jobs.get(report.get("job_id"))
             if job is None:
+                continue
+            if report["op"] == "not_reading":
+                rank = report.get("rank")
+                try:
+                    seconds, queued = float(report["seconds"]), int(report["queued"])
+                except (KeyError, TypeError, ValueError):
+                    continue
+                self._send_replies(self.control.abort(
+                    job, f"rank {rank} of job {job.name!r} has not read its results from a "
+                    f"dataplane pipe for {seconds:.1f} s ({queued / 2**20:.1f} MiB queued, the "
+                    f"most one peer may hold: --peer-queue-bytes {self.queues.budget})",
+                    rank if isinstance(rank, int) else None))
                 continue
             try:
                 found = Mispaired(*(int(report[name]) for name in Mispaired._fields))

@@ -9,7 +9,9 @@ How it works: `PipeLinks` connects and greets every pipe at once; `wait_ready` w
 every PIPE_HELLO_OK, so no data leaves before a pipe knows the connection's rank. `route` maps a
 burst to its pipe by its first packet's slot; a burst that straddles ranges (only resends can: they
 are gathered by chunk order) is split by pipe, copies, as resends are anyway. Results come back on
-the pipe sockets as split messages; the client's engine drains them like the main socket.
+the pipe sockets as split messages; the client's engine drains them like the main socket. With
+CURVE each pipe socket is a CURVE client of the switch's public key, as the main socket is (the
+pipes run with the switch's key pair).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import time
 import numpy as np
 import zmq
 
+from switchagg._curve import client_options
 from switchagg.errors import JoinRejected, SwitchTimeout
 from switchagg.packet import SLOT_MASK, pipe_bounds
 from switchagg.protocol import (FRAME_CONTROL, Error, PipeHello, PipeHelloOk, decode_control,
@@ -49,10 +52,12 @@ class PipeLinks:
         switch_address: where the client reaches the switch (for pipes bound on every interface).
         job_id, rank, key: from JOIN_OK.
         slots: the job's slots (the ranges come from `packet.pipe_bounds`).
+        server_key: the switch's CURVE public key (the pipes use the switch's key pair), or
+            None for plain sockets.
     """
 
     def __init__(self, context: zmq.Context, endpoints, switch_address: str, job_id: int,
-                 rank: int, key: str, slots: int) -> None:
+                 rank: int, key: str, slots: int, server_key: bytes | None = None) -> None:
         self.bounds = pipe_bounds(slots, len(endpoints))
         self.sockets: list[zmq.Socket] = []
         self.endpoints = [_reachable(e, switch_address) for e in endpoints]
@@ -62,6 +67,8 @@ class PipeLinks:
             sock = context.socket(zmq.DEALER)
             for option, value in ((zmq.SNDHWM, HWM), (zmq.RCVHWM, HWM), (zmq.LINGER, 0)):
                 sock.setsockopt(option, value)
+            if server_key is not None:
+                client_options(sock, server_key)
             sock.connect(endpoint)
             sock.send_multipart([FRAME_CONTROL, hello])
             self.sockets.append(sock)

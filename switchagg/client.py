@@ -550,7 +550,7 @@ class SwitchClient:
                                       pipes=max(1, len(msg.pipes)), lane_bits=msg.lane_bits)
         if msg.pipes:  # `switch-emulator --pipes P`: greet every pipe now, wait for them below
             self._pipes = PipeLinks(self._ctx, msg.pipes, addr, msg.job_id, msg.rank,
-                                    msg.pipe_key, msg.slots)
+                                    msg.pipe_key, msg.slots, self._server_key)
         # Wait for READY, heartbeating so that the switch does not count us dead meanwhile.
         deadline = time.monotonic() + cfg.join_timeout
         next_heartbeat = 0.0

@@ -11,8 +11,10 @@ carry a job token: refused), and a one-worker job it floods with bursts. The hon
 random-length vectors in a loop and check every sum against the exact one; their job (with a job
 token) is running before the rogue starts. Every 5 s the monitor
 samples the switch's RSS and asks it (`--probe`'s summary) for its counters. The script prints one
-JSON line of figures and exits 0 if every honest all-reduce was exact, none failed, the switch is
-alive and its RSS stayed under --rss-bound-mib.
+JSON line of figures (the RSS every 30 s among them) and exits 0 if every honest all-reduce was
+exact, none failed, the switch is alive and its RSS stayed under --rss-bound-mib. To see what holds
+the switch's memory, run with SWITCHAGG_TRACEMALLOC=FILE (switch_emulator/_memtrace.py; it slows
+the switch several times); --switch-args passes more options to it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import json
 import multiprocessing as mp
 import os
 import random
+import shlex
 import socket
 import subprocess
 import sys
@@ -184,13 +187,16 @@ def main() -> int:
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--rss-bound-mib", type=float, default=1024.0,
                         help="fail if the switch's RSS ever exceeds this")
+    parser.add_argument("--switch-args", default="",
+                        help="more switch-emulator options, e.g. '--hwm 1000' (one string)")
     args = parser.parse_args()
     address = f"tcp://127.0.0.1:{free_port()}"
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     switch = subprocess.Popen(
         [sys.executable, "-m", "switch_emulator", "--bind", address, "--log-level", "ERROR",
          "--liveness-timeout", "5", "--heartbeat-interval", "0.5", "--join-timeout", "10",
-         "--peer-queue-bytes", str(16 << 20), "--stats-interval", "0"], env=env)
+         "--peer-queue-bytes", str(16 << 20), "--stats-interval", "0",
+         *shlex.split(args.switch_args)], env=env)
     try:
         for _ in range(300):
             try:
@@ -232,6 +238,7 @@ def main() -> int:
             "switch_alive": switch.poll() is None,
             "rss_mib_first": rss[0] if rss else None, "rss_mib_max": max(rss) if rss else None,
             "rss_mib_last": rss[-1] if rss else None,
+            "rss_mib_every_30s": [round(v) for v in rss[::6]],
             "switch": {key: stats.get(key) for key in (
                 "malformed", "control_errors", "unknown_sender", "joins", "jobs_created",
                 "jobs_aborted", "jobs_expired", "internal_errors", "mispaired")},

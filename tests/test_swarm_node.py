@@ -314,3 +314,74 @@ def test_a_killed_peer_is_skipped_and_reported_and_the_others_finish(spawn, tmp_
     # the survivors kept averaging among themselves: their models are close
     models = np.array([res["model"] for res in results])
     assert np.abs(models - models.mean(0)).max() < 1e-3
+
+# ------------------------------------------------------------------- bounds on what peers send
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_a_frame_larger_than_any_valid_message_never_reaches_the_node(swarm_factory):
+    """libzmq drops a connection whose frame exceeds `wire.max_frame` before buffering it: the
+    node never sees it (not even as malformed), and other peers go on."""
+    swarm = swarm_factory(np.random.default_rng(4).normal(size=(2, 10)), NodeConfig(quant="none"))
+    node = swarm.nodes[1]
+    assert wire.max_frame(10) == wire.HEADER.size
+    ctx = zmq.Context.instance()
+    raw = ctx.socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(node.address)
+    good = wire.to_frames(wire.Message(wire.Kind.EXCHANGE, 0, 1, model=np.zeros(10, np.float32)),
+                          job=wire.job_id("test"), world=2)
+    for _ in range(5):
+        raw.send_multipart([good[0], b"\0" * (8 << 20)])   # 8 MiB where 40 bytes are valid
+    time.sleep(0.3)
+    raw.close()
+    assert node.stats.messages_received == 0 and node.stats.errors == 0
+    assert swarm.nodes[0].interact(1) == "averaged"
+
+
+def test_a_peer_that_floods_requests_and_never_reads_holds_bounded_memory(swarm_factory):
+    """A peer sends full-model EXCHANGEs as fast as its socket takes them for 2 s and reads
+    nothing: the node's queues hold at most QUEUED messages each way, so this process grows by
+    far less than what was offered, and a third node still averages with the flooded one."""
+    from switchagg.swarm.node import QUEUED
+    d = 250_000   # 1 MB per full model
+    swarm = swarm_factory(np.zeros((3, d)), NodeConfig(quant="none", timeout=5.0))
+    flooded = swarm.nodes[1]
+    ctx = zmq.Context.instance()
+    rogue = ctx.socket(zmq.DEALER)
+    for option, value in ((zmq.LINGER, 0), (zmq.SNDHWM, 1), (zmq.RCVHWM, 1),
+                          (zmq.RCVBUF, 4096)):
+        rogue.setsockopt(option, value)
+    rogue.connect(flooded.address)
+    frames = wire.to_frames(wire.Message(wire.Kind.EXCHANGE, 2, 1, model=np.zeros(d, np.float32),
+                                         ttl_ms=5000), job=wire.job_id("test"), world=3)
+    before = _rss_bytes()
+    offered, deadline = 0, time.monotonic() + 2.0
+    while time.monotonic() < deadline:
+        try:
+            rogue.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            offered += 1
+        except zmq.Again:
+            time.sleep(0.001)
+    grown = _rss_bytes() - before
+    print(f"flood: {offered} requests of {4 * d / 2**20:.1f} MiB offered, served "
+          f"{flooded.stats.served}; RSS grew {grown / 2**20:.0f} MiB (bound per connection: "
+          f"{QUEUED} x {4 * d / 2**20:.1f} MiB each way)")
+    # Unbounded (libzmq's default queues of 1000 messages) it grew by over 600 MiB here.
+    assert grown < 128 << 20, grown
+    assert swarm.nodes[0].interact(1) == "averaged"   # bounded waits: others are still served
+    assert flooded.stats.errors == 0
+    rogue.close()
+
+
+def test_connect_refuses_an_address_that_is_not_an_endpoint(swarm_factory):
+    swarm = swarm_factory(np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="endpoint"):
+        swarm.nodes[0].connect({0: swarm.nodes[0].address, 1: "not an address"})

@@ -139,3 +139,23 @@ def test_local_host_keeps_loopback_on_loopback():
 def test_compare_rejects_a_bad_swarm_option_before_starting_workers():
     proc = _compare("--methods", "swarmsgd", "--opt", "quant=qsgd", timeout=60)
     assert proc.returncode == 2 and "quant" in proc.stderr and "lattice" in proc.stderr
+
+
+def test_gathering_leaves_out_a_final_model_of_the_wrong_size_or_with_nan():
+    """Rank 0 reads every final model from the store (a peer's bytes): one of the wrong size and
+    one with a NaN are left out of the average with a warning, not a crash or a NaN average."""
+    from switchagg.workers.swarm_train import _FlatModel, _gather_and_evaluate
+    task = make_task("digits", hidden=(8,))
+    model = task.build_model()
+    flat = _FlatModel([p for p in model.parameters() if p.requires_grad])
+    good = flat.read().astype(np.float32)
+    nan = good.copy()
+    nan[0] = np.nan
+    store = dist.HashStore()
+    for rank, vec in enumerate([good, good + 1, good[:-1], nan]):
+        store.set(f"j/model/{rank}", vec.tobytes())
+    import time
+    out = _gather_and_evaluate(task, model, flat, store, "j", 4, time.monotonic() + 10)
+    assert out["missing_ranks"] == [2, 3]
+    assert [e["rank"] for e in out["node_evaluations"]] == [0, 1]
+    np.testing.assert_allclose(flat.read(), good + 0.5, atol=1e-5)   # the average of 0 and 1

@@ -400,9 +400,27 @@ def _gather_and_evaluate(task: Task, model: torch.nn.Module, flat: _FlatModel, s
     """Rank 0: every final model from the store; evaluate each and their average."""
     keys = [f"{job}/model/{r}" for r in range(world_size)]
     missing = set(_wait_keys(store, keys, deadline))
-    ranks = [r for r in range(world_size) if keys[r] not in missing]
-    models = np.stack([np.frombuffer(store.get(keys[r]), dtype=np.float32).astype(np.float64)
-                       for r in ranks])
+    ranks, vectors = [], []
+    for r in range(world_size):
+        if keys[r] in missing:
+            continue
+        raw = store.get(keys[r])
+        # A peer's bytes: size and values checked before use, as on the gossip sockets.
+        vec = (np.frombuffer(raw, dtype="<f4").astype(np.float64)
+               if len(raw) == 4 * flat.numel else None)
+        if vec is None or not np.isfinite(vec).all():
+            log.warning("swarmsgd: rank %d's final model is malformed (%d bytes, expected %d, "
+                        "or non-finite values); left out of the average", r, len(raw),
+                        4 * flat.numel)
+            missing.add(keys[r])
+            continue
+        ranks.append(r)
+        vectors.append(vec)
+    if not vectors:  # rank 0's own is always there: only a bug gets here
+        from switchagg.errors import SwitchTimeout
+        raise SwitchTimeout(f"swarmsgd: no usable final model from any rank of job {job!r}",
+                            job=job)
+    models = np.stack(vectors)
     average = models.mean(0)
     metric, higher = task.metric, task.higher_is_better
     per_node = []

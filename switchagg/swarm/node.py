@@ -30,6 +30,16 @@ Every wait is bounded by `timeout`. A peer that does not answer in time is a tim
 go on. A request that arrives after its initiator gave up may still be served (averaging on one
 side only); `timeouts` counts the interactions where that can have happened.
 
+Bounds on what peers send (`_peer_socket`): every socket refuses a frame larger than the
+largest valid one (`wire.max_frame`: the header, or a full float32 model of this run's size;
+libzmq drops the peer's connection before buffering it), and queues at most `QUEUED` messages
+each way per connection (the protocol has at most two in flight: an interaction's request and
+its full-copy follow-up), so a peer that floods requests, or never reads its replies, holds at
+most QUEUED x max_frame bytes of this node per connection (a reply past it is dropped, as a lost
+one; the peer times out). What arrives is then checked field by field (`wire.from_frames`:
+sizes, kinds, ranks, job, finite values) before anything uses it; a bad one is counted and
+dropped. Addresses are checked when learnt (`connect`).
+
 The answering thread owns the ROUTER; the caller's thread owns the DEALERs (ZeroMQ sockets are not
 thread-safe). Counters are updated under a small lock of their own.
 """
@@ -45,6 +55,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import zmq
 
+from switchagg._limits import check_endpoint
 from switchagg.swarm import lattice
 from switchagg.swarm.settings import NodeConfig, NodeStats
 from switchagg.swarm.wire import (
@@ -54,12 +65,25 @@ from switchagg.swarm.wire import (
     WireError,
     from_frames,
     job_id,
+    max_frame,
     to_frames,
 )
 
 __all__ = ["NodeConfig", "NodeStats", "SwarmNode"]
 
 log = logging.getLogger("switchagg.swarm")
+
+#: Messages each socket queues per connection, each way (see the module essay).
+QUEUED = 8
+
+
+def _peer_socket(ctx: zmq.Context, kind: int, max_frame: int) -> zmq.Socket:
+    """A socket that talks to peers: frames bounded by `max_frame`, queues by QUEUED."""
+    sock = ctx.socket(kind)
+    for option, value in ((zmq.LINGER, 0), (zmq.MAXMSGSIZE, max_frame), (zmq.SNDHWM, QUEUED),
+                          (zmq.RCVHWM, QUEUED)):
+        sock.setsockopt(option, value)
+    return sock
 
 @dataclass
 class _Pending:
@@ -115,8 +139,8 @@ class SwarmNode:
         self._rng = np.random.default_rng(seed)               # peer choice (caller's thread)
         self._serve_rng = np.random.default_rng([seed, 1])    # rounding (answering thread)
         self._ctx = zmq.Context()
-        self._router = self._ctx.socket(zmq.ROUTER)
-        self._router.setsockopt(zmq.LINGER, 0)
+        self._max_frame = max_frame(self.numel)
+        self._router = _peer_socket(self._ctx, zmq.ROUTER, self._max_frame)
         port = self._router.bind_to_random_port(f"tcp://{host}")
         self.address = f"tcp://{host}:{port}"
         self._addresses: dict[int, str] = {}
@@ -136,9 +160,13 @@ class SwarmNode:
     # ---------------------------------------------------------------- lifecycle
 
     def connect(self, addresses) -> None:
-        """Learn the peers' addresses (rank -> address, a dict or a list indexed by rank)."""
+        """Learn the peers' addresses (rank -> address, a dict or a list indexed by rank).
+
+        Raises:
+            ValueError: an address is not a ZeroMQ endpoint, or a neighbour has none.
+        """
         items = addresses.items() if isinstance(addresses, dict) else enumerate(addresses)
-        self._addresses = {int(r): str(a) for r, a in items if int(r) != self.rank}
+        self._addresses = {int(r): check_endpoint(a) for r, a in items if int(r) != self.rank}
         missing = [j for j in self.neighbours if j not in self._addresses]
         if missing:
             raise ValueError(f"rank {self.rank}: no address for neighbour(s) {missing}")
@@ -228,8 +256,7 @@ class SwarmNode:
     def _dealer(self, peer: int) -> zmq.Socket:
         sock = self._dealers.get(peer)
         if sock is None:
-            sock = self._ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
+            sock = _peer_socket(self._ctx, zmq.DEALER, self._max_frame)
             # Queue nothing for a peer with no live connection: a send to a dead peer then
             # waits (bounded, on POLLOUT) instead of piling messages up for a ghost.
             sock.setsockopt(zmq.IMMEDIATE, 1)

@@ -60,6 +60,7 @@ __all__ = [
     "WireError",
     "from_frames",
     "job_id",
+    "max_frame",
     "to_frames",
 ]
 
@@ -116,6 +117,12 @@ class Message:
 def job_id(name: str) -> int:
     """The 32-bit job field for a job name."""
     return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=4).digest(), "little")
+
+
+def max_frame(numel: int) -> int:
+    """The largest frame a valid message of a run with `numel` coordinates has: the header, or
+    a full float32 model (a lattice code is never larger). Sockets refuse larger frames."""
+    return max(HEADER.size, 4 * int(numel))
 
 
 def to_frames(msg: Message, *, job: int, world: int) -> list[bytes]:
