@@ -236,6 +236,7 @@ def run_all(out: str, *, quick: bool, a5a: str | None, timeout: float = 300.0,
             with open(os.path.join(folder, "run.json"), "w") as f:
                 json.dump(res, f, default=str)
         res["folder"] = os.path.relpath(folder, out)
+        res["read_back"] = reused
         results.setdefault(run.name, []).append(res)
         took = time.monotonic() - t0
         left = max(left - cost(run), 0.0)
@@ -244,8 +245,13 @@ def run_all(out: str, *, quick: bool, a5a: str | None, timeout: float = 300.0,
         say(f"[{i}/{len(runs)}] {run.name} seed {seed}: {status} in {took:.0f} s "
             f"(elapsed {(time.monotonic() - started) / 60:.1f} min, "
             f"about {left / 60:.0f} min left)")
+    read_back = [e for entries in results.values() for e in entries if e.get("read_back")]
+    if read_back:  # the set's time is this call's plus what the runs read back took then
+        notes.append(f"{len(read_back)} of {len(runs)} runs read back (--resume) from an earlier "
+                     f"call; the wall time adds their own times")
     content = claims.evaluate(results, quick=quick, notes=notes,
-                              wall_s=time.monotonic() - started)
+                              wall_s=time.monotonic() - started
+                              + sum(e["config"].get("wall_s", 0.0) for e in read_back))
     claims.write_report(out, content, results)
     return content
 
