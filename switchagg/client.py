@@ -63,7 +63,8 @@ import zmq
 from switchagg._curve import client_options, load_public
 from switchagg._limits import check_endpoint
 from switchagg._pipe_links import PipeLinks
-from switchagg._stream import FillFn, StreamCall, StreamMachine, array_fill, load_kernels
+from switchagg._stream import (JIT_MIN_ELEMENTS, FillFn, StreamCall, StreamMachine, array_fill,
+                               load_kernels)
 from switchagg.errors import (
     ConfigError, JobAborted, JoinRejected, ProtocolError, SwitchError, SwitchTimeout,
 )
@@ -278,10 +279,6 @@ class SwitchClient:
         self.rank: int = -1
         self.job_id: int = -1
         self.k, self.slots = config.k, config.slots
-        # Load (or compile, seconds on a cold cache) the stream's kernels here, before JOIN: in the
-        # engine thread mid-run a compile would silence heartbeats and the switch would declare
-        # this worker dead.
-        load_kernels()
         self._join_msg = Join(job, world_size, config.k, config.slots, token, rank)
         if identity is not None and (not isinstance(identity, bytes) or not 1 <= len(identity) <= 255
                                      or identity[:1] == b"\0"):
@@ -454,6 +451,11 @@ class SwitchClient:
         if self._error is not None:
             future.set_exception(self._error)
             return future
+        if numel >= JIT_MIN_ELEMENTS:
+            # The stream's compiled loops, loaded (or compiled, seconds on a cold cache) here in
+            # the caller's thread: in the engine thread a compile would silence heartbeats and
+            # the switch would declare this worker dead. Small calls never pay numba's load.
+            load_kernels()
         self._requests.put(("call", numel, fill, stream, future, out, call))
         self._wake()
         return future
@@ -588,7 +590,7 @@ class SwitchClient:
         self._machine = StreamMachine(job_id=msg.job_id, rank=msg.rank, k=msg.k, slots=msg.slots,
                                       burst=burst, rto_initial=cfg.rto_initial,
                                       rto_min=cfg.rto_min, rto_max=cfg.rto_max,
-                                      pipes=max(1, len(msg.pipes)))
+                                      pipes=max(1, len(msg.pipes)), compiled=None)
         if msg.pipes:  # `switch-emulator --pipes P`: greet every pipe now, wait for them below
             self._pipes = PipeLinks(self._ctx, msg.pipes, addr, msg.job_id, msg.rank,
                                     msg.pipe_key, msg.slots)
@@ -744,6 +746,7 @@ class SwitchClient:
                 self._ctl["calls_failed"] += 1
                 future.set_exception(self._error)
                 continue
+            m.refresh_kernels()  # loaded by a caller's thread since the previous call, maybe
             call = m.submit(numel, fill, time.monotonic(), token=(future, stream), out=out,
                             seq=seq)
             if call.complete:  # numel == 0

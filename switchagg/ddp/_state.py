@@ -185,8 +185,6 @@ class HookState:
                 if self.address is None:
                     raise ConfigError("address: this state has no switch address", field="address")
                 from switchagg.client import SwitchClient
-                from switchagg.collectives.switch import warm_up_kernels
-                warm_up_kernels()
                 try:
                     self._client = SwitchClient(self.address, self.job, self._world(), self.rank,
                                                 config=self.config, timeout=self.timeout,
