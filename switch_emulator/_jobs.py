@@ -19,12 +19,18 @@ Rules (the contract with `switchagg.client`):
          job ERROR job_full. The reply is JOIN_OK; when the last rank joins, every worker gets READY.
          The same connection repeating its JOIN (its JOIN_OK was lost) gets the same JOIN_OK again
          (and READY if the job runs); the same connection joining something else is ERROR
-         already_joined (one connection, one job, one rank).
+         already_joined (one connection, one job, one rank). A refusal by a live job of the
+         same name (job_full, rank_taken, mismatch) says so: its state, workers, age and
+         creating host, and what to do (another job name, or wait for it to end).
   DATA   is accepted only from a joined connection of a RUNNING job, as the rank it joined with.
          Otherwise the sender gets at most one refusal per `refusal_interval` (ERROR not_joined,
          not_ready or departed, or the job's ABORT again).
+  GONE   A member whose connection closed without LEAVE (`peer_gone`: the front saw it
+         disconnect, or a send found it gone) aborts its job at once, so a job never outlives
+         its processes: its name and slots are free again within about a second of a crash.
   LIVENESS  Any message from a worker refreshes it. A worker (JOINING or RUNNING, not departed)
-         silent for more than `liveness_timeout` aborts its job; a job still JOINING
+         silent for more than `liveness_timeout` aborts its job (the fallback for connections
+         that die without closing: a half-open TCP connection); a job still JOINING
          `Policy.join_timeout` after its creation is aborted too (a squatter cannot hold a name).
   CALLS  Two ranks' contributions to one slot round from different calls (`_callseq`, checked by
          the front per burst) abort the job, naming both call numbers (`mispaired`).
@@ -268,13 +274,16 @@ class ControlPlane:
         return replies
 
     def peer_gone(self, identity: bytes) -> list[Reply]:
-        """A send to `identity` found no such peer: its connection closed. Abort its job."""
+        """`identity`'s connection closed without LEAVE (the front found it gone: a send
+        found no such peer, or ZeroMQ reported it disconnected and it did not come back). Abort
+        its job for the others and free it."""
         found = self.members.get(identity)
         self.counters["peers_gone"] += 1
         if found is None or found[1].departed:
             return []
         job, member = found
-        return self.abort(job, f"rank {member.rank} of job {job.name!r} disconnected", member.rank,
+        return self.abort(job, f"rank {member.rank} of job {job.name!r} disconnected without "
+                               "LEAVE (its process died or closed its connection)", member.rank,
                           exclude=identity)
 
     def shutdown(self, reason: str = "switch shutting down") -> list[Reply]:
@@ -371,20 +380,24 @@ class ControlPlane:
                     return [self._error(identity, ErrorCode.MISMATCH,
                                         f"JOIN.{name}={theirs} disagrees with job {msg.job!r}, "
                                         f"created with {name}={ours}; every worker of a job must "
-                                        f"use the same {name}", name, theirs)]
+                                        f"use the same {name} ({self._live(job, now)}: a new "
+                                        "run needs another job name, or the old run's end)",
+                                        name, theirs)]
             if not same_token(msg.token, job.token):
                 return [self._error(identity, ErrorCode.BAD_TOKEN,
                                     f"JOIN.token does not match the token of job {msg.job!r}; "
                                     "use the job's token", "token")]
         if len(job.members) >= job.world_size:
             return [self._error(identity, ErrorCode.JOB_FULL,
-                                f"job {job.name!r} already has all {job.world_size} workers; "
-                                "check world_size or wait for the job to end", "job", msg.job)]
+                                f"{self._live(job, now)}; choose another job name (--job), or "
+                                "wait for it to end (or stop its workers): a job ends as soon "
+                                "as its last worker leaves, disconnects or dies", "job", msg.job)]
         rank = job.free_rank() if msg.rank is None else msg.rank
         if rank in job.members:
             return [self._error(identity, ErrorCode.RANK_TAKEN,
-                                f"rank {rank} of job {job.name!r} is held by another connection; "
-                                f"choose a free rank or omit rank", "rank", rank)]
+                                f"rank {rank} of job {job.name!r} is held by another connection "
+                                f"({self._live(job, now)}); choose a free rank or omit rank",
+                                "rank", rank)]
         member = Member(identity, rank, now)
         job.members[rank] = member
         job.membership_changed()
@@ -400,6 +413,15 @@ class ControlPlane:
             ready = Ready(job.job_id)
             replies += [(m.identity, ready) for m in job.receivers()]
         return replies
+
+    @staticmethod
+    def _live(job: Job, now: float) -> str:
+        """What a JOIN refused by a live job of the same name needs to know about that job."""
+        state = "running" if job.state is JobState.RUNNING else "waiting for its workers"
+        left = sorted(r for r, m in job.members.items() if m.departed)
+        return (f"job {job.name!r} is still {state} with {len(job.members)}/{job.world_size} "
+                f"workers" + (f", ranks {left} left" if left else "")
+                + f" (created {max(now - job.created_at, 0.0):.0f} s ago from {job.creator})")
 
     def _create(self, identity: bytes, msg: Join, now: float, peer: str) -> Job | list[Reply]:
         refused = self.quotas.refusal(peer, msg.job, msg.slots)

@@ -23,6 +23,10 @@ frame is, per burst and never per packet:
      same buffer without copying (with egress loss, each worker gets its own subset), and the
      retransmission answers to the sender alone. Split input is answered split (header frame,
      payload frame), from result buffers the dataplane reuses once ZeroMQ has sent them.
+A member whose connection closes without LEAVE (a crashed or killed worker) is noticed at once:
+ZeroMQ's monitor reports the disconnect, `_peerwatch` names the member, and a probe
+`DISCONNECT_GRACE_S` later confirms it gone and aborts its job (freeing its name and slots), so a
+job never outlives its processes; the liveness timeout stays the fallback (half-open TCP).
 Sends use ROUTER_MANDATORY and never block: a vanished peer raises EHOSTUNREACH, which aborts its
 job GONE_GRACE_S later unless its LEAVE arrives meanwhile (a worker that finished sends LEAVE and
 closes; results still on their way to it must not abort the others' last call) or it reconnects
@@ -54,10 +58,12 @@ from switch_emulator._golden import DataplaneOutput
 from switch_emulator._jobs import ControlPlane, Job, Reply
 from switch_emulator._loss import LossInjector, LossRates
 from switch_emulator._peerqueue import PeerQueues
+from switch_emulator._peerwatch import PeerWatch
 from switch_emulator._pipes import PipeSet
 from switchagg.packet import (MAX_BURST_BYTES, Kind, join_split, packet_bytes, parse_burst,
                               parse_split, validate_burst)
-from switchagg.protocol import FRAME_CONTROL, FRAME_DATA, Abort, JoinOk, encode_control
+from switchagg.protocol import (FRAME_CONTROL, FRAME_DATA, Abort, HeartbeatAck, JoinOk,
+                                encode_control)
 
 __all__ = ["SwitchServer", "dataplane_factory", "POLL_MS"]
 
@@ -167,6 +173,7 @@ class SwitchServer:
         # sent just before closing (still in our inbound queue) is read first.
         self._gone: dict[bytes, float] = {}
         self.socket: zmq.Socket | None = None
+        self.watch: PeerWatch | None = None  # members' disconnects (`_peerwatch`)
         self.endpoint = ""
         self.pipes: PipeSet | None = None  # `--pipes P > 1`: the dataplane processes
 
@@ -199,12 +206,14 @@ class SwitchServer:
         except zmq.ZMQError:
             sock.close(linger=0)
             raise
+        self.watch = PeerWatch(sock)
         if self.config.pipes > 1:
             try:
                 self.pipes = PipeSet(self.config.pipes, self.config.bind, self.config.hwm,
                                      self.context, self.config.peer_queue_bytes,
                                      self.config.liveness_timeout, self.config.curve_secret_file)
             except BaseException:
+                self.watch.close()
                 sock.close(linger=0)
                 raise
         self.socket = sock
@@ -234,6 +243,7 @@ class SwitchServer:
                 if now >= next_liveness:
                     self._send_replies(self.control.check_liveness(now))
                     self._judge_gone(now)
+                    self._judge_disconnects(now)
                     self._prune_queues()
                     next_liveness = now + LIVENESS_CHECK_S
                     if self.pipes is not None:
@@ -282,6 +292,9 @@ class SwitchServer:
         if self.socket is None:
             return
         self._send_replies(self.control.shutdown("switch shutting down"))
+        if self.watch is not None:
+            self.watch.close()
+            self.watch = None
         if self.pipes is not None:
             self.pipes.close()
             self.pipes = None
@@ -312,6 +325,8 @@ class SwitchServer:
         elif kind == FRAME_CONTROL:
             self._send_replies(self.control.on_control(identity, frames[2].buffer, now,
                                                        _peer_address(frames[0])))
+            if identity in self.control.members:  # its heartbeats keep the descriptor current
+                self.watch.seen(identity, frames[0])
         else:
             self.control.count_malformed("frame_type")
             self._send_replies(self.control.refuse(
@@ -549,11 +564,38 @@ class SwitchServer:
                     continue  # it reconnected (same identity) and spoke since
                 self._send_replies(self.control.peer_gone(identity))
 
+    def _judge_disconnects(self, now: float) -> None:
+        """Abort the jobs of members ZeroMQ saw disconnect `DISCONNECT_GRACE_S` ago that are
+        still gone: a HEARTBEAT_ACK (harmless to a worker) finds no connection for them."""
+        watch = self.watch
+        watch.drain(now)
+        for identity in watch.due(now):
+            found = self.control.members.get(identity)
+            if found is None or found[1].departed:  # it left (or its job ended): all is well
+                watch.forget(identity)
+                continue
+            probe = encode_control(HeartbeatAck(found[0].job_id, self.control.incarnation))
+            try:
+                self.socket.send_multipart([identity, FRAME_CONTROL, probe], _NOBLOCK)
+            except zmq.ZMQError as exc:
+                if exc.errno == errno.EHOSTUNREACH:
+                    watch.forget(identity)
+                    self._gone.pop(identity, None)
+                    log.info("peer %s disconnected without LEAVE", identity.hex())
+                    self._send_replies(self.control.peer_gone(identity))
+                    continue
+                # EAGAIN: its queue is full, so a connection holds it
+            watch.cleared(identity)
+
     def _prune_queues(self) -> None:
-        """Forget the byte accounts of peers no longer in a job whose frames are all out."""
+        """Forget the byte accounts of peers no longer in a job whose frames are all out, and
+        stop watching them for disconnects."""
         members = self.control.members
         for identity in self.queues.idle_strangers(members):
             self.queues.forget(identity)
+        for identity in self.watch.watched():
+            if identity not in members:
+                self.watch.forget(identity)
 
     def _release_held(self) -> None:
         """The link is quiet: deliver packets the loss injectors held back (reordering)."""

@@ -87,19 +87,25 @@ _CHUNK_MOD = 1 << 32
 #: packets: cheap even when a late peer, not a loss, holds them up).
 TAIL_RESEND = 64
 _kernels = None  # the `_stream_jit` module once loaded, False if numba is unavailable
+#: A client loads the compiled loops at its first call of at least this many elements (numba's
+#: load costs about half a CPU second; smaller calls are a few bursts, served as fast by numpy).
+JIT_MIN_ELEMENTS = 1 << 16
 
 
 def load_kernels():
-    """Import and load (or compile) the compiled loops once per process; None without numba.
+    """Import and load (or compile, once per machine under the compile lock) the compiled loops
+    once per process; None without numba.
 
-    Call it before any time-critical work starts (`SwitchClient.__init__` does, before JOIN):
-    a cold compile takes seconds.
+    Call it before time-critical work, never from a thread that must not stall (a client's
+    engine thread: a cold compile takes seconds). `SwitchClient` calls it from the caller's
+    thread at the first call of `JIT_MIN_ELEMENTS` or more.
     """
     global _kernels
     if _kernels is None:
         try:
+            from switchagg.warmup import warm_up_stream
+            warm_up_stream()
             from switchagg import _stream_jit
-            _stream_jit.warm_up()
             _kernels = _stream_jit
         except Exception as exc:  # noqa: BLE001 - numba missing or broken: the numpy path serves
             log.warning("switchagg: compiled stream kernels unavailable (%r); using numpy", exc)
@@ -132,6 +138,11 @@ def pack_lanes(values: np.ndarray, lane_bits: int) -> np.ndarray:
         return values
     check_lanes(values, lane_bits)
     return values.astype(lane_dtype(lane_bits))
+
+
+def loaded_kernels():
+    """The compiled loops if this process has loaded them already (never loads); else None."""
+    return _kernels or None
 
 
 class FillFn(Protocol):
@@ -299,8 +310,9 @@ class StreamMachine:
             results are held in (see the module essay).
         burst: packets per data frame, at most `slots`.
         rto_initial, rto_min, rto_max: retransmission timer, seconds (see `RtoEstimator`).
-        compiled: use the numba kernels where they load (`load_kernels`); False forces the numpy
-            reference path (tests run both).
+        compiled: True loads the numba kernels now where they load (`load_kernels`); None uses
+            them once the process has loaded them (`refresh_kernels`, between calls: both paths
+            keep the same state); False forces the numpy reference path (tests run both).
         tail_resend: a tail probe resends every outstanding chunk when nothing is queued and at
             most this many are outstanding (0: always the newest one only).
         pipes: the switch's dataplane pipes; first-send bursts never straddle the bounds of their
@@ -309,7 +321,7 @@ class StreamMachine:
 
     def __init__(self, *, job_id: int, rank: int, k: int, slots: int, burst: int,
                  rto_initial: float = 0.2, rto_min: float = 0.02, rto_max: float = 2.0,
-                 compiled: bool = True, tail_resend: int = TAIL_RESEND, pipes: int = 1,
+                 compiled: bool | None = True, tail_resend: int = TAIL_RESEND, pipes: int = 1,
                  lane_bits: int = DEFAULT_LANE_BITS) -> None:
         if not 1 <= burst <= slots:
             raise ValueError(f"burst={burst} must be in [1, slots={slots}]")
@@ -324,7 +336,9 @@ class StreamMachine:
         # Where a burst starting at slot i must end at the latest: the next pipe's first slot.
         bounds = pipe_bounds(slots, pipes)
         self._range_end = np.repeat(bounds[1:], np.diff(bounds)) if pipes > 1 else None
-        self._jit = load_kernels() if compiled else None
+        self._compiled = compiled
+        self._jit = (load_kernels() if compiled else loaded_kernels() if compiled is None
+                     else None)
         # The ring: one packet per slot, as header words and a payload staging row. A plain
         # all-reduce's payload goes straight from the caller's array; the staging row serves
         # fill functions and a call's last, partial chunk.
@@ -371,6 +385,11 @@ class StreamMachine:
     def busy(self) -> bool:
         """Is any call in progress?"""
         return bool(self._calls)
+
+    def refresh_kernels(self) -> None:
+        """With compiled=None: take up the compiled loops if the process loaded them since."""
+        if self._jit is None and self._compiled is None:
+            self._jit = loaded_kernels()
 
     def submit(self, numel: int, fill: FillFn, now: float, token: object = None,
                out: np.ndarray | None = None, seq: int | None = None) -> StreamCall:

@@ -35,6 +35,12 @@ Lanes: the job's lane width (`lane_bits`, 8, 16 or 32; JOIN_OK says which) is wh
 carry; `allreduce` checks and packs its int32 input to it in the caller's thread (a value that
 does not fit raises ValueError at once) and the stream machine sign-extends the sums back.
 
+Closing: `close()` (or leaving the `with` block) sends LEAVE and waits, bounded, for it to go out,
+so the job ends as soon as its last worker closed. A client the program never closes LEAVEs at
+interpreter exit (an atexit handler, `EXIT_LEAVE_S` in all; a reason naming the uncaught
+exception, if one ended the program); a process killed outright is dropped by the switch when its
+connection closes. Either way the job's name is free again for the next run.
+
 The routing identity is set once (random, or `identity=`), so a reconnect after a TCP reset
 comes back as the same connection and the switch (ROUTER_HANDOVER) still knows its rank; a JOIN
 sent again names the rank the switch granted.
@@ -42,13 +48,16 @@ sent again names the rank the switch granted.
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
 import itertools
 import logging
 import os
 import queue
+import sys
 import threading
 import time
+import weakref
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -58,8 +67,8 @@ import zmq
 from switchagg._curve import client_options, load_public
 from switchagg._limits import check_endpoint
 from switchagg._pipe_links import PipeLinks
-from switchagg._stream import (FillFn, StreamCall, StreamMachine, array_fill, load_kernels,
-                               pack_lanes)
+from switchagg._stream import (JIT_MIN_ELEMENTS, FillFn, StreamCall, StreamMachine, array_fill,
+                               load_kernels, pack_lanes)
 from switchagg.errors import (
     ConfigError, JobAborted, JoinRejected, ProtocolError, SwitchError, SwitchTimeout,
 )
@@ -82,6 +91,8 @@ _WAIT_SLICE = 1.0
 _QUERY_SLOTS = 16
 #: Messages drained from the data socket per loop turn, so timers and requests still get a turn.
 _DRAIN = 64
+#: At interpreter exit, the longest all open clients together wait for their LEAVE to go out.
+EXIT_LEAVE_S = 2.0
 #: ERROR codes by which the switch says this connection is not (or no longer) in its job: pending
 #: calls can never complete (switch_emulator._jobs.ErrorCode.MEMBERSHIP_LOST).
 _MEMBERSHIP_LOST = frozenset({"not_joined", "wrong_member", "departed"})
@@ -202,6 +213,32 @@ class ClientStats:
         return asdict(self)
 
 
+#: Clients not closed yet; `_leave_at_exit` closes them (the engine thread keeps each alive).
+_OPEN: weakref.WeakSet = weakref.WeakSet()
+
+
+def _leave_at_exit() -> None:
+    """Close every client the program did not close: LEAVE, bounded by `EXIT_LEAVE_S` in all.
+
+    Runs at interpreter exit (atexit), while the clients' daemon engine threads still run. A
+    program ending on an uncaught exception leaves with a reason naming it (the job is aborted
+    for the others at once); a normal end leaves gracefully.
+    """
+    clients = list(_OPEN)
+    if not clients:
+        return
+    error = getattr(sys, "last_value", None)
+    reason = f"its process exited on an uncaught {error!r}" if error is not None else ""
+    for client in clients:  # every LEAVE goes out at once, then each is waited for
+        client._request_close(f"worker {client.rank} failed: {reason}" if reason else "")
+    deadline = time.monotonic() + EXIT_LEAVE_S
+    for client in clients:
+        client.close(timeout=max(deadline - time.monotonic(), 0.0))
+
+
+atexit.register(_leave_at_exit)
+
+
 class _Broken(Exception):
     """Internal: the engine must stop; carries the error every pending call gets."""
 
@@ -256,10 +293,6 @@ class SwitchClient:
         self.job_id: int = -1
         self.k, self.slots = config.k, config.slots
         self.lane_bits: int = lane_bits or 32  # the switch's answer (JOIN_OK) once joined
-        # Load (or compile, seconds on a cold cache) the stream's kernels here, before JOIN: in the
-        # engine thread mid-run a compile would silence heartbeats and the switch would declare
-        # this worker dead.
-        load_kernels()
         self._join_msg = Join(job, world_size, config.k, config.slots, token, rank, lane_bits)
         if identity is not None and (not isinstance(identity, bytes) or not 1 <= len(identity) <= 255
                                      or identity[:1] == b"\0"):
@@ -270,6 +303,8 @@ class SwitchClient:
         self.incarnation = ""  # the switch's, from JOIN_OK
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = False
+        self._shut = False  # `_shutdown` ran
+        self._shut_lock = threading.Lock()
         self._error: SwitchError | None = None
         self._machine: StreamMachine | None = None
         self._pipes: PipeLinks | None = None  # the switch's dataplane pipes, if it has several
@@ -286,6 +321,7 @@ class SwitchClient:
         self._thread = threading.Thread(target=self._engine, name=f"switchagg-client-{job}",
                                         daemon=True)
         self._thread.start()
+        _OPEN.add(self)
         # The engine bounds each wait by join_timeout; this bound only catches an engine bug.
         # (Not future.result(timeout): SwitchTimeout is a TimeoutError and would be confused.)
         concurrent.futures.wait([self._joined], timeout=2 * config.join_timeout + 10)
@@ -397,16 +433,36 @@ class SwitchClient:
         data.update(self._ctl)
         return ClientStats(**data)
 
-    def close(self, reason: str = "") -> None:
-        """LEAVE the job (a non-empty reason aborts it for every worker), stop, log the stats."""
-        if self._closed:
+    def close(self, reason: str = "", timeout: float | None = None) -> None:
+        """LEAVE the job (a non-empty reason aborts it for every worker), stop, log the stats.
+
+        Args:
+            reason: why this worker stops early ("" for a normal end).
+            timeout: the longest to wait for the LEAVE to go out and the engine to stop
+                (default: config.leave_linger + 5 s). A program that never calls close leaves
+                at interpreter exit (within EXIT_LEAVE_S in all).
+        """
+        if self._shut:
             return
-        self._closed = True
-        self._requests.put(("close", reason))
-        self._wake()
-        self._shutdown()
-        log.info("switch client rank %d of job %r closed: %s", self.rank, self.job,
-                 self.stats().as_dict())
+        self._request_close(reason)
+        if self._shutdown(timeout):
+            log.info("switch client rank %d of job %r closed: %s", self.rank, self.job,
+                     self.stats().as_dict())
+
+    def _request_close(self, reason: str) -> None:
+        """Ask the engine to LEAVE and stop (at most once), without waiting for it."""
+        if not self._closed:
+            self._closed = True
+            self._requests.put(("close", reason))
+            self._wake()
+
+    def _leave_soon(self, reason: str = "") -> None:
+        """`_request_close` for finalizers (garbage collection may run them in any thread, even
+        one holding the wake lock): only the queue, which is safe there; the engine takes the
+        request within a heartbeat interval, and `close` or the exit handler waits for it."""
+        if not self._closed:
+            self._closed = True
+            self._requests.put(("close", reason))
 
     # ---- user-thread side --------------------------------------------------------------------
 
@@ -419,6 +475,11 @@ class SwitchClient:
         if self._error is not None:
             future.set_exception(self._error)
             return future
+        if numel >= JIT_MIN_ELEMENTS:
+            # The stream's compiled loops, loaded (or compiled, seconds on a cold cache) here in
+            # the caller's thread: in the engine thread a compile would silence heartbeats and
+            # the switch would declare this worker dead. Small calls never pay numba's load.
+            load_kernels()
         self._requests.put(("call", numel, fill, stream, future, out, call))
         self._wake()
         return future
@@ -439,13 +500,20 @@ class SwitchClient:
                 raise SwitchError(f"the client engine of rank {self.rank} stopped with this call "
                                   f"pending (see the log)", job=self.job, rank=self.rank)
 
-    def _shutdown(self) -> None:
-        self._thread.join(timeout=self.config.leave_linger + 5)
+    def _shutdown(self, timeout: float | None = None) -> bool:
+        """Wait (bounded) for the engine to stop, then free the sockets; once. True if it ran."""
+        with self._shut_lock:
+            if self._shut:
+                return False
+            self._shut = True
+        _OPEN.discard(self)
+        self._thread.join(timeout=self.config.leave_linger + 5 if timeout is None else timeout)
         with self._wake_lock:
             self._wake_tx.close(linger=0)
         if not self._thread.is_alive():
             self._wake_rx.close(linger=0)
             self._ctx.term()
+        return True
 
     # ---- engine thread -----------------------------------------------------------------------
 
@@ -547,7 +615,8 @@ class SwitchClient:
         self._machine = StreamMachine(job_id=msg.job_id, rank=msg.rank, k=msg.k, slots=msg.slots,
                                       burst=burst, rto_initial=cfg.rto_initial,
                                       rto_min=cfg.rto_min, rto_max=cfg.rto_max,
-                                      pipes=max(1, len(msg.pipes)), lane_bits=msg.lane_bits)
+                                      pipes=max(1, len(msg.pipes)), lane_bits=msg.lane_bits,
+                                      compiled=None)
         if msg.pipes:  # `switch-emulator --pipes P`: greet every pipe now, wait for them below
             self._pipes = PipeLinks(self._ctx, msg.pipes, addr, msg.job_id, msg.rank,
                                     msg.pipe_key, msg.slots, self._server_key)
@@ -703,6 +772,7 @@ class SwitchClient:
                 self._ctl["calls_failed"] += 1
                 future.set_exception(self._error)
                 continue
+            m.refresh_kernels()  # loaded by a caller's thread since the previous call, maybe
             call = m.submit(numel, fill, time.monotonic(), token=(future, stream), out=out,
                             seq=seq)
             if call.complete:  # numel == 0

@@ -19,7 +19,7 @@ quadratic (its gradient affine in the parameters); test_ddp.py's tolerances rely
 bucket_cap_mb makes DDP cut the 207 parameters into three buckets after its rebuild.
 Writes OUT_DIR/rank{R}.pt: {run: {"params": [...], "alpha": [...], "gmax": [...],
 "buckets": [(iteration, index, numel)]}} and, after `determ`, OUT_DIR/state{R}.pkl (the pickled
-state). Prints one JSON line {"ok": true} or {"ok": false, "error": ..., "message": ...}.
+state). With DDP_WORKER_LEAVE_OPEN set, the states are never closed. Prints one JSON line {"ok": true} or {"ok": false, "error": ..., "message": ...}.
 """
 
 # No `from __future__ import annotations`: DDP inspects the hook's annotations as objects.
@@ -44,6 +44,9 @@ BATCH = 32
 BUCKET_CAP_MB = 0.00005
 CONFIG = ClientConfig(k=8, slots=16, burst=8, join_timeout=20, op_timeout=20,
                       rto_initial=0.05, rto_min=0.02)
+#: Set (to anything) to skip `state.close()`, as a script that forgets it does: the client must
+#: still LEAVE, at interpreter exit.
+LEAVE_OPEN = "DDP_WORKER_LEAVE_OPEN"
 HOOKS = {"random": (intsgd_hook, "random"), "determ": (intsgd_hook, "deterministic"),
          "determ2": (intsgd_hook, "deterministic"), "block": (intsgd_block_hook, "random"),
          "switchml": (switchml_hook, "random")}
@@ -123,7 +126,8 @@ def train(run: str, rank: int, address: str, steps: int, out_dir: str) -> dict:
             with open(os.path.join(out_dir, f"state{rank}.pkl"), "wb") as f:
                 pickle.dump(state, f)  # folds the last step into r first
             next_alpha = state._scaler.alpha(LR).tolist()
-        state.close()
+        if not os.environ.get(LEAVE_OPEN):
+            state.close()
     return {"params": [p.detach().clone() for p in model.parameters()], "alpha": alphas,
             "gmax": gmax, "buckets": buckets, "next_alpha": next_alpha}
 

@@ -67,12 +67,14 @@ def start_switch(spawn) -> str:
     return address
 
 
-def launch(spawn, tmp_path, world: int, runs: str) -> list[dict]:
-    """Run the worker on `world` ranks; returns each rank's results."""
-    address = start_switch(spawn)
+def launch(spawn, tmp_path, world: int, runs: str, address: str | None = None,
+           env: dict | None = None, steps: int = STEPS) -> list[dict]:
+    """Run the worker on `world` ranks (against a new switch unless `address`); returns each
+    rank's results."""
+    address = address or start_switch(spawn)
     port = free_port()
-    procs = [spawn([PYTHON, WORKER, address, str(tmp_path), runs, str(STEPS)],
-                   env={**ENV, "RANK": str(r), "WORLD_SIZE": str(world),
+    procs = [spawn([PYTHON, WORKER, address, str(tmp_path), runs, str(steps)],
+                   env={**ENV, **(env or {}), "RANK": str(r), "WORLD_SIZE": str(world),
                         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for r in range(world)]
@@ -214,6 +216,16 @@ def test_state_pickles_into_a_checkpoint_without_its_client(two_ranks):
 
 
 @pytest.mark.timeout(200)
+def test_same_job_name_twice_in_a_row_even_if_the_first_run_never_closed(spawn, tmp_path):
+    # The switch waits 20 s before declaring a silent rank dead: the second run, started as
+    # soon as the first one's processes ended, can join only if the first job already ended.
+    address = start_switch(spawn)
+    first = launch(spawn, tmp_path, 2, "random", address, {"DDP_WORKER_LEAVE_OPEN": "1"}, 2)
+    second = launch(spawn, tmp_path, 2, "random", address, steps=2)
+    for a, b in zip(first, second):  # the same seeds, data and job name: the same training
+        assert all(torch.equal(p, q) for p, q in zip(a["random"]["params"], b["random"]["params"]))
+
+
 def test_three_ranks_stay_bit_identical_and_close_to_plain_ddp(spawn, tmp_path):
     results = launch(spawn, tmp_path, 3, "ref,determ")
     for rank in results:

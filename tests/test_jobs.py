@@ -98,11 +98,23 @@ def test_join_duplicate_rank_rejected():
     error(join(cp, b"b", n=3, rank=1), ErrorCode.RANK_TAKEN, "rank")
 
 
-def test_join_full_job_rejected():
+def test_join_full_job_rejected_saying_it_still_runs_and_what_to_do():
     cp = plane()
-    running_job(cp, n=2)
-    err = error(join(cp, b"late"), ErrorCode.JOB_FULL)
-    assert "2 workers" in err.message
+    job, (a, _) = running_job(cp, n=2)
+    job.creator = "10.0.0.7"
+    cp.on_message(a, Leave(job.job_id, 0), 5.0)
+    err = error(join(cp, b"late", now=12.4), ErrorCode.JOB_FULL, "job")
+    assert err.message.startswith("job 'j' is still running with 2/2 workers, ranks [0] left "
+                                  "(created 12 s ago from 10.0.0.7); choose another job name")
+    assert "wait for it to end" in err.message
+
+
+def test_join_mismatching_a_live_job_says_it_still_runs():
+    cp = plane()
+    join(cp, b"a", n=3)
+    err = error(join(cp, b"b", n=2, now=3.0), ErrorCode.MISMATCH, "world_size")
+    assert "job 'j' is still waiting for its workers with 1/3 workers" in err.message
+    assert "another job name" in err.message
 
 
 def test_join_rank_outside_world_size_is_malformed():
@@ -195,6 +207,15 @@ def test_peer_gone_aborts_job():
     job, (a, b) = running_job(cp)
     replies = cp.peer_gone(b)
     assert [who for who, _ in replies] == [a] and "disconnected" in replies[0][1].reason
+
+
+def test_peer_gone_of_the_last_member_frees_the_name_at_once():
+    cp = plane()
+    job, (a, b) = running_job(cp)
+    cp.on_message(a, Leave(job.job_id, 0), 1.0)
+    assert cp.peer_gone(b) == []              # nobody left to tell
+    assert not cp.jobs and not cp.by_name and cp.pool.free == cp.pool.total
+    assert only(join(cp, b"next", now=1.1), JoinOk).job_id != job.job_id
 
 
 # ------------------------------------------------------------------------------------------ LEAVE

@@ -7,6 +7,9 @@ interface, and the bit-for-bit comparison of numba with numpy is at the end.
 from __future__ import annotations
 
 import importlib
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,6 +17,7 @@ import torch
 
 import switchagg.kernels as K
 from switchagg.kernels import INT32_MAX, INT32_MIN
+from tests.conftest import REPO
 
 CPU_BACKENDS = ["numpy", "numba"]
 
@@ -397,3 +401,40 @@ def test_require_cuda_names_what_is_missing():
     with pytest.raises(K.DeviceUnavailable, match="cupy|CUDA driver|CUDA device") as info:
         K.require_cuda()
     assert isinstance(info.value, RuntimeError) and "--device cpu" in str(info.value)
+
+
+LAZY = """
+import os, sys
+os.environ.pop("SWITCHAGG_CPU_KERNELS", None)
+import numpy as np
+import switchagg.kernels as K
+from switchagg import _stream
+from switchagg._stream import StreamMachine
+from switchagg.kernels import _numpy
+small = np.linspace(-3, 3, K.NUMBA_MIN_ELEMENTS - 1, dtype=np.float32)
+got = K.quantize(small, 1000.0, rounding="random", seed=3).values
+want = np.empty(small.size, np.int32)
+_numpy.quantize(small, np.full(1, 1000.0, np.float32), 1, True, 3, 0, 0, 0, K.INT32_MIN,
+                K.INT32_MAX, want)
+assert (got == want).all()
+machine = StreamMachine(job_id=0, rank=0, k=8, slots=16, burst=8, compiled=None)
+assert "numba" not in sys.modules and machine._jit is None, "a small call loaded numba"
+big = np.linspace(-3, 3, K.NUMBA_MIN_ELEMENTS, dtype=np.float32)
+K.quantize(big, 1000.0, rounding="random", seed=3)
+assert K._cpu_backend is not None and K.cpu_backend_name() == "numba"
+assert (K.quantize(small, 1000.0, rounding="random", seed=3).values == want).all()
+machine.refresh_kernels()
+assert machine._jit is None  # the stream's loops load only on their own first large call
+_stream.load_kernels()
+machine.refresh_kernels()
+assert machine._jit is not None
+print("ok")
+"""
+
+
+def test_small_calls_never_load_numba_and_a_large_one_loads_it_for_every_call():
+    env = {k: v for k, v in os.environ.items() if k != "SWITCHAGG_CPU_KERNELS"}
+    env["PYTHONPATH"] = REPO
+    out = subprocess.run([sys.executable, "-c", LAZY], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]

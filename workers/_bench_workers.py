@@ -134,6 +134,9 @@ def _rounds(spec: Spec, barrier, prepare: Callable[[], None], run: Callable[[], 
         (wall seconds, CPU seconds of this process, all its threads) of each timed round.
     """
     times, cpu = [], []
+    # A client loads its compiled stream loops at its first large call: never inside a timed one.
+    from switchagg._stream import load_kernels
+    load_kernels()
     for i in range(spec.warmup + spec.repeats):
         prepare()
         barrier.wait(STEP_TIMEOUT)

@@ -265,11 +265,6 @@ def run_compare(args: argparse.Namespace, out_dir: str) -> dict[str, Any]:
         port, master_port = _free_port(), _free_port()
         switch_log = os.path.join(logs, "switch.log")
         children.switch = children.start(_switch_argv(args, port), switch_log, pipe_stdout=False)
-        # Compile (or load from numba's cache) the CPU kernels once here, while the switch starts:
-        # otherwise N workers would all compile the same kernels at once on a cold cache.
-        from switchagg.warmup import warm_up
-        warm_up(parallel=False)
-        _wait_listening(port, children.switch, switch_log)
         address = f"tcp://127.0.0.1:{port}"
         job = f"compare-{os.getpid()}-{port}"
         worker_logs = [os.path.join(logs, f"worker{r}.log") for r in range(args.workers)]
@@ -279,6 +274,13 @@ def run_compare(args: argparse.Namespace, out_dir: str) -> dict[str, Any]:
             children.workers.append(proc)
             threading.Thread(target=_reader, args=(r, proc, events, worker_logs[r]), daemon=True,
                              name=f"compare-reader-{r}").start()
+        # The switch and the workers start together (a worker's JOIN waits in ZeroMQ until the
+        # switch listens). On a cold cache the kernels compile here, once, where the user sees
+        # it, while the workers that need them wait on the compile lock; a warm cache is left
+        # to the workers, each loading only what its calls use.
+        from switchagg.warmup import warm_up_if_cold
+        warm_up_if_cold(parallel=False)
+        _wait_listening(port, children.switch, switch_log)
         if not bars.enabled:
             return _collect(args, children, events, bars, worker_logs, switch_log)
         # Log lines above the bars, not through them.

@@ -273,14 +273,16 @@ def run_methods(args: argparse.Namespace, names: list[str], emit: "_Emitter | _T
     if args.world_size is None:
         raise ValueError("the world size is unknown: pass --world-size or set WORLD_SIZE")
     _init_process_group(args, names)
-    # Load the CPU kernels now: a compilation mid-step would hold the GIL for seconds (stalling
-    # the step and the switch client's heartbeats). The multi-threaded variants only where DDP's
-    # buckets are large enough to use them: loaded, their threads spin beside torch's on shared
-    # cores (measured: 4x slower steps of the default digits run).
-    from switchagg.kernels import PARALLEL_MIN_ELEMENTS
+    # Load the CPU kernels now, where the model is large enough to use them (smaller calls run
+    # on numpy, and never load numba): a compilation mid-step would hold the GIL for seconds
+    # (stalling the step and the switch client's heartbeats). The multi-threaded variants only
+    # where DDP's buckets are large enough to use them: loaded, their threads spin beside
+    # torch's on shared cores (measured: 4x slower steps of the default digits run).
+    from switchagg.kernels import NUMBA_MIN_ELEMENTS, PARALLEL_MIN_ELEMENTS
     from switchagg.warmup import warm_up
     numel = sum(p.numel() for p in task.build_model().parameters())
-    warm_up(parallel=numel >= PARALLEL_MIN_ELEMENTS)
+    if numel >= NUMBA_MIN_ELEMENTS:
+        warm_up(parallel=numel >= PARALLEL_MIN_ELEMENTS)
     results: dict[str, dict] = {}
     try:
         for name in names:

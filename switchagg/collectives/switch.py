@@ -4,7 +4,8 @@ What it owns: mapping `Collective` (and the codecs' payloads, `launch`) onto one
 and reading the wire cost from the client's counters. What it must never do: sum floats or gather
 (the switch adds int32 and keeps int8 exponent maxima, nothing else: a method that needs more has
 collective_kind "torch" and runs on TorchCollective or LocalCollective), block in the client's
-engine thread, or own the client's lifetime unless it built it.
+engine thread (nor let a kernel load there: `_launch` loads what a payload's size needs first), or
+own the client's lifetime unless it built it.
 
 Payloads launch asynchronously, one client call each (a `Sum` is `allreduce_async`); the Future
 completes in the client's engine thread, where the drivers decode. Payloads stay int32 at every
@@ -37,22 +38,10 @@ import numpy as np
 from switchagg.codecs._base import Stream, Sum
 from switchagg.collectives._base import Collective, CommStats, EncodeFn, host_encode, like, to_host
 from switchagg.errors import SwitchError
+from switchagg.kernels import load_for
 from switchagg.scaling.lookahead import lookahead_fill, lookahead_numel, lookahead_sums
 
 __all__ = ["SwitchCollective"]
-
-
-def warm_up_kernels() -> None:
-    """Compile the per-packet quantize kernel now, not inside the engine thread.
-
-    A stream's encode runs in the client's engine thread; a first-call JIT compilation there (numba:
-    seconds on a busy host) would silence the worker's heartbeats long enough for the switch to
-    declare it dead.
-    """
-    from switchagg.warmup import warm_up
-    # Every CPU kernel (numba compiles each one on its own first call) and the client's stream
-    # kernels, which the client would otherwise compile in each process at once.
-    warm_up(parallel=False)
 
 
 class SwitchCollective(Collective):
@@ -71,7 +60,6 @@ class SwitchCollective(Collective):
         self.client = client
         self.owns_client = owns_client
         self._base = client.stats()
-        warm_up_kernels()
 
     @property
     def slots(self) -> int:
@@ -102,6 +90,9 @@ class SwitchCollective(Collective):
     # -- codec payloads: asynchronous, one client call each ---------------------------------------
 
     def _launch(self, payload) -> concurrent.futures.Future:
+        # A look-ahead's fill and every decode run in the client's engine thread, which must
+        # never load (or compile) a kernel: whatever calls of this size use is loaded here.
+        load_for(payload.numel if isinstance(payload, Stream) else len(payload.values))
         if isinstance(payload, Sum):
             values = payload.values
             host = to_host(values)

@@ -7,6 +7,12 @@ can reduce, torch.distributed otherwise) and codec, the iteration bookkeeping (b
 offsets, stable parameter keys), the step's telemetry and the statistics. What it must never do:
 quantize or decode (the codec does), communicate (the collective does), or block in a callback.
 
+Lifetime. The job on the switch ends with the state: `close()` LEAVEs it; a state dropped without
+close (its DDP model deleted) LEAVEs from its finalizer; a program that ends without either
+LEAVEs at interpreter exit (`switchagg.client` closes every open client), and one killed outright
+is dropped by the switch when its connection closes. So the job's name is free again for the
+next run.
+
 Iteration bookkeeping. DDP calls the hook once per bucket, in the same order on every rank, and
 ends an iteration on `bucket.is_last()`. The first bucket of an iteration calls `codec.begin`
 (which folds the previous iteration: DDP waited for all of its futures before backward returned);
@@ -29,6 +35,7 @@ import logging
 import math
 import threading
 import time
+import weakref
 from typing import Callable
 
 import torch
@@ -43,6 +50,12 @@ from switchagg.telemetry import StepTelemetry
 __all__ = ["HookState"]
 
 log = logging.getLogger(__name__)
+
+
+def _leave_abandoned(client) -> None:
+    """A state's finalizer: its client LEAVEs the job gracefully (without blocking: garbage
+    collection may run this in any thread)."""
+    client._leave_soon()
 
 
 class HookState:
@@ -85,7 +98,7 @@ class HookState:
         "_client", "_owns_client", "_token", "_collective", "_codec", "_pending_state", "_keys",
         "_lock",
         "_open", "_index", "_offset", "_launched", "_completed", "_failed", "_before", "_times",
-        "_streamed", "_model",
+        "_streamed", "_model", "_finalizer", "__weakref__",
         # statistics
         "iteration", "buckets", "elements", "error", "last_telemetry",
     )
@@ -141,6 +154,7 @@ class HookState:
         self.process_group = process_group
         self.lane_bits = lane_bits
         self._client, self._owns_client = client, client is None
+        self._finalizer: weakref.finalize | None = None  # LEAVEs if the state is dropped unclosed
         self._token = token
         self._collective = collective
         self._codec: Codec | None = None
@@ -191,8 +205,6 @@ class HookState:
                 if self.address is None:
                     raise ConfigError("address: this state has no switch address", field="address")
                 from switchagg.client import SwitchClient
-                from switchagg.collectives.switch import warm_up_kernels
-                warm_up_kernels()
                 try:
                     self._client = SwitchClient(self.address, self.job, self._world(), self.rank,
                                                 config=self.config, timeout=self.timeout,
@@ -209,6 +221,10 @@ class HookState:
                         f"budget would wrap them: pass bits <= {client.lane_bits} or "
                         f"lane_bits={self.bits}", field="bits", value=self.bits)
                     raise self.error
+                # A state dropped without close() (its DDP model deleted) still LEAVEs, so its
+                # job ends with it; at interpreter exit switchagg.client closes every client.
+                self._finalizer = weakref.finalize(self, _leave_abandoned, self._client)
+                self._finalizer.atexit = False
                 self.world_size, self.rank = self._client.world_size, self._client.rank
             return self._client
 
@@ -231,6 +247,9 @@ class HookState:
         with self._lock:
             client, self._client = self._client, None
             collective, self._collective = self._collective, None
+            finalizer, self._finalizer = self._finalizer, None
+        if finalizer is not None:
+            finalizer.detach()
         if client is not None and self._owns_client:
             client.close(reason=reason)
         elif collective is not None and client is None and getattr(collective, "kind", "") != "switch":
@@ -260,6 +279,7 @@ class HookState:
                 setattr(self, name, state.get(name))
         self.error, self.last_telemetry = None, None
         self._client, self._owns_client, self._collective = None, True, None
+        self._finalizer = None
         self._token = ""    # never in a checkpoint: set state._token again after loading
         self._codec, self._pending_state, self._keys = None, codec_state, {}
         self._model = None

@@ -15,6 +15,13 @@ at import time, or copy floats off a GPU. Torch tensors reach numpy through `.nu
 through DLPack, both zero-copy; results come back as the kind of array that went in.
 
 Set SWITCHAGG_CPU_KERNELS=numpy to force the numpy backend on CPU (numba is the default).
+
+Loading numba costs a process about half a CPU second even from a warm cache (its import and
+LLVM's start), as much as four small DDP ranks' whole first step on two cores. So, unless the
+variable forces a backend, CPU calls of fewer than `NUMBA_MIN_ELEMENTS` elements run on numpy
+(the same integers) until a larger call, or `warm_up`, has loaded numba; from then on every CPU
+call uses it. That first large call loads (or, on a cold cache, compiles under the compile lock)
+in the calling thread: `load_for(numel)` lets a caller do it in a thread of its choice first.
 """
 
 from __future__ import annotations
@@ -32,14 +39,18 @@ from switchagg.kernels._philox import philox4x32_10
 
 __all__ = ["QuantizeResult", "DeviceUnavailable", "quantize", "dequantize", "dequantize_add",
            "block_max_abs", "block_exponents", "int_squared_norm", "philox4x32_10",
-           "cpu_backend_name", "warm_up", "require_cuda", "INT32_MIN", "INT32_MAX",
-           "PARALLEL_MIN_ELEMENTS", "HOST_FLOAT_COPIES"]
+           "cpu_backend_name", "warm_up", "load_for", "require_cuda", "INT32_MIN", "INT32_MAX",
+           "PARALLEL_MIN_ELEMENTS", "NUMBA_MIN_ELEMENTS", "HOST_FLOAT_COPIES"]
 
 INT32_MIN = -(1 << 31)
 INT32_MAX = (1 << 31) - 1
 #: CPU backend name -> module. The numpy one is the oracle the others are tested against.
 _CPU_BACKENDS = {"numba": "switchagg.kernels._numba", "numpy": "switchagg.kernels._numpy"}
-_cpu_backend: Any = None
+_cpu_backend: Any = None  # once chosen (and loaded), every CPU call's backend
+#: Below this many elements a CPU call does not load numba (numpy serves it, bit for bit the
+#: same): 64 Ki elements take numpy about a millisecond to quantize, and a process whose calls
+#: are all smaller (a small model's DDP buckets) never pays numba's half-second load.
+NUMBA_MIN_ELEMENTS = 1 << 16
 #: Float elements the dispatch had to copy or convert on the host (a float16/64 tensor, a
 #: non-contiguous view): 0 for contiguous float32 gradients. Tests read it.
 HOST_FLOAT_COPIES = [0]
@@ -57,8 +68,14 @@ def cpu_backend_name() -> str:
     return _cpu().__name__.rsplit("._", 1)[-1]
 
 
-def _cpu():
+def _cpu(n: int | None = None):
+    """The CPU backend for a call of `n` elements (None: the backend of large calls)."""
     global _cpu_backend
+    if _cpu_backend is not None:
+        return _cpu_backend
+    if n is not None and n < NUMBA_MIN_ELEMENTS and not os.environ.get("SWITCHAGG_CPU_KERNELS",
+                                                                        "").strip():
+        return importlib.import_module(_CPU_BACKENDS["numpy"])
     if _cpu_backend is None:
         wanted = os.environ.get("SWITCHAGG_CPU_KERNELS", "").strip().lower()
         if wanted and wanted not in _CPU_BACKENDS:
@@ -74,7 +91,17 @@ def _cpu():
                 continue
         else:
             raise ImportError(f"CPU kernel backend {names[0]!r} is not importable")
+        warm_up()  # load every serial kernel now (a cold cache compiles once, under the lock)
     return _cpu_backend
+
+
+def load_for(numel: int) -> None:
+    """Load (or compile) now, in this thread, the CPU kernels that calls of `numel` elements use.
+
+    A caller whose calls will run in a thread that must not stall (a switch client's engine
+    thread runs a look-ahead stream's fill) calls it first from its own thread.
+    """
+    _cpu(numel)
 
 
 def warm_up(parallel: bool = False) -> None:
@@ -153,7 +180,7 @@ def _float_operand(x, name: str = "x") -> _Operand:
             HOST_FLOAT_COPIES[0] += x.numel()
         if x.dtype != torch.float32:
             x = x.float()  # bf16/fp16/fp64 -> float32 (exact for bf16/fp16; nearest for fp64)
-        return _Operand(_cpu(), np.ascontiguousarray(x.numpy()), "f32", True)
+        return _Operand(_cpu(x.numel()), np.ascontiguousarray(x.numpy()), "f32", True)
     if _is_cupy(x):
         if x.ndim != 1:
             raise ValueError(f"{name} must be 1-D, got shape {x.shape}")
@@ -168,7 +195,7 @@ def _float_operand(x, name: str = "x") -> _Operand:
         raise ValueError(f"{name} must be 1-D, got shape {a.shape}; pass x.reshape(-1)")
     if a.dtype.kind != "f":
         raise TypeError(f"{name} has dtype {a.dtype}; expected float32 (float16/float64 accepted)")
-    return _Operand(_cpu(), np.ascontiguousarray(a, dtype=np.float32), "f32", False)
+    return _Operand(_cpu(a.size), np.ascontiguousarray(a, dtype=np.float32), "f32", False)
 
 
 def _cuda_operand(x, tag: str, torch_out: bool) -> _Operand:
@@ -194,7 +221,7 @@ def _int_operand(a, like: _Operand | None = None, name: str = "sums") -> _Operan
         a, torch_out = np.asarray(a), False
     if a.ndim != 1 or a.dtype != np.int32:
         raise TypeError(f"{name} must be a 1-D int32 array, got {a.dtype} of shape {a.shape}")
-    return _Operand(_cpu(), np.ascontiguousarray(a), "i32", torch_out)
+    return _Operand(_cpu(a.size), np.ascontiguousarray(a), "i32", torch_out)
 
 
 def _wrap(value, operand: _Operand):
