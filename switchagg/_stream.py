@@ -78,6 +78,8 @@ _CHUNK_MOD = 1 << 32
 #: A tail probe resends every outstanding chunk when no more than this many are left (a few
 #: packets: cheap even when a late peer, not a loss, holds them up).
 TAIL_RESEND = 64
+#: Reordering seen within this many smoothed RTTs keeps the wide reordering window (rto_min).
+REORDER_MEMORY = 32
 _kernels = None  # the `_stream_jit` module once loaded, False if numba is unavailable
 
 
@@ -317,6 +319,11 @@ class StreamMachine:
         # and when an outstanding chunk sent before it is next due to count as lost.
         self.min_rtt = float("inf")
         self._rack_sent, self._rack_chunk, self._rack_rtt = -np.inf, -1, 0.0
+        self._rr_sent, self._rr_chunk, self._rr_rtt = -np.inf, -1, 0.0
+        self._points = np.zeros(6)
+        # Reordering last seen (a chunk sent once answered after a later-sent one); with several
+        # pipes results of different slot ranges interleave freely: reordering is always there.
+        self._reordered_at = np.inf if pipes > 1 else -np.inf
         self._rack_due = np.inf
         self._last_probe = -np.inf
         self._last_transmit = -np.inf
@@ -518,34 +525,43 @@ class StreamMachine:
         return [(heads[i:i + self.burst], vals[i:i + self.burst])
                 for i in range(0, len(slots), self.burst)]
 
-    def _reorder_window(self) -> float:
-        """How long a chunk may trail a later-sent answered one before it counts as lost.
+    def _reorder_window(self, now: float) -> tuple[float, float]:
+        """How long a chunk may trail a later-sent answered one before it counts as lost:
+        (judged by a chunk sent once, judged by a resent chunk).
 
-        RACK's min RTT / 4, but at least rto_min: the protocol assumes no packet is held in the
-        network longer than that, and a resend must not be overtaken by the next use of its slot.
+        RACK's min RTT / 4 while no reordering was seen for REORDER_MEMORY smoothed RTTs; else,
+        and always for the judgment by resent chunks (whose answers may come from another
+        worker's packet, sooner than ours), at least rto_min.
         """
-        return max(self.min_rtt / 4, self.rto.minimum) if self.min_rtt < np.inf else self.rto.minimum
-
-    def _ambiguous_rtt(self) -> float:
-        # An answer to a resent chunk within half the smallest RTT cannot answer the resend.
-        return float(self.min_rtt) / 2 if self.min_rtt < np.inf else 0.0
+        if self.min_rtt == np.inf:
+            return self.rto.minimum, self.rto.minimum
+        wide = max(self.min_rtt / 4, self.rto.minimum)
+        if now - self._reordered_at <= REORDER_MEMORY * (self.rto.srtt or 0.0):
+            return wide, wide
+        return self.min_rtt / 4, wide
 
     def _resend_lost(self, now: float) -> list[np.ndarray]:
         """RACK: resend outstanding chunks sent before the latest answered one, once overdue."""
         if now < self._rack_due or not self._outstanding:
             return []
-        delay = self._rack_rtt + self._reorder_window()
+        reo, rr_reo = self._reorder_window(now)
+        delay = self._rack_rtt + reo
+        rr_delay = max(self._rr_rtt, self.min_rtt if self.min_rtt < np.inf else 0.0) + rr_reo
         if self._jit is not None:
-            n, due = self._jit.rack_lost(self._busy, self._sent_at, self._chunk, self._rack_sent,
-                                         self._rack_chunk, delay, now, self._lost)
+            n, due = self._jit.rack_lost(self._busy, self._sent_at, self._chunk, self._resent,
+                                         self._rack_sent, self._rack_chunk, delay, self._rr_sent,
+                                         self._rr_chunk, rr_delay, now, self._lost)
             self._rack_due = float(due)
             return self._resend(self._lost[:n].copy(), now) if n else []
-        before = self._busy & ((self._sent_at < self._rack_sent)
-                               | ((self._sent_at == self._rack_sent)
-                                  & (self._chunk < self._rack_chunk)))
-        due_at = self._sent_at + delay
-        lost = before & (due_at <= now)
-        waiting = before & ~lost
+        t, g = self._sent_at, self._chunk
+        before = self._busy & ((t < self._rack_sent) | ((t == self._rack_sent)
+                                                         & (g < self._rack_chunk)))
+        before_rr = self._busy & self._resent & ((t < self._rr_sent) | ((t == self._rr_sent)
+                                                                        & (g < self._rr_chunk)))
+        due_at = np.minimum(np.where(before, t + delay, np.inf),
+                            np.where(before_rr, t + rr_delay, np.inf))
+        lost = due_at <= now
+        waiting = (before | before_rr) & ~lost
         self._rack_due = float(due_at[waiting].min()) if waiting.any() else np.inf
         lost = np.flatnonzero(lost)
         return self._resend(lost, now) if len(lost) else []
@@ -568,14 +584,15 @@ class StreamMachine:
         one round trip each)."""
         if not self._outstanding or now < self._rto_deadline():
             return []
-        busy = np.flatnonzero(self._busy)
+        busy = np.flatnonzero(self._busy & (self._sent_at + self.rto.rto <= now))
         self.counters.timeouts += 1
         self.rto.backoff()
         self._last_probe = now
-        if not self._queued_chunks and len(busy) <= self.tail_resend:
-            return self._resend(busy, now)
-        newest = busy[self._chunk[busy].argmax()]
-        return self._resend(np.array([newest]), now)
+        passed = self._chunk[busy] < self._rack_chunk
+        rest = busy[~passed]
+        if len(rest) and (self._queued_chunks or len(rest) > self.tail_resend):
+            rest = rest[[self._chunk[rest].argmin()]]  # one probe: the oldest chunk
+        return self._resend(np.concatenate([busy[passed], rest]), now)
 
     def next_deadline(self) -> float | None:
         """When `transmit` next has something to do without new input (None: nothing pending)."""
@@ -659,17 +676,24 @@ class StreamMachine:
             completed.append(self._calls.popleft())
         return completed
 
-    def _note_answers(self, now: float, fresh_sent: float, rack_sent: float,
-                      rack_chunk: int) -> None:
-        """Fold one burst's answers into the RTT estimate and the RACK state."""
-        if fresh_sent > -np.inf:  # Karn: chunks sent once only; the burst's fastest one
-            rtt = now - fresh_sent
+    def _note_answers(self, now: float, points: np.ndarray) -> None:
+        """Fold one burst's answers (`_stream_jit.take_results`' points) into the RTT estimate,
+        the RACK state and the reordering memory."""
+        hi_t, hi_g, rr_t, rr_g, lo_t, lo_g = points.tolist()
+        if hi_t > -np.inf:  # Karn: chunks sent once only; the burst's fastest one
+            rtt = now - hi_t
             self.rto.sample(rtt)
             self.min_rtt = min(self.min_rtt, rtt)
-        if (rack_sent, rack_chunk) > (self._rack_sent, self._rack_chunk):
-            self._rack_sent, self._rack_chunk = rack_sent, rack_chunk
-            self._rack_rtt = now - rack_sent
-            self._rack_due = -np.inf  # look for chunks it proves lost at the next transmit
+            if (lo_t, lo_g) < (self._rack_sent, self._rack_chunk):
+                self._reordered_at = max(self._reordered_at, now)
+            if (hi_t, hi_g) > (self._rack_sent, self._rack_chunk):
+                self._rack_sent, self._rack_chunk = hi_t, int(hi_g)
+                self._rack_rtt = rtt
+                self._rack_due = -np.inf  # look for chunks it proves lost at the next transmit
+        if rr_t > -np.inf and (rr_t, rr_g) > (self._rr_sent, self._rr_chunk):
+            self._rr_sent, self._rr_chunk = rr_t, int(rr_g)
+            self._rr_rtt = now - rr_t
+            self._rack_due = -np.inf
 
     def _receive_compiled(self, words: np.ndarray, vals: np.ndarray, now: float) -> int:
         """The one-pass kernel; -1 if the burst has a malformed packet (nothing changed then)."""
@@ -682,11 +706,10 @@ class StreamMachine:
             vals = vals.view()
             vals.flags.writeable = False
         head = self._calls[0]
-        matched, dups, wrapped, in_call, n_other, fresh, rack_sent, rack_chunk = (
-            self._jit.take_results(words, vals, self.job_id, self.slots, self._busy, self._chunk,
-                                   self._sent_at, self._resent, float(now), self._ambiguous_rtt(),
-                                   head.sums, head.exponents, head.first_chunk,
-                                   head.first_chunk + head.nchunks, self._other))
+        matched, dups, wrapped, in_call, n_other = self._jit.take_results(
+            words, vals, self.job_id, self.slots, self._busy, self._chunk, self._sent_at,
+            self._resent, head.sums, head.exponents, head.first_chunk,
+            head.first_chunk + head.nchunks, self._other, self._points)
         if matched < 0:
             return -1
         c = self.counters
@@ -699,7 +722,7 @@ class StreamMachine:
             slot = (w2 & SLOT_MASK).astype(np.intp)
             exps = ((w2 >> 16) & 0xFF).astype(np.uint8).view(np.int8)
             self._scatter(vals[idx], exps, np.arange(n_other), self._chunk[slot])
-        self._note_answers(now, fresh, rack_sent, rack_chunk)
+        self._note_answers(now, self._points)
         return matched
 
     def _receive_reference(self, packets: np.ndarray, now: float) -> int:
@@ -728,16 +751,16 @@ class StreamMachine:
             return 0
         s_idx, g_idx = slot[idx], g[idx]
         sent, resent = self._sent_at[s_idx], self._resent[s_idx]
-        fresh = float(sent[~resent].max()) if (~resent).any() else -np.inf
-        evidence = ~resent | (now - sent >= self._ambiguous_rtt())
-        rack_sent, rack_chunk = -np.inf, -1
-        if evidence.any():
-            order = np.lexsort((g_idx[evidence], sent[evidence]))[-1]
-            rack_sent, rack_chunk = float(sent[evidence][order]), int(g_idx[evidence][order])
+        points = np.full(6, -np.inf)  # as `_stream_jit.take_results` gives them
+        for sel, at in ((~resent, (0, 4)), (resent, (2,))):
+            if sel.any():
+                order = np.lexsort((g_idx[sel], sent[sel]))
+                for i, pick in zip(at, (order[-1], order[0])):  # the latest, the earliest
+                    points[i:i + 2] = sent[sel][pick], g_idx[sel][pick]
         self._busy[s_idx] = False
         c.wraps += int(np.count_nonzero(packets["flags"][idx] & 1))
         self._scatter(packets["values"], packets["exponent"], idx, g_idx)
-        self._note_answers(now, fresh, rack_sent, rack_chunk)
+        self._note_answers(now, points)
         return len(idx)
 
     def _scatter(self, values: np.ndarray, exponents: np.ndarray, idx: np.ndarray,
