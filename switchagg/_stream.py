@@ -33,26 +33,38 @@ How it works:
   and ignored), and matched values are copied into the call's (chunks, k) output. With numba this is
   one compiled pass over the frame (`_stream_jit.take_results`); without it, or when a burst holds
   a bad packet, the numpy reference path runs (`packet.validate_burst` gives reasons and counts).
-- Loss recovery (SwitchML's identical resends, timed the way RACK-TLP times TCP's, RFC 8985). The
-  hard case here is not loss but skew: workers start a call at different times, so a chunk may wait
-  for a late peer far longer than any network round trip, and a timer that resends every chunk
-  older than RTO resends whole windows for nothing. So there are two timers:
-  1. Loss detection by time order (RACK). Every worker sends its chunks in order, so without loss
-     slots complete in order. A chunk still outstanding after a chunk sent after it was answered,
-     and older than that answer's RTT plus a reordering window (min RTT / 4), is lost: it is resent.
-     A late peer delays every chunk after it alike and marks nothing.
-  2. Tail probe (RTO). When nothing has been answered for RTO, only the newest outstanding chunk is
-     resent (one packet, as TLP resends the last segment; all of them when at most TAIL_RESEND
-     are left, as at a call's end) and the RTO doubles. If chunks were lost
-     its answer comes back ahead of theirs and rule 1 resends them at once; if a peer is merely
-     late, it is answered together with the rest and nothing else is resent.
-  RTO follows RFC 6298: srtt/rttvar from one sample per received burst, its fastest chunk sent once
-  (Karn's rule), so that the samples measure the network and the switch rather than peer waits;
-  clamped to [rto_min, rto_max]; doubled on every probe, and back to srtt + 4 rttvar at the next
-  accepted result (answers to resent chunks prove the path, though they give no sample).
-  Both timers scan the slot pool (s entries) once per received burst at most: with numba in one
-  compiled pass each (`_stream_jit.rack_lost`, `oldest_sent`, the latter cached until the slot
-  state changes), else in numpy (the reference, several passes).
+- Loss recovery (SwitchML's identical resends, timed the way RACK-TLP times TCP's, RFC 8985).
+  What a worker can tell from an answer: a chunk's result exists only once every worker's packet
+  for it reached the switch, and each worker's packets travel in order (one FIFO connection per
+  slot range), so the answer to a chunk this worker sent *once* proves that all its earlier
+  packets passed the switch too. An answer to a *resent* chunk proves much less: another
+  worker's resend may have completed the slot while ours still waits behind our own bursts (a
+  slot missing worker A's packet is completed only by A's resend; everyone else's copies are
+  dropped as duplicates). Taking such answers as proof resent whole bursts still in flight (a
+  third to a half of all packets resent at 1% loss, issue 15). So:
+  1. Gap (RACK by send order). A chunk still outstanding, sent before the latest-sent answered
+     chunk that was sent once, is lost once that answer's RTT plus a reordering window has
+     passed since it was sent: resent at once, without waiting for a timer. The window is
+     RACK's min RTT / 4; once reordering has been seen (a chunk sent once answered after a
+     later-sent one; always with several pipes, whose results interleave) it is at least
+     rto_min, for REORDER_MEMORY smoothed RTTs. Skew (a late peer) delays every later chunk
+     alike and marks nothing.
+  2. Lost resends. A resent chunk is judged by the same rule against the latest-resent answered
+     chunk too (resends of one frame travel together), with a delay of at least the min RTT plus
+     at least rto_min: a resend lost again is found within about a round trip, not an RTO.
+  3. Timeout (RTO). When nothing has been answered for RTO, every outstanding chunk that an
+     answer already passed (rule 1's gap, resent and still missing) is resent, plus the oldest
+     outstanding chunk as a probe (every outstanding chunk when nothing is queued and at most
+     TAIL_RESEND are left, as at a call's end); the RTO doubles. A late peer costs one packet
+     per (doubling) RTO; a call's tail and a stalled window are resent at once.
+  RTO follows RFC 6298: srtt/rttvar from one sample per received burst, its latest-sent chunk
+  sent once (Karn's rule), so that the samples measure the network and the switch rather than
+  resends; clamped to [rto_min, rto_max]; doubled on every timeout, and back to srtt + 4 rttvar at
+  the next accepted result (answers to resent chunks prove the path, though they give no
+  sample), so backoff never outlives a loss burst. Only the chunks found lost are resent, as
+  identical copies, oldest first. Both rules scan the slot pool (s entries) once per received
+  burst at most: with numba in one compiled pass each (`_stream_jit.rack_lost`, `oldest_sent`,
+  the latter cached until the slot state changes), else in numpy (the reference).
 """
 
 from __future__ import annotations
@@ -75,8 +87,8 @@ __all__ = ["FillFn", "RtoEstimator", "StreamCall", "StreamCounters", "StreamMach
 log = logging.getLogger(__name__)
 
 _CHUNK_MOD = 1 << 32
-#: A tail probe resends every outstanding chunk when no more than this many are left (a few
-#: packets: cheap even when a late peer, not a loss, holds them up).
+#: A timeout resends every outstanding chunk when no more than this many are left and nothing is
+#: queued (a few packets: cheap even when a late peer, not a loss, holds them up).
 TAIL_RESEND = 64
 #: Reordering seen within this many smoothed RTTs keeps the wide reordering window (rto_min).
 REORDER_MEMORY = 32
@@ -150,8 +162,8 @@ class StreamCounters:
     packets_sent: int = 0           # packets sent, retransmissions included
     bursts_sent: int = 0            # data frames sent
     bytes_sent: int = 0             # bytes of data frames sent
-    retransmitted: int = 0          # packets resent (lost by time order, or tail probes)
-    timeouts: int = 0               # RTO expiries (each resends one probe packet)
+    retransmitted: int = 0          # packets resent (found lost by a gap, or on a timeout)
+    timeouts: int = 0               # RTO expiries (each resends the passed chunks and a probe)
     packets_received: int = 0       # packets in received data frames (valid or not)
     bursts_received: int = 0        # data frames received
     bytes_received: int = 0         # bytes of data frames received
@@ -263,8 +275,8 @@ class StreamMachine:
         rto_initial, rto_min, rto_max: retransmission timer, seconds (see `RtoEstimator`).
         compiled: use the numba kernels where they load (`load_kernels`); False forces the numpy
             reference path (tests run both).
-        tail_resend: a tail probe resends every outstanding chunk when nothing is queued and at
-            most this many are outstanding (0: always the newest one only).
+        tail_resend: a timeout resends every outstanding chunk when nothing is queued and at
+            most this many are outstanding (0: only the passed ones and the oldest).
         pipes: the switch's dataplane pipes; first-send bursts never straddle the bounds of their
             slot ranges (`packet.pipe_bounds`), so each burst goes to one pipe.
     """
@@ -379,7 +391,7 @@ class StreamMachine:
     # ---- sending -----------------------------------------------------------------------------
 
     def transmit_frames(self, now: float) -> list[tuple[np.ndarray, np.ndarray]]:
-        """What to send now: resends of lost chunks, a tail probe, then new chunks.
+        """What to send now: resends of lost chunks, a timeout's resends, then new chunks.
 
         Returns:
             Split bursts (header words (n, 4) int32, payloads (n, k) int32): send each as one data
@@ -578,10 +590,12 @@ class StreamMachine:
         return max(self._oldest_sent(), self.last_progress, self._last_probe) + self.rto.rto
 
     def _probe(self, now: float) -> list[np.ndarray]:
-        """Tail probe: nothing answered for RTO, so resend the newest outstanding chunk, or every
-        outstanding chunk when nothing is queued and at most `tail_resend` are left (the calls'
-        tail: RACK has no later answer to go by there, and one probe per RTO would recover them
-        one round trip each)."""
+        """Timeout (rule 3 of the module essay): nothing answered for RTO, so resend every
+        outstanding chunk an answer already passed (resent and still missing: nothing first-sent
+        after its resend was answered to show it lost again), plus the oldest outstanding chunk,
+        or every one when nothing is queued and at most `tail_resend` are left (a call's tail:
+        there is no later answer to go by, and one probe per RTO would recover them one round
+        trip each). Only chunks sent at least an RTO ago are resent."""
         if not self._outstanding or now < self._rto_deadline():
             return []
         busy = np.flatnonzero(self._busy & (self._sent_at + self.rto.rto <= now))
