@@ -42,16 +42,22 @@ How it works:
   slot missing worker A's packet is completed only by A's resend; everyone else's copies are
   dropped as duplicates). Taking such answers as proof resent whole bursts still in flight (a
   third to a half of all packets resent at 1% loss, issue 15). So:
-  1. Gap (RACK by send order). A chunk still outstanding, sent before the latest-sent answered
-     chunk that was sent once, is lost once that answer's RTT plus a reordering window has
-     passed since it was sent: resent at once, without waiting for a timer. The window is
-     RACK's min RTT / 4; once reordering has been seen (a chunk sent once answered after a
-     later-sent one; always with several pipes, whose results interleave) it is at least
-     rto_min, for REORDER_MEMORY smoothed RTTs. Skew (a late peer) delays every later chunk
-     alike and marks nothing.
+  1. Gap (SACK-like, timed as RACK). A chunk still outstanding, sent before the latest-sent
+     answered chunk that was sent once, is passed: it is lost once a reordering window has gone
+     by since it was first passed (or since that answer's RTT after its send, RACK's rule,
+     if sooner), and resent at once, without waiting for a timer. (RACK's rule alone waits too
+     long here: a window's bursts leave together and are answered one after another as the
+     switch works through them, so each later answer's RTT pushed an early gap's deadline back,
+     and the window drained before any gap was resent.) The window is RACK's min RTT / 4; once
+     reordering has been seen (a chunk sent once answered after a later-sent one, sooner than a
+     resend could have completed its slot; always with several pipes, whose results interleave)
+     it is at least rto_min, for REORDER_MEMORY smoothed RTTs. Skew (a late peer) delays every
+     later chunk alike and marks nothing.
   2. Lost resends. A resent chunk is judged by the same rule against the latest-resent answered
      chunk too (resends of one frame travel together), with a delay of at least the min RTT plus
-     at least rto_min: a resend lost again is found within about a round trip, not an RTO.
+     at least rto_min (with less, other workers' resends answering first made resends of
+     resends snowball: 3x the packets): a resend lost again is found within about a round trip,
+     not an RTO.
   3. Timeout (RTO). When nothing has been answered for RTO, every outstanding chunk that an
      answer already passed (rule 1's gap, resent and still missing) is resent, plus the oldest
      outstanding chunk as a probe (every outstanding chunk when nothing is queued and at most
@@ -314,6 +320,7 @@ class StreamMachine:
         self._chunk = np.full(slots, -1, np.int64)
         self._sent_at = np.zeros(slots, np.float64)
         self._resent = np.zeros(slots, bool)
+        self._passed_at = np.full(slots, np.inf)  # when an answer first passed the chunk (gap)
         # A resent chunk's slot is not reused before its last copy can have left the network
         # (rto_min, the longest a packet is assumed held): a late copy of chunk g arriving after
         # chunk g + s would count at the switch as a new contribution to the other version.
@@ -508,6 +515,7 @@ class StreamMachine:
         self._chunk[start:start + n] = np.arange(g0, g0 + n, dtype=np.int64)
         self._sent_at[start:start + n] = now
         self._resent[start:start + n] = False
+        self._passed_at[start:start + n] = np.inf
         # Sent now, so no earlier than any outstanding chunk: only an empty pool changes the oldest.
         if self._oldest is not None and self._outstanding:
             self._oldest = min(self._oldest, now)
@@ -524,6 +532,7 @@ class StreamMachine:
         self._sent_at[slots] = now
         self._oldest = None
         self._resent[slots] = True
+        self._passed_at[slots] = np.inf
         self._hold_until[slots] = self._hold_max = now + self.rto.minimum
         self.counters.retransmitted += len(slots)
         heads, vals = self._ring_words[slots], self._ring_values[slots]
@@ -543,7 +552,7 @@ class StreamMachine:
 
         RACK's min RTT / 4 while no reordering was seen for REORDER_MEMORY smoothed RTTs; else,
         and always for the judgment by resent chunks (whose answers may come from another
-        worker's packet, sooner than ours), at least rto_min.
+        worker's packet, sooner than ours), at least rto_min. Before the first RTT sample, rto_min.
         """
         if self.min_rtt == np.inf:
             return self.rto.minimum, self.rto.minimum
@@ -561,8 +570,9 @@ class StreamMachine:
         rr_delay = max(self._rr_rtt, self.min_rtt if self.min_rtt < np.inf else 0.0) + rr_reo
         if self._jit is not None:
             n, due = self._jit.rack_lost(self._busy, self._sent_at, self._chunk, self._resent,
-                                         self._rack_sent, self._rack_chunk, delay, self._rr_sent,
-                                         self._rr_chunk, rr_delay, now, self._lost)
+                                         self._passed_at, self._rack_sent, self._rack_chunk,
+                                         delay, reo, self._rr_sent, self._rr_chunk, rr_delay,
+                                         now, self._lost)
             self._rack_due = float(due)
             return self._resend(self._lost[:n].copy(), now) if n else []
         t, g = self._sent_at, self._chunk
@@ -570,7 +580,8 @@ class StreamMachine:
                                                          & (g < self._rack_chunk)))
         before_rr = self._busy & self._resent & ((t < self._rr_sent) | ((t == self._rr_sent)
                                                                         & (g < self._rr_chunk)))
-        due_at = np.minimum(np.where(before, t + delay, np.inf),
+        self._passed_at[before & (self._passed_at == np.inf)] = now
+        due_at = np.minimum(np.where(before, np.minimum(t + delay, self._passed_at + reo), np.inf),
                             np.where(before_rr, t + rr_delay, np.inf))
         lost = due_at <= now
         waiting = (before | before_rr) & ~lost
@@ -699,7 +710,11 @@ class StreamMachine:
             self.rto.sample(rtt)
             self.min_rtt = min(self.min_rtt, rtt)
             if (lo_t, lo_g) < (self._rack_sent, self._rack_chunk):
-                self._reordered_at = max(self._reordered_at, now)
+                # Answered after a later-sent chunk: reordered, unless it was passed a while ago
+                # and another worker's resend completed its slot (that takes a round trip).
+                passed = self._passed_at[int(lo_g) % self.slots]
+                if passed == np.inf or now - passed < self.min_rtt / 2:
+                    self._reordered_at = max(self._reordered_at, now)
             if (hi_t, hi_g) > (self._rack_sent, self._rack_chunk):
                 self._rack_sent, self._rack_chunk = hi_t, int(hi_g)
                 self._rack_rtt = rtt

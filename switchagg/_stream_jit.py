@@ -130,17 +130,20 @@ def stamp_headers(words, g0, slots, exps):
 
 
 @njit(**_jit)
-def rack_lost(busy, sent_at, chunk, resent, rack_sent, rack_chunk, delay, rr_sent, rr_chunk,
-              rr_delay, now, lost):
+def rack_lost(busy, sent_at, chunk, resent, passed_at, rack_sent, rack_chunk, delay, reo,
+              rr_sent, rr_chunk, rr_delay, now, lost):
     """RACK over the slot pool: outstanding chunks sent before a later-sent answered one, once
     overdue. Any chunk is judged by the latest answered chunk sent once; a resent chunk also by
     the latest answered resent chunk (whose answer proves nothing about first sends).
 
     Args:
         busy, sent_at, chunk, resent: the machine's per-slot state.
+        passed_at: per slot, when an answer first passed its chunk (inf: not yet); set here.
         rack_sent, rack_chunk: (send time, chunk) of the latest-sent chunk sent once and answered.
-        delay: that answer's RTT plus the reordering window; a chunk sent at t before it is lost
-            once t + delay <= now.
+        delay, reo: that answer's RTT plus the reordering window, and the window; a chunk sent
+            at t before it is lost once t + delay <= now, or once it was passed reo ago (chunks
+            sent together answer one after another as the switch works through them, so the
+            latest answer's RTT alone would push the deadline of an early gap back and back).
         rr_sent, rr_chunk, rr_delay: the same for the latest-resent answered chunk.
         lost: (slots,) int64 scratch; the lost slots are written to its head, in slot order.
 
@@ -157,7 +160,9 @@ def rack_lost(busy, sent_at, chunk, resent, rack_sent, rack_chunk, delay, rr_sen
         g = chunk[s]
         due = np.inf
         if t < rack_sent or (t == rack_sent and g < rack_chunk):
-            due = t + delay
+            if passed_at[s] == np.inf:
+                passed_at[s] = now
+            due = min(t + delay, passed_at[s] + reo)
         if resent[s] and (t < rr_sent or (t == rr_sent and g < rr_chunk)):
             due = min(due, t + rr_delay)
         if due <= now:
@@ -194,6 +199,6 @@ def warm_up(k: int = 8) -> None:
                      np.zeros(slots), np.zeros(slots, np.bool_), np.zeros((slots, k), np.int32),
                      exps, 0, 0, np.zeros(slots, np.int64), np.zeros(6))
     busy, sent_at = np.zeros(slots, np.bool_), np.zeros(slots)
-    rack_lost(busy, sent_at, np.full(slots, -1, np.int64), busy, 0.0, 0, 0.0, 0.0, 0, 0.0, 0.0,
-              np.zeros(slots, np.int64))
+    rack_lost(busy, sent_at, np.full(slots, -1, np.int64), busy, np.zeros(slots), 0.0, 0, 0.0,
+              0.0, 0.0, 0, 0.0, 0.0, np.zeros(slots, np.int64))
     oldest_sent(busy, sent_at)

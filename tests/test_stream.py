@@ -548,3 +548,18 @@ def test_under_light_loss_only_lost_chunks_are_resent(dataplane):
     sent = sum(c.counters.chunks_sent for c in net.clients)
     resent = sum(c.counters.retransmitted for c in net.clients)
     assert 0 < resent < 0.2 * sent, (resent, sent)
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["numba", "numpy"])
+def test_a_gap_keeps_its_deadline_while_later_chunks_sent_with_it_are_answered(compiled):
+    """Chunks sent together are answered one after another as the switch works through them;
+    each later answer has a longer RTT. The gap's deadline runs from when it was first passed,
+    so the stream of later answers cannot push its resend back (RACK's rule alone would)."""
+    m, sent = _machine(compiled=compiled)
+    m.receive(_results(range(1, 4)), 0.010)
+    assert m.transmit(0.010) == []  # chunk 0 passed at 0.010; window min RTT / 4 = 0.0025
+    m.receive(_results(range(4, 8)), 0.012)  # RTT 0.012: RACK alone would wait until 0.0145
+    assert m.transmit(0.012) == []
+    assert m.next_deadline() == pytest.approx(0.0125)
+    (again,) = m.transmit(0.0125)
+    assert again.tobytes() == sent[:1].tobytes()
