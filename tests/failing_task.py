@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from workers.tasks.digits import Digits
+from switchagg.workers.tasks.digits import Digits
 
 
 class _Broken(Digits):

@@ -131,8 +131,8 @@ def test_ddp_hook_and_reducer_agree_bit_for_bit(name):
 
 def test_method_sets_and_the_wire_columns():
     from test_train import _run
-    from workers import report
-    from workers.worker import method_names
+    from switchagg.workers import report
+    from switchagg.workers.worker import method_names
 
     assert method_names("paper-isgq") == ["sgd", "isgq-mse", "isgq-dithered", "onebit-ef",
                                           "terngrad", "qsgd-4bit"]

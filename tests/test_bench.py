@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from conftest import PYTHON
-from workers._bench_workers import _verify, bench_input, expected_sum
-from workers.bench import _median_round, call_latency
+from switchagg.workers._bench_workers import _verify, bench_input, expected_sum
+from switchagg.workers.bench import _median_round, call_latency
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +36,7 @@ REQUIRED = {
 
 def bench(spawn, *flags: str, timeout: float = 90) -> tuple[int, dict | None, str]:
     """Run `switchagg bench` in its own process group; (exit code, JSON or None, stderr)."""
-    proc = spawn([PYTHON, "-m", "workers.cli", "--log-level", "WARNING", "bench", *flags],
+    proc = spawn([PYTHON, "-m", "switchagg.workers.cli", "--log-level", "WARNING", "bench", *flags],
                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out, err = proc.communicate(timeout=timeout)
     lines = [line for line in out.splitlines() if line.startswith("{")]
@@ -102,7 +102,7 @@ def test_bench_ipc_prints_the_table_or_json(spawn):
     code, figures, err = bench(spawn, *TINY, "--transport", "ipc", "--skip-gloo", "--json")
     assert code == 0, err
     check_schema(figures, "ipc", gloo=False, zmq=True)
-    proc = spawn([PYTHON, "-m", "workers.cli", "bench", *TINY, "--skip-gloo", "--skip-zmq"],
+    proc = spawn([PYTHON, "-m", "switchagg.workers.cli", "bench", *TINY, "--skip-gloo", "--skip-zmq"],
                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
@@ -178,7 +178,7 @@ def test_bench_quantize_prints_the_kernels_figures(spawn):
 def test_sweep_prints_a_row_per_point_and_writes_the_plot(spawn, tmp_path):
     """`--sweep` on loopback: one row per worker count, every contender measured, a PNG."""
     png = tmp_path / "sweep.png"
-    proc = spawn([PYTHON, "-m", "workers.cli", "--log-level", "WARNING", "bench", *TINY,
+    proc = spawn([PYTHON, "-m", "switchagg.workers.cli", "--log-level", "WARNING", "bench", *TINY,
                   "--sweep", "--sweep-workers", "1,2", "--skip-gloo", "--json", "--plot",
                   str(png)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out, err = proc.communicate(timeout=120)

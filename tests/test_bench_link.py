@@ -19,8 +19,8 @@ import time
 import pytest
 
 from conftest import PYTHON
-from workers import bench
-from workers._netns_links import LinkError, LinkNetwork, parse_rate
+from switchagg.workers import bench
+from switchagg.workers._netns_links import LinkError, LinkNetwork, parse_rate
 
 CAN_BUILD = os.geteuid() == 0 and shutil.which("ip") and shutil.which("tc")
 needs_netns = pytest.mark.skipif(not CAN_BUILD, reason="needs root, ip and tc (network "
@@ -103,7 +103,7 @@ def test_link_error_names_the_failing_command(monkeypatch):
 @pytest.mark.slow
 @pytest.mark.netns
 def test_bench_link_end_to_end_reports_the_link_limit(spawn):
-    proc = spawn([PYTHON, "-m", "workers.cli", "--log-level", "WARNING", "bench", "--link",
+    proc = spawn([PYTHON, "-m", "switchagg.workers.cli", "--log-level", "WARNING", "bench", "--link",
                   "200mbit", "--workers", "2", "--numel", "20000", "--slots", "64", "--burst",
                   "16", "--repeats", "1", "--warmup", "1", "--timeout", "60", "--json"],
                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -124,7 +124,7 @@ def test_bench_link_end_to_end_reports_the_link_limit(spawn):
 def test_bench_link_ctrl_c_removes_everything(spawn):
     """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) mid-run: exit 130,
     every namespace removed, no child left."""
-    proc = spawn([PYTHON, "-m", "workers.cli", "bench", "--link", "10mbit", "--workers", "2",
+    proc = spawn([PYTHON, "-m", "switchagg.workers.cli", "bench", "--link", "10mbit", "--workers", "2",
                   "--numel", "2000000", "--repeats", "50", "--skip-zmq", "--skip-gloo"],
                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60

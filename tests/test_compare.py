@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 def _compare(*argv: str, timeout: float = 240) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "workers.cli", "compare", *argv], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "switchagg.workers.cli", "compare", *argv], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout, start_new_session=True)
 
 
@@ -52,7 +52,7 @@ def test_compare_end_to_end(tmp_path):
     (out / "results.json").unlink()
     (out / "loss_vs_step.png").unlink()
     env = dict(os.environ, PYTHONPATH=REPO)
-    report = subprocess.run([sys.executable, "-m", "workers.cli", "report", str(out)], env=env,
+    report = subprocess.run([sys.executable, "-m", "switchagg.workers.cli", "report", str(out)], env=env,
                             capture_output=True, text=True, timeout=120)
     assert report.returncode == 0, report.stderr
     assert "intsgd-random: 2 ranks, 3 steps" in report.stderr and "max|sum|" in report.stdout
@@ -69,7 +69,7 @@ def test_compare_end_to_end(tmp_path):
 
 def test_report_rejects_a_folder_without_summaries(tmp_path):
     env = dict(os.environ, PYTHONPATH=REPO)
-    proc = subprocess.run([sys.executable, "-m", "workers.cli", "report", str(tmp_path)], env=env,
+    proc = subprocess.run([sys.executable, "-m", "switchagg.workers.cli", "report", str(tmp_path)], env=env,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "no summaries" in proc.stderr
 

@@ -2,7 +2,7 @@
 
 No Docker engine runs here, so every check is one the engine would otherwise make at `up` time:
 the file is valid compose (Debian's `docker-compose config`, when installed), each service's command
-parses with the parser of the program it names (workers.cli / switch_emulator.cli, after .env's
+parses with the parser of the program it names (switchagg.workers.cli / switch_emulator.cli, after .env's
 variables are substituted), the worker's --switch points at the switch service's bound port, the
 healthcheck runs a real command and answers for a live switch, --out lands on the mounted volume,
 and the Dockerfiles copy what pyproject.toml packages. tests/test_netns.py then runs the commands.
@@ -27,7 +27,7 @@ from tests.conftest import REPO, free_port
 
 @pytest.fixture(autouse=True)
 def _no_launcher_env(monkeypatch):
-    # workers.cli's defaults come from torchrun's variables; the containers have none of them.
+    # switchagg.workers.cli's defaults come from torchrun's variables; the containers have none of them.
     for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SWITCHAGG_SWITCH"):
         monkeypatch.delenv(name, raising=False)
 
@@ -38,7 +38,7 @@ def _switch_args(command: list[str]):
 
 
 def _worker_args(command: list[str]):
-    from workers.cli import build_parser
+    from switchagg.workers.cli import build_parser
     argv = command[1:]
     return build_parser(argv).parse_args(argv)
 
@@ -109,11 +109,11 @@ def test_switch_command_parses_and_binds_every_interface_on_the_exposed_port():
 
 
 def test_worker_command_parses_and_points_at_the_switch_service():
-    from workers.worker import collective_kind, method_names, training_config
+    from switchagg.workers.worker import collective_kind, method_names, training_config
     doc = load_compose()
     worker = doc["services"]["worker"]
     command = worker["command"]
-    assert console_scripts()[command[0]] == "workers.cli:main"
+    assert console_scripts()[command[0]] == "switchagg.workers.cli:main"
     args = _worker_args(command)
     assert args.command == "worker"
     training_config(args)  # the training options form a valid config

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from workers.data import (FASHION_MNIST_DIR, FASHION_MNIST_FILES, FASHION_MNIST_PACKAGE,
+from switchagg.workers.data import (FASHION_MNIST_DIR, FASHION_MNIST_FILES, FASHION_MNIST_PACKAGE,
                           generator_for, load_fashion_mnist, read_idx)
-from workers.tasks import make_task
+from switchagg.workers.tasks import make_task
 
 installed = pytest.mark.skipif(
     not all(os.path.exists(os.path.join(FASHION_MNIST_DIR, f)) for f in FASHION_MNIST_FILES),

@@ -91,7 +91,7 @@ def test_first_step_rules_run_and_say_which_ran(method):
 
 
 def test_method_opt_reaches_the_methods_that_take_it():
-    from workers.worker import check_method_options, collective_kind, method_options
+    from switchagg.workers.worker import check_method_options, collective_kind, method_options
     pairs = ["first_step=uncompressed", "alpha_from=innovation"]
     assert method_options("intdiana", pairs) == {"first_step": "uncompressed",
                                                  "alpha_from": "innovation"}
@@ -110,8 +110,8 @@ def test_vr_logreg_converges_where_minibatch_sgd_stalls():
 
     from switchagg.collectives import LocalGroup
     from switchagg.ddp import hook_for
-    from workers.tasks import make_task
-    from workers.train import TrainConfig, train
+    from switchagg.workers.tasks import make_task
+    from switchagg.workers.train import TrainConfig, train
 
     steps, batch, lam = 200, 8, 0.05
     vr_task = make_task("logreg", vr=True)
@@ -140,7 +140,7 @@ def test_vr_logreg_converges_where_minibatch_sgd_stalls():
 
 
 def test_presets_scale_the_lr_by_workers_with_a_five_epoch_warmup(tmp_path):
-    from workers.tasks import TASKS
+    from switchagg.workers.tasks import TASKS
     p = TASKS["cifar10-resnet18"].preset
     assert p.lr_at(0, world_size=16) == pytest.approx(0.1)
     assert p.lr_at(2.5, world_size=16) == pytest.approx(0.1 * (1 + 15 * 0.5))
@@ -151,7 +151,7 @@ def test_presets_scale_the_lr_by_workers_with_a_five_epoch_warmup(tmp_path):
     assert lm.lr_at(5, world_size=16) == pytest.approx(1.25 * 16) and lm.warmup_epochs == 5
     from tests.test_tasks import _write_cifar
     _write_cifar(tmp_path)
-    from workers.tasks import make_task
+    from switchagg.workers.tasks import make_task
     ints = make_task("cifar10-resnet18", data=str(tmp_path), width=8, recipe="intsgd").preset
     assert ints.lr_at(5, world_size=16) == pytest.approx(3.2) and ints.momentum_before_reduce
     assert not make_task("cifar10-resnet18", data=str(tmp_path), width=8).preset \
@@ -164,8 +164,8 @@ def test_momentum_before_the_reduce_equals_after_for_an_exact_average():
     import torch.distributed as tdist
 
     from switchagg.ddp import hook_for
-    from workers.tasks import make_task
-    from workers.train import TrainConfig, train
+    from switchagg.workers.tasks import make_task
+    from switchagg.workers.train import TrainConfig, train
     if not tdist.is_initialized():
         tdist.init_process_group("gloo", store=tdist.HashStore(), rank=0, world_size=1)
 
@@ -212,7 +212,7 @@ A5A = os.environ.get("SWITCHAGG_A5A", "/work/shared/data/a5a")
 
 @pytest.mark.skipif(not os.path.exists(A5A), reason="the a5a LIBSVM file is absent (SWITCHAGG_A5A)")
 def test_logreg_reads_the_papers_a5a_file():
-    from workers.tasks import make_task
+    from switchagg.workers.tasks import make_task
     task = make_task("logreg", data=A5A)
     # 123 features, the last never set in this split (the file gives the highest index used)
     assert task.a.shape[0] == 6414 and task.a.shape[1] in (122, 123)

@@ -8,8 +8,8 @@ import os
 
 import pytest
 
-from workers import reproduce
-from workers.reproduce import RUNS, Run, plan
+from switchagg.workers import reproduce
+from switchagg.workers.reproduce import RUNS, Run, plan
 
 pytestmark = pytest.mark.slow
 

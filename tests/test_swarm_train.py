@@ -15,9 +15,9 @@ import pytest
 import torch.distributed as dist
 
 from tests.conftest import REPO, free_port
-from workers.swarm_train import SWARM_OPTIONS, SwarmConfig, split_options, train_swarm
-from workers.tasks import make_task
-from workers.train import TrainConfig
+from switchagg.workers.swarm_train import SWARM_OPTIONS, SwarmConfig, split_options, train_swarm
+from switchagg.workers.tasks import make_task
+from switchagg.workers.train import TrainConfig
 
 
 def _run_in_threads(world, config, swarm, task_options=None):
@@ -72,7 +72,7 @@ def test_train_swarm_averages_and_gathers_the_final_models(blocking):
     evals = [r for r in results[0][1] if r["kind"] == "eval"]
     assert [e["model"] for e in evals] == ["local", "average"]
     # what the comparison makes of them
-    from workers.report import format_table, merge_ranks
+    from switchagg.workers.report import format_table, merge_ranks
     entry = merge_ranks(summaries, "accuracy")
     assert entry["replicas_agree"] is None and entry["final_accuracy"] == head["evaluation"]["accuracy"]
     assert entry["bytes_sent"] == sum(s["bytes_sent"] for s in summaries)
@@ -98,7 +98,7 @@ def test_options_are_split_from_the_task_and_validated():
 
 def _compare(*argv, timeout=400):
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "workers.cli", "compare", *argv], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "switchagg.workers.cli", "compare", *argv], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout, start_new_session=True)
 
 
@@ -130,7 +130,7 @@ def test_swarmsgd_is_within_one_point_of_sgd_on_the_default_task(tmp_path):
 
 
 def test_local_host_keeps_loopback_on_loopback():
-    from workers.swarm_train import local_host
+    from switchagg.workers.swarm_train import local_host
     assert local_host("127.0.0.1") == "127.0.0.1"
     assert local_host("localhost") == "127.0.0.1"
     assert local_host("no-such-host.invalid") == "127.0.0.1"

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from workers.data import (augment_crop_flip, batch_indices, batchify, contiguous_bounds, derive_seed,
+from switchagg.workers.data import (augment_crop_flip, batch_indices, batchify, contiguous_bounds, derive_seed,
                           generator_for, load_wikitext2, steps_per_epoch)
-from workers.models import LSTMLanguageModel, ResNet18
-from workers.tasks import TASKS, make_task, parse_options
-from workers.tasks.logreg import _objective
+from switchagg.workers.models import LSTMLanguageModel, ResNet18
+from switchagg.workers.tasks import TASKS, make_task, parse_options
+from switchagg.workers.tasks.logreg import _objective
 
 
 def _sgd_steps(task, steps=3, world_size=2, batch_size=4, lr=None):

@@ -46,7 +46,7 @@ def test_torchrun_launches_workers_that_train_through_the_switch(spawn, tcp_addr
     # gloo would otherwise pick the interface the host name resolves to; keep it on loopback.
     env.update(PYTHONPATH=REPO, GLOO_SOCKET_IFNAME="lo")
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-            "-m", "workers.cli", "worker", "--switch", tcp_address, "--methods", ",".join(METHODS),
+            "-m", "switchagg.workers.cli", "worker", "--switch", tcp_address, "--methods", ",".join(METHODS),
             "--max-steps", str(STEPS), "--opt", "hidden=(16,)", "--timeout", "60",
             "--out", str(tmp_path)]
     run = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=140,

@@ -11,9 +11,9 @@ import torch.distributed as dist
 
 from switchagg.collectives import LocalGroup
 from switchagg.ddp import hook_for
-from workers import report
-from workers.tasks import make_task
-from workers.train import TrainConfig, train
+from switchagg.workers import report
+from switchagg.workers.tasks import make_task
+from switchagg.workers.train import TrainConfig, train
 
 
 def _run(method: str, *, seed: int = 0, steps: int = 6, world_size: int = 2, task: str = "digits",
@@ -117,8 +117,8 @@ def test_merge_flags_disagreeing_replicas():
 
 @pytest.mark.parametrize("task", ["logreg"])
 def test_worker_needs_identity_for_torch(task, tmp_path):
-    from workers.cli import build_parser
-    from workers.worker import run_methods, _Emitter
+    from switchagg.workers.cli import build_parser
+    from switchagg.workers.worker import run_methods, _Emitter
     argv = ["worker", "--task", task, "--methods", "sgd", "--world-size", "2"]
     args = build_parser(argv).parse_args(argv)
     args.rank = args.master_addr = args.master_port = None
@@ -127,7 +127,7 @@ def test_worker_needs_identity_for_torch(task, tmp_path):
 
 
 def test_device_for_local_rank_gives_each_torchrun_process_its_own_gpu():
-    from workers.worker import device_for_local_rank
+    from switchagg.workers.worker import device_for_local_rank
 
     assert device_for_local_rank("cuda", "3") == "cuda:3"
     assert device_for_local_rank("cuda", None) == "cuda"

@@ -141,7 +141,7 @@ def _rounds(spec: Spec, barrier, prepare: Callable[[], None], run: Callable[[], 
 def _enter_netns(spec: Spec, name: str) -> None:
     """Join the run's network namespace `<netns>-<name>` (before any socket exists)."""
     if spec.netns:
-        from workers._netns_links import enter
+        from switchagg.workers._netns_links import enter
 
         enter(f"{spec.netns}-{name}")
 

@@ -4,7 +4,7 @@ What it owns: `compare(model, dataset, ...)`, the same run as `switchagg compare
 worker processes, each method in turn through DDP) on a user's `nn.Module` factory and dataset
 function, returning the object that results.json holds. What it must never do: differ from the
 command line: it fills the command's own options (every default from the same parser), validates
-them with the same checks and runs the same code (`workers.compare.run`).
+them with the same checks and runs the same code (`switchagg.workers.compare.run`).
 
 How it works: `model` and `dataset` are top-level functions (or their "module:function" names);
 the worker processes import them by name, so they must live in a module or a script file, not in
@@ -13,7 +13,7 @@ Any built-in task runs too: `compare(task="logreg", epochs=50)`.
 
 Example::
 
-    from workers.api import compare
+    from switchagg.workers.api import compare
     results = compare(make_model, load_data, methods=["sgd", "intsgd-random"], workers=2,
                       epochs=3)
     print(results["methods"]["intsgd-random"]["final_accuracy"])
@@ -54,12 +54,12 @@ def compare(model: Callable[[], Any] | str | None = None,
         {"config": ..., "methods": {name: entry}, "provenance": ...} as results.json holds it.
 
     Raises:
-        workers.validate.UsageError: an option is invalid (a ValueError; it names the option).
-        workers.compare.CompareError: a worker or the switch failed.
+        switchagg.workers.validate.UsageError: an option is invalid (a ValueError; it names the option).
+        switchagg.workers.compare.CompareError: a worker or the switch failed.
     """
-    from workers import compare as cli_compare
-    from workers import validate
-    from workers.tasks.custom import callable_name
+    from switchagg.workers import compare as cli_compare
+    from switchagg.workers import validate
+    from switchagg.workers.tasks.custom import callable_name
 
     parser = argparse.ArgumentParser()
     cli_compare.configure(parser)

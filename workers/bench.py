@@ -48,9 +48,9 @@ from contextlib import ExitStack
 from typing import Any, Callable
 
 from switchagg.packet import VALID_K, packet_bytes
-from workers import _bench_sweep
-from workers import _bench_workers as bw
-from workers._netns_links import LinkError, LinkNetwork, check_can_build, parse_rate
+from switchagg.workers import _bench_sweep
+from switchagg.workers import _bench_workers as bw
+from switchagg.workers._netns_links import LinkError, LinkNetwork, check_can_build, parse_rate
 
 __all__ = ["BenchError", "configure", "main", "run_bench"]
 
@@ -456,7 +456,7 @@ def _interrupt(signum, frame) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run the benchmark, print the table or JSON; returns 0, 1 (run failed) or 2 (bad options)."""
-    from workers import validate
+    from switchagg.workers import validate
     try:
         validate.check_bench(args)
     except validate.UsageError as exc:
@@ -490,7 +490,7 @@ def main(args: argparse.Namespace) -> int:
 def _quantize(args: argparse.Namespace) -> int:
     """`--quantize`: the kernels' figures from workers/bench_quantize.py, printed as it does."""
     from switchagg.kernels import DeviceUnavailable
-    from workers import bench_quantize
+    from switchagg.workers import bench_quantize
 
     try:
         result = bench_quantize.run_quantize_bench(args.numel, args.device, args.repeats)

@@ -1,7 +1,7 @@
 """How long until the first DDP step: a 4-rank run of workers/examples/ddp_hook.py, cold and warm.
 
-    python -m workers.bench_first_step            # cold numba cache (deleted first), then warm
-    python -m workers.bench_first_step --warm     # only the warm run
+    python -m switchagg.workers.bench_first_step            # cold numba cache (deleted first), then warm
+    python -m switchagg.workers.bench_first_step --warm     # only the warm run
 
 What it owns: one figure a new user feels first, the seconds from `torchrun` to rank 0's first
 step, on a fresh install (no numba cache: every kernel compiles, once per machine, with the

@@ -1,6 +1,6 @@
 """Per-step cost and integer range of every reduction method, on n simulated workers (prints figures).
 
-Usage: python -m workers.bench_methods [--world 4] [--numel 1000000] [--steps 5] [--bits 32]
+Usage: python -m switchagg.workers.bench_methods [--world 4] [--numel 1000000] [--steps 5] [--bits 32]
 
 Each worker's gradient is Gaussian with a per-tensor scale (10 tensors, scales 1e-4 .. 1e0, plus a
 per-worker offset so the data are mildly heterogeneous). Reports, averaged over the steps after the

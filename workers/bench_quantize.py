@@ -11,7 +11,7 @@ What it must never do: assert a target (it reports), or time the first call (num
 loads the module; one warm-up call precedes the timed ones). Times are the best of `repeats` calls:
 on a shared machine, the least disturbed call is the best estimate of what the kernel can do.
 
-Run: `python -m workers.bench_quantize --numel 16777216 --device cpu [--json]`.
+Run: `python -m switchagg.workers.bench_quantize --numel 16777216 --device cpu [--json]`.
 """
 
 from __future__ import annotations
@@ -129,9 +129,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `python -m workers.bench_quantize`; returns the exit status."""
+    """Entry point of `python -m switchagg.workers.bench_quantize`; returns the exit status."""
     from switchagg.kernels import DeviceUnavailable
-    parser = argparse.ArgumentParser(prog="python -m workers.bench_quantize", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m switchagg.workers.bench_quantize", description=__doc__.splitlines()[0])
     configure(parser)
     args = parser.parse_args(argv)
     try:

@@ -14,14 +14,14 @@ import sys
 
 #: subcommand -> (module, one-line help)
 SUBCOMMANDS = {
-    "compare": ("workers.compare", "train with N workers through the switch, once per method, and compare"),
-    "bench": ("workers.bench", "packet-level throughput of the aggregation path (and quantize kernels)"),
-    "reproduce": ("workers.reproduce", "run the papers' claims at small scale and write a report"),
-    "worker": ("workers.worker", "run one worker (docker compose, torchrun, a cluster node)"),
-    "report": ("workers.report_cmd", "merge a compose or cluster run's per-rank files into the "
+    "compare": ("switchagg.workers.compare", "train with N workers through the switch, once per method, and compare"),
+    "bench": ("switchagg.workers.bench", "packet-level throughput of the aggregation path (and quantize kernels)"),
+    "reproduce": ("switchagg.workers.reproduce", "run the papers' claims at small scale and write a report"),
+    "worker": ("switchagg.workers.worker", "run one worker (docker compose, torchrun, a cluster node)"),
+    "report": ("switchagg.workers.report_cmd", "merge a compose or cluster run's per-rank files into the "
                                      "table, results.json and plots"),
-    "warmup": ("workers.warmup_cmd", "compile the numba kernels ahead of time (once per machine)"),
-    "rendezvous": ("workers.rendezvous", "hold the ranks and torch.distributed store of a compose "
+    "warmup": ("switchagg.workers.warmup_cmd", "compile the numba kernels ahead of time (once per machine)"),
+    "rendezvous": ("switchagg.workers.rendezvous", "hold the ranks and torch.distributed store of a compose "
                                          "run's workers"),
 }
 

@@ -45,7 +45,7 @@ import threading
 import time
 from typing import Any
 
-from workers.worker import EVENT_PREFIX, add_training_options
+from switchagg.workers.worker import EVENT_PREFIX, add_training_options
 
 __all__ = ["configure", "main", "run", "print_results", "CompareError", "run_compare"]
 
@@ -180,7 +180,7 @@ def _reader(rank: int, proc: subprocess.Popen, events: queue.Queue, log_path: st
 
 def _worker_argv(args: argparse.Namespace, rank: int, switch: str, master_port: int,
                  out_dir: str, job: str) -> list[str]:
-    argv = [sys.executable, "-m", "workers.cli", "--log-level", logging.getLevelName(log.getEffectiveLevel()),
+    argv = [sys.executable, "-m", "switchagg.workers.cli", "--log-level", logging.getLevelName(log.getEffectiveLevel()),
             "worker", "--events", "--rank", str(rank), "--world-size", str(args.workers),
             "--master-addr", "127.0.0.1", "--master-port", str(master_port), "--switch", switch,
             "--job", job, "--out", out_dir, "--task", args.task, "--seed", str(args.seed),
@@ -352,7 +352,7 @@ def _collect(args, children: _Children, events: queue.Queue, bars: _Bars, worker
 
 def main(args: argparse.Namespace) -> int:
     """Entry point of `switchagg compare`; returns 0, 1 (a run failed), 2 (bad usage), 130 (Ctrl-C)."""
-    from workers import validate
+    from switchagg.workers import validate
     try:
         task = validate.check_compare(args)
     except validate.UsageError as exc:
@@ -380,8 +380,8 @@ def run(args: argparse.Namespace, task) -> dict[str, Any]:
         CompareError: a worker or the switch failed.
         KeyboardInterrupt: passed on after the teardown.
     """
-    from workers import report
-    from workers.provenance import provenance, run_config
+    from switchagg.workers import report
+    from switchagg.workers.provenance import provenance, run_config
 
     out_dir = os.path.abspath(args.out) if args.out else tempfile.mkdtemp(prefix="switchagg-compare-")
     os.makedirs(out_dir, exist_ok=True)
@@ -413,7 +413,7 @@ def run(args: argparse.Namespace, task) -> dict[str, Any]:
 
 def print_results(args: argparse.Namespace, results: dict[str, Any]) -> None:
     """The run's headline, table and notes on stdout (and where its files went)."""
-    from workers import report
+    from switchagg.workers import report
     config, methods = results["config"], results["methods"]
     print(f"\n{config['task']}, {config['workers']} workers, seed {config['seed']}, "
           f"{config['bits']}-bit budget (wall {config['wall_s']:.0f} s)")

@@ -89,7 +89,7 @@ def merge_ranks(summaries: list[dict[str, Any]], metric: str) -> dict[str, Any]:
     }
     if any(s.get("decentralized") for s in by_rank):
         entry["replicas_agree"] = None   # every worker keeps its own model, by design
-        from workers.swarm_report import decentralized_entry
+        from switchagg.workers.swarm_report import decentralized_entry
         entry["decentralized"] = decentralized_entry(by_rank, metric)
     return entry
 
@@ -193,7 +193,7 @@ def format_table(methods: dict[str, dict[str, Any]], metric: str = "accuracy") -
     lines.append(TABLE_LEGEND)
     lines.append("sync %: share of a worker's time spent synchronizing (the reduce; for swarmsgd, "
                  "blocked in its own interactions, over wall time)")
-    from workers.swarm_report import footer_lines
+    from switchagg.workers.swarm_report import footer_lines
     lines += footer_lines(methods, metric)
     return "\n".join(lines)
 

@@ -61,8 +61,8 @@ def collect(run_dir: str) -> tuple[dict[str, Any], dict[str, list[dict]]]:
 
 def main(args: argparse.Namespace) -> int:
     """Entry point; 0 (written), 2 (DIR is not a run folder)."""
-    from workers import report
-    from workers.provenance import provenance
+    from switchagg.workers import report
+    from switchagg.workers.provenance import provenance
 
     run_dir = os.path.abspath(args.dir)
     if not os.path.isdir(run_dir):

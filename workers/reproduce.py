@@ -138,7 +138,7 @@ def methods_of(run: Run, quick: bool = False) -> list[str]:
 
 def _compare_args(run: Run, seed: int, quick: bool, a5a: str | None, timeout: float):
     """The argparse.Namespace `switchagg compare` would build for this run."""
-    from workers.compare import configure
+    from switchagg.workers.compare import configure
     parser = argparse.ArgumentParser()
     configure(parser)
     argv = ["--task", run.task, "--workers", str(run.workers), "--seed", str(seed),
@@ -163,9 +163,9 @@ def _compare_args(run: Run, seed: int, quick: bool, a5a: str | None, timeout: fl
 def run_one(run: Run, seed: int, out_dir: str, *, quick: bool, a5a: str | None,
             timeout: float) -> dict[str, Any]:
     """One (run, seed) through `run_compare`; its merged results (and files in out_dir)."""
-    from workers import report
-    from workers.compare import run_compare
-    from workers.tasks import make_task, parse_options
+    from switchagg.workers import report
+    from switchagg.workers.compare import run_compare
+    from switchagg.workers.tasks import make_task, parse_options
     args = _compare_args(run, seed, quick, a5a, timeout)
     task = make_task(args.task, data=args.data, **parse_options(args.opt))
     os.makedirs(out_dir, exist_ok=True)
@@ -195,7 +195,7 @@ def run_all(out: str, *, quick: bool, a5a: str | None, timeout: float = 300.0,
             runs: list[tuple[Run, int]] | None = None, notes: list[str] | None = None,
             progress=None) -> dict[str, Any]:
     """Run the plan (or the given pairs) and write the report; returns claims.json's content."""
-    from workers import claims
+    from switchagg.workers import claims
     if runs is None:
         runs, notes = plan(quick, a5a)
     notes = list(notes or [])

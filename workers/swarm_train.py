@@ -54,9 +54,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from workers.data import derive_seed, generator_for
-from workers.tasks.base import Task
-from workers.train import _INIT_LOCK, TrainConfig, _sync, params_digest
+from switchagg.workers.data import derive_seed, generator_for
+from switchagg.workers.tasks.base import Task
+from switchagg.workers.train import _INIT_LOCK, TrainConfig, _sync, params_digest
 
 __all__ = [
     "SWARM_OPTIONS",
@@ -426,7 +426,7 @@ def run_swarm(args, task: Task, name: str, emit, config: TrainConfig) -> dict[st
     Returns:
         This worker's summary (also written to `summaries/<name>.rank<r>.json` under --out).
     """
-    from workers.tasks import parse_options
+    from switchagg.workers.tasks import parse_options
 
     if args.rank is None or args.world_size is None:
         raise ValueError("swarmsgd needs a rank and a world size from the rendezvous: pass --rank "

@@ -45,8 +45,8 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from workers.data import derive_seed, generator_for
-from workers.tasks.base import Task
+from switchagg.workers.data import derive_seed, generator_for
+from switchagg.workers.tasks.base import Task
 
 __all__ = ["TrainConfig", "train", "telemetry_dict", "params_digest", "before_reduce_hook"]
 

@@ -1,7 +1,7 @@
 """Every option of `switchagg compare`, `worker` and `bench`, checked before any process starts.
 
 What it owns: turning parsed options into the config objects that hold the rules
-(`workers.train.TrainConfig`, `switchagg.client.ClientConfig`, the switch's `SwitchConfig`, the
+(`switchagg.workers.train.TrainConfig`, `switchagg.client.ClientConfig`, the switch's `SwitchConfig`, the
 task's own options) and translating their `ConfigError`s back into the option as the user typed it
 (`--drop -0.1`, not the switch's `drop_ingress`). What it must never do: hold a second copy of a
 rule that a config object already checks (it asks the object), start a process, or create a file.
@@ -99,8 +99,8 @@ def check_training(args: argparse.Namespace):
     Raises:
         UsageError: naming the option as typed.
     """
-    from workers.tasks import make_task, parse_options
-    from workers.worker import method_names, training_config
+    from switchagg.workers.tasks import make_task, parse_options
+    from switchagg.workers.worker import method_names, training_config
 
     try:
         training_config(args).validate()
@@ -112,7 +112,7 @@ def check_training(args: argparse.Namespace):
         args.method_list = method_names(args.methods)
     except ValueError as exc:
         raise UsageError("--methods", args.methods, str(exc)) from None
-    from workers.worker import check_method_options
+    from switchagg.workers.worker import check_method_options
     try:
         check_method_options(args.method_list, getattr(args, "method_opt", []))
     except ValueError as exc:
@@ -120,7 +120,7 @@ def check_training(args: argparse.Namespace):
     check_client(args.k, args.slots)
     check_device(args.device)
     try:
-        from workers.swarm_train import SwarmConfig, split_options
+        from switchagg.workers.swarm_train import SwarmConfig, split_options
         options, swarm_options = split_options(parse_options(args.opt))  # swarmsgd's are not the task's
         if "swarmsgd" in args.method_list:
             SwarmConfig.from_options(swarm_options)

@@ -128,7 +128,7 @@ def _env_int(name: str) -> int | None:
 
 def training_config(args: argparse.Namespace):
     """The TrainConfig the options describe."""
-    from workers.train import TrainConfig
+    from switchagg.workers.train import TrainConfig
     return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                        max_steps=args.max_steps, eval_every=args.eval_every, seed=args.seed)
 
@@ -188,7 +188,7 @@ def method_options(name: str, pairs: list[str] | None) -> dict[str, Any]:
     import inspect
 
     from switchagg.methods import METHODS
-    from workers.tasks import parse_options
+    from switchagg.workers.tasks import parse_options
     if name not in METHODS:          # a method with its own loop (SwarmSGD) takes no codec options
         return {}
     codec = METHODS[name].codec
@@ -199,7 +199,7 @@ def method_options(name: str, pairs: list[str] | None) -> dict[str, Any]:
 
 def check_method_options(names: list[str], pairs: list[str] | None) -> None:
     """Raise ValueError naming a `--method-opt` key that no chosen method takes."""
-    from workers.tasks import parse_options
+    from switchagg.workers.tasks import parse_options
     used = set().union(*(method_options(n, pairs) for n in names)) if names else set()
     unused = sorted(set(parse_options(pairs)) - used)
     if unused:
@@ -236,7 +236,7 @@ def _init_process_group(args: argparse.Namespace, names: list[str]) -> None:
     needs_torch = not args.switch or any(
         collective_kind(n, method_options(n, args.method_opt)) in ("torch", "peer") for n in names)
     if getattr(args, "store", None) is not None:  # from `switchagg rendezvous` (workers/rendezvous.py)
-        from workers.rendezvous import process_group_store
+        from switchagg.workers.rendezvous import process_group_store
         dist.init_process_group(backend, store=process_group_store(args.store), rank=args.rank,
                                 world_size=args.world_size,
                                 timeout=datetime.timedelta(seconds=args.timeout))
@@ -257,9 +257,9 @@ def run_methods(args: argparse.Namespace, names: list[str], emit: "_Emitter | _T
     import torch.distributed as dist
 
     from switchagg.ddp import hook_for
-    from workers.tasks import make_task, parse_options
-    from workers.swarm_train import split_options
-    from workers.train import train
+    from switchagg.workers.tasks import make_task, parse_options
+    from switchagg.workers.swarm_train import split_options
+    from switchagg.workers.train import train
 
     config = training_config(args)
     task_options, _ = split_options(parse_options(args.opt))  # swarmsgd's options are not the task's
@@ -281,7 +281,7 @@ def run_methods(args: argparse.Namespace, names: list[str], emit: "_Emitter | _T
             options = method_options(name, args.method_opt)
             kind = collective_kind(name, options)
             if kind == "peer":  # SwarmSGD owns its loop and talks to its peers (no collective)
-                from workers.swarm_train import run_swarm
+                from switchagg.workers.swarm_train import run_swarm
                 results[name] = run_swarm(args, task, name, emit, config)
                 continue
             client = None
@@ -346,8 +346,8 @@ def main(args: argparse.Namespace) -> int:
     args.device = device_for_local_rank(args.device, os.environ.get("LOCAL_RANK"))
     emit = _Emitter(args.events, args.rank if args.rank is not None else -1)
     current = {"method": None}
-    from workers import validate
-    from workers.probe import SwitchUnreachable, wait_for_switch
+    from switchagg.workers import validate
+    from switchagg.workers.probe import SwitchUnreachable, wait_for_switch
     try:
         task = validate.check_worker(args)
         names = args.method_list
@@ -363,7 +363,7 @@ def main(args: argparse.Namespace) -> int:
         return 1
     args.store = None
     if args.rendezvous:
-        from workers.rendezvous import join
+        from switchagg.workers.rendezvous import join
         try:
             args.store, args.rank = join(args.rendezvous, args.world_size, args.connect_timeout)
         except (RuntimeError, ValueError) as exc:
@@ -392,7 +392,7 @@ def _write_config(args: argparse.Namespace, task) -> None:
     worker writes the same; a rename makes each write whole)."""
     import tempfile
 
-    from workers.provenance import provenance, run_config
+    from switchagg.workers.provenance import provenance, run_config
     os.makedirs(args.out, exist_ok=True)
     # A temporary name of its own: containers all run as pid 1 on the one mounted folder.
     fd, tmp = tempfile.mkstemp(prefix=".config.", suffix=".json", dir=args.out)
@@ -406,7 +406,7 @@ def _write_config(args: argparse.Namespace, task) -> None:
 def _report(args: argparse.Namespace, ok: bool) -> None:
     """Tell the rendezvous (if any) that this worker finished; a lost rendezvous is only logged."""
     if args.store is not None:
-        from workers.rendezvous import report
+        from switchagg.workers.rendezvous import report
         try:
             report(args.store, ok, args.rendezvous)
         except Exception as exc:  # noqa: BLE001 - the run's own outcome stands

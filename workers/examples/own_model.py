@@ -6,7 +6,7 @@
 The two functions below are all a comparison needs: `make_model` returns a fresh `nn.Module`,
 `make_data` returns `(train, test)` as `(x, y)` tensors (a torch `Dataset` of pairs works too).
 They sit at the top level of this file because every worker process imports them by name.
-`workers.api.compare` runs the same comparison as `switchagg compare` and returns what
+`switchagg.workers.api.compare` runs the same comparison as `switchagg compare` and returns what
 results.json holds; the command line equivalent is
 
     switchagg compare --task custom --opt model=workers/examples/own_model.py:make_model \\
@@ -48,8 +48,8 @@ def make_data(n_train: int = 512, n_test: int = 256):
 
 
 def main() -> None:
-    from workers.api import compare
-    from workers.report import format_table
+    from switchagg.workers.api import compare
+    from switchagg.workers.report import format_table
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", default=None, help="comma-separated (default: all)")

@@ -9,7 +9,7 @@
 | `wikitext2-lstm`   | WikiText-2 raw text (`--data`)         | 3-layer LSTM, tied      | perplexity   |
 | `custom`           | a user's `dataset` function (`--opt`)  | a user's `model` function | accuracy or loss |
 
-Each task lives in its own module; the interface is `workers.tasks.base.Task`. A task is anything
+Each task lives in its own module; the interface is `switchagg.workers.tasks.base.Task`. A task is anything
 callable as `factory(data=..., device=..., **options) -> Task`: the classes in `TASKS` are, and so
 is a user's own, named on the command line as `--task module:function` (or `file.py:function`)
 and resolved by `make_task` the same way.
@@ -19,13 +19,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from workers.tasks.base import ArrayShard, Preset, Shard, Task, parse_options
-from workers.tasks.cifar10 import Cifar10ResNet18
-from workers.tasks.custom import CustomTask, resolve
-from workers.tasks.digits import Digits
-from workers.tasks.fashion_mnist import FashionMNIST
-from workers.tasks.logreg import LogisticRegression
-from workers.tasks.wikitext2 import WikiText2LSTM
+from switchagg.workers.tasks.base import ArrayShard, Preset, Shard, Task, parse_options
+from switchagg.workers.tasks.cifar10 import Cifar10ResNet18
+from switchagg.workers.tasks.custom import CustomTask, resolve
+from switchagg.workers.tasks.digits import Digits
+from switchagg.workers.tasks.fashion_mnist import FashionMNIST
+from switchagg.workers.tasks.logreg import LogisticRegression
+from switchagg.workers.tasks.wikitext2 import WikiText2LSTM
 
 __all__ = ["TASKS", "make_task", "Task", "Shard", "ArrayShard", "Preset", "parse_options"]
 
@@ -54,8 +54,8 @@ def make_task(name: str, *, data: str | None = None, device: str = "cpu", **opti
         if factory in TASKS.values() or "argument" not in str(exc):
             raise
         raise ValueError(f"task factory {name!r} must take (data=..., device=..., **options) and "
-                         f"return a workers.tasks.base.Task ({exc})") from None
+                         f"return a switchagg.workers.tasks.base.Task ({exc})") from None
     if not isinstance(task, Task):
         raise ValueError(f"task factory {name!r} returned {type(task).__name__}, not a "
-                         "workers.tasks.base.Task")
+                         "switchagg.workers.tasks.base.Task")
     return task

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from workers.data import batch_indices
+from switchagg.workers.data import batch_indices
 
 __all__ = ["Preset", "Shard", "ArrayShard", "Task", "parse_options"]
 

@@ -29,10 +29,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from workers.data import (CIFAR_MEAN, CIFAR_STD, augment_crop_flip, contiguous_bounds,
+from switchagg.workers.data import (CIFAR_MEAN, CIFAR_STD, augment_crop_flip, contiguous_bounds,
                           load_cifar10, steps_per_epoch)
-from workers.models import ResNet18
-from workers.tasks.base import ArrayShard, Preset, Task
+from switchagg.workers.models import ResNet18
+from switchagg.workers.tasks.base import ArrayShard, Preset, Task
 
 __all__ = ["Cifar10ResNet18"]
 

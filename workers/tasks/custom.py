@@ -10,7 +10,7 @@ How it works: the data are stacked into tensors once per process, shuffled by th
 contiguous per-worker shards of the training set, trained with the chosen loss and evaluated on the
 whole test set. `loss="cross_entropy"` (default) is classification: the headline metric is the
 test accuracy; `loss="mse"` is regression: the headline is the test loss itself. The Python API
-(`workers.api.compare`) and `switchagg compare --task custom --opt model=... --opt dataset=...`
+(`switchagg.workers.api.compare`) and `switchagg compare --task custom --opt model=... --opt dataset=...`
 build this same task.
 
 Options:
@@ -34,8 +34,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from workers.data import contiguous_bounds, steps_per_epoch
-from workers.tasks.base import ArrayShard, Preset, Task
+from switchagg.workers.data import contiguous_bounds, steps_per_epoch
+from switchagg.workers.tasks.base import ArrayShard, Preset, Task
 
 __all__ = ["CustomTask", "resolve", "callable_name"]
 

@@ -23,9 +23,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from workers.data import contiguous_bounds, steps_per_epoch
-from workers.models import MLP
-from workers.tasks.base import ArrayShard, Preset, Task
+from switchagg.workers.data import contiguous_bounds, steps_per_epoch
+from switchagg.workers.models import MLP
+from switchagg.workers.tasks.base import ArrayShard, Preset, Task
 
 __all__ = ["Digits"]
 

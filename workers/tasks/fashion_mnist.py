@@ -31,9 +31,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from workers.data import contiguous_bounds, load_fashion_mnist, steps_per_epoch
-from workers.models import MLP, LeNet5
-from workers.tasks.base import ArrayShard, Preset, Task
+from switchagg.workers.data import contiguous_bounds, load_fashion_mnist, steps_per_epoch
+from switchagg.workers.models import MLP, LeNet5
+from switchagg.workers.tasks.base import ArrayShard, Preset, Task
 
 __all__ = ["FashionMNIST", "MODELS"]
 

@@ -40,9 +40,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from workers.data import contiguous_bounds, derive_seed, steps_per_epoch
-from workers.models import LinearModel
-from workers.tasks.base import ArrayShard, Preset, Task
+from switchagg.workers.data import contiguous_bounds, derive_seed, steps_per_epoch
+from switchagg.workers.models import LinearModel
+from switchagg.workers.tasks.base import ArrayShard, Preset, Task
 
 __all__ = ["LogisticRegression", "load_logreg_data", "logistic_optimum"]
 

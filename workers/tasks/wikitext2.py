@@ -26,9 +26,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from workers.data import batchify, contiguous_bounds, load_wikitext2
-from workers.models import LSTMLanguageModel
-from workers.tasks.base import Preset, Shard, Task
+from switchagg.workers.data import batchify, contiguous_bounds, load_wikitext2
+from switchagg.workers.models import LSTMLanguageModel
+from switchagg.workers.tasks.base import Preset, Shard, Task
 
 __all__ = ["WikiText2LSTM", "TokenShard"]
 
