@@ -40,26 +40,44 @@ How it works:
   and ignored), and matched values are copied into the call's (chunks, k) output. With numba this is
   one compiled pass over the frame (`_stream_jit.take_results`); without it, or when a burst holds
   a bad packet, the numpy reference path runs (`packet.validate_burst` gives reasons and counts).
-- Loss recovery (SwitchML's identical resends, timed the way RACK-TLP times TCP's, RFC 8985). The
-  hard case here is not loss but skew: workers start a call at different times, so a chunk may wait
-  for a late peer far longer than any network round trip, and a timer that resends every chunk
-  older than RTO resends whole windows for nothing. So there are two timers:
-  1. Loss detection by time order (RACK). Every worker sends its chunks in order, so without loss
-     slots complete in order. A chunk still outstanding after a chunk sent after it was answered,
-     and older than that answer's RTT plus a reordering window (min RTT / 4), is lost: it is resent.
-     A late peer delays every chunk after it alike and marks nothing.
-  2. Tail probe (RTO). When nothing has been answered for RTO, only the newest outstanding chunk is
-     resent (one packet, as TLP resends the last segment; all of them when at most TAIL_RESEND
-     are left, as at a call's end) and the RTO doubles. If chunks were lost
-     its answer comes back ahead of theirs and rule 1 resends them at once; if a peer is merely
-     late, it is answered together with the rest and nothing else is resent.
-  RTO follows RFC 6298: srtt/rttvar from one sample per received burst, its fastest chunk sent once
-  (Karn's rule), so that the samples measure the network and the switch rather than peer waits;
-  clamped to [rto_min, rto_max]; doubled on every probe, and back to srtt + 4 rttvar at the next
-  accepted result (answers to resent chunks prove the path, though they give no sample).
-  Both timers scan the slot pool (s entries) once per received burst at most: with numba in one
-  compiled pass each (`_stream_jit.rack_lost`, `oldest_sent`, the latter cached until the slot
-  state changes), else in numpy (the reference, several passes).
+- Loss recovery (SwitchML's identical resends, timed the way RACK-TLP times TCP's, RFC 8985).
+  What a worker can tell from an answer: a chunk's result exists only once every worker's packet
+  for it reached the switch, and each worker's packets travel in order (one FIFO connection per
+  slot range), so the answer to a chunk this worker sent *once* proves that all its earlier
+  packets passed the switch too. An answer to a *resent* chunk proves much less: another
+  worker's resend may have completed the slot while ours still waits behind our own bursts (a
+  slot missing worker A's packet is completed only by A's resend; everyone else's copies are
+  dropped as duplicates). Taking such answers as proof resent whole bursts still in flight (a
+  third to a half of all packets resent at 1% loss, issue 15). So:
+  1. Gap (SACK-like, timed as RACK). A chunk still outstanding, sent before the latest-sent
+     answered chunk that was sent once, is passed: it is lost once a reordering window has gone
+     by since it was first passed (or since that answer's RTT after its send, RACK's rule,
+     if sooner), and resent at once, without waiting for a timer. (RACK's rule alone waits too
+     long here: a window's bursts leave together and are answered one after another as the
+     switch works through them, so each later answer's RTT pushed an early gap's deadline back,
+     and the window drained before any gap was resent.) The window is RACK's min RTT / 4; once
+     reordering has been seen (a chunk sent once answered after a later-sent one, sooner than a
+     resend could have completed its slot; always with several pipes, whose results interleave)
+     it is at least rto_min, for REORDER_MEMORY smoothed RTTs. Skew (a late peer) delays every
+     later chunk alike and marks nothing.
+  2. Lost resends. A resent chunk is judged by the same rule against the latest-resent answered
+     chunk too (resends of one frame travel together), with a delay of at least the min RTT plus
+     at least rto_min (with less, other workers' resends answering first made resends of
+     resends snowball: 3x the packets): a resend lost again is found within about a round trip,
+     not an RTO.
+  3. Timeout (RTO). When nothing has been answered for RTO, every outstanding chunk that an
+     answer already passed (rule 1's gap, resent and still missing) is resent, plus the oldest
+     outstanding chunk as a probe (every outstanding chunk when nothing is queued and at most
+     TAIL_RESEND are left, as at a call's end); the RTO doubles. A late peer costs one packet
+     per (doubling) RTO; a call's tail and a stalled window are resent at once.
+  RTO follows RFC 6298: srtt/rttvar from one sample per received burst, its latest-sent chunk
+  sent once (Karn's rule), so that the samples measure the network and the switch rather than
+  resends; clamped to [rto_min, rto_max]; doubled on every timeout, and back to srtt + 4 rttvar at
+  the next accepted result (answers to resent chunks prove the path, though they give no
+  sample), so backoff never outlives a loss burst. Only the chunks found lost are resent, as
+  identical copies, oldest first. Both rules scan the slot pool (s entries) once per received
+  burst at most: with numba in one compiled pass each (`_stream_jit.rack_lost`, `oldest_sent`,
+  the latter cached until the slot state changes), else in numpy (the reference).
 """
 
 from __future__ import annotations
@@ -83,9 +101,11 @@ __all__ = ["FillFn", "RtoEstimator", "StreamCall", "StreamCounters", "StreamMach
 log = logging.getLogger(__name__)
 
 _CHUNK_MOD = 1 << 32
-#: A tail probe resends every outstanding chunk when no more than this many are left (a few
-#: packets: cheap even when a late peer, not a loss, holds them up).
+#: A timeout resends every outstanding chunk when no more than this many are left and nothing is
+#: queued (a few packets: cheap even when a late peer, not a loss, holds them up).
 TAIL_RESEND = 64
+#: Reordering seen within this many smoothed RTTs keeps the wide reordering window (rto_min).
+REORDER_MEMORY = 32
 _kernels = None  # the `_stream_jit` module once loaded, False if numba is unavailable
 #: A client loads the compiled loops at its first call of at least this many elements (numba's
 #: load costs about half a CPU second; smaller calls are a few bursts, served as fast by numpy).
@@ -194,8 +214,8 @@ class StreamCounters:
     packets_sent: int = 0           # packets sent, retransmissions included
     bursts_sent: int = 0            # data frames sent
     bytes_sent: int = 0             # bytes of data frames sent
-    retransmitted: int = 0          # packets resent (lost by time order, or tail probes)
-    timeouts: int = 0               # RTO expiries (each resends one probe packet)
+    retransmitted: int = 0          # packets resent (found lost by a gap, or on a timeout)
+    timeouts: int = 0               # RTO expiries (each resends the passed chunks and a probe)
     packets_received: int = 0       # packets in received data frames (valid or not)
     bursts_received: int = 0        # data frames received
     bytes_received: int = 0         # bytes of data frames received
@@ -313,8 +333,8 @@ class StreamMachine:
         compiled: True loads the numba kernels now where they load (`load_kernels`); None uses
             them once the process has loaded them (`refresh_kernels`, between calls: both paths
             keep the same state); False forces the numpy reference path (tests run both).
-        tail_resend: a tail probe resends every outstanding chunk when nothing is queued and at
-            most this many are outstanding (0: always the newest one only).
+        tail_resend: a timeout resends every outstanding chunk when nothing is queued and at
+            most this many are outstanding (0: only the passed ones and the oldest).
         pipes: the switch's dataplane pipes; first-send bursts never straddle the bounds of their
             slot ranges (`packet.pipe_bounds`), so each burst goes to one pipe.
     """
@@ -358,6 +378,7 @@ class StreamMachine:
         self._chunk = np.full(slots, -1, np.int64)
         self._sent_at = np.zeros(slots, np.float64)
         self._resent = np.zeros(slots, bool)
+        self._passed_at = np.full(slots, np.inf)  # when an answer first passed the chunk (gap)
         # A resent chunk's slot is not reused before its last copy can have left the network
         # (rto_min, the longest a packet is assumed held): a late copy of chunk g arriving after
         # chunk g + s would count at the switch as a new contribution to the other version.
@@ -375,6 +396,11 @@ class StreamMachine:
         # and when an outstanding chunk sent before it is next due to count as lost.
         self.min_rtt = float("inf")
         self._rack_sent, self._rack_chunk, self._rack_rtt = -np.inf, -1, 0.0
+        self._rr_sent, self._rr_chunk, self._rr_rtt = -np.inf, -1, 0.0
+        self._points = np.zeros(6)
+        # Reordering last seen (a chunk sent once answered after a later-sent one); with several
+        # pipes results of different slot ranges interleave freely: reordering is always there.
+        self._reordered_at = np.inf if pipes > 1 else -np.inf
         self._rack_due = np.inf
         self._last_probe = -np.inf
         self._last_transmit = -np.inf
@@ -439,7 +465,7 @@ class StreamMachine:
     # ---- sending -----------------------------------------------------------------------------
 
     def transmit_frames(self, now: float) -> list[tuple[np.ndarray, np.ndarray]]:
-        """What to send now: resends of lost chunks, a tail probe, then new chunks.
+        """What to send now: resends of lost chunks, a timeout's resends, then new chunks.
 
         Returns:
             Split bursts (header words (n, 4) int32, payloads (n, k) lanes): send each as one data
@@ -564,6 +590,7 @@ class StreamMachine:
         self._chunk[start:start + n] = np.arange(g0, g0 + n, dtype=np.int64)
         self._sent_at[start:start + n] = now
         self._resent[start:start + n] = False
+        self._passed_at[start:start + n] = np.inf
         # Sent now, so no earlier than any outstanding chunk: only an empty pool changes the oldest.
         if self._oldest is not None and self._outstanding:
             self._oldest = min(self._oldest, now)
@@ -580,6 +607,7 @@ class StreamMachine:
         self._sent_at[slots] = now
         self._oldest = None
         self._resent[slots] = True
+        self._passed_at[slots] = np.inf
         self._hold_until[slots] = self._hold_max = now + self.rto.minimum
         self.counters.retransmitted += len(slots)
         heads, vals = self._ring_words[slots], self._ring_values[slots]
@@ -593,34 +621,45 @@ class StreamMachine:
         return [(heads[i:i + self.burst], vals[i:i + self.burst])
                 for i in range(0, len(slots), self.burst)]
 
-    def _reorder_window(self) -> float:
-        """How long a chunk may trail a later-sent answered one before it counts as lost.
+    def _reorder_window(self, now: float) -> tuple[float, float]:
+        """How long a chunk may trail a later-sent answered one before it counts as lost:
+        (judged by a chunk sent once, judged by a resent chunk).
 
-        RACK's min RTT / 4, but at least rto_min: the protocol assumes no packet is held in the
-        network longer than that, and a resend must not be overtaken by the next use of its slot.
+        RACK's min RTT / 4 while no reordering was seen for REORDER_MEMORY smoothed RTTs; else,
+        and always for the judgment by resent chunks (whose answers may come from another
+        worker's packet, sooner than ours), at least rto_min. Before the first RTT sample, rto_min.
         """
-        return max(self.min_rtt / 4, self.rto.minimum) if self.min_rtt < np.inf else self.rto.minimum
-
-    def _ambiguous_rtt(self) -> float:
-        # An answer to a resent chunk within half the smallest RTT cannot answer the resend.
-        return float(self.min_rtt) / 2 if self.min_rtt < np.inf else 0.0
+        if self.min_rtt == np.inf:
+            return self.rto.minimum, self.rto.minimum
+        wide = max(self.min_rtt / 4, self.rto.minimum)
+        if now - self._reordered_at <= REORDER_MEMORY * (self.rto.srtt or 0.0):
+            return wide, wide
+        return self.min_rtt / 4, wide
 
     def _resend_lost(self, now: float) -> list[np.ndarray]:
         """RACK: resend outstanding chunks sent before the latest answered one, once overdue."""
         if now < self._rack_due or not self._outstanding:
             return []
-        delay = self._rack_rtt + self._reorder_window()
+        reo, rr_reo = self._reorder_window(now)
+        delay = self._rack_rtt + reo
+        rr_delay = max(self._rr_rtt, self.min_rtt if self.min_rtt < np.inf else 0.0) + rr_reo
         if self._jit is not None:
-            n, due = self._jit.rack_lost(self._busy, self._sent_at, self._chunk, self._rack_sent,
-                                         self._rack_chunk, delay, now, self._lost)
+            n, due = self._jit.rack_lost(self._busy, self._sent_at, self._chunk, self._resent,
+                                         self._passed_at, self._rack_sent, self._rack_chunk,
+                                         delay, reo, self._rr_sent, self._rr_chunk, rr_delay,
+                                         now, self._lost)
             self._rack_due = float(due)
             return self._resend(self._lost[:n].copy(), now) if n else []
-        before = self._busy & ((self._sent_at < self._rack_sent)
-                               | ((self._sent_at == self._rack_sent)
-                                  & (self._chunk < self._rack_chunk)))
-        due_at = self._sent_at + delay
-        lost = before & (due_at <= now)
-        waiting = before & ~lost
+        t, g = self._sent_at, self._chunk
+        before = self._busy & ((t < self._rack_sent) | ((t == self._rack_sent)
+                                                         & (g < self._rack_chunk)))
+        before_rr = self._busy & self._resent & ((t < self._rr_sent) | ((t == self._rr_sent)
+                                                                        & (g < self._rr_chunk)))
+        self._passed_at[before & (self._passed_at == np.inf)] = now
+        due_at = np.minimum(np.where(before, np.minimum(t + delay, self._passed_at + reo), np.inf),
+                            np.where(before_rr, t + rr_delay, np.inf))
+        lost = due_at <= now
+        waiting = (before | before_rr) & ~lost
         self._rack_due = float(due_at[waiting].min()) if waiting.any() else np.inf
         lost = np.flatnonzero(lost)
         return self._resend(lost, now) if len(lost) else []
@@ -637,20 +676,23 @@ class StreamMachine:
         return max(self._oldest_sent(), self.last_progress, self._last_probe) + self.rto.rto
 
     def _probe(self, now: float) -> list[np.ndarray]:
-        """Tail probe: nothing answered for RTO, so resend the newest outstanding chunk, or every
-        outstanding chunk when nothing is queued and at most `tail_resend` are left (the calls'
-        tail: RACK has no later answer to go by there, and one probe per RTO would recover them
-        one round trip each)."""
+        """Timeout (rule 3 of the module essay): nothing answered for RTO, so resend every
+        outstanding chunk an answer already passed (resent and still missing: nothing first-sent
+        after its resend was answered to show it lost again), plus the oldest outstanding chunk,
+        or every one when nothing is queued and at most `tail_resend` are left (a call's tail:
+        there is no later answer to go by, and one probe per RTO would recover them one round
+        trip each). Only chunks sent at least an RTO ago are resent."""
         if not self._outstanding or now < self._rto_deadline():
             return []
-        busy = np.flatnonzero(self._busy)
+        busy = np.flatnonzero(self._busy & (self._sent_at + self.rto.rto <= now))
         self.counters.timeouts += 1
         self.rto.backoff()
         self._last_probe = now
-        if not self._queued_chunks and len(busy) <= self.tail_resend:
-            return self._resend(busy, now)
-        newest = busy[self._chunk[busy].argmax()]
-        return self._resend(np.array([newest]), now)
+        passed = self._chunk[busy] < self._rack_chunk
+        rest = busy[~passed]
+        if len(rest) and (self._queued_chunks or len(rest) > self.tail_resend):
+            rest = rest[[self._chunk[rest].argmin()]]  # one probe: the oldest chunk
+        return self._resend(np.concatenate([busy[passed], rest]), now)
 
     def next_deadline(self) -> float | None:
         """When `transmit` next has something to do without new input (None: nothing pending)."""
@@ -736,17 +778,28 @@ class StreamMachine:
             completed.append(self._calls.popleft())
         return completed
 
-    def _note_answers(self, now: float, fresh_sent: float, rack_sent: float,
-                      rack_chunk: int) -> None:
-        """Fold one burst's answers into the RTT estimate and the RACK state."""
-        if fresh_sent > -np.inf:  # Karn: chunks sent once only; the burst's fastest one
-            rtt = now - fresh_sent
+    def _note_answers(self, now: float, points: np.ndarray) -> None:
+        """Fold one burst's answers (`_stream_jit.take_results`' points) into the RTT estimate,
+        the RACK state and the reordering memory."""
+        hi_t, hi_g, rr_t, rr_g, lo_t, lo_g = points.tolist()
+        if hi_t > -np.inf:  # Karn: chunks sent once only; the burst's fastest one
+            rtt = now - hi_t
             self.rto.sample(rtt)
             self.min_rtt = min(self.min_rtt, rtt)
-        if (rack_sent, rack_chunk) > (self._rack_sent, self._rack_chunk):
-            self._rack_sent, self._rack_chunk = rack_sent, rack_chunk
-            self._rack_rtt = now - rack_sent
-            self._rack_due = -np.inf  # look for chunks it proves lost at the next transmit
+            if (lo_t, lo_g) < (self._rack_sent, self._rack_chunk):
+                # Answered after a later-sent chunk: reordered, unless it was passed a while ago
+                # and another worker's resend completed its slot (that takes a round trip).
+                passed = self._passed_at[int(lo_g) % self.slots]
+                if passed == np.inf or now - passed < self.min_rtt / 2:
+                    self._reordered_at = max(self._reordered_at, now)
+            if (hi_t, hi_g) > (self._rack_sent, self._rack_chunk):
+                self._rack_sent, self._rack_chunk = hi_t, int(hi_g)
+                self._rack_rtt = rtt
+                self._rack_due = -np.inf  # look for chunks it proves lost at the next transmit
+        if rr_t > -np.inf and (rr_t, rr_g) > (self._rr_sent, self._rr_chunk):
+            self._rr_sent, self._rr_chunk = rr_t, int(rr_g)
+            self._rr_rtt = now - rr_t
+            self._rack_due = -np.inf
 
     def _receive_compiled(self, words: np.ndarray, vals: np.ndarray, now: float) -> int:
         """The one-pass kernel; -1 if the burst has a malformed packet (nothing changed then)."""
@@ -759,11 +812,10 @@ class StreamMachine:
             vals = vals.view()
             vals.flags.writeable = False
         head = self._calls[0]
-        matched, dups, wrapped, in_call, n_other, fresh, rack_sent, rack_chunk = (
-            self._jit.take_results(words, vals, self.job_id, self.slots, self._busy, self._chunk,
-                                   self._sent_at, self._resent, float(now), self._ambiguous_rtt(),
-                                   head.sums, head.exponents, head.first_chunk,
-                                   head.first_chunk + head.nchunks, self._other))
+        matched, dups, wrapped, in_call, n_other = self._jit.take_results(
+            words, vals, self.job_id, self.slots, self._busy, self._chunk, self._sent_at,
+            self._resent, head.sums, head.exponents, head.first_chunk,
+            head.first_chunk + head.nchunks, self._other, self._points)
         if matched < 0:
             return -1
         c = self.counters
@@ -776,7 +828,7 @@ class StreamMachine:
             slot = (w2 & SLOT_MASK).astype(np.intp)
             exps = ((w2 >> 16) & 0xFF).astype(np.uint8).view(np.int8)
             self._scatter(vals[idx], exps, np.arange(n_other), self._chunk[slot])
-        self._note_answers(now, fresh, rack_sent, rack_chunk)
+        self._note_answers(now, self._points)
         return matched
 
     def _receive_reference(self, packets: np.ndarray, now: float) -> int:
@@ -805,16 +857,16 @@ class StreamMachine:
             return 0
         s_idx, g_idx = slot[idx], g[idx]
         sent, resent = self._sent_at[s_idx], self._resent[s_idx]
-        fresh = float(sent[~resent].max()) if (~resent).any() else -np.inf
-        evidence = ~resent | (now - sent >= self._ambiguous_rtt())
-        rack_sent, rack_chunk = -np.inf, -1
-        if evidence.any():
-            order = np.lexsort((g_idx[evidence], sent[evidence]))[-1]
-            rack_sent, rack_chunk = float(sent[evidence][order]), int(g_idx[evidence][order])
+        points = np.full(6, -np.inf)  # as `_stream_jit.take_results` gives them
+        for sel, at in ((~resent, (0, 4)), (resent, (2,))):
+            if sel.any():
+                order = np.lexsort((g_idx[sel], sent[sel]))
+                for i, pick in zip(at, (order[-1], order[0])):  # the latest, the earliest
+                    points[i:i + 2] = sent[sel][pick], g_idx[sel][pick]
         self._busy[s_idx] = False
         c.wraps += int(np.count_nonzero(packets["flags"][idx] & 1))
         self._scatter(packets["values"], packets["exponent"], idx, g_idx)
-        self._note_answers(now, fresh, rack_sent, rack_chunk)
+        self._note_answers(now, points)
         return len(idx)
 
     def _scatter(self, values: np.ndarray, exponents: np.ndarray, idx: np.ndarray,

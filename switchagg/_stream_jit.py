@@ -42,8 +42,8 @@ _LOW32 = 0xFFFFFFFF
 
 
 @njit(**_jit)
-def take_results(words, vals, job, slots, busy, chunk, sent_at, resent, now, ambiguous_rtt, sums,
-                 exps, lo, hi, other):
+def take_results(words, vals, job, slots, busy, chunk, sent_at, resent, sums, exps, lo, hi,
+                 other, points):
     """Match a RESULT burst to the outstanding chunks and copy its values out, in one pass.
 
     Args:
@@ -52,17 +52,17 @@ def take_results(words, vals, job, slots, busy, chunk, sent_at, resent, now, amb
         job, slots: the job id and pool size the packets must carry.
         busy, chunk, sent_at, resent: the machine's per-slot state (busy is cleared for every
             matched packet, so a second copy in the same burst counts as a duplicate).
-        now: the receive time; ambiguous_rtt: an answer to a resent chunk that comes sooner than
-            this after the resend answers the first send, so it tells nothing about the resend.
-        sums, exps: the output (nchunks, k) lanes (as `vals`) and (nchunks,) int8 of the call that holds
-            chunks [lo, hi); packets of other calls are listed in `other` (packet indices).
+        sums, exps: the output (nchunks, k) lanes (as `vals`) and (nchunks,) int8 of the call that
+            holds chunks [lo, hi); packets of other calls are listed in `other` (packet indices).
+        points: (6,) float64 output, three (send time, chunk) points of the burst, -inf where
+            none: [0:2] of the latest-sent matched chunk sent once (its RTT is the burst's
+            smallest unambiguous one, Karn's rule), [2:4] of the latest-resent matched chunk,
+            [4:6] of the earliest-sent matched chunk sent once (reordering shows when it lies
+            before an earlier burst's latest).
 
     Returns:
-        (matched, duplicates, wrapped, in_call, n_other, fresh_sent, rack_sent, rack_chunk):
-        matched is -1 and nothing is changed if any packet is malformed (the caller then runs
-        the reference path); fresh_sent is the latest send time of a matched chunk sent only
-        once (-inf if none): now - fresh_sent is the burst's smallest unambiguous RTT;
-        (rack_sent, rack_chunk) is the latest (send time, chunk) delivered (-inf, -1 if none).
+        (matched, duplicates, wrapped, in_call, n_other): matched is -1 and nothing is changed
+        if any packet is malformed (the caller then runs the reference path).
     """
     n = words.shape[0]
     k = vals.shape[1]
@@ -73,11 +73,10 @@ def take_results(words, vals, job, slots, busy, chunk, sent_at, resent, now, amb
         if ((w0 & 0xFF) != _MAGIC or ((w0 >> 8) & 0xFF) != _VERSION
                 or (kind != _RESULT and kind != _RESULT_RETX) or ((w2 >> 24) & 0xFF) != 0
                 or (words[i, 1] & 0xFFFF) != job or (w2 & 0x7FFF) >= slots):
-            return -1, 0, 0, 0, 0, -np.inf, -np.inf, -1
+            return -1, 0, 0, 0, 0
     matched = duplicates = wrapped = in_call = n_other = 0
-    fresh_sent = -np.inf
-    rack_sent = -np.inf
-    rack_chunk = -1
+    hi_t = hi_g = rr_t = rr_g = -np.inf
+    lo_t = lo_g = np.inf
     for i in range(n):
         w2 = words[i, 2]
         slot = w2 & 0x7FFF
@@ -91,12 +90,12 @@ def take_results(words, vals, job, slots, busy, chunk, sent_at, resent, now, amb
         wrapped += (words[i, 0] >> 24) & 1
         t = sent_at[slot]
         if not resent[slot]:
-            fresh_sent = max(fresh_sent, t)
-            evidence = True
-        else:
-            evidence = now - t >= ambiguous_rtt
-        if evidence and (t > rack_sent or (t == rack_sent and g > rack_chunk)):
-            rack_sent, rack_chunk = t, g
+            if t > hi_t or (t == hi_t and g > hi_g):
+                hi_t, hi_g = t, g
+            if t < lo_t or (t == lo_t and g < lo_g):
+                lo_t, lo_g = t, g
+        elif t > rr_t or (t == rr_t and g > rr_g):
+            rr_t, rr_g = t, g
         if lo <= g < hi:
             r = g - lo
             e = (w2 >> 16) & 0xFF
@@ -107,7 +106,11 @@ def take_results(words, vals, job, slots, busy, chunk, sent_at, resent, now, amb
         else:
             other[n_other] = i
             n_other += 1
-    return matched, duplicates, wrapped, in_call, n_other, fresh_sent, rack_sent, rack_chunk
+    if lo_t == np.inf:
+        lo_t = lo_g = -np.inf
+    points[0], points[1], points[2], points[3], points[4], points[5] = (hi_t, hi_g, rr_t, rr_g,
+                                                                       lo_t, lo_g)
+    return matched, duplicates, wrapped, in_call, n_other
 
 
 @njit(**_jit)
@@ -128,18 +131,25 @@ def stamp_headers(words, g0, slots, exps):
 
 
 @njit(**_jit)
-def rack_lost(busy, sent_at, chunk, rack_sent, rack_chunk, delay, now, lost):
-    """RACK over the slot pool: outstanding chunks sent before the latest answered one, once overdue.
+def rack_lost(busy, sent_at, chunk, resent, passed_at, rack_sent, rack_chunk, delay, reo,
+              rr_sent, rr_chunk, rr_delay, now, lost):
+    """RACK over the slot pool: outstanding chunks sent before a later-sent answered one, once
+    overdue. Any chunk is judged by the latest answered chunk sent once; a resent chunk also by
+    the latest answered resent chunk (whose answer proves nothing about first sends).
 
     Args:
-        busy, sent_at, chunk: the machine's per-slot state.
-        rack_sent, rack_chunk: (send time, chunk) of the latest-sent chunk known delivered.
-        delay: that answer's RTT plus the reordering window; a chunk sent at t before it is lost
-            once t + delay <= now.
+        busy, sent_at, chunk, resent: the machine's per-slot state.
+        passed_at: per slot, when an answer first passed its chunk (inf: not yet); set here.
+        rack_sent, rack_chunk: (send time, chunk) of the latest-sent chunk sent once and answered.
+        delay, reo: that answer's RTT plus the reordering window, and the window; a chunk sent
+            at t before it is lost once t + delay <= now, or once it was passed reo ago (chunks
+            sent together answer one after another as the switch works through them, so the
+            latest answer's RTT alone would push the deadline of an early gap back and back).
+        rr_sent, rr_chunk, rr_delay: the same for the latest-resent answered chunk.
         lost: (slots,) int64 scratch; the lost slots are written to its head, in slot order.
 
     Returns:
-        (n_lost, next_due): how many slots are lost, and when the earliest chunk sent before the
+        (n_lost, next_due): how many slots are lost, and when the earliest chunk sent before an
         answered one that is not lost yet will be (inf if none).
     """
     n_lost = 0
@@ -148,13 +158,19 @@ def rack_lost(busy, sent_at, chunk, rack_sent, rack_chunk, delay, now, lost):
         if not busy[s]:
             continue
         t = sent_at[s]
-        if t < rack_sent or (t == rack_sent and chunk[s] < rack_chunk):
-            due = t + delay
-            if due <= now:
-                lost[n_lost] = s
-                n_lost += 1
-            elif due < next_due:
-                next_due = due
+        g = chunk[s]
+        due = np.inf
+        if t < rack_sent or (t == rack_sent and g < rack_chunk):
+            if passed_at[s] == np.inf:
+                passed_at[s] = now
+            due = min(t + delay, passed_at[s] + reo)
+        if resent[s] and (t < rr_sent or (t == rr_sent and g < rr_chunk)):
+            due = min(due, t + rr_delay)
+        if due <= now:
+            lost[n_lost] = s
+            n_lost += 1
+        elif due < next_due:
+            next_due = due
     return n_lost, next_due
 
 
@@ -183,9 +199,9 @@ def warm_up(k: int = 8) -> None:
         split_h.flags.writeable = split_v.flags.writeable = False
         for h, v in ((frame[:, :4], frame[:, 4:].view(lanes)), (split_h, split_v)):
             take_results(h, v, 0, slots, np.zeros(slots, np.bool_), np.full(slots, -1, np.int64),
-                         np.zeros(slots), np.zeros(slots, np.bool_), 0.0, 0.0,
-                         np.zeros((slots, k), lanes), exps, 0, 0, np.zeros(slots, np.int64))
+                         np.zeros(slots), np.zeros(slots, np.bool_), np.zeros((slots, k), lanes),
+                         exps, 0, 0, np.zeros(slots, np.int64), np.zeros(6))
     busy, sent_at = np.zeros(slots, np.bool_), np.zeros(slots)
-    rack_lost(busy, sent_at, np.full(slots, -1, np.int64), 0.0, 0, 0.0, 0.0,
-              np.zeros(slots, np.int64))
+    rack_lost(busy, sent_at, np.full(slots, -1, np.int64), busy, np.zeros(slots), 0.0, 0, 0.0,
+              0.0, 0.0, 0, 0.0, 0.0, np.zeros(slots, np.int64))
     oldest_sent(busy, sent_at)

@@ -124,12 +124,12 @@ class ClientConfig:
         query_timeout: seconds to wait for the switch's answer to that QUERY. Default 1.
         rto_initial: retransmission timeout before the first RTT sample, seconds. Default 0.2.
         rto_min: lower bound of the retransmission timeout, seconds, and the longest a packet is
-            assumed held in the network (a resent chunk's slot is not reused sooner; loss is not
-            declared sooner than this after a send). Default 0.01: the emulator's round trip is
-            1-30 ms for a burst, 10^2-10^3 x a Tofino's. At 0.05 every loss cost at least 50 ms
-            (issue 15: 0.06x the lossless throughput at 1% loss; 0.23x at 0.01); at 0.005 the
-            reordering window fell under the workers' skew and 2 packets in 1 were resent for
-            nothing. Example: `rto_min=0.02`.
+            assumed held in the network: a resent chunk's slot is not reused sooner, and it is
+            the least reordering window once reordering was seen (and always for resent
+            chunks; without reordering the window is a quarter of the min RTT, switchagg/
+            _stream.py). Default 0.01: the emulator's round trip is 1-30 ms for a burst,
+            10^2-10^3 x a Tofino's; at 0.05 every loss cost at least 50 ms (issue 15: 0.06x the
+            lossless throughput at 1% loss). Example: `rto_min=0.02`.
         rto_max: upper bound of the (exponentially backed-off) timeout, seconds. Default 2.
         leave_linger: seconds close() lets the LEAVE message flush before dropping it. Default 1.
     """

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import PYTHON
 from switchagg.workers._bench_workers import _verify, bench_input, expected_sum
-from switchagg.workers.bench import _median_round
+from switchagg.workers.bench import _median_round, call_latency
 
 pytestmark = pytest.mark.slow
 
@@ -30,6 +30,7 @@ REQUIRED = {
     "numel": int, "k": int, "slots": int, "drop": float, "burst": int, "repeats": int,
     "cores": int, "transport": str, "ate_vs_gloo": (float, type(None)),
     "ate_vs_zmq_ceiling": (float, type(None)), "goodput": float, "retransmitted": int,
+    "call_s": dict,
 }
 
 
@@ -74,6 +75,9 @@ def check_schema(figures: dict, transport: str, gloo: bool, zmq: bool) -> None:
     assert figures["slots"] == 32 and figures["burst"] == 8 and figures["repeats"] == 1
     assert figures["transport"] == transport
     assert figures["ate_per_s"] > 0 and figures["packets_per_s"] > 0
+    calls = figures["call_s"]
+    assert calls["median"] <= calls["p90"] <= calls["p99"] <= calls["max"]
+    assert calls["max"] == max(figures["rounds_s"]) and calls["max_over_median"] >= 1
     assert 0 < figures["goodput"] <= 64 * 4 / (16 + 64 * 4)  # payload / (header + payload)
     assert (figures["gloo_ate_per_s"] is not None) == gloo
     assert (figures["zmq_ceiling_ate_per_s"] is not None) == zmq
@@ -153,6 +157,15 @@ def test_median_round_takes_each_rounds_slowest_worker():
                {"times": [3.0, 1.0, 2.5], "cpu": [0.25, 0.25, 0.25]}]
     median, rounds, cpu = _median_round(reports)
     assert rounds == [3.0, 5.0, 2.5] and median == 3.0 and cpu == 0.75
+
+
+def test_call_latency_takes_nearest_rank_percentiles_of_the_rounds():
+    rounds = [float(t) for t in range(100, 0, -1)]  # 1..100 s, unordered
+    calls = call_latency(rounds)
+    assert (calls["median"], calls["p90"], calls["p99"], calls["max"]) == (50.5, 90, 99, 100)
+    assert calls["max_over_median"] == pytest.approx(100 / 50.5)
+    few = call_latency([0.2, 0.1, 0.4])  # under 100 calls p99 is the slowest one
+    assert (few["median"], few["p90"], few["p99"], few["max"]) == (0.2, 0.4, 0.4, 0.4)
 
 
 @pytest.mark.timeout(60)

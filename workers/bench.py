@@ -23,7 +23,8 @@ compiled pass: its start-up, reported apart and kept out of its per-round CPU). 
 is one phase. A phase spawns its children (fresh interpreters, so only the gloo workers import
 torch), which set up and pre-fault everything, then run warm-up and timed rounds, each behind a
 start barrier; a round's time is its slowest worker's, and a phase's figure comes from its median
-round. On the project's 2-core VM every contender shares the same two cores on loopback, so CPU
+round. The switch phase also reports its calls' latency distribution (median, p90, p99, max of the
+round times, and max / median): how evenly loss recovery keeps its pace. On the project's 2-core VM every contender shares the same two cores on loopback, so CPU
 seconds per all-reduce (printed too) are the steadier figure there; on links the link is.
 """
 
@@ -248,6 +249,21 @@ def _median_round(reports: list[dict]) -> tuple[float, list[float], float]:
     return statistics.median(rounds), rounds, statistics.median(cpu)
 
 
+def call_latency(rounds: list[float]) -> dict[str, float]:
+    """The per-call latency distribution of a phase: median, p90, p99 and max of its rounds'
+    times (each round is one all-reduce, done when its slowest worker is), and max / median.
+
+    Percentiles are nearest-rank (the smallest round time with at least that share of rounds
+    at or below it), so they are always a measured call and p99 of fewer than 100 calls is the
+    slowest one.
+    """
+    ordered = sorted(rounds)
+    rank = lambda q: ordered[max(0, -(-len(ordered) * q // 100) - 1)]  # noqa: E731
+    median = statistics.median(ordered)
+    return {"median": median, "p90": rank(90), "p99": rank(99), "max": ordered[-1],
+            "max_over_median": ordered[-1] / median if median > 0 else float("inf")}
+
+
 def _cpu_seconds(pid: int) -> float:
     """CPU seconds (user + system, all threads) a live process and its live children (the
     switch's pipes) have used so far; 0 if unknown."""
@@ -337,6 +353,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         per_round = lambda key: sum(r[key] for r in reports) / args.repeats  # noqa: E731
         figures.update(
             seconds_per_allreduce=seconds, rounds_s=rounds, ate_per_s=args.numel / seconds,
+            call_s=call_latency(rounds),
             worker_cpu_s=worker_cpu, switch_cpu_s=switch_cpu,
             packets_per_s=per_round("packets_sent") / seconds,
             retransmitted=sum(r["retransmitted"] for r in reports),
@@ -418,6 +435,11 @@ def _table(f: dict[str, Any]) -> str:
     lines.append(f"CPU s per all-reduce ({f['cores']} cores): " + "; ".join(cpu))
     lines.append(f"switch start-up (before the timed rounds, not in them): "
                  f"{f['switch_startup_s']:.2f} s wall, {f['switch_startup_cpu_s']:.2f} s CPU")
+    calls = f["call_s"]
+    lines.append(f"switch call latency over {f['repeats']} calls: median "
+                 f"{calls['median'] * 1e3:.1f} ms, p90 {calls['p90'] * 1e3:.1f}, p99 "
+                 f"{calls['p99'] * 1e3:.1f}, max {calls['max'] * 1e3:.1f} "
+                 f"({calls['max_over_median']:.2f}x the median)")
     lines.append(f"switch: {f['packets_per_s'] / 1e6:.2f} M packets/s in, "
                  f"{f['bytes_sent_per_allreduce'] / 1e6:.2f} MB sent per worker per all-reduce, "
                  f"goodput {f['goodput']:.3f} (payload / wire bytes), {f['retransmitted']} "
