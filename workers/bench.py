@@ -474,8 +474,10 @@ def main(args: argparse.Namespace) -> int:
         return validate.report_usage("bench", exc)
     if args.quantize:
         return _quantize(args)
-    # SIGTERM unwinds like Ctrl-C, so that children, namespaces and folders are removed.
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    # SIGTERM unwinds like Ctrl-C, so that children, namespaces and folders are removed. SIGINT
+    # is installed too: a process started in the background of a script inherits it ignored,
+    # while its switch child (which installs its own) would stop, and the run fail, on Ctrl-C.
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         if args.sweep:
             if args.link:
@@ -493,7 +495,8 @@ def main(args: argparse.Namespace) -> int:
         print("switchagg bench: interrupted; children stopped", file=sys.stderr)
         return 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     print(json.dumps(figures, sort_keys=True) if args.json else _table(figures))
     return 0
 
