@@ -80,7 +80,7 @@ build() {
 run() {
   # Every method the image knows, unless METHODS says otherwise.
   export METHODS=${METHODS:-$("$ENGINE" run --rm "$IMAGE" python -c \
-    "from switchagg.methods import METHODS; print(','.join(METHODS))")}
+    "from switchagg.methods import METHODS, OWN_LOOP; print(','.join([*METHODS, *OWN_LOOP]))")}
   local started=$SECONDS
   rm -rf "$RESULTS_DIR" && mkdir -p "$RESULTS_DIR" && chmod 0777 "$RESULTS_DIR"
   local compose=(docker-compose)
