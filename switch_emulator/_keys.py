@@ -14,36 +14,16 @@ import os
 
 import zmq
 
+# Key files are read, and clients configured, exactly as the workers do: switchagg/_curve.py needs
+# only zmq (no torch, nothing of the training side), so the switch shares it instead of a copy.
+from switchagg._curve import client_options, load_key_file, load_public
+
 __all__ = ["keygen", "server_options", "probe_options"]
-
-
-def load_key_file(path: str, want_secret: bool) -> tuple[bytes, bytes | None]:
-    """(public, secret or None) z85 keys of a pyzmq certificate file.
-
-    The same reading as switchagg/_curve.py's: the switch imports nothing of the library but
-    its wire modules.
-
-    Raises:
-        ValueError: the file is missing or unreadable, or (want_secret) has no secret key.
-    """
-    import zmq.auth
-
-    try:
-        public, secret = zmq.auth.load_certificate(path)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot read a CURVE key from {path!r}: {exc}; write one with "
-                         "`switch-emulator keygen DIR`") from None
-    if want_secret and not secret:
-        raise ValueError(f"{path!r} holds no secret key; pass the .key_secret file")
-    return public, secret
 
 
 def probe_options(sock: zmq.Socket, key_or_path: str) -> None:
     """Make the probe's socket a CURVE client of the switch (public key, z85 or its .key file)."""
-    public = (key_or_path.encode() if len(key_or_path) == 40 and not os.path.exists(key_or_path)
-              else load_key_file(key_or_path, want_secret=False)[0])
-    sock.curve_serverkey = public
-    sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()
+    client_options(sock, load_public(key_or_path))
 
 
 def keygen(directory: str, name: str = "switch") -> tuple[str, str]:
