@@ -62,3 +62,33 @@ def spawn():
 
 
 PYTHON = sys.executable
+
+
+@pytest.fixture
+def switch_thread():
+    """`start(**config) -> SwitchServer`: a bound switch serving in a thread of this process (its
+    pipes, if any, are real processes). Defaults: a free loopback port, no periodic stats, no
+    linger; `config` overrides them. Every switch started is stopped at the end of the test and
+    must stop within 10 s."""
+    import threading
+
+    from switch_emulator._config import SwitchConfig
+    from switch_emulator.server import SwitchServer
+    started = []
+
+    def start(**config) -> SwitchServer:
+        config = {"bind": f"tcp://127.0.0.1:{free_port()}", "stats_interval": 0, "linger": 0.0,
+                  **config}
+        server = SwitchServer(SwitchConfig(**config))
+        server.bind()
+        stop = threading.Event()
+        thread = threading.Thread(target=server.run, args=(stop,), daemon=True)
+        thread.start()
+        started.append((thread, stop))
+        return server
+
+    yield start
+    for thread, stop in started:
+        stop.set()
+        thread.join(timeout=10)
+        assert not thread.is_alive(), "switch thread did not stop within 10 s"

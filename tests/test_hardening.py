@@ -28,7 +28,6 @@ from switch_emulator._config import SwitchConfig
 from switch_emulator._golden import GoldenDataplane
 from switch_emulator._jobs import ControlPlane, ErrorCode
 from switch_emulator.probe import probe
-from switch_emulator.server import SwitchServer
 from switchagg import ClientConfig, JobAborted, JoinRejected, SwitchClient, SwitchError
 from switchagg._limits import MAX_DEPTH, MAX_INT_DIGITS, check_endpoint, json_depth
 from switchagg.errors import ProtocolError
@@ -77,27 +76,15 @@ def error(replies, code: str, field: str | None = None) -> Error:
 
 
 @pytest.fixture
-def switch():
+def switch(switch_thread):
     """Start switches in threads: `switch(**config)` returns the endpoint and the server."""
-    started = []
 
     def start(**overrides):
-        config = SwitchConfig(**{"bind": f"tcp://127.0.0.1:{free_port()}", "stats_interval": 0,
-                                 "linger": 0.0, "liveness_timeout": 1.0,
-                                 "heartbeat_interval": 0.2, **overrides})
-        server = SwitchServer(config)
-        endpoint = server.bind()
-        stop = threading.Event()
-        thread = threading.Thread(target=server.run, args=(stop,), daemon=True)
-        thread.start()
-        started.append((thread, stop))
-        return endpoint, server
+        server = switch_thread(**{"liveness_timeout": 1.0, "heartbeat_interval": 0.2,
+                                  **overrides})
+        return server.endpoint, server
 
-    yield start
-    for thread, stop in started:
-        stop.set()
-        thread.join(timeout=5)
-        assert not thread.is_alive(), "switch thread did not stop within 5 s"
+    return start
 
 
 @pytest.fixture

@@ -11,17 +11,14 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import threading
 import time
 
 import pytest
 import zmq
 
-from switch_emulator._config import SwitchConfig
-from switch_emulator.server import SwitchServer
 from switchagg import ClientConfig, JoinRejected, SwitchClient
 from switchagg.protocol import Abort, Error, Join, JoinOk, Leave, Ready
-from tests.conftest import PYTHON, REPO, free_port
+from tests.conftest import PYTHON, REPO
 from tests.test_switch_server import RawWorker, join_all
 
 WORKER = os.path.join(REPO, "tests", "lifetime_worker.py")
@@ -38,18 +35,9 @@ def ctx():
 
 
 @pytest.fixture
-def switch():
-    """A switch in a thread (liveness timeout LIVENESS_S); yields its endpoint."""
-    server = SwitchServer(SwitchConfig(bind=f"tcp://127.0.0.1:{free_port()}", stats_interval=0,
-                                       linger=0.0, liveness_timeout=LIVENESS_S))
-    endpoint = server.bind()
-    stop = threading.Event()
-    thread = threading.Thread(target=server.run, args=(stop,), daemon=True)
-    thread.start()
-    yield endpoint
-    stop.set()
-    thread.join(timeout=5)
-    assert not thread.is_alive(), "switch thread did not stop within 5 s"
+def switch(switch_thread):
+    """A switch in a thread (liveness timeout LIVENESS_S); its endpoint."""
+    return switch_thread(liveness_timeout=LIVENESS_S).endpoint
 
 
 def run_worker(spawn, endpoint: str, job: str, mode: str, world: int = 2) -> subprocess.Popen:

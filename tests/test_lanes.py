@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import REPO, free_port
+from conftest import REPO
 from fakelink import FakeNetwork, dataplane_factories
 from switch_emulator._config import ConfigError, SwitchConfig
 from switch_emulator._dataplane import SplitOutput
@@ -274,27 +274,9 @@ def test_bench_inputs_span_the_lanes_and_sums_wrap_there():
 
 
 @pytest.fixture
-def switch():
+def switch(switch_thread):
     """Start switches in threads (their pipes are real processes); stopped at the end."""
-    from switch_emulator.server import SwitchServer
-    started = []
-
-    def start(**config) -> SwitchServer:
-        server = SwitchServer(SwitchConfig(bind=f"tcp://127.0.0.1:{free_port()}",
-                                           stats_interval=0, linger=0.0, log_level="WARNING",
-                                           **config))
-        server.bind()
-        stop = threading.Event()
-        thread = threading.Thread(target=server.run, args=(stop,), daemon=True)
-        thread.start()
-        started.append((thread, stop))
-        return server
-
-    yield start
-    for thread, stop in started:
-        stop.set()
-        thread.join(timeout=10)
-        assert not thread.is_alive(), "switch did not stop within 10 s"
+    return lambda **config: switch_thread(log_level="WARNING", **config)
 
 
 def _workers(endpoint: str, job: str, n: int, body, lane_bits):

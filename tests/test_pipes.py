@@ -12,9 +12,7 @@ import numpy as np
 import pytest
 import zmq
 
-from conftest import free_port
 from switch_emulator._config import ConfigError, SwitchConfig
-from switch_emulator.server import SwitchServer
 from switchagg import ClientConfig, JobAborted, SwitchClient
 from switchagg._stream import StreamMachine, array_fill
 from switchagg.packet import pipe_bounds
@@ -27,26 +25,9 @@ CONFIG = ClientConfig(k=8, slots=64, burst=8, join_timeout=30, op_timeout=15, rt
 
 
 @pytest.fixture
-def switch():
+def switch(switch_thread):
     """Start a switch (with `pipes`) in a thread; stopped, pipes and all, at the end."""
-    started = []
-
-    def start(pipes: int) -> SwitchServer:
-        config = SwitchConfig(bind=f"tcp://127.0.0.1:{free_port()}", stats_interval=0,
-                              linger=0.0, pipes=pipes, log_level="WARNING")
-        server = SwitchServer(config)
-        server.bind()
-        stop = threading.Event()
-        thread = threading.Thread(target=server.run, args=(stop,), daemon=True)
-        thread.start()
-        started.append((thread, stop))
-        return server
-
-    yield start
-    for thread, stop in started:
-        stop.set()
-        thread.join(timeout=10)
-        assert not thread.is_alive(), "switch did not stop within 10 s"
+    return lambda pipes: switch_thread(pipes=pipes, log_level="WARNING")
 
 
 def _run_workers(endpoint: str, job: str, n: int, body) -> list:

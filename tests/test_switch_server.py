@@ -9,15 +9,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
 import time
 
 import numpy as np
 import pytest
 import zmq
 
-from switch_emulator._config import SwitchConfig
-from switch_emulator.server import SwitchServer
 from switchagg.packet import Kind, make_burst, packet_bytes, parse_burst, validate_burst
 from switchagg.protocol import (FRAME_CONTROL, FRAME_DATA, Abort, ControlMessage, Error, Heartbeat,
                                 HeartbeatAck, Join, JoinOk, Leave, Ready, StatsReply, StatsRequest,
@@ -95,26 +92,9 @@ def ctx():
 
 
 @pytest.fixture
-def switch(ctx, request):
-    """Start a switch in a thread; `request.param`-free: tests pass overrides via `switch(**kw)`."""
-    started: list[tuple[SwitchServer, threading.Thread, threading.Event]] = []
-
-    def start(**overrides) -> str:
-        config = SwitchConfig(**{"bind": f"tcp://127.0.0.1:{free_port()}", "stats_interval": 0,
-                                 "linger": 0.0, **overrides})
-        server = SwitchServer(config)
-        endpoint = server.bind()
-        stop = threading.Event()
-        thread = threading.Thread(target=server.run, args=(stop,), daemon=True)
-        thread.start()
-        started.append((server, thread, stop))
-        return endpoint
-
-    yield start
-    for _, thread, stop in started:
-        stop.set()
-        thread.join(timeout=5)
-        assert not thread.is_alive(), "switch thread did not stop within 5 s"
+def switch(switch_thread):
+    """Start a switch in a thread; tests pass config overrides via `switch(**kw)`; its endpoint."""
+    return lambda **overrides: switch_thread(**overrides).endpoint
 
 
 def join_all(ctx, endpoint: str, job: str, n: int, slots: int = 64) -> list[RawWorker]:
