@@ -64,6 +64,15 @@ def spawn():
 PYTHON = sys.executable
 
 
+def rss_bytes(pid: int) -> int:
+    """Resident memory of process `pid`, bytes (Linux /proc)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
 @pytest.fixture
 def switch_thread():
     """`start(**config) -> SwitchServer`: a bound switch serving in a thread of this process (its

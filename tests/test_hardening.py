@@ -21,7 +21,7 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import PYTHON, free_port
+from conftest import PYTHON, free_port, rss_bytes
 from switch_emulator._admission import Policy
 from switch_emulator._callseq import CallCheck
 from switch_emulator._config import SwitchConfig
@@ -474,14 +474,6 @@ def send_burst(sock: zmq.Socket, burst: np.ndarray, layout: str) -> None:
         sock.send_multipart([b"D", *split_burst(burst)], copy=False)
     else:
         sock.send_multipart([b"D", burst], copy=False)
-
-
-def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
 
 
 def wait_for_switch(address: str, timeout: float = 30.0) -> dict:

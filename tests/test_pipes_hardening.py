@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import zmq
 
-from conftest import PYTHON, REPO, free_port
+from conftest import PYTHON, REPO, free_port, rss_bytes
 from switch_emulator._config import SwitchConfig
 from switch_emulator._pipes import MAX_WAITING, _Pipe
 from switch_emulator.server import SwitchServer
@@ -186,14 +186,6 @@ def test_pipe_bounds_what_it_queues_for_a_peer_that_does_not_read_then_reports_i
 
 
 # --------------------------------------------------------------- a switch with pipes, processes
-
-
-def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
 
 
 def children(pid: int) -> list[int]:

@@ -16,7 +16,7 @@ import zmq
 
 from switchagg.swarm import graph, lattice, wire
 from switchagg.swarm.node import NodeConfig, SwarmNode
-from tests.conftest import REPO
+from tests.conftest import REPO, rss_bytes
 
 # ------------------------------------------------------------------------------------- graph
 
@@ -318,14 +318,6 @@ def test_a_killed_peer_is_skipped_and_reported_and_the_others_finish(spawn, tmp_
 # ------------------------------------------------------------------- bounds on what peers send
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
-
-
 def test_a_frame_larger_than_any_valid_message_never_reaches_the_node(swarm_factory):
     """libzmq drops a connection whose frame exceeds `wire.max_frame` before buffering it: the
     node never sees it (not even as malformed), and other peers go on."""
@@ -362,7 +354,7 @@ def test_a_peer_that_floods_requests_and_never_reads_holds_bounded_memory(swarm_
     rogue.connect(flooded.address)
     frames = wire.to_frames(wire.Message(wire.Kind.EXCHANGE, 2, 1, model=np.zeros(d, np.float32),
                                          ttl_ms=5000), job=wire.job_id("test"), world=3)
-    before = _rss_bytes()
+    before = rss_bytes(os.getpid())
     offered, deadline = 0, time.monotonic() + 2.0
     while time.monotonic() < deadline:
         try:
@@ -370,7 +362,7 @@ def test_a_peer_that_floods_requests_and_never_reads_holds_bounded_memory(swarm_
             offered += 1
         except zmq.Again:
             time.sleep(0.001)
-    grown = _rss_bytes() - before
+    grown = rss_bytes(os.getpid()) - before
     print(f"flood: {offered} requests of {4 * d / 2**20:.1f} MiB offered, served "
           f"{flooded.stats.served}; RSS grew {grown / 2**20:.0f} MiB (bound per connection: "
           f"{QUEUED} x {4 * d / 2**20:.1f} MiB each way)")
