@@ -5,9 +5,9 @@ Start here: `switchagg.SwitchClient` all-reduces int32 arrays through an emulate
 `switchagg.protocol`, the errors `switchagg.errors`. The methods are codecs (`switchagg.codecs`,
 registered in `switchagg.methods`), driven by the DDP hook (`switchagg.ddp.hook_for`) or the
 in-process `switchagg.reducer`. The training harness (`switchagg compare`, `worker`, `reproduce`,
-the tasks) is `switchagg.workers`, and `switchagg.compare` runs a comparison from Python. Heavier parts (codecs, collectives, the DDP hook, GPU kernels) are
-imported on first use, so the switch and CPU-only workers never load torch or cupy unless they need
-them.
+the tasks) is `switchagg.workers`, and `switchagg.compare` runs a comparison from Python. Heavier
+parts (codecs, collectives, the DDP hook, GPU kernels) are imported on first use, so the switch
+and CPU-only workers never load torch or cupy unless they need them.
 """
 
 from __future__ import annotations

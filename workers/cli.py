@@ -12,17 +12,17 @@ import importlib
 import logging
 import sys
 
-#: subcommand -> (module, one-line help)
+#: subcommand -> (module of switchagg.workers, one-line help)
 SUBCOMMANDS = {
-    "compare": ("switchagg.workers.compare", "train with N workers through the switch, once per method, and compare"),
-    "bench": ("switchagg.workers.bench", "packet-level throughput of the aggregation path (and quantize kernels)"),
-    "reproduce": ("switchagg.workers.reproduce", "run the papers' claims at small scale and write a report"),
-    "worker": ("switchagg.workers.worker", "run one worker (docker compose, torchrun, a cluster node)"),
-    "report": ("switchagg.workers.report_cmd", "merge a compose or cluster run's per-rank files into the "
-                                     "table, results.json and plots"),
-    "warmup": ("switchagg.workers.warmup_cmd", "compile the numba kernels ahead of time (once per machine)"),
-    "rendezvous": ("switchagg.workers.rendezvous", "hold the ranks and torch.distributed store of a compose "
-                                         "run's workers"),
+    "compare": (".compare", "train with N workers through the switch, once per method, and compare"),
+    "bench": (".bench", "packet-level throughput of the aggregation path (and quantize kernels)"),
+    "reproduce": (".reproduce", "run the papers' claims at small scale and write a report"),
+    "worker": (".worker", "run one worker (docker compose, torchrun, a cluster node)"),
+    "report": (".report_cmd", "merge a compose or cluster run's per-rank files into the table, "
+                              "results.json and plots"),
+    "warmup": (".warmup_cmd", "compile the numba kernels ahead of time (once per machine)"),
+    "rendezvous": (".rendezvous", "hold the ranks and torch.distributed store of a compose run's "
+                                  "workers"),
 }
 
 
@@ -53,7 +53,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_text, description=help_text,
                             formatter_class=HelpFormatter)
         if name == chosen:
-            importlib.import_module(module).configure(sp)
+            importlib.import_module(module, __package__).configure(sp)
             # A subcommand's configure may set its own formatter (for its epilog); keep defaults.
             if sp.formatter_class is argparse.RawDescriptionHelpFormatter:
                 sp.formatter_class = HelpFormatter
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(argv).parse_args(argv)
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    module = importlib.import_module(SUBCOMMANDS[args.command][0])
+    module = importlib.import_module(SUBCOMMANDS[args.command][0], __package__)
     return int(module.main(args) or 0)
 
 

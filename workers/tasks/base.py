@@ -25,7 +25,7 @@ from torch import nn
 
 from switchagg.workers.data import batch_indices
 
-__all__ = ["Preset", "Shard", "ArrayShard", "Task", "parse_options"]
+__all__ = ["Preset", "Shard", "ArrayShard", "Task", "evaluate_classifier", "parse_options"]
 
 
 @dataclass(frozen=True)
@@ -182,6 +182,26 @@ class Task(ABC):
         """The task's configuration, for results.json."""
         return {"task": self.name, "data": self.data, "metric": self.metric,
                 "options": dict(self.options)}
+
+
+@torch.no_grad()
+def evaluate_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int,
+                        prepare=lambda x: x) -> dict[str, float]:
+    """Mean cross-entropy and accuracy of `model` on (x, y), `batch` rows at a time.
+
+    `prepare` turns a slice of x into the model's input (normalization, the device); y moves to
+    the logits' device. The model is in eval mode during the pass and back in train mode after.
+    """
+    import torch.nn.functional as F
+    model.eval()
+    total_loss, correct = 0.0, 0
+    for i in range(0, len(x), batch):
+        logits = model(prepare(x[i:i + batch]))
+        target = y[i:i + batch].to(logits.device)
+        total_loss += float(F.cross_entropy(logits, target, reduction="sum"))
+        correct += int((logits.argmax(1) == target).sum())
+    model.train()
+    return {"loss": total_loss / len(x), "accuracy": correct / len(x)}
 
 
 def parse_options(pairs: list[str] | None) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from torch.nn import functional as F
 from switchagg.workers.data import (CIFAR_MEAN, CIFAR_STD, augment_crop_flip, contiguous_bounds,
                           load_cifar10, steps_per_epoch)
 from switchagg.workers.models import ResNet18
-from switchagg.workers.tasks.base import ArrayShard, Preset, Task
+from switchagg.workers.tasks.base import ArrayShard, Preset, Task, evaluate_classifier
 
 __all__ = ["Cifar10ResNet18"]
 
@@ -82,16 +82,6 @@ class Cifar10ResNet18(Task):
         x, y = batch
         return F.cross_entropy(model(x), y.to(self.device)), None
 
-    @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        model.eval()
-        total_loss, correct = 0.0, 0
-        step = int(self.options["eval_batch"])
-        for i in range(0, len(self.test_x), step):
-            logits = model(self._normalize(self.test_x[i:i + step]))
-            y = self.test_y[i:i + step].to(self.device)
-            total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
-            correct += int((logits.argmax(1) == y).sum())
-        model.train()
-        n = len(self.test_x)
-        return {"loss": total_loss / n, "accuracy": correct / n}
+        return evaluate_classifier(model, self.test_x, self.test_y, int(self.options["eval_batch"]),
+                                   self._normalize)

@@ -33,7 +33,7 @@ from torch.nn import functional as F
 
 from switchagg.workers.data import contiguous_bounds, load_fashion_mnist, steps_per_epoch
 from switchagg.workers.models import MLP, LeNet5
-from switchagg.workers.tasks.base import ArrayShard, Preset, Task
+from switchagg.workers.tasks.base import ArrayShard, Preset, Task, evaluate_classifier
 
 __all__ = ["FashionMNIST", "MODELS"]
 
@@ -90,19 +90,9 @@ class FashionMNIST(Task):
         x, y = batch
         return F.cross_entropy(model(x), y), None
 
-    @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        model.eval()
-        total_loss, correct = 0.0, 0
-        step = int(self.options["eval_batch"])
-        for i in range(0, len(self.test_x), step):
-            logits = model(self._input(self.test_x[i:i + step]))
-            y = self.test_y[i:i + step]
-            total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
-            correct += int((logits.argmax(1) == y).sum())
-        model.train()
-        n = len(self.test_x)
-        return {"loss": total_loss / n, "accuracy": correct / n}
+        return evaluate_classifier(model, self.test_x, self.test_y, int(self.options["eval_batch"]),
+                                   self._input)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "train_images": len(self.train_x),
