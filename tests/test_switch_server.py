@@ -244,6 +244,7 @@ def test_server_leave_graceful_and_with_reason(ctx, switch):
     endpoint = switch()
     w0, w1, w2 = join_all(ctx, endpoint, "leave", 3)
     w0.send(Leave(w0.job_id, w0.rank))
+    w0.stats()  # answered after the LEAVE on the same connection: w0 has left before w1 leaves
     w1.send(Leave(w1.job_id, w1.rank, "out of memory"))
     for w in (w2,):
         abort = w.control(Abort)
