@@ -97,3 +97,48 @@ def test_loss_input_is_never_modified():
 def test_loss_rates_validated():
     with pytest.raises(ValueError, match="drop"):
         LossRates(drop=-0.1)
+
+
+def test_loss_rates_hold_over_tiny_bursts():
+    # The distance to the next event is carried from burst to burst: bursts of 1 to 3 packets
+    # must see the same per-packet rates as large ones.
+    for name in ("drop", "duplicate", "reorder"):
+        inj = injector(11, **{name: 0.02})
+        sizes = np.random.default_rng(0).integers(1, 4, 30_000)
+        for i, n in enumerate(sizes):
+            inj.apply(burst(0, int(n)), i % 3)
+        n, p = int(sizes.sum()), 0.02
+        counted = {"drop": inj.drops, "duplicate": inj.duplicates, "reorder": inj.reorders}[name]
+        assert abs(counted - n * p) < 6 * np.sqrt(n * p * (1 - p)), name
+
+
+def test_loss_takes_the_same_packets_from_every_part_of_a_split_burst():
+    inj = injector(4, drop=0.2, duplicate=0.2, reorder=0.2)
+    rows = np.arange(200)
+    delivered = []
+    for b in range(5):
+        ids = rows + 1000 * b
+        heads = np.repeat(ids[:, None], 4, axis=1).astype(np.int32)
+        vals = (ids[:, None] * K + np.arange(K)).astype(np.int32)
+        h, v = inj.apply((heads, vals), "w")
+        assert h.shape[1:] == (4,) and v.shape[1:] == (K,) and len(h) == len(v)
+        delivered.append((h, v))
+    delivered.append(inj.release("w"))
+    for h, v in delivered:  # row i of the payloads still belongs with row i of the headers
+        np.testing.assert_array_equal(v, h[:, :1] * K + np.arange(K))
+    assert sum(len(h) for h, _ in delivered) == 5 * 200 - inj.drops + inj.duplicates
+
+
+def test_loss_split_burst_without_events_is_delivered_as_it_is():
+    inj = injector(1, drop=1e-9)
+    parts = (np.zeros((10, 4), np.int32), np.zeros((10, K), np.int32))
+    assert inj.apply(parts, 0) is parts
+
+
+def test_loss_flow_keeps_one_layout():
+    inj = injector(2, reorder=1.0)
+    inj.apply((np.zeros((3, 4), np.int32), np.zeros((3, K), np.int32)), 0)
+    with pytest.raises(ValueError, match="one layout"):
+        inj.apply(burst(0, 3), 0)
+    held = inj.release(0)           # what was held is still there, in its layout
+    assert isinstance(held, tuple) and len(held[0]) == 3
