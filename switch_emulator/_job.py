@@ -125,6 +125,7 @@ class Member:
     rank: int
     last_seen: float
     departed: bool = False
+    interleaved: bool = False  # its latest data frame was one interleaved burst, not split
 
 
 @dataclass

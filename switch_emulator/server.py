@@ -16,13 +16,16 @@ frame is, per burst and never per packet:
      that job and rank: a spoofed rank, another job, a bad slot are dropped and counted by reason; the
      call check (`_callseq`) runs on both layouts' header words, and a mispaired call fails the
      job at once;
-  3. passed through ingress loss injection, then `dataplane.receive` once. Without ingress loss a
-     dataplane that offers `receive_checked` does steps 2 and 3 in one call (the fast dataplane's
-     compiled pass: one pass over the burst instead of a dozen numpy passes);
+  3. passed through ingress loss injection if the job has it (the emulated link: before the
+     switch parses anything; it takes split bursts alone, so an interleaved one is split first),
+     then `dataplane.receive` once. A dataplane that offers `receive_checked` /
+     `receive_split_checked` does steps 2 and 3 in one call (the fast dataplane's compiled pass:
+     one pass over the burst instead of a dozen numpy passes);
   4. its completed slots are sent to every receiving worker of the job, one send per worker of the
-     same buffer without copying (with egress loss, each worker gets its own subset), and the
-     retransmission answers to the sender alone. Split input is answered split (header frame,
-     payload frame), from result buffers the dataplane reuses once ZeroMQ has sent them.
+     same buffer without copying, and the retransmission answers to the sender alone. Split input
+     is answered split (header frame, payload frame), from result buffers the dataplane reuses
+     once ZeroMQ has sent them. With egress loss each worker gets what its link delivers (its own
+     subset), in the layout that worker sends.
 A member whose connection closes without LEAVE (a crashed or killed worker) is noticed at once:
 ZeroMQ's monitor reports the disconnect, `_peerwatch` names the member, and a probe
 `DISCONNECT_GRACE_S` later confirms it gone and aborts its job (freeing its name and slots), so a
@@ -52,6 +55,7 @@ import zmq
 
 from switch_emulator._admission import Policy
 from switch_emulator._callseq import Mispaired
+from switch_emulator._coalesce import COALESCE_MESSAGES, COALESCE_PACKETS, ResultBatches
 from switch_emulator._config import SwitchConfig
 from switch_emulator._dataplane import SplitOutput
 from switch_emulator._golden import DataplaneOutput
@@ -61,7 +65,7 @@ from switch_emulator._peerqueue import PeerQueues
 from switch_emulator._peerwatch import PeerWatch
 from switch_emulator._pipes import PipeSet
 from switchagg.packet import (MAX_BURST_BYTES, Kind, join_split, packet_bytes, parse_burst,
-                              parse_split, validate_burst)
+                              parse_split, split_burst, validate_burst)
 from switchagg.protocol import (FRAME_CONTROL, FRAME_DATA, Abort, HeartbeatAck, JoinOk,
                                 encode_control)
 
@@ -168,6 +172,7 @@ class SwitchServer:
                                     _loss_factory(config), policy=policy,
                                     lane_bits=config.lane_bits)
         self.queues = PeerQueues(config.peer_queue_bytes)
+        self.batches = ResultBatches()  # a lossy job's results, gathered per worker (`_coalesce`)
         self._now = clock()
         # Peers a send found gone, and when: judged GONE_GRACE_S later, so that a LEAVE they
         # sent just before closing (still in our inbound queue) is read first.
@@ -266,31 +271,42 @@ class SwitchServer:
         zero-timeout poll ends the batch where a failed recv would raise (several times dearer).
         """
         recv, dispatch, clock = sock.recv, self._dispatch, self.clock
-        for _ in range(MAX_BATCH):
-            try:
-                frame = recv(_NOBLOCK, copy=False)
-            except zmq.Again:  # polled readable, yet nothing: never seen, but never wait here
-                return
-            frames = [frame]
-            while frame.more and len(frames) <= MAX_FRAMES:  # parts of a message come together
-                frame = recv(_NOBLOCK, copy=False)
-                frames.append(frame)
-            while frame.more:  # a message of absurdly many parts: drain and drop the rest
-                frame = recv(_NOBLOCK, copy=False)
-            try:
-                dispatch(frames, clock())
-            except Exception:  # noqa: BLE001 - a bug, not the peer's fault: no job may die of it
-                self.control.counters["internal_errors"] = (
-                    self.control.counters.get("internal_errors", 0) + 1)
-                log.exception("message from %s could not be handled; dropped",
-                              frames[0].bytes.hex())
-            if not poll(0):
-                return
+        try:
+            for handled in range(1, MAX_BATCH + 1):
+                if not self._handle_one(recv, dispatch, clock) or not poll(0):
+                    return
+                if handled % COALESCE_MESSAGES == 0 and self.batches:
+                    self._flush_batches()
+        finally:
+            if self.batches:
+                self._flush_batches()
+
+    def _handle_one(self, recv, dispatch, clock) -> bool:
+        """Receive and dispatch one message; False if none was queued after all."""
+        try:
+            frame = recv(_NOBLOCK, copy=False)
+        except zmq.Again:  # polled readable, yet nothing: never seen, but never wait here
+            return False
+        frames = [frame]
+        while frame.more and len(frames) <= MAX_FRAMES:  # parts of a message come together
+            frame = recv(_NOBLOCK, copy=False)
+            frames.append(frame)
+        while frame.more:  # a message of absurdly many parts: drain and drop the rest
+            frame = recv(_NOBLOCK, copy=False)
+        try:
+            dispatch(frames, clock())
+        except Exception:  # noqa: BLE001 - a bug, not the peer's fault: no job may die of it
+            self.control.counters["internal_errors"] = (
+                self.control.counters.get("internal_errors", 0) + 1)
+            log.exception("message from %s could not be handled; dropped",
+                          frames[0].bytes.hex())
+        return True
 
     def close(self) -> None:
         """ABORT every job ("switch shutting down"), log the counters, close the socket."""
         if self.socket is None:
             return
+        self.batches.clear()  # every job is being aborted: their pending results are moot
         self._send_replies(self.control.shutdown("switch shutting down"))
         if self.watch is not None:
             self.watch.close()
@@ -347,6 +363,7 @@ class SwitchServer:
         if admitted is None:
             return
         job, rank = admitted
+        job.members[rank].interleaved = True
         counters = job.counters
         buffer = frame.buffer
         # A worker's burst never exceeds its job's slots: a larger frame is garbage, and would
@@ -362,8 +379,11 @@ class SwitchServer:
         if mispaired is not None:  # ranks' calls drifted apart: wrong sums if we went on
             self._send_replies(self.control.mispaired(job, mispaired))
             return
+        if job.ingress is not None:  # the link loses split bursts alone: one layout per flow
+            self._lose_and_deliver(job, rank, identity, *split_burst(packets))
+            return
         fused = getattr(job.dataplane, "receive_checked", None)
-        if fused is not None and job.ingress is None:
+        if fused is not None:
             # The common case: checks, aggregation and results in one compiled pass.
             out, bad = fused(packets, rank, job.job_id)
             if bad:
@@ -380,6 +400,7 @@ class SwitchServer:
         if admitted is None:
             return
         job, rank = admitted
+        job.members[rank].interleaved = False
         counters = job.counters
         hb, vb = heads_frame.buffer, vals_frame.buffer
         # As in `_on_data`: never more than the job's slots, whatever the layout.
@@ -397,26 +418,40 @@ class SwitchServer:
         if mispaired is not None:  # ranks' calls drifted apart: wrong sums if we went on
             self._send_replies(self.control.mispaired(job, mispaired))
             return
+        if job.ingress is not None:
+            self._lose_and_deliver(job, rank, identity, heads, vals)
+            return
+        self._deliver_split(job, rank, identity, heads, vals)
+
+    def _lose_and_deliver(self, job: Job, rank: int, identity: bytes, heads: np.ndarray,
+                          vals: np.ndarray) -> None:
+        """Ingress loss, then the switch: the link drops, holds back and duplicates packets
+        before the switch parses them (malformed ones too), as a wire would."""
+        heads, vals = job.ingress.apply((heads, vals), rank)
+        if len(heads):
+            self._deliver_split(job, rank, identity, heads, vals)
+
+    def _deliver_split(self, job: Job, rank: int, identity: bytes, heads: np.ndarray,
+                       vals: np.ndarray) -> None:
+        """Checks, aggregation and results of a split burst: the compiled pass if the dataplane
+        has it, else the per-packet path on the joined burst (a copy)."""
         fused = getattr(job.dataplane, "receive_split_checked", None)
-        if fused is not None and job.ingress is None:
+        if fused is not None:
             out, bad = fused(heads, vals, rank, job.job_id)
             if bad:
-                counters.count_malformed(bad)
+                job.counters.count_malformed(bad)
             self._send_output(job, rank, identity, out)
             return
         self._check_and_deliver(job, rank, identity, join_split(heads, vals, job.k))
 
     def _check_and_deliver(self, job: Job, rank: int, identity: bytes,
                            packets: np.ndarray) -> None:
-        """The per-packet path (loss injection, or a dataplane without the fused pass): validate,
-        inject, then deliver."""
+        """The per-packet path (a dataplane without the fused pass): validate, then deliver."""
         ok, bad = validate_burst(packets, kind=Kind.DATA, job=job.job_id, worker=rank,
                                  slots=job.slots)
         if bad:
             job.counters.count_malformed(bad)
             packets = packets[ok]
-        if job.ingress is not None:
-            packets = job.ingress.apply(packets, rank)
         self._deliver(job, rank, identity, packets)
 
     def _deliver(self, job: Job, rank: int, identity: bytes, packets: np.ndarray) -> None:
@@ -429,11 +464,14 @@ class SwitchServer:
         if isinstance(out, SplitOutput):
             self._send_split(job, rank, identity, out)
             return
+        if job.egress is not None:  # the link loses split bursts alone: one layout per flow
+            self._send_split(job, rank, identity,
+                             SplitOutput(*split_burst(out.multicast), *split_burst(out.unicast)))
+            return
         if len(out.multicast):
             # One zero-copy frame for every receiver (libzmq refcounts it): a frame per send costs
-            # about 15 us more each. With egress loss each receiver gets its own subset instead.
-            shared = (zmq.Frame(out.multicast, copy=False, track=True) if job.egress is None
-                      else None)
+            # about 15 us more each.
+            shared = zmq.Frame(out.multicast, copy=False, track=True)
             for member in job.receivers():
                 self._send_results(job, member.rank, member.identity, out.multicast, shared)
                 if job.job_id not in self.control.jobs:  # a peer was gone: the job is aborted
@@ -444,29 +482,78 @@ class SwitchServer:
     def _send_split(self, job: Job, rank: int, identity: bytes, out: SplitOutput) -> None:
         """`_send_output` for split results: [header words, payloads] frames, never joined.
 
-        With egress loss the results are joined and take the interleaved path (each receiver its
-        own subset); without, one pair of zero-copy frames serves every receiver.
+        Without egress loss one pair of zero-copy frames serves every receiver; with it, each
+        receiver gets what its link delivers (its own subset, or the same buffers when its link
+        lost nothing of them).
         """
-        if job.egress is not None:
-            self._send_output(job, rank, identity, DataplaneOutput(
-                join_split(out.mc_heads, out.mc_vals, job.k),
-                join_split(out.uc_heads, out.uc_vals, job.k)))
-            return
         if len(out.mc_heads):
             # One pair of zero-copy, tracked frames for every receiver (libzmq refcounts them);
             # the pooled buffers come back once every copy is out (`_buffers`).
-            shared = (zmq.Frame(out.mc_heads, copy=False, track=True),
-                      zmq.Frame(out.mc_vals, copy=False, track=True))
+            shared = (None if job.egress is not None else
+                      (zmq.Frame(out.mc_heads, copy=False, track=True),
+                       zmq.Frame(out.mc_vals, copy=False, track=True)))
             for member in job.receivers():
-                self._send_split_tracked(job, member.rank, member.identity, shared,
-                                         len(out.mc_heads))
+                self._send_split_to(job, member.rank, member.identity, out.mc_heads,
+                                    out.mc_vals, shared)
                 if job.job_id not in self.control.jobs:  # a peer was gone: the job is aborted
                     return
         if len(out.uc_heads):
-            self._send_split_tracked(job, rank, identity,
-                                     (zmq.Frame(out.uc_heads, copy=False, track=True),
-                                      zmq.Frame(out.uc_vals, copy=False, track=True)),
-                                     len(out.uc_heads))
+            self._send_split_to(job, rank, identity, out.uc_heads, out.uc_vals)
+
+    def _send_split_to(self, job: Job, rank: int, identity: bytes, heads: np.ndarray,
+                       vals: np.ndarray,
+                       shared: tuple[zmq.Frame, zmq.Frame] | None = None) -> None:
+        """Results for one worker, through its egress link if it has one (`shared`: the same
+        arrays already wrapped, for a lossless multicast)."""
+        if job.egress is not None:
+            heads, vals = job.egress.apply((heads, vals), rank)
+            if not len(heads):
+                return
+        if shared is not None:
+            self._send_split_tracked(job, rank, identity, shared, len(heads))
+        else:
+            self._send_lost_results(job, rank, identity, heads, vals)
+
+    def _send_lost_results(self, job: Job, rank: int, identity: bytes, heads: np.ndarray,
+                           vals: np.ndarray) -> None:
+        """What a lossy link delivers to one worker: gathered with its other pending results
+        (`_coalesce`), sent when the batch is full or the loop flushes."""
+        if len(heads) >= COALESCE_PACKETS // 2:  # large already: at once, and never copied again
+            self._send_batch(job, rank, identity, heads, vals)
+        elif self.batches.add(identity, job, rank, heads, vals):
+            self._flush_batch(identity)
+
+    def _flush_batches(self) -> None:
+        for identity in self.batches.identities():
+            try:
+                self._flush_batch(identity)
+            except Exception:  # noqa: BLE001 - a bug: these results are lost, no job dies of it
+                self.batches.pop(identity)
+                self.control.counters["internal_errors"] = (
+                    self.control.counters.get("internal_errors", 0) + 1)
+                log.exception("results for %s could not be sent; dropped", identity.hex())
+
+    def _flush_batch(self, identity: bytes) -> None:
+        """Send one peer's pending results as one burst, in the layout that peer sends (the
+        link handles split bursts alone; a peer that speaks interleaved bursts gets them back),
+        unless its job ended or it left meanwhile."""
+        batch = self.batches.pop(identity)
+        if batch is not None:
+            self._send_batch(batch.job, batch.rank, identity, *batch.joined())
+
+    def _send_batch(self, job: Job, rank: int, identity: bytes, heads: np.ndarray,
+                    vals: np.ndarray) -> None:
+        if self.control.jobs.get(job.job_id) is not job:  # the job ended meanwhile
+            return
+        member = job.members.get(rank)
+        if member is None or member.departed or member.identity != identity:
+            return
+        if member.interleaved:
+            self._send_tracked(job, rank, identity, join_split(heads, vals, job.k))
+            return
+        self._send_split_tracked(job, rank, identity,
+                                 (zmq.Frame(heads, copy=False, track=True),
+                                  zmq.Frame(vals, copy=False, track=True)), len(heads))
 
     def _send_split_tracked(self, job: Job, rank: int, identity: bytes,
                             frames: tuple[zmq.Frame, zmq.Frame], n: int) -> None:
@@ -487,11 +574,8 @@ class SwitchServer:
 
     def _send_results(self, job: Job, rank: int, identity: bytes, results: np.ndarray,
                       frame: zmq.Frame | None = None) -> None:
-        """Send `results` (or `frame`, the same bytes already wrapped) to one worker."""
-        if job.egress is not None:
-            results, frame = job.egress.apply(results, rank), None
-            if not len(results):
-                return
+        """Send `results` (or `frame`, the same bytes already wrapped) to one worker (a lossless
+        job's: with egress loss every result takes `_send_split_to`)."""
         self._send_tracked(job, rank, identity, results, frame)
 
     def _send_tracked(self, job: Job, rank: int, identity: bytes, results: np.ndarray,
@@ -600,6 +684,13 @@ class SwitchServer:
     def _release_held(self) -> None:
         """The link is quiet: deliver packets the loss injectors held back (reordering)."""
         self._now = self.clock()
+        try:
+            self._release_held_packets()
+        finally:
+            if self.batches:
+                self._flush_batches()
+
+    def _release_held_packets(self) -> None:
         for job in list(self.control.jobs.values()):
             for inj, ingress in ((job.ingress, True), (job.egress, False)):
                 if inj is None:
@@ -609,16 +700,13 @@ class SwitchServer:
                     member = job.members.get(rank)
                     if held is None or member is None or member.departed:
                         continue
+                    heads, vals = held  # both links hold split bursts alone
                     if ingress:
-                        self._deliver(job, rank, member.identity, held)
+                        self._deliver_split(job, rank, member.identity, heads, vals)
                     else:
-                        self._send_raw(member.identity, held, job)
+                        self._send_lost_results(job, rank, member.identity, heads, vals)
                     if job.job_id not in self.control.jobs:  # a send found a peer gone
                         break
-
-    def _send_raw(self, identity: bytes, results: np.ndarray, job: Job) -> None:
-        found = self.control.members.get(identity)
-        self._send_tracked(job, found[1].rank if found else -1, identity, results)
 
     # ------------------------------------------------------------------------------- control out
 
