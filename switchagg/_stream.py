@@ -398,6 +398,10 @@ class StreamMachine:
         self._rack_sent, self._rack_chunk, self._rack_rtt = -np.inf, -1, 0.0
         self._rr_sent, self._rr_chunk, self._rr_rtt = -np.inf, -1, 0.0
         self._points = np.zeros(6)
+        # The compiled pass's output when no call is pending (late answers only: nothing busy,
+        # so nothing is written; a burst of them is checked and counted in one pass too).
+        self._no_sums = np.zeros((0, k), self._lanes)
+        self._no_exps = np.zeros(0, np.int8)
         # Reordering last seen (a chunk sent once answered after a later-sent one); with several
         # pipes results of different slot ranges interleave freely: reordering is always there.
         self._reordered_at = np.inf if pipes > 1 else -np.inf
@@ -761,7 +765,7 @@ class StreamMachine:
         words and values) to the outstanding chunks; returns the calls it completed."""
         c = self.counters
         matched = -1
-        if self._jit is not None and self._calls:
+        if self._jit is not None:
             matched = self._receive_compiled(heads, vals, now)
         if matched < 0:
             if packets is None:
@@ -811,17 +815,20 @@ class StreamMachine:
         if vals.flags.writeable:
             vals = vals.view()
             vals.flags.writeable = False
-        head = self._calls[0]
+        head = self._calls[0] if self._calls else None
+        sums, exps, lo, hi = ((head.sums, head.exponents, head.first_chunk,
+                               head.first_chunk + head.nchunks) if head is not None else
+                              (self._no_sums, self._no_exps, 0, 0))
         matched, dups, wrapped, in_call, n_other = self._jit.take_results(
             words, vals, self.job_id, self.slots, self._busy, self._chunk, self._sent_at,
-            self._resent, head.sums, head.exponents, head.first_chunk,
-            head.first_chunk + head.nchunks, self._other, self._points)
+            self._resent, sums, exps, lo, hi, self._other, self._points)
         if matched < 0:
             return -1
         c = self.counters
         c.duplicates_ignored += dups
         c.wraps += wrapped
-        head.done += in_call
+        if head is not None:
+            head.done += in_call
         if n_other:  # results of later calls (a window spanning a call boundary)
             idx = self._other[:n_other].copy()
             w2 = words[idx, 2]

@@ -126,8 +126,10 @@ def test_window_never_exceeds_slots_and_waits_for_the_result_of_chunk_minus_s():
     assert call.done == 5
 
 
-def test_late_duplicates_and_results_of_other_chunks_are_ignored():
-    m = StreamMachine(job_id=JOB_ID, rank=0, k=K, slots=S, burst=B)
+@pytest.mark.parametrize("compiled", [True, False], ids=["numba", "numpy"])
+def test_late_duplicates_and_results_of_other_chunks_are_ignored(compiled):
+    # With numba, late answers arriving while no call is pending take the compiled pass too.
+    m = StreamMachine(job_id=JOB_ID, rank=0, k=K, slots=S, burst=B, compiled=compiled)
     call = m.submit(2 * K, array_fill(np.zeros(2 * K, np.int32), K), 0.0)
     m.transmit(0.0)
     res = make_burst(Kind.RESULT, JOB_ID, 1, [0, 0, 1], [0, 0, 0], [0, 0, 1],
@@ -136,12 +138,16 @@ def test_late_duplicates_and_results_of_other_chunks_are_ignored():
     assert m.counters.duplicates_ignored == 1
     m.receive(res.tobytes(), 0.02)  # the whole frame again, after completion
     assert m.counters.duplicates_ignored == 4 and m.counters.results == 2
+    bad = res.copy()
+    bad["magic"][1] = 0  # still checked with no call pending: counted, never taken
+    m.receive(bad.tobytes(), 0.025)
+    assert m.counters.duplicates_ignored == 6 and m.counters.malformed == {"bad_magic": 1}
     # A result naming the right slot but another chunk (an older call's) is not taken either.
     m.submit(K, array_fill(np.zeros(K, np.int32), K), 0.03)
     m.transmit(0.03)  # chunk 2 on slot 2
     stale = make_burst(Kind.RESULT, JOB_ID, 1, [2], [1], [2 + S], np.ones((1, K), np.int32))
     m.receive(stale.tobytes(), 0.04)
-    assert m.counters.duplicates_ignored == 5 and m.busy
+    assert m.counters.duplicates_ignored == 7 and m.busy
     np.testing.assert_array_equal(call.result(), np.full(2 * K, 5))
 
 
