@@ -121,8 +121,9 @@ class SwarmNode:
 
     Example:
         node = SwarmNode(rank, n, nbrs, read, add, numel=d, job="run1")
+        node.start()                            # answer peers from the moment they can know us
         addresses[rank] = node.address          # publish (e.g. through a TCPStore)
-        node.connect(addresses); node.start()
+        node.connect(addresses)                 # once every address is known
         ... with node.step_lock(): local_step() ...;  node.interact()
     """
 
@@ -174,7 +175,8 @@ class SwarmNode:
             raise ValueError(f"rank {self.rank}: no address for neighbour(s) {missing}")
 
     def start(self) -> None:
-        """Start answering peers (in a daemon thread)."""
+        """Start answering peers (in a daemon thread). Answering needs no addresses: call it
+        before publishing this node's, so that a peer that learns it first is served at once."""
         if self._thread is None:
             self._thread = threading.Thread(target=self._serve, name=f"swarm-serve-{self.rank}",
                                             daemon=True)
