@@ -23,8 +23,10 @@ How it works:
   meanwhile (x <- x + (y^ - snapshot)/2: the non-blocking variant). At most one interaction is
   under way: a turn that comes while the last is still going is taken at the first step
   boundary after it ended, so a worker never waits for a peer, and a slow network means fewer
-  interactions, not idle time. `--opt blocking=True` waits for each answer instead (bounded by
-  `exchange_timeout`). Meanwhile its answering thread serves peers' requests.
+  interactions, not idle time. A turn the peer declined (it finished, or could not take the
+  request in time) averaged nothing, so it is taken again at once, with a peer drawn again.
+  `--opt blocking=True` waits for each answer instead (bounded by `exchange_timeout`).
+  Meanwhile its answering thread serves peers' requests.
 - Epochs are total passes over the data by all workers: each worker takes one pass over its own
   shard per epoch, so E epochs are as many gradient steps per worker as synchronous SGD's.
 - Time: compute (forward, backward; the optimizer step apart, as in workers/train.py) against sync (in its own interactions: encoding,
@@ -325,9 +327,15 @@ def train_swarm(task: Task, *, rank: int, world_size: int, config: TrainConfig, 
                     ended.append(node.poll(0.0))
                 # One interaction at a time: while the last is still under way, this turn waits
                 # for the first step boundary after it ended; the local steps go on meanwhile.
+                # A declined turn averaged with no one: it is taken again at once (blocking: at
+                # the next boundary), with a peer drawn again (a finished one never is).
+                if ended and ended[-1] == "declined":
+                    since = max(since, swarm.local_steps)
                 if since >= swarm.local_steps and not node.pending:
                     since = 0
                     ended.append(node.interact() if swarm.blocking else node.begin())
+                    if ended[-1] == "declined":
+                        since = swarm.local_steps
                 outcome = next((o for o in reversed(ended) if o is not None), None)
                 for o in ended:
                     if o is not None:
