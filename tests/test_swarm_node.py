@@ -202,6 +202,49 @@ def test_pure_gossip_on_a_ring_reaches_consensus(swarm_factory):
     assert swarm.spread() < 1e-4 * spread0
 
 
+def test_a_reply_decodes_against_the_snapshot_however_far_the_model_moved_meanwhile(swarm_factory):
+    """The reply's side fits the distance to the snapshot the peer answered; local steps taken
+    while the interaction is under way (here one far larger than that) must not fail its decode."""
+    models = np.zeros((2, 50))
+    models[1] += 1.0
+    swarm = swarm_factory(models, NodeConfig(quant="lattice", bits=16))
+    a, b = swarm.nodes
+    assert a.interact(1) == "averaged"            # the bootstrap: full copies, both at 0.5
+    swarm.models[1] += 0.01                        # b's reply will be a code of radius ~0.04
+    assert a.begin(1) is None
+    with a.lock:                                   # a 'local step' while b answers
+        swarm.models[0] += 100.0
+    outcome = None
+    deadline = time.monotonic() + 10
+    while outcome is None and time.monotonic() < deadline:
+        outcome = a.poll(timeout=0.1)
+    assert outcome == "averaged"
+    assert a.stats.decode_failures == 0 and a.stats.fallbacks == 0 and b.stats.fallbacks == 0
+    # the average relative to the snapshot (0.5 and 0.51), the step kept on top of it
+    np.testing.assert_allclose(swarm.models[0], 100.5 + 0.005, atol=1e-3)
+    np.testing.assert_allclose(swarm.models[1], 0.505, atol=1e-3)
+
+
+def test_a_started_node_answers_before_it_knows_its_peers(swarm_factory):
+    """Answering needs no addresses (train_swarm starts it before the rendezvous ends)."""
+    models = np.zeros((2, 20))
+    models[1] += 1.0
+    reads = [lambda: models[0].copy(), lambda: models[1].copy()]
+
+    def adder(i):
+        def add(delta):
+            models[i] += delta
+        return add
+    cfg = NodeConfig(quant="none", timeout=5.0)
+    with SwarmNode(1, 2, [0], reads[1], adder(1), numel=20, job="test", config=cfg) as b, \
+            SwarmNode(0, 2, [1], reads[0], adder(0), numel=20, job="test", config=cfg) as a:
+        b.start()                                  # never connected
+        a.connect({1: b.address})
+        a.start()
+        assert a.interact(1) == "averaged"
+        np.testing.assert_allclose(models, 0.5)
+
+
 def test_a_failed_decode_falls_back_to_a_full_copy_and_still_averages(swarm_factory):
     models = np.zeros((2, 50))
     models[1] += 1.0

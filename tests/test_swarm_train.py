@@ -129,6 +129,24 @@ def test_swarmsgd_is_within_one_point_of_sgd_on_the_default_task(tmp_path):
     assert np.isfinite(d["model_spread"])
 
 
+def test_the_rendezvous_wait_returns_when_the_keys_are_set_or_names_the_missing_at_its_deadline():
+    import time
+    from switchagg.workers.swarm_train import _wait_keys
+    store = dist.HashStore()
+    setter = threading.Timer(0.1, lambda: (store.set("a", b"1"), store.set("b", b"1")))
+    setter.start()
+    try:
+        assert _wait_keys(store, ["a", "b"], time.monotonic() + 30) == []
+    finally:
+        setter.cancel()
+    t0 = time.monotonic()
+    assert _wait_keys(store, ["a", "c", "d"], t0 + 0.2) == ["c", "d"]
+    assert time.monotonic() - t0 < 10
+    # a deadline passed, or a fraction of a millisecond away (the store reads 0 as no timeout)
+    assert _wait_keys(store, ["c"], time.monotonic() - 1) == ["c"]
+    assert _wait_keys(store, ["c"], time.monotonic() + 1e-5) == ["c"]
+
+
 def test_local_host_keeps_loopback_on_loopback():
     from switchagg.workers.swarm_train import local_host
     assert local_host("127.0.0.1") == "127.0.0.1"

@@ -23,8 +23,10 @@ How it works:
   meanwhile (x <- x + (y^ - snapshot)/2: the non-blocking variant). At most one interaction is
   under way: a turn that comes while the last is still going is taken at the first step
   boundary after it ended, so a worker never waits for a peer, and a slow network means fewer
-  interactions, not idle time. `--opt blocking=True` waits for each answer instead (bounded by
-  `exchange_timeout`). Meanwhile its answering thread serves peers' requests.
+  interactions, not idle time. A turn the peer declined (it finished, or could not take the
+  request in time) averaged nothing, so it is taken again at once, with a peer drawn again.
+  `--opt blocking=True` waits for each answer instead (bounded by `exchange_timeout`).
+  Meanwhile its answering thread serves peers' requests.
 - Epochs are total passes over the data by all workers: each worker takes one pass over its own
   shard per epoch, so E epochs are as many gradient steps per worker as synchronous SGD's.
 - Time: compute (forward, backward; the optimizer step apart, as in workers/train.py) against sync (in its own interactions: encoding,
@@ -172,13 +174,22 @@ def rendezvous_store(master_addr: str | None, master_port: int | None, rank: int
 
 
 def _wait_keys(store, keys: list[str], deadline: float) -> list[str]:
-    """The keys still missing at the deadline (polling: PrefixStore.wait raises on timeout)."""
-    missing = list(keys)
-    while missing and time.monotonic() < deadline:
-        missing = [k for k in missing if not store.check([k])]
-        if missing:
-            time.sleep(0.05)
-    return missing
+    """The keys still missing at the deadline.
+
+    Waits on the store, which wakes every waiter the moment the last key is set, so the workers
+    leave the rendezvous within about a millisecond of each other. (A poll every 50 ms started
+    them up to 50 ms apart, which is the whole of a short run: the last one to start found its
+    peers finished and averaged with none of them.)
+    """
+    remaining = deadline - time.monotonic()
+    if remaining > 0:
+        # At least 1 ms: a zero timeout means "no timeout" to the store.
+        wait = datetime.timedelta(milliseconds=max(1, math.ceil(remaining * 1e3)))
+        try:
+            store.wait(list(keys), wait)
+        except RuntimeError:   # DistStoreError: the deadline came first; say which are missing
+            pass
+    return [k for k in keys if not store.check([k])]
 
 
 class _FlatModel:
@@ -261,6 +272,9 @@ def train_swarm(task: Task, *, rank: int, world_size: int, config: TrainConfig, 
     switch_interval = sys.getswitchinterval()
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     try:
+        # Answer before publishing the address: a peer that has it, and starts first, is served at
+        # once rather than left waiting (with its one interaction under way) for our start.
+        node.start()
         store.set(f"{job}/addr/{rank}", node.address)
         keys = [f"{job}/addr/{r}" for r in range(world_size)]
         missing = _wait_keys(store, keys, time.monotonic() + timeout)
@@ -269,7 +283,6 @@ def train_swarm(task: Task, *, rank: int, world_size: int, config: TrainConfig, 
                                 f"within {timeout:.0f} s; are all {world_size} workers running?",
                                 job=job, rank=rank)
         node.connect([store.get(k).decode() for k in keys])
-        node.start()
         log.info("rank %d: swarm node at %s, neighbours %s, H=%d, quant=%s", rank, node.address,
                  list(nbrs[rank]), swarm.local_steps, swarm.quant)
 
@@ -314,9 +327,15 @@ def train_swarm(task: Task, *, rank: int, world_size: int, config: TrainConfig, 
                     ended.append(node.poll(0.0))
                 # One interaction at a time: while the last is still under way, this turn waits
                 # for the first step boundary after it ended; the local steps go on meanwhile.
+                # A declined turn averaged with no one: it is taken again at once (blocking: at
+                # the next boundary), with a peer drawn again (a finished one never is).
+                if ended and ended[-1] == "declined":
+                    since = max(since, swarm.local_steps)
                 if since >= swarm.local_steps and not node.pending:
                     since = 0
                     ended.append(node.interact() if swarm.blocking else node.begin())
+                    if ended[-1] == "declined":
+                        since = swarm.local_steps
                 outcome = next((o for o in reversed(ended) if o is not None), None)
                 for o in ended:
                     if o is not None:

@@ -18,10 +18,12 @@ How one interaction goes (initiator i, responder j; x and y their models):
      failed decode check answers NEED_FULL and i resends x in full (a counted fallback).
      Otherwise j moves to the average, y <- y + (x^ - y)/2, remembers y, and replies REPLY(Q(y)),
      with a side picked from the distance it just measured, |x^ - y|_inf.
-  3. i decodes Q(y) against its current model (RESEND fetches y in full if that fails), and
-     moves by the same rule relative to its snapshot: x <- x + (y^ - x)/2. With exact
-     copies the pair's sum is unchanged, even if i's own answering thread averaged with a third
-     worker meanwhile; with the unbiased lattice it is unchanged in expectation.
+  3. i decodes Q(y) against its snapshot x, which y is within the code's radius of (j picked
+     the side from |x^ - y|; i's current model may have moved farther meanwhile), RESEND
+     fetching y in full if that fails, and moves by the same rule relative to its snapshot:
+     x <- x + (y^ - x)/2. With exact copies the pair's sum is unchanged, even if i's own
+     answering thread averaged with a third worker meanwhile; with the unbiased lattice it is
+     unchanged in expectation.
 `interact` does all of it before returning; `begin` (step 1) and `poll` (step 3, as answers come)
 let the caller go on computing in between, the non-blocking variant: the delta form of step 3
 keeps i's local steps taken since the snapshot on top of the average.
@@ -119,8 +121,9 @@ class SwarmNode:
 
     Example:
         node = SwarmNode(rank, n, nbrs, read, add, numel=d, job="run1")
+        node.start()                            # answer peers from the moment they can know us
         addresses[rank] = node.address          # publish (e.g. through a TCPStore)
-        node.connect(addresses); node.start()
+        node.connect(addresses)                 # once every address is known
         ... with node.step_lock(): local_step() ...;  node.interact()
     """
 
@@ -172,7 +175,8 @@ class SwarmNode:
             raise ValueError(f"rank {self.rank}: no address for neighbour(s) {missing}")
 
     def start(self) -> None:
-        """Start answering peers (in a daemon thread)."""
+        """Start answering peers (in a daemon thread). Answering needs no addresses: call it
+        before publishing this node's, so that a peer that learns it first is served at once."""
         if self._thread is None:
             self._thread = threading.Thread(target=self._serve, name=f"swarm-serve-{self.rank}",
                                             daemon=True)
@@ -411,9 +415,11 @@ class SwarmNode:
         if msg.kind != Kind.REPLY:
             self._count(stale=1)
             return None
-        with self.lock:
-            reference = np.asarray(self._read(), dtype=np.float64)
-        y_hat = self._decode(msg.model, reference)
+        # Decoded against the snapshot, not the current model: j picked the code's side from
+        # |x^ - y|, x^ being this snapshot as j decoded it, so y is within the code's radius of
+        # it; the current model may be farther (the local steps taken since, or a third peer's
+        # averaging), the more so the slower the interaction.
+        y_hat = self._decode(msg.model, p.x)
         if y_hat is None:
             p.deadline = time.monotonic() + self.config.timeout
             if not self._send(p.sock, Message(Kind.RESEND, self.rank, p.seq), p.deadline):
