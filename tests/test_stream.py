@@ -9,7 +9,7 @@ import pytest
 
 from fakelink import JOB_ID, FakeNetwork, dataplane_factories
 from switchagg._stream import RtoEstimator, StreamMachine, array_fill
-from switchagg.packet import MAGIC, Kind, empty_burst, make_burst, packet_bytes
+from switchagg.packet import MAGIC, Kind, empty_burst, make_burst, packet_bytes, split_burst
 
 K, S, B = 8, 16, 4
 LENGTHS = [0, 1, K - 1, K, K + 1, S * K, 3 * S * K + 5]
@@ -432,6 +432,22 @@ def test_split_frames_carry_the_call_byte_on_first_sends_and_resends(compiled):
     resent = m.transmit_frames(0.5)  # the tail probe: every outstanding chunk again
     heads = np.concatenate([h for h, _ in resent])
     assert sorted(((heads[:, 2] >> 24) & 0xFF).tolist()) == [44, 44, 44, 45]
+
+
+def test_split_results_at_odd_addresses_take_the_compiled_pass(monkeypatch):
+    # libzmq hands small messages out of a shared receive buffer at any byte offset.
+    m = StreamMachine(job_id=JOB_ID, rank=0, k=K, slots=S, burst=B)
+    x = np.arange(3 * K, dtype=np.int32)
+    call = m.submit(len(x), array_fill(x, K), 0.0)
+    m.transmit_frames(0.0)
+    res = make_burst(Kind.RESULT, JOB_ID, 1, [0, 1, 2], [0, 0, 0], [0, 1, 2], 2 * x.reshape(3, K))
+    heads, vals = split_burst(res)
+    raw = bytearray(1 + heads.nbytes + vals.nbytes)
+    raw[1:1 + heads.nbytes], raw[1 + heads.nbytes:] = heads.tobytes(), vals.tobytes()
+    view = memoryview(raw)
+    monkeypatch.setattr(m, "_receive_reference", lambda *a: pytest.fail("took the numpy path"))
+    assert m.receive_split(view[1:1 + heads.nbytes], view[1 + heads.nbytes:], 0.01) == [call]
+    np.testing.assert_array_equal(call.result(), 2 * x)
 
 
 # ---- loss recovery that keeps its pace -----------------------------------------------------
