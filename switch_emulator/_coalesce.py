@@ -27,7 +27,7 @@ import numpy as np
 __all__ = ["COALESCE_MESSAGES", "COALESCE_PACKETS", "Batch", "ResultBatches"]
 
 #: Handled messages between two flushes of every pending batch.
-COALESCE_MESSAGES = 8
+COALESCE_MESSAGES = 16
 #: A batch that reaches this many packets is flushed at once (a first-pass burst's results
 #: usually do so alone).
 COALESCE_PACKETS = 1024
