@@ -150,5 +150,17 @@ class CallCheck:
             return None
         if heads.ndim != 2 or heads.shape[1] != HEADER_WORDS:
             raise ValueError(f"expected (B, {HEADER_WORDS}) header words, got {heads.shape}")
-        heads = np.ascontiguousarray(heads, np.int32)
-        return self.check(heads.view(HEADER_DTYPE).reshape(len(heads)), job, worker)
+        if self._kernel is None:
+            heads = np.ascontiguousarray(heads, np.int32)
+            return self.check(heads.view(HEADER_DTYPE).reshape(len(heads)), job, worker)
+        # The kernel reads the header words as they are (a frame's buffer: no copy, no view of
+        # records), unless they sit at an odd address or are not int32.
+        if heads.dtype != np.int32 or not (heads.flags.c_contiguous and heads.flags.aligned):
+            heads = np.ascontiguousarray(heads, np.int32).copy()
+        i = int(self._kernel(heads, job, worker, self.slots, self.chunk, self.call, self.rank))
+        if i < 0:
+            return None
+        w2, chunk = int(heads[i, 2]), int(heads[i, 3]) & 0xFFFFFFFF
+        pool = w2 & 0xFFFF
+        f = (pool >> 15) * self.slots + (pool & SLOT_MASK)
+        return Mispaired(chunk, worker, (w2 >> 24) & 0xFF, int(self.rank[f]), int(self.call[f]))

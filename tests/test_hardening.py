@@ -297,6 +297,11 @@ def test_call_check_compiled_and_numpy_agree():
         assert results[0] == results[1]
         # The split layout's header words get the same answer (each check on its own table).
         heads = split_burst(burst)[0]
+        if step % 2:  # as libzmq may hand a small frame over: at an odd address
+            raw = bytearray(1 + heads.nbytes)
+            raw[1:] = heads.tobytes()
+            heads = np.frombuffer(memoryview(raw)[1:], np.int32).reshape(-1, 4)
+            assert not heads.flags.aligned
         assert [c.check_split(heads, 3, worker) for c in split_checks] == results
         np.testing.assert_array_equal(checks[0].chunk, checks[1].chunk)
 
