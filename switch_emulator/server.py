@@ -16,16 +16,19 @@ frame is, per burst and never per packet:
      that job and rank: a spoofed rank, another job, a bad slot are dropped and counted by reason; the
      call check (`_callseq`) runs on both layouts' header words, and a mispaired call fails the
      job at once;
-  3. passed through ingress loss injection if the job has it (the emulated link: before the
-     switch parses anything; it takes split bursts alone, so an interleaved one is split first),
-     then `dataplane.receive` once. A dataplane that offers `receive_checked` /
+  3. passed through ingress loss injection if the job has it (the emulated link: it drops,
+     holds back and duplicates packets before the dataplane checks them, malformed ones too; it
+     takes split bursts alone, so an interleaved one is split first), then `dataplane.receive`
+     once. A dataplane that offers `receive_checked` /
      `receive_split_checked` does steps 2 and 3 in one call (the fast dataplane's compiled pass:
      one pass over the burst instead of a dozen numpy passes);
   4. its completed slots are sent to every receiving worker of the job, one send per worker of the
      same buffer without copying, and the retransmission answers to the sender alone. Split input
      is answered split (header frame, payload frame), from result buffers the dataplane reuses
      once ZeroMQ has sent them. With egress loss each worker gets what its link delivers (its own
-     subset), in the layout that worker sends.
+     subset), in the layout that worker sends, and its small answers are gathered over up to
+     `COALESCE_MESSAGES` handled messages into one burst (`_coalesce`: under loss most answers
+     are a few packets, and each message costs tens of microseconds at both ends).
 A member whose connection closes without LEAVE (a crashed or killed worker) is noticed at once:
 ZeroMQ's monitor reports the disconnect, `_peerwatch` names the member, and a probe
 `DISCONNECT_GRACE_S` later confirms it gone and aborts its job (freeing its name and slots), so a
