@@ -270,10 +270,12 @@ def test_server_loss_injection_duplicates_reach_the_dataplane(ctx, switch):
     assert job["retransmissions_answered"] == 4 and job["injected_duplicates"] == 4 + 8
 
 
-def test_server_lossy_job_answers_each_worker_in_the_layout_it_sends(ctx, switch):
+@pytest.mark.parametrize("dataplane", ["fast", "golden"])
+def test_server_lossy_job_answers_each_worker_in_the_layout_it_sends(ctx, switch, dataplane):
     # The emulated links handle split bursts alone; a peer that speaks interleaved bursts still
-    # gets interleaved results back, a split one split results, and the sums stay exact.
-    endpoint = switch(duplicate=1.0, reorder=0.5, seed=3)
+    # gets interleaved results back, a split one split results, and the sums stay exact (the
+    # golden dataplane takes interleaved bursts alone: the switch joins and splits around it).
+    endpoint = switch(duplicate=1.0, reorder=0.5, seed=3, dataplane=dataplane)
     joined, split = join_all(ctx, endpoint, "layouts", 2)
     chunks = np.arange(16)
     values = np.arange(16 * K, dtype=np.int32).reshape(16, K)
