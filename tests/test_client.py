@@ -219,9 +219,19 @@ def test_config_validation_names_field_and_value():
     assert ClientConfig().validate() == ClientConfig()
     for kwargs, field in [(dict(k=48), "k"), (dict(slots=0), "slots"),
                           (dict(slots=8, burst=16), "burst"), (dict(op_timeout=0), "op_timeout"),
-                          (dict(rto_min=3.0), "rto_min"), (dict(k=1024, burst=8192), "burst")]:
+                          (dict(rto_min=3.0), "rto_min"), (dict(k=1024, burst=8192), "burst"),
+                          (dict(burst=1024, window=512), "window"),
+                          (dict(slots=64, burst=8, window=128), "window")]:
         with pytest.raises(ValueError, match=rf"ClientConfig\.{field}="):
             ClientConfig(**kwargs).validate()
+
+
+def test_window_defaults_to_half_the_granted_slots_when_that_holds_two_bursts():
+    assert ClientConfig().window_for(8192, 1024) == 4096
+    assert ClientConfig().window_for(16, 4) == 8
+    assert ClientConfig().window_for(16, 16) == 16       # half would not hold two bursts
+    assert ClientConfig(window=8192).window_for(2048, 256) == 2048  # cut to the slots granted
+    assert ClientConfig(window=8192, slots=16384).window_for(16384, 1024) == 8192
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -126,6 +126,36 @@ def test_window_never_exceeds_slots_and_waits_for_the_result_of_chunk_minus_s():
     assert call.done == 5
 
 
+def test_a_window_of_half_the_slots_goes_on_past_a_stuck_chunk_for_half_the_pool():
+    m = StreamMachine(job_id=JOB_ID, rank=0, k=K, slots=S, burst=B, window=S // 2)
+    m.submit(5 * S * K, array_fill(np.arange(5 * S * K, dtype=np.int32), K), 0.0)
+    first = np.concatenate([h[:, 3] for h, _ in m.transmit_frames(0.0)])
+    np.testing.assert_array_equal(first, np.arange(S // 2))  # the window, not the pool
+    assert m.transmit_frames(0.001) == []
+    # Every chunk but 0 answered (chunk 0 is lost): first sends go on into the other half of the
+    # pool, window by window, until they reach chunk 0's slot again.
+    sent, t = S // 2, 0.002
+    while True:
+        res = make_burst(Kind.RESULT, JOB_ID, 1, np.arange(1, sent) % S, (np.arange(1, sent) // S) % 2,
+                         np.arange(1, sent), np.zeros((sent - 1, K), np.int32))
+        m.receive(res.tobytes(), t)
+        frames = [h for h, _ in m.transmit_frames(t) if not (h[:, 3] == 0).any()]  # not resends
+        if not frames:
+            break
+        chunks = np.concatenate([h[:, 3] for h in frames])
+        np.testing.assert_array_equal(chunks, np.arange(sent, sent + len(chunks)))
+        assert m._outstanding <= S // 2
+        sent += len(chunks)
+        t += 0.001
+    assert sent == S  # chunk S needs slot 0: it waits for chunk 0's answer, as with any window
+
+
+def test_window_must_hold_a_burst_and_fit_the_pool():
+    for window in (B - 1, S + 1):
+        with pytest.raises(ValueError, match="window"):
+            StreamMachine(job_id=JOB_ID, rank=0, k=K, slots=S, burst=B, window=window)
+
+
 @pytest.mark.parametrize("compiled", [True, False], ids=["numba", "numpy"])
 def test_late_duplicates_and_results_of_other_chunks_are_ignored(compiled):
     # With numba, late answers arriving while no call is pending take the compiled pass too.
