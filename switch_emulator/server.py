@@ -19,9 +19,9 @@ frame is, per burst and never per packet:
   3. passed through ingress loss injection if the job has it (the emulated link: it drops,
      holds back and duplicates packets before the dataplane checks them, malformed ones too; it
      takes split bursts alone, so an interleaved one is split first), then `dataplane.receive`
-     once. A dataplane that offers `receive_checked` /
-     `receive_split_checked` does steps 2 and 3 in one call (the fast dataplane's compiled pass:
-     one pass over the burst instead of a dozen numpy passes);
+     once. A dataplane that offers `receive_checked` / `receive_split_checked` does steps 2 and 3
+     in one call (the fast dataplane's compiled pass: one pass over the burst instead of a dozen
+     numpy passes);
   4. its completed slots are sent to every receiving worker of the job, one send per worker of the
      same buffer without copying, and the retransmission answers to the sender alone. Split input
      is answered split (header frame, payload frame), from result buffers the dataplane reuses
@@ -428,8 +428,8 @@ class SwitchServer:
 
     def _lose_and_deliver(self, job: Job, rank: int, identity: bytes, heads: np.ndarray,
                           vals: np.ndarray) -> None:
-        """Ingress loss, then the switch: the link drops, holds back and duplicates packets
-        before the switch parses them (malformed ones too), as a wire would."""
+        """Ingress loss, then the dataplane: the link drops, holds back and duplicates packets
+        before the dataplane checks them (malformed ones too), as a wire would."""
         heads, vals = job.ingress.apply((heads, vals), rank)
         if len(heads):
             self._deliver_split(job, rank, identity, heads, vals)
@@ -546,6 +546,7 @@ class SwitchServer:
 
     def _send_batch(self, job: Job, rank: int, identity: bytes, heads: np.ndarray,
                     vals: np.ndarray) -> None:
+        """Send a lossy job's results to one member now, if it is still one."""
         if self.control.jobs.get(job.job_id) is not job:  # the job ended meanwhile
             return
         member = job.members.get(rank)
