@@ -34,8 +34,10 @@ How it works:
   to release the model before a step);
   the sync fraction, sync / wall, is the paper's headline number. Serving peers runs beside the
   training thread and is reported apart (t_serve).
-- The end: a worker that finished declines further exchanges, posts its final model to the store
-  and waits for rank 0, which evaluates every node's model and their average and reports the
+- The end: a worker that took its last step goes on answering its peers' requests until every
+  worker has (bounded by the timeout), so a worker that fell behind does not train its last
+  steps alone; then it declines further exchanges, posts its final model to the store and
+  waits for rank 0, which evaluates every node's model and their average and reports the
   average's numbers as the run's evaluation, the worst node's beside it, and the spread (mean
   L2 distance of the models to their average).
 """
@@ -369,6 +371,15 @@ def train_swarm(task: Task, *, rank: int, world_size: int, config: TrainConfig, 
                 outcomes[o] = outcomes.get(o, 0) + 1
         t_sync += time.perf_counter() - t1
         wall = time.perf_counter() - start
+        # Go on answering peers until every one has taken its last step (bounded): a worker
+        # that falls behind keeps averaging with the others instead of training alone, which
+        # on a loaded machine was up to two thirds of its steps and spread the models apart.
+        store.set(f"{job}/done/{rank}", b"1")
+        late = _wait_keys(store, [f"{job}/done/{r}" for r in range(world_size)],
+                          time.monotonic() + timeout)
+        if late:
+            log.warning("rank %d: %d peer(s) had not finished within %.0f s", rank, len(late),
+                        timeout)
         node.finish()
 
         with node.lock:
