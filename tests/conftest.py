@@ -101,3 +101,37 @@ def switch_thread():
         stop.set()
         thread.join(timeout=10)
         assert not thread.is_alive(), "switch thread did not stop within 10 s"
+
+
+@pytest.fixture
+def ctx():
+    """A ZeroMQ context for a test's raw sockets, destroyed (linger 0) at the end."""
+    import zmq
+    context = zmq.Context()
+    yield context
+    context.destroy(linger=0)
+
+
+def run_clients(endpoint: str, job: str, n: int, body, config, **client_kw) -> tuple[list, list]:
+    """Ranks 0..n-1 of `job`, each a `SwitchClient(..., config=config, **client_kw)` in a thread
+    running `body(client, rank)`; returns (results by rank, [(rank, exception)]). Fails the
+    test if a worker is still running after 60 s."""
+    import threading
+
+    from switchagg import SwitchClient
+    results, errors = [None] * n, []
+
+    def worker(rank: int) -> None:
+        try:
+            with SwitchClient(endpoint, job, n, rank=rank, config=config, **client_kw) as client:
+                results[rank] = body(client, rank)
+        except BaseException as exc:  # noqa: BLE001 - reported to the caller
+            errors.append((rank, exc))
+
+    threads = [threading.Thread(target=worker, args=(r,)) for r in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads), "a worker hung"
+    return results, errors

@@ -14,7 +14,6 @@ import subprocess
 import time
 
 import pytest
-import zmq
 
 from switchagg import ClientConfig, JoinRejected, SwitchClient
 from switchagg.protocol import Abort, Error, Join, JoinOk, Leave, Ready
@@ -25,13 +24,6 @@ WORKER = os.path.join(REPO, "tests", "lifetime_worker.py")
 #: Far beyond every poll: only a LEAVE or a noticed disconnect can free a job within them.
 LIVENESS_S = 60.0
 POLL_S = 10.0
-
-
-@pytest.fixture
-def ctx():
-    context = zmq.Context()
-    yield context
-    context.destroy(linger=0)
 
 
 @pytest.fixture

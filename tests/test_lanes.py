@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import REPO
+from conftest import REPO, run_clients
 from fakelink import FakeNetwork, dataplane_factories
 from switch_emulator._config import ConfigError, SwitchConfig
 from switch_emulator._dataplane import SplitOutput
@@ -280,25 +280,9 @@ def switch(switch_thread):
 
 
 def _workers(endpoint: str, job: str, n: int, body, lane_bits):
-    from switchagg import ClientConfig, SwitchClient
+    from switchagg import ClientConfig
     config = ClientConfig(k=8, slots=64, burst=8, join_timeout=30, op_timeout=15, rto_min=0.01)
-    results, errors = [None] * n, []
-
-    def worker(rank: int) -> None:
-        try:
-            with SwitchClient(endpoint, job, n, rank=rank, config=config,
-                              lane_bits=lane_bits) as client:
-                results[rank] = body(client, rank)
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append((rank, exc))
-
-    threads = [threading.Thread(target=worker, args=(r,)) for r in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not any(t.is_alive() for t in threads), "a worker hung"
-    return results, errors
+    return run_clients(endpoint, job, n, body, config, lane_bits=lane_bits)
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import zmq
 
+from conftest import run_clients
 from switch_emulator._config import ConfigError, SwitchConfig
 from switchagg import ClientConfig, JobAborted, SwitchClient
 from switchagg._stream import StreamMachine, array_fill
@@ -30,23 +31,8 @@ def switch(switch_thread):
     return lambda pipes: switch_thread(pipes=pipes, log_level="WARNING")
 
 
-def _run_workers(endpoint: str, job: str, n: int, body) -> list:
-    results, errors = [None] * n, []
-
-    def worker(rank: int) -> None:
-        try:
-            with SwitchClient(endpoint, job, n, rank=rank, config=CONFIG) as client:
-                results[rank] = body(client, rank)
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append((rank, exc))
-
-    threads = [threading.Thread(target=worker, args=(r,)) for r in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not any(t.is_alive() for t in threads), "a worker hung"
-    return results, errors
+def _run_workers(endpoint: str, job: str, n: int, body) -> tuple[list, list]:
+    return run_clients(endpoint, job, n, body, CONFIG)
 
 
 @pytest.mark.parametrize("pipes", [1, 2])

@@ -86,13 +86,6 @@ class RawWorker:
 
 
 @pytest.fixture
-def ctx():
-    context = zmq.Context()
-    yield context
-    context.destroy(linger=0)
-
-
-@pytest.fixture
 def switch(switch_thread):
     """Start a switch in a thread; tests pass config overrides via `switch(**kw)`; its endpoint."""
     return lambda **overrides: switch_thread(**overrides).endpoint
