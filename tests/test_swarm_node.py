@@ -261,15 +261,20 @@ def test_a_failed_decode_falls_back_to_a_full_copy_and_still_averages(swarm_fact
     np.testing.assert_allclose(swarm.models[1], 50.5, atol=0.01)
 
 
-def test_malformed_messages_are_counted_and_dropped_and_the_node_keeps_working(swarm_factory):
-    swarm = swarm_factory(np.random.default_rng(2).normal(size=(2, 10)), NodeConfig(quant="none"))
-    node = swarm.nodes[1]
-    ctx = zmq.Context.instance()
-    raw = ctx.socket(zmq.DEALER)
+def _raw_peer(node):
+    """A bare DEALER connected to `node`, and a valid EXCHANGE from rank 0 of a 2-node job."""
+    raw = zmq.Context.instance().socket(zmq.DEALER)
     raw.setsockopt(zmq.LINGER, 0)
     raw.connect(node.address)
     good = wire.to_frames(wire.Message(wire.Kind.EXCHANGE, 0, 1, model=np.zeros(10, np.float32)),
                           job=wire.job_id("test"), world=2)
+    return raw, good
+
+
+def test_malformed_messages_are_counted_and_dropped_and_the_node_keeps_working(swarm_factory):
+    swarm = swarm_factory(np.random.default_rng(2).normal(size=(2, 10)), NodeConfig(quant="none"))
+    node = swarm.nodes[1]
+    raw, good = _raw_peer(node)
     garbage = [[b"hello"], [b"\x00" * 48, b""], [b"x" * 3, b"y", b"z"], BAD_MESSAGES["magic"](good),
                BAD_MESSAGES["payload"](good), BAD_MESSAGES["job"](good), [good[0], b"\xff" * 40]]
     for frames in garbage:
@@ -367,12 +372,7 @@ def test_a_frame_larger_than_any_valid_message_never_reaches_the_node(swarm_fact
     swarm = swarm_factory(np.random.default_rng(4).normal(size=(2, 10)), NodeConfig(quant="none"))
     node = swarm.nodes[1]
     assert wire.max_frame(10) == wire.HEADER.size
-    ctx = zmq.Context.instance()
-    raw = ctx.socket(zmq.DEALER)
-    raw.setsockopt(zmq.LINGER, 0)
-    raw.connect(node.address)
-    good = wire.to_frames(wire.Message(wire.Kind.EXCHANGE, 0, 1, model=np.zeros(10, np.float32)),
-                          job=wire.job_id("test"), world=2)
+    raw, good = _raw_peer(node)
     for _ in range(5):
         raw.send_multipart([good[0], b"\0" * (8 << 20)])   # 8 MiB where 40 bytes are valid
     time.sleep(0.3)
