@@ -476,11 +476,11 @@ class SwitchServer:
             # about 15 us more each.
             shared = zmq.Frame(out.multicast, copy=False, track=True)
             for member in job.receivers():
-                self._send_results(job, member.rank, member.identity, out.multicast, shared)
+                self._send_tracked(job, member.rank, member.identity, out.multicast, shared)
                 if job.job_id not in self.control.jobs:  # a peer was gone: the job is aborted
                     return
         if len(out.unicast):
-            self._send_results(job, rank, identity, out.unicast)
+            self._send_tracked(job, rank, identity, out.unicast)
 
     def _send_split(self, job: Job, rank: int, identity: bytes, out: SplitOutput) -> None:
         """`_send_output` for split results: [header words, payloads] frames, never joined.
@@ -575,12 +575,6 @@ class SwitchServer:
             self.queues.sent(identity, frame.tracker, len(frame.buffer))
         job.counters.bursts_out += 1
         job.counters.packets_out += n
-
-    def _send_results(self, job: Job, rank: int, identity: bytes, results: np.ndarray,
-                      frame: zmq.Frame | None = None) -> None:
-        """Send `results` (or `frame`, the same bytes already wrapped) to one worker (a lossless
-        job's: with egress loss every result takes `_send_split_to`)."""
-        self._send_tracked(job, rank, identity, results, frame)
 
     def _send_tracked(self, job: Job, rank: int, identity: bytes, results: np.ndarray,
                       frame: zmq.Frame | None = None) -> None:
