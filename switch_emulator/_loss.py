@@ -18,11 +18,11 @@ carried over), so a burst of 1024 packets at 1% costs one short draw per rate, a
 no event costs no draw and is delivered as it is (no copy). Then:
   1. each packet with a drop event is dropped;
   2. of the survivors, each with a hold event is held back: held packets are delivered at the
-     head of the next burst of the same flow (or by `release`, which the switch calls when it is
-     idle), so they arrive after the rest of their own burst. Never later than that: a data packet
-     overtaken by the worker's next burst could reach its slot after the worker moved that slot to
-     the other version, and SwitchML's seen bitmap would then take a stale chunk for a new
-     contribution (silently wrong sums). Real SwitchML has the same hazard and rules it out by
+     head of the next burst of the same flow (or by `release`, which the switch calls once it
+     has handled what was queued), so they arrive after the rest of their own burst. Never later
+     than that: a data packet overtaken by the worker's next burst could reach its slot after the
+     worker moved that slot to the other version, and SwitchML's seen bitmap would then take a
+     stale chunk for a new contribution (silently wrong sums). Real SwitchML has the same hazard and rules it out by
      bounding packet lifetime below a round trip; the emulator bounds it to one burst;
   3. of the rest, each with a duplicate event is duplicated (the copy follows the burst).
 A flow is any hashable key (the switch uses the worker's rank). Nothing is delivered that was not
@@ -185,6 +185,11 @@ class LossInjector:
         """Deliver what `flow` holds back now (None if nothing), in the flow's layout: the link
         has gone quiet."""
         return self._held.pop(flow, None)
+
+    @property
+    def holding(self) -> bool:
+        """Does any flow hold packets back?"""
+        return bool(self._held)
 
     def held_flows(self) -> Iterator[Hashable]:
         """Flows that hold packets back (a snapshot; safe to `release` while iterating)."""

@@ -1,7 +1,7 @@
 """The switch's ZeroMQ front: one ROUTER socket, a thin loop, and the per-burst data path.
 
 What it owns: the socket, the clock, the loss injectors' generator, the periodic work (liveness,
-stats, releasing held-back packets) and shutdown. What it must never do: decide anything about jobs
+stats, releasing held-back packets once the queue is handled) and shutdown. What it must never do: decide anything about jobs
 (that is `_jobs.ControlPlane`) or slots (the dataplane), or touch packets one at a time in Python.
 
 How it works: every message is `[identity, FRAME_DATA | FRAME_CONTROL, body]` (protocol.py), or a
@@ -76,8 +76,8 @@ __all__ = ["SwitchServer", "dataplane_factory", "POLL_MS"]
 
 log = logging.getLogger("switch_emulator.server")
 
-#: Longest the loop sleeps in poll: bounds how late a stop request, a liveness check or a held-back
-#: packet is handled (at most ~100 ms, so control messages never wait long).
+#: Longest the loop sleeps in poll: bounds how late a stop request or a liveness check is handled
+#: (at most ~100 ms, so control messages never wait long).
 POLL_MS = 100
 #: Messages handled between two looks at the clock-driven work, so a flood cannot starve liveness.
 MAX_BATCH = 256
@@ -174,6 +174,7 @@ class SwitchServer:
                                     config.liveness_timeout, dataplane_factory(config.dataplane),
                                     _loss_factory(config), policy=policy,
                                     lane_bits=config.lane_bits)
+        self._lossy = config.loss_enabled  # jobs get loss injectors, whose held packets we release
         self.queues = PeerQueues(config.peer_queue_bytes)
         self.batches = ResultBatches()  # a lossy job's results, gathered per worker (`_coalesce`)
         self._now = clock()
@@ -245,7 +246,10 @@ class SwitchServer:
             while not stop.is_set():
                 if poller.poll(POLL_MS):
                     self._drain(sock, poller.poll)
-                else:
+                if self._lossy:
+                    # What the links held back arrives once the queued traffic is handled (the
+                    # rest of its burst went first). Waiting for a quiet POLL_MS instead held a
+                    # call's last resends 100 ms: longer than the RTO (issue 15's tail calls).
                     self._release_held()
                 now = self.clock()
                 if now >= next_liveness:
@@ -680,7 +684,8 @@ class SwitchServer:
                 self.watch.forget(identity)
 
     def _release_held(self) -> None:
-        """The link is quiet: deliver packets the loss injectors held back (reordering)."""
+        """What was queued is handled: deliver the packets the loss injectors held back
+        (reordering), then the results gathered meanwhile."""
         self._now = self.clock()
         try:
             self._release_held_packets()
@@ -691,7 +696,7 @@ class SwitchServer:
     def _release_held_packets(self) -> None:
         for job in list(self.control.jobs.values()):
             for inj, ingress in ((job.ingress, True), (job.egress, False)):
-                if inj is None:
+                if inj is None or not inj.holding:
                     continue
                 for rank in inj.held_flows():
                     held = inj.release(rank)
