@@ -74,7 +74,12 @@ How it works:
      answer already passed (rule 1's gap, resent and still missing) is resent, plus the oldest
      outstanding chunk as a probe (every outstanding chunk when nothing is queued and at most
      TAIL_RESEND are left, as at a call's end); the RTO doubles. A late peer costs one packet
-     per (doubling) RTO; a call's tail and a stalled window are resent at once.
+     per (doubling) RTO; a call's tail and a stalled window are resent at once. At a call's
+     tail the timeout is the tail-loss probe's (RACK-TLP's PTO): 2 min RTT, not the RTO, whose
+     srtt and rttvar measure bulk bursts waiting in the switch's queue (5-20x the min RTT under
+     load); it doubles at most PROBE_BACKOFFS times, since its probes go unanswered while
+     another worker's lost packet holds the slot. There a late peer costs at most TAIL_RESEND
+     packets per 4 probe timeouts.
   RTO follows RFC 6298: srtt/rttvar from one sample per received burst, its latest-sent chunk
   sent once (Karn's rule), so that the samples measure the network and the switch rather than
   resends; clamped to [rto_min, rto_max]; doubled on every timeout, and back to srtt + 4 rttvar at
@@ -109,6 +114,11 @@ _CHUNK_MOD = 1 << 32
 #: A timeout resends every outstanding chunk when no more than this many are left and nothing is
 #: queued (a few packets: cheap even when a late peer, not a loss, holds them up).
 TAIL_RESEND = 64
+#: The tail-loss probe's timeout doubles at most this many times. Its probes go unanswered while
+#: another worker's lost packet holds the slot (the switch ignores a copy it already counted), so
+#: a full backoff made the one worker whose result was lost next wait 16-32 probe timeouts (issue
+#: 15: the slowest calls at 10% loss); SwitchML's own timer does not back off at all.
+PROBE_BACKOFFS = 2
 #: Reordering seen within this many smoothed RTTs keeps the wide reordering window (rto_min).
 REORDER_MEMORY = 32
 _kernels = None  # the `_stream_jit` module once loaded, False if numba is unavailable
@@ -247,6 +257,7 @@ class RtoEstimator:
         self.srtt: float | None = None
         self.rttvar = 0.0
         self.rto = min(max(initial, minimum), maximum)
+        self.backoffs = 0  # timeouts since the last answer: how often `rto` was doubled
 
     def sample(self, rtt: float) -> None:
         """Fold in one round-trip time of a chunk that was sent once (Karn's rule)."""
@@ -256,10 +267,18 @@ class RtoEstimator:
             self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt)
             self.srtt = 0.875 * self.srtt + 0.125 * rtt
         self.rto = min(max(self.srtt + 4 * self.rttvar, self.minimum), self.maximum)
+        self.backoffs = 0
 
     def backoff(self) -> None:
         """A timeout fired: double the RTO (kept until the next answer)."""
         self.rto = min(2 * self.rto, self.maximum)
+        self.backoffs += 1
+
+    def probe_timeout(self, rtt: float) -> float:
+        """The tail-loss probe's timeout for a path whose unloaded round trip is `rtt`: twice
+        that (RACK-TLP's PTO, RFC 8985, takes 2 srtt), at least the minimum, doubled on timeouts
+        as the RTO is but at most `PROBE_BACKOFFS` times, and never longer than the RTO."""
+        return min(self.rto, max(2 * rtt, self.minimum) * (1 << min(self.backoffs, PROBE_BACKOFFS)))
 
     def restore(self) -> None:
         """An answer arrived (the path works again): undo the backoff, back to the RTO the
@@ -268,6 +287,7 @@ class RtoEstimator:
         every outstanding chunk has been resent (issue 15: calls of 2-12 s at 10% loss)."""
         if self.srtt is not None:
             self.rto = min(max(self.srtt + 4 * self.rttvar, self.minimum), self.maximum)
+            self.backoffs = 0
 
 
 class StreamCall:
@@ -687,20 +707,31 @@ class StreamMachine:
                             if self._jit is not None else float(self._sent_at[self._busy].min()))
         return self._oldest
 
+    def _timeout(self) -> float:
+        """The RTO, or at a call's tail (nothing queued, at most `tail_resend` outstanding) the
+        tail-loss probe's timeout on the minimum RTT (`RtoEstimator.probe_timeout`): a call's
+        last chunks have no later answer to be found lost by, and they no longer wait behind
+        bulk bursts, which set srtt (and, under load, rttvar: the RTO was 5-20x the minimum
+        RTT at 10% loss, and a chain of lost probes made calls of 1-4 s, issue 15)."""
+        if self._queued_chunks or self._outstanding > self.tail_resend or self.min_rtt == np.inf:
+            return self.rto.rto
+        return self.rto.probe_timeout(self.min_rtt)
+
     def _rto_deadline(self) -> float:
         # The timer restarts on every answer and every probe, as TCP's does on every ACK.
-        return max(self._oldest_sent(), self.last_progress, self._last_probe) + self.rto.rto
+        return max(self._oldest_sent(), self.last_progress, self._last_probe) + self._timeout()
 
     def _probe(self, now: float) -> list[np.ndarray]:
-        """Timeout (rule 3 of the module essay): nothing answered for RTO, so resend every
-        outstanding chunk an answer already passed (resent and still missing: nothing first-sent
-        after its resend was answered to show it lost again), plus the oldest outstanding chunk,
-        or every one when nothing is queued and at most `tail_resend` are left (a call's tail:
-        there is no later answer to go by, and one probe per RTO would recover them one round
-        trip each). Only chunks sent at least an RTO ago are resent."""
+        """Timeout (rule 3 of the module essay): nothing answered for the timeout (the RTO, or
+        at a call's tail the probe's: `_timeout`), so resend every outstanding chunk an answer
+        already passed (resent and still missing: nothing first-sent after its resend was
+        answered to show it lost again), plus the oldest outstanding chunk, or every one when
+        nothing is queued and at most `tail_resend` are left (a call's tail: there is no later
+        answer to go by, and one probe per timeout would recover them one round trip each).
+        Only chunks sent at least a timeout ago are resent."""
         if not self._outstanding or now < self._rto_deadline():
             return []
-        busy = np.flatnonzero(self._busy & (self._sent_at + self.rto.rto <= now))
+        busy = np.flatnonzero(self._busy & (self._sent_at + self._timeout() <= now))
         self.counters.timeouts += 1
         self.rto.backoff()
         self._last_probe = now

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fakelink import JOB_ID, FakeNetwork, dataplane_factories
-from switchagg._stream import RtoEstimator, StreamMachine, array_fill
+from switchagg._stream import PROBE_BACKOFFS, RtoEstimator, StreamMachine, array_fill
 from switchagg.packet import MAGIC, Kind, empty_burst, make_burst, packet_bytes, split_burst
 
 K, S, B = 8, 16, 4
@@ -285,6 +285,57 @@ def test_rto_estimator_follows_rfc6298():
     assert est.rto == 0.01  # clamped at the minimum
     est.backoff()
     assert est.rto == 0.02
+
+
+def test_probe_timeout_is_twice_the_rtt_backed_off_at_most_twice_and_never_past_the_rto():
+    est = RtoEstimator(initial=1.0, minimum=0.01, maximum=10.0)
+    assert est.probe_timeout(0.004) == 0.01          # at least the minimum
+    assert est.probe_timeout(0.03) == 0.06           # 2 rtt
+    assert est.probe_timeout(2.0) == 1.0             # never longer than the RTO
+    est.sample(0.2)
+    timeouts = []
+    for _ in range(5):
+        est.backoff()
+        timeouts.append(est.probe_timeout(0.03))
+    assert PROBE_BACKOFFS == 2 and timeouts == [0.12, 0.24, 0.24, 0.24, 0.24]
+    assert est.rto == 10.0                           # the RTO itself backs off in full
+    est.restore()
+    assert est.backoffs == 0 and est.probe_timeout(0.03) == 0.06
+
+
+def test_a_calls_last_chunk_is_probed_after_twice_the_minimum_rtt_not_the_loaded_rto():
+    """A call's last chunk has no later answer to be found lost by: the timeout finds it. Under
+    load srtt and rttvar measure the bulk bursts' wait in the switch's queue (here 0.2 s, RTO
+    over 0.4 s), which a call's tail no longer has: the probe waits 2 min RTT, doubling at most
+    twice while unanswered, where the RTO would double from there."""
+    m = StreamMachine(job_id=JOB_ID, rank=0, k=K, slots=S, burst=B, rto_initial=1.0,
+                      rto_min=0.01, rto_max=4.0)
+    now, g = 0.0, 0
+    for rtt in [0.004] + [0.2] * 3:  # one unloaded round trip, then loaded ones
+        m.submit(K, array_fill(np.ones(K, np.int32), K), now)
+        m.transmit(now)
+        now += rtt
+        m.receive(_results([g]), now)
+        g += 1
+    assert m.min_rtt == pytest.approx(0.004) and m.rto.rto > 0.4
+    x = np.arange(2 * K, dtype=np.int32)
+    call = m.submit(len(x), array_fill(x, K), now)
+    (sent,) = m.transmit(now)
+    sent = sent.copy()
+    m.receive(_results([g]), now + 0.2)  # chunk g + 1, sent with it, is lost: nothing passes it
+    now += 0.2
+    probes, start = [], now
+    while len(probes) < 4:
+        now = m.next_deadline()
+        if out := m.transmit(now):  # else the RACK deadline: nothing is lost by time order
+            (again,) = out
+            assert again.tobytes() == sent[1:].tobytes()
+            probes.append(round(now - start, 6))
+            start = now
+    assert probes == [0.01, 0.02, 0.04, 0.04] and m.counters.timeouts == 4
+    m.receive(_results([g + 1], Kind.RESULT_RETX), now + 0.004)
+    assert call.complete
+    np.testing.assert_array_equal(call.result()[:K], 0)  # _results answers zeros
 
 
 def test_rtt_is_sampled_from_results_of_chunks_sent_once():
