@@ -22,8 +22,9 @@ no event costs no draw and is delivered as it is (no copy). Then:
      has handled what was queued), so they arrive after the rest of their own burst. Never later
      than that: a data packet overtaken by the worker's next burst could reach its slot after the
      worker moved that slot to the other version, and SwitchML's seen bitmap would then take a
-     stale chunk for a new contribution (silently wrong sums). Real SwitchML has the same hazard and rules it out by
-     bounding packet lifetime below a round trip; the emulator bounds it to one burst;
+     stale chunk for a new contribution (silently wrong sums). Real SwitchML has the same
+     hazard and rules it out by bounding packet lifetime below a round trip; the emulator
+     bounds it to one burst;
   3. of the rest, each with a duplicate event is duplicated (the copy follows the burst).
 A flow is any hashable key (the switch uses the worker's rank). Nothing is delivered that was not
 sent, except the duplicates; every held packet is delivered exactly once, unless the flow is
@@ -182,8 +183,8 @@ class LossInjector:
         return _like(parts, burst)
 
     def release(self, flow: Hashable) -> Burst | None:
-        """Deliver what `flow` holds back now (None if nothing), in the flow's layout: the link
-        has gone quiet."""
+        """Deliver what `flow` holds back now (None if nothing), in the flow's layout: the rest
+        of its bursts has gone first."""
         return self._held.pop(flow, None)
 
     @property

@@ -1,14 +1,16 @@
 """The switch's ZeroMQ front: one ROUTER socket, a thin loop, and the per-burst data path.
 
 What it owns: the socket, the clock, the loss injectors' generator, the periodic work (liveness,
-stats, releasing held-back packets once the queue is handled) and shutdown. What it must never do: decide anything about jobs
-(that is `_jobs.ControlPlane`) or slots (the dataplane), or touch packets one at a time in Python.
+stats, releasing held-back packets once the queue is handled) and shutdown. What it must never
+do: decide anything about jobs (that is `_jobs.ControlPlane`) or slots (the dataplane), or touch
+packets one at a time in Python.
 
 How it works: every message is `[identity, FRAME_DATA | FRAME_CONTROL, body]` (protocol.py), or a
 split data message `[identity, FRAME_DATA, header words, payloads]` (switchagg.packet). The
 loop polls for at most `POLL_MS`, then drains what is queued (at most `MAX_BATCH` messages before it
-looks at the clock again). Control frames go to the control plane and its replies are sent. A data
-frame is, per burst and never per packet:
+looks at the clock again); with loss injection it then delivers what the links held back. Control
+frames go to the control plane and its replies are sent. A data frame is, per burst and never per
+packet:
   1. admitted by the control plane for the job and rank THIS connection joined with (else at most
      one refusal per second to the sender);
   2. parsed without copying (`recv(copy=False)` then `parse_burst`, at the job's k and lane width:
